@@ -1,0 +1,1 @@
+//! Parsing Packer's `-machine-readable` output and manifest post-processor files.

@@ -1,0 +1,97 @@
+//! Process primitives shared by the hook runner and the local provider: long-lived detached
+//! children and process-group signalling. `hooks` is the only module that spawns processes.
+
+use std::path::Path;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// A detached child that outlives the daemon, identified by pid *and* start time so a reused pid
+/// is never mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessRef {
+    /// Process id (also its process group id).
+    pub pid: i32,
+    /// Start time in clock ticks since boot (`/proc/PID/stat` field 22).
+    pub start_ticks: u64,
+}
+
+/// Starts `program` in its own process group and session, detached from the daemon (stdin from
+/// /dev/null, stdout and stderr appended to `log`), with exactly `env` as its environment.
+pub fn spawn_detached(
+    program: &Path,
+    args: &[String],
+    env: &[(String, String)],
+    workdir: &Path,
+    log: &Path,
+) -> std::io::Result<ProcessRef> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut command = std::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .current_dir(workdir)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0);
+    let child = command.spawn()?;
+    let pid = i32::try_from(child.id()).map_err(std::io::Error::other)?;
+    // The child is not waited on here: a reaper thread collects it so it never lingers as a
+    // zombie while the daemon runs; after the daemon exits, init adopts it.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    let start_ticks = start_ticks(pid).ok_or_else(|| std::io::Error::other("child exited at once"))?;
+    Ok(ProcessRef { pid, start_ticks })
+}
+
+/// The start time of `pid` (`/proc/PID/stat` field 22), or `None` if it is not running.
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces and parentheses: split after the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // `after` starts at field 3 (state); field 22 is index 19. A zombie is not running.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+impl ProcessRef {
+    /// Whether this exact process (same pid, same start time) is still alive.
+    pub fn alive(&self) -> bool {
+        start_ticks(self.pid) == Some(self.start_ticks)
+    }
+
+    /// Sends `signal` to the whole process group, if this process is still the one we started.
+    pub fn signal(&self, signal: Signal) -> bool {
+        self.alive() && killpg(Pid::from_raw(self.pid), signal).is_ok()
+    }
+}
+
+/// Sends SIGTERM to the group, waits up to `grace` for it to exit, then SIGKILL.
+pub async fn stop(process: ProcessRef, grace: std::time::Duration) {
+    if !process.signal(Signal::SIGTERM) {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while tokio::time::Instant::now() < deadline {
+        if !process.alive() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    process.signal(Signal::SIGKILL);
+    for _ in 0..100 {
+        if !process.alive() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

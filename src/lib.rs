@@ -1,0 +1,23 @@
+//! kiln: a GitOps operator for immutable servers.
+//!
+//! A push to the watched branch is noticed ([`source`]), planned per fleet ([`planner`]), baked
+//! into an image ([`bake`]), reconciled ([`reconcile`]) and rolled onto the fleet's instances
+//! ([`rollout`]) through a [`provider`], with every step recorded in the [`store`]. The
+//! [`server`] receives webhooks and serves the API the [`cli`] reads. See ARCHITECTURE.md.
+
+pub mod bake;
+pub mod cli;
+pub mod error;
+pub mod hooks;
+pub mod manifest;
+pub mod model;
+pub mod operator;
+pub mod pipeline;
+pub mod planner;
+pub mod provider;
+pub mod reconcile;
+pub mod retry;
+pub mod rollout;
+pub mod server;
+pub mod source;
+pub mod store;

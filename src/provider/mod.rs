@@ -1,0 +1,123 @@
+//! The seam to where instances live.
+//!
+//! A [`Provider`] launches instances from an image, attaches them to and detaches them from the
+//! fleet's load balancer, and terminates them. Every method is idempotent: the rollout driver
+//! may call it again after a crash, with the same idempotency key for `launch`.
+//!
+//! Backends: `local` (processes on this machine behind kiln's own load balancer; the embedded
+//! default) and `exec` (one executable per operation, speaking JSON, for any cloud CLI).
+
+pub mod exec;
+pub mod local;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Classify, ErrorClass};
+use crate::model::{ImageRef, InstanceId, Timestamp};
+
+/// One instance as the provider sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// Provider id.
+    pub id: InstanceId,
+    /// The image it was launched from.
+    pub image: ImageRef,
+    /// `host:port` its health check and traffic go to, when known.
+    pub address: Option<String>,
+    /// Whether it is running (a dead process, a stopped VM: false).
+    pub running: bool,
+    /// Whether the load balancer sends it traffic.
+    pub attached: bool,
+    /// When it was launched.
+    pub launched_at: Option<Timestamp>,
+    /// The idempotency key it was launched with.
+    pub launch_key: Option<String>,
+}
+
+/// An instance's health as a provider reports it (when it can).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Serving.
+    Healthy,
+    /// Not serving (yet).
+    Unhealthy,
+}
+
+/// Errors from a provider.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    /// The backend could not be reached or answered with a retryable error.
+    #[error("provider `{provider}` failed to {op}: {message}")]
+    Transient {
+        /// Backend name.
+        provider: &'static str,
+        /// Operation.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The backend refused or answered junk; retrying will not help.
+    #[error("provider `{provider}` failed to {op}: {message}")]
+    Failed {
+        /// Backend name.
+        provider: &'static str,
+        /// Operation.
+        op: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// The instance does not exist (already terminated is fine for `terminate`).
+    #[error("instance `{0}` not found")]
+    NotFound(InstanceId),
+}
+
+impl Classify for ProviderError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ProviderError::Transient { .. } => ErrorClass::Transient,
+            ProviderError::Failed { .. } | ProviderError::NotFound(_) => ErrorClass::Stalled,
+        }
+    }
+}
+
+/// Where a fleet's instances live.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Backend name (`local`, `exec`).
+    fn name(&self) -> &'static str;
+
+    /// The fleet's instances, running or not, with their image and LB membership.
+    async fn list(&self) -> Result<Vec<Instance>, ProviderError>;
+
+    /// Launches one instance on `image`. Calling it again with the same `key` returns the
+    /// instance launched the first time instead of a second one.
+    async fn launch(&self, image: &ImageRef, key: &str) -> Result<Instance, ProviderError>;
+
+    /// The provider's own view of an instance's health, or `None` to let kiln probe
+    /// `healthCheck.http` on the instance's address.
+    async fn health(&self, _id: &InstanceId) -> Result<Option<Health>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Adds the instance to the load balancer. Idempotent.
+    async fn attach(&self, id: &InstanceId) -> Result<(), ProviderError>;
+
+    /// Stops new traffic to the instance, lets requests in flight finish for up to `drain`,
+    /// then removes it from the load balancer. Idempotent.
+    async fn detach(&self, id: &InstanceId, drain: Duration) -> Result<(), ProviderError>;
+
+    /// Stops the instance for good. Idempotent (an unknown instance is already gone).
+    async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError>;
+
+    /// The address clients use (the load balancer URL), when there is one.
+    fn endpoint(&self) -> Option<String> {
+        None
+    }
+}
+
+/// A shared provider handle.
+pub type SharedProvider = Arc<dyn Provider>;
