@@ -10,6 +10,7 @@ pub mod cli;
 pub mod error;
 pub mod hooks;
 pub mod manifest;
+pub mod metrics;
 pub mod model;
 pub mod operator;
 pub mod pipeline;

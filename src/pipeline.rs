@@ -28,6 +28,8 @@ pub struct StepContext<'a> {
     pub cancel: &'a CancellationToken,
     /// Daemon environment variables allowed through to hooks (`--hook-env NAME`).
     pub hook_env: &'a [(String, String)],
+    /// Where durations are observed.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
 impl StepContext<'_> {

@@ -46,7 +46,8 @@ pub fn spawn_detached(
         let mut child = child;
         let _ = child.wait();
     });
-    let start_ticks = start_ticks(pid).ok_or_else(|| std::io::Error::other("child exited at once"))?;
+    let start_ticks =
+        start_ticks(pid).ok_or_else(|| std::io::Error::other("child exited at once"))?;
     Ok(ProcessRef { pid, start_ticks })
 }
 

@@ -29,7 +29,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => Duration::from_secs(value.saturating_mul(3600)),
             "d" => Duration::from_secs(value.saturating_mul(86400)),
             "" => return Err(format!("invalid duration `{text}`: missing unit (ms, s, m, h, d)")),
-            other => return Err(format!("invalid duration `{text}`: unknown unit `{other}` (use ms, s, m, h, d)")),
+            other => {
+                return Err(format!(
+                    "invalid duration `{text}`: unknown unit `{other}` (use ms, s, m, h, d)"
+                ));
+            }
         };
         total = total.saturating_add(part);
     }
@@ -98,8 +102,10 @@ pub mod serde_percent {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
         let text = String::deserialize(d)?;
-        text.strip_suffix('%')
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| serde::de::Error::custom(format!("`{text}` is not a count or a percentage like \"25%\"")))
+        text.strip_suffix('%').and_then(|n| n.trim().parse().ok()).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{text}` is not a count or a percentage like \"25%\""
+            ))
+        })
     }
 }

@@ -495,7 +495,10 @@ pub fn validate(
     for fleet in &manifest.fleets {
         let at = line_of_fleet(text, &fleet.name);
         if !fleet_names.insert(fleet.name.as_str()) {
-            push(locate(text, "name", &fleet.name, at), format!("duplicate fleet `{}`", fleet.name));
+            push(
+                locate(text, "name", &fleet.name, at),
+                format!("duplicate fleet `{}`", fleet.name),
+            );
         }
         let valid_name = !fleet.name.is_empty()
             && fleet.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
@@ -521,16 +524,25 @@ pub fn validate(
                 if !stage_names.contains(parent.as_str()) {
                     push(
                         locate(text, "from", parent, at),
-                        format!("stage `{}` is built from `{parent}`, which is not a stage of fleet `{}`", stage.name, fleet.name),
+                        format!(
+                            "stage `{}` is built from `{parent}`, which is not a stage of fleet `{}`",
+                            stage.name, fleet.name
+                        ),
                     );
                 } else if parent == &stage.name {
-                    push(locate(text, "from", parent, at), format!("stage `{}` is built from itself", stage.name));
+                    push(
+                        locate(text, "from", parent, at),
+                        format!("stage `{}` is built from itself", stage.name),
+                    );
                 }
             }
             check_hook(&mut push, text, at, files, "bake", &stage.bake);
         }
         if has_cycle(fleet) {
-            push(locate(text, "stages", "", at), format!("stages of fleet `{}` form a cycle", fleet.name));
+            push(
+                locate(text, "stages", "", at),
+                format!("stages of fleet `{}` form a cycle", fleet.name),
+            );
         }
         if let Some(infra) = &fleet.infra {
             check_hook(&mut push, text, at, files, "reconcile", &infra.reconcile);
@@ -539,27 +551,41 @@ pub fn validate(
         if policy.capacity == 0 {
             push(locate(text, "capacity", "0", at), "capacity must be at least 1".into());
         }
-        for (key, value) in [("maxSurge", policy.max_surge), ("maxUnavailable", policy.max_unavailable)] {
+        for (key, value) in
+            [("maxSurge", policy.max_surge), ("maxUnavailable", policy.max_unavailable)]
+        {
             if let IntOrPercent::Percent(p) = value {
                 if p > 100 {
-                    push(locate(text, key, &format!("{p}%"), at), format!("{key} {p}% is over 100%"));
+                    push(
+                        locate(text, key, &format!("{p}%"), at),
+                        format!("{key} {p}% is over 100%"),
+                    );
                 }
             }
         }
         if policy.health_check.healthy_threshold == 0 {
-            push(locate(text, "healthyThreshold", "0", at), "healthyThreshold must be at least 1".into());
+            push(
+                locate(text, "healthyThreshold", "0", at),
+                "healthyThreshold must be at least 1".into(),
+            );
         }
         if !policy.health_check.http.starts_with('/') {
             push(
                 locate(text, "http", &policy.health_check.http, at),
-                format!("healthCheck.http `{}` must be a path starting with `/`", policy.health_check.http),
+                format!(
+                    "healthCheck.http `{}` must be a path starting with `/`",
+                    policy.health_check.http
+                ),
             );
         }
         if let Some(canary) = &policy.canary {
             if canary.count == 0 || canary.count > policy.capacity {
                 push(
                     locate(text, "count", &canary.count.to_string(), at),
-                    format!("canary.count {} must be between 1 and capacity {}", canary.count, policy.capacity),
+                    format!(
+                        "canary.count {} must be between 1 and capacity {}",
+                        canary.count, policy.capacity
+                    ),
                 );
             }
         }
@@ -567,14 +593,18 @@ pub fn validate(
             if window.bounds().is_none() {
                 push(
                     locate(text, "window", "", at),
-                    format!("schedule.window `{}`-`{}` must be HH:MM times", window.start, window.end),
+                    format!(
+                        "schedule.window `{}`-`{}` must be HH:MM times",
+                        window.start, window.end
+                    ),
                 );
             }
         }
         match (policy.provider, &policy.exec) {
-            (ProviderKind::Exec, None) => {
-                push(locate(text, "provider", "exec", at), "provider `exec` needs an `exec:` section".into())
-            }
+            (ProviderKind::Exec, None) => push(
+                locate(text, "provider", "exec", at),
+                "provider `exec` needs an `exec:` section".into(),
+            ),
             (ProviderKind::Exec, Some(exec)) => {
                 for (op, path) in [
                     ("list", &exec.list),
@@ -616,10 +646,8 @@ fn has_cycle(fleet: &Fleet) -> bool {
             if !seen.insert(&stage.name) {
                 return true;
             }
-            current = stage
-                .from
-                .as_ref()
-                .and_then(|p| fleet.image.stages.iter().find(|s| &s.name == p));
+            current =
+                stage.from.as_ref().and_then(|p| fleet.image.stages.iter().find(|s| &s.name == p));
         }
         false
     })
@@ -635,12 +663,21 @@ fn check_hook(
 ) {
     let clean = path.trim_start_matches("./");
     if clean.starts_with('/') || clean.split('/').any(|part| part == "..") {
-        push(locate(text, key, path, at), format!("{key} hook `{path}` must be a relative path inside the repo"));
+        push(
+            locate(text, key, path, at),
+            format!("{key} hook `{path}` must be a relative path inside the repo"),
+        );
         return;
     }
     match files.file(clean) {
-        None => push(locate(text, key, path, at), format!("{key} hook `{path}` does not exist in the commit")),
-        Some(false) => push(locate(text, key, path, at), format!("{key} hook `{path}` is not executable (chmod +x and commit)")),
+        None => push(
+            locate(text, key, path, at),
+            format!("{key} hook `{path}` does not exist in the commit"),
+        ),
+        Some(false) => push(
+            locate(text, key, path, at),
+            format!("{key} hook `{path}` is not executable (chmod +x and commit)"),
+        ),
         Some(true) => {}
     }
 }

@@ -32,7 +32,11 @@ pub enum GitError {
 }
 
 /// A file's content at a commit, `None` if the path is absent (or not a file).
-pub fn read_file(mirror: &Path, revision: &Revision, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+pub fn read_file(
+    mirror: &Path,
+    revision: &Revision,
+    path: &str,
+) -> Result<Option<Vec<u8>>, GitError> {
     let _ = (mirror, revision, path);
     todo!("source helper")
 }

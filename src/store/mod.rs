@@ -131,7 +131,8 @@ impl Store {
     pub fn open(dir: &Path, retention: usize) -> Result<Store> {
         let path = dir.join("db");
         let db_err = |source| StoreError::Db { path: path.clone(), source };
-        let db = sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(db_err)?;
+        let db =
+            sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(db_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         let store = Store {
             meta: tree("meta")?,
@@ -297,7 +298,10 @@ impl Store {
             let rollout: Rollout = Self::decode("rollouts", &v)?;
             if filter.fleet.as_ref().is_some_and(|f| rollout.fleet.as_ref() != Some(f))
                 || filter.state.is_some_and(|s| rollout.state != s)
-                || filter.commit.as_ref().is_some_and(|c| !rollout.revision.0.starts_with(c.as_str()))
+                || filter
+                    .commit
+                    .as_ref()
+                    .is_some_and(|c| !rollout.revision.0.starts_with(c.as_str()))
             {
                 continue;
             }
@@ -417,7 +421,9 @@ impl Store {
         let mut key = event.fleet.as_bytes().to_vec();
         key.push(0);
         key.extend_from_slice(&event.seq.to_be_bytes());
-        self.instances.insert(key, Self::encode("instances", &event)?).map_err(|e| self.db_err(e))?;
+        self.instances
+            .insert(key, Self::encode("instances", &event)?)
+            .map_err(|e| self.db_err(e))?;
         self.flush()?;
         Ok(event)
     }
