@@ -1,9 +1,24 @@
 //! The daemon's event loop: source events, operator commands and timers in, one serial lane per
 //! fleet out (newest commit wins).
 //!
-//! OWNER: lead. The handle and commands below are the contract the API codes against.
 
+use crate::manifest::{Fleet, ProviderKind};
+use crate::model::{ImageRef, Revision};
+use crate::planner::{self, CommitPlan};
+use crate::provider::SharedProvider;
+use crate::rollout::driver::{self, DriverEnv};
+use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
+use crate::rollout::step::Control;
+use crate::source::SourceEvent;
+use crate::store::{CommitKind, CommitRecord, Level, RolloutFilter, StoreError};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::model::RolloutId;
 use crate::source::SourceHandle;
@@ -78,6 +93,17 @@ pub struct OperatorHandle {
     pub source: SourceHandle,
     /// Verbs.
     pub commands: mpsc::Sender<CommandRequest>,
+    /// Fleets and their instances, as last observed.
+    pub fleets: FleetView,
+    /// Metrics shared with the parts that observe.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl OperatorHandle {
+    /// A snapshot of every fleet's status.
+    pub fn fleet_status(&self) -> Vec<FleetStatus> {
+        self.fleets.read().map(|v| v.clone()).unwrap_or_default()
+    }
 }
 
 impl OperatorHandle {
@@ -89,3 +115,833 @@ impl OperatorHandle {
         rx.await.map_err(|_| gone())?
     }
 }
+
+/// One fleet as `kiln status` shows it. Kept current by the operator.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FleetStatus {
+    /// Fleet name.
+    pub name: String,
+    /// Provider kind (`local`, `exec`).
+    pub provider: String,
+    /// The commit the fleet runs, if any rollout succeeded yet.
+    pub revision: Option<crate::model::Revision>,
+    /// The image the fleet runs.
+    pub image: Option<crate::model::ImageRef>,
+    /// Capacity from the manifest.
+    pub capacity: u32,
+    /// The rollout in progress, if any.
+    pub active_rollout: Option<RolloutId>,
+    /// Its state.
+    pub active_state: Option<crate::rollout::state::RolloutState>,
+    /// Where clients reach the fleet (the load balancer URL), when known.
+    pub endpoint: Option<String>,
+    /// Instances as last observed.
+    pub instances: Vec<InstanceStatus>,
+    /// When this view was refreshed.
+    pub observed_at: Option<crate::model::Timestamp>,
+}
+
+/// One instance as `kiln status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceStatus {
+    /// Provider id.
+    pub id: crate::model::InstanceId,
+    /// Its image.
+    pub image: crate::model::ImageRef,
+    /// `host:port`.
+    pub address: Option<String>,
+    /// Process / VM running.
+    pub running: bool,
+    /// In the load balancer.
+    pub attached: bool,
+    /// Last health check result, if checked.
+    pub healthy: Option<bool>,
+}
+
+/// The shared, operator-maintained view of every fleet.
+pub type FleetView = std::sync::Arc<std::sync::RwLock<Vec<FleetStatus>>>;
+
+// ---------------------------------------------------------------------------------------------
+// The event loop.
+// ---------------------------------------------------------------------------------------------
+
+/// How often fleet status is refreshed and idle fleets are checked for capacity.
+const TICK: Duration = Duration::from_secs(2);
+/// At most one "fetch failed" entry in the log per this interval while the remote stays down.
+const FETCH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Settings of the operator (resolved by the daemon).
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// Data dir.
+    pub data_dir: PathBuf,
+    /// The tracked branch (for messages).
+    pub branch: String,
+    /// The kiln executable (the local provider starts `kiln lb` from it).
+    pub kiln_exe: PathBuf,
+}
+
+/// What occupies a fleet's lane.
+struct Job {
+    /// The rollout driven, or `None` for a capacity check.
+    rollout: Option<RolloutId>,
+    control: watch::Sender<Control>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Lane {
+    running: Option<Job>,
+    queued: Option<RolloutId>,
+    paused: Option<RolloutId>,
+}
+
+/// A lane's job finished.
+struct JobDone {
+    fleet: String,
+    rollout: Option<RolloutId>,
+    result: Result<RolloutState, String>,
+}
+
+/// The operator: owns the lanes; everything it knows that matters is in the store.
+pub struct Operator {
+    config: OperatorConfig,
+    env: Arc<DriverEnv>,
+    fleets: BTreeMap<String, Fleet>,
+    lanes: BTreeMap<String, Lane>,
+    providers: BTreeMap<String, (String, SharedProvider)>,
+    view: FleetView,
+    done_tx: mpsc::UnboundedSender<JobDone>,
+    done_rx: mpsc::UnboundedReceiver<JobDone>,
+    last_fetch_failure_logged: Option<tokio::time::Instant>,
+}
+
+type OpResult<T> = Result<T, StoreError>;
+
+impl Operator {
+    /// Creates the operator; `view` is shared with the API.
+    pub fn new(config: OperatorConfig, env: DriverEnv, view: FleetView) -> Operator {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Operator {
+            config,
+            env: Arc::new(env),
+            fleets: BTreeMap::new(),
+            lanes: BTreeMap::new(),
+            providers: BTreeMap::new(),
+            view,
+            done_tx,
+            done_rx,
+            last_fetch_failure_logged: None,
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.env.store
+    }
+
+    /// Runs until `shutdown` fires. Resumes the rollouts a previous run left in motion first.
+    pub async fn run(
+        mut self,
+        mut source_events: mpsc::Receiver<SourceEvent>,
+        mut commands: mpsc::Receiver<CommandRequest>,
+        shutdown: CancellationToken,
+    ) {
+        if let Err(error) = self.load_fleets_at_tip().await {
+            tracing::warn!(error = %format!("{error:#}"), "Could not read the manifest at the recorded tip.");
+        }
+        if let Err(error) = self.resume_active().await {
+            tracing::error!(error = %crate::error::chain(&error), "Could not resume rollouts from the store.");
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(event) = source_events.recv() => {
+                    if let Err(error) = self.on_source(event).await {
+                        tracing::error!(error = %format!("{error:#}"), "Could not record a source event.");
+                    }
+                }
+                Some(request) = commands.recv() => {
+                    let res = self.on_command(request.command).await;
+                    let _ = request.reply.send(res);
+                }
+                Some(done) = self.done_rx.recv() => self.on_done(done).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        for lane in self.lanes.values_mut() {
+            if let Some(job) = lane.running.take() {
+                // Every step is persisted before it is taken: the next start resumes from here.
+                job.task.abort();
+            }
+        }
+    }
+
+    async fn load_fleets_at_tip(&mut self) -> anyhow::Result<()> {
+        let Some(tip) = self.store().get_meta::<Revision>(TIP_KEY)? else {
+            return Ok(());
+        };
+        let mirror = self.env.mirror.clone();
+        let manifest =
+            tokio::task::spawn_blocking(move || planner::manifest_at(&mirror, &tip)).await??;
+        if let Some(Ok(manifest)) = manifest {
+            self.fleets = manifest.fleets.into_iter().map(|f| (f.name.clone(), f)).collect();
+        }
+        Ok(())
+    }
+
+    async fn resume_active(&mut self) -> OpResult<()> {
+        for rollout in self.store().active_rollouts()? {
+            let Some(fleet) = rollout.fleet.clone() else { continue };
+            if rollout.state == RolloutState::Paused {
+                let lane = self.lanes.entry(fleet).or_default();
+                if let Some(older) = lane.paused.replace(rollout.id) {
+                    self.supersede(older, rollout.id)?;
+                }
+                continue;
+            }
+            tracing::info!(rollout = %rollout.id, fleet = %fleet, state = %rollout.state, "Resuming rollout.");
+            self.store().append_event(
+                rollout.id,
+                Level::Info,
+                "resume",
+                "daemon restarted; resuming from the recorded state",
+                None,
+            )?;
+            self.enqueue(&fleet, rollout.id).await?;
+        }
+        Ok(())
+    }
+
+    // --- source events ---
+
+    async fn on_source(&mut self, event: SourceEvent) -> anyhow::Result<()> {
+        match event {
+            SourceEvent::Commits(commits) => self.on_commits(commits).await,
+            SourceEvent::BranchDeleted(record) => {
+                if self.store().record_commit(&record)? {
+                    let reason = format!(
+                        "branch `{}` was deleted on the remote; fleets keep running as they are",
+                        self.config.branch
+                    );
+                    tracing::warn!(revision = %record.revision, "{reason}");
+                    self.record_commit_level(&record, RolloutState::Skipped, reason)?;
+                }
+                Ok(())
+            }
+            SourceEvent::FetchFailed { message, trigger } => {
+                // The watcher counts fetch errors in the metrics itself.
+                tracing::warn!(trigger = %trigger, error = %message, "Fetch failed; retrying with backoff.");
+                let due = self
+                    .last_fetch_failure_logged
+                    .is_none_or(|at| at.elapsed() >= FETCH_FAILURE_LOG_INTERVAL);
+                if due {
+                    self.last_fetch_failure_logged = Some(tokio::time::Instant::now());
+                    let tip = self
+                        .store()
+                        .get_meta::<Revision>(TIP_KEY)?
+                        .unwrap_or_else(|| Revision(String::new()));
+                    let record = CommitRecord {
+                        revision: tip,
+                        parents: vec![],
+                        summary: "fetch failed".into(),
+                        author: String::new(),
+                        committed_at: crate::model::now(),
+                        seen_at: crate::model::now(),
+                        kind: CommitKind::Push,
+                        trigger,
+                        tip: false,
+                    };
+                    self.record_commit_level(
+                        &record,
+                        RolloutState::Failed,
+                        format!("fetch failed: {message}"),
+                    )?;
+                }
+                self.store().set_meta("source.last_error", &message)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A record in the log for a commit that concerns no single fleet.
+    fn record_commit_level(
+        &self,
+        commit: &CommitRecord,
+        state: RolloutState,
+        reason: String,
+    ) -> OpResult<Rollout> {
+        let now = crate::model::now();
+        let rollout = self.store().create_rollout(Rollout {
+            id: RolloutId(0),
+            fleet: None,
+            revision: commit.revision.clone(),
+            summary: commit.summary.clone(),
+            trigger: commit.trigger.clone(),
+            origin: Origin::Commit,
+            state,
+            paused_from: None,
+            plan: Plan { reason: reason.clone(), ..Plan::default() },
+            image: None,
+            stage_images: BTreeMap::new(),
+            previous_image: None,
+            outputs: BTreeMap::new(),
+            reason: Some(reason.clone()),
+            created_at: now,
+            started_at: None,
+            finished_at: Some(now),
+            not_before: None,
+            attempt: 0,
+            rolling: None,
+        })?;
+        let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
+        self.store().append_event(
+            rollout.id,
+            level,
+            "state",
+            format!("{state}: {reason}"),
+            None,
+        )?;
+        Ok(rollout)
+    }
+
+    async fn on_commits(&mut self, commits: Vec<CommitRecord>) -> anyhow::Result<()> {
+        for commit in &commits {
+            if self.store().record_commit(commit)? {
+                self.env.metrics.commit_seen();
+                tracing::info!(revision = %commit.revision.short(), kind = ?commit.kind, trigger = %commit.trigger, "Commit recorded.");
+            }
+        }
+        let Some(tip) = commits.iter().rev().find(|c| c.tip).or(commits.last()).cloned() else {
+            return Ok(());
+        };
+        // A crash between recording and planning re-sends the tip: plan it once only.
+        let planned = !self
+            .store()
+            .rollouts(&RolloutFilter {
+                commit: Some(tip.revision.0.clone()),
+                limit: Some(1),
+                ..RolloutFilter::default()
+            })?
+            .is_empty();
+        if !planned {
+            self.plan_tip(&tip).await?;
+        }
+        self.store().set_meta(TIP_KEY, &tip.revision)?;
+        Ok(())
+    }
+
+    async fn plan_tip(&mut self, tip: &CommitRecord) -> anyhow::Result<()> {
+        let mirror = self.env.mirror.clone();
+        let revision = tip.revision.clone();
+        let store = self.store().clone();
+        let deployed = move |fleet: &str| store.deployed(fleet).ok().flatten();
+        let plan = tokio::task::spawn_blocking(move || {
+            planner::plan_commit(&mirror, &revision, &deployed)
+        })
+        .await?;
+        let note = match &tip.kind {
+            CommitKind::ForcePush { previous } => {
+                Some(format!("force-push: history rewritten (previous tip {})", previous.short()))
+            }
+            CommitKind::BranchCreated => Some(format!("branch `{}` recreated", self.config.branch)),
+            _ => None,
+        };
+        let with_note = |reason: String| match &note {
+            Some(note) => format!("{note}; {reason}"),
+            None => reason,
+        };
+        let plans = match plan {
+            Err(error) => {
+                let reason = format!("could not read the commit: {}", crate::error::chain(&error));
+                self.record_commit_level(tip, RolloutState::Failed, with_note(reason))?;
+                return Ok(());
+            }
+            Ok(CommitPlan::NoManifest) => {
+                let reason = format!(
+                    "no {} at the repo root; nothing to deploy",
+                    crate::manifest::MANIFEST_FILE
+                );
+                self.record_commit_level(tip, RolloutState::Skipped, with_note(reason))?;
+                return Ok(());
+            }
+            Ok(CommitPlan::Invalid(error)) => {
+                let reason = format!("invalid manifest, fleets left as they are: {error}");
+                let rollout =
+                    self.record_commit_level(tip, RolloutState::Failed, with_note(reason))?;
+                for problem in &error.problems {
+                    self.store().append_event(
+                        rollout.id,
+                        Level::Error,
+                        "manifest",
+                        problem.to_string(),
+                        None,
+                    )?;
+                }
+                tracing::error!(revision = %tip.revision.short(), error = %error, "Invalid manifest.");
+                return Ok(());
+            }
+            Ok(CommitPlan::Fleets(plans)) => plans,
+        };
+        self.fleets = plans.iter().map(|p| (p.fleet.name.clone(), p.fleet.clone())).collect();
+        let mut skipped = Vec::new();
+        for fleet_plan in plans {
+            if fleet_plan.is_noop() {
+                skipped.push(format!("{}: {}", fleet_plan.fleet.name, fleet_plan.plan.reason));
+                continue;
+            }
+            let name = fleet_plan.fleet.name.clone();
+            let previous_image = self.store().deployed(&name)?.map(|d| d.image);
+            let now = crate::model::now();
+            let rollout = self.store().create_rollout(Rollout {
+                id: RolloutId(0),
+                fleet: Some(name.clone()),
+                revision: tip.revision.clone(),
+                summary: tip.summary.clone(),
+                trigger: tip.trigger.clone(),
+                origin: Origin::Commit,
+                state: RolloutState::Pending,
+                paused_from: None,
+                plan: fleet_plan.plan.clone(),
+                image: None,
+                stage_images: BTreeMap::new(),
+                previous_image,
+                outputs: BTreeMap::new(),
+                reason: None,
+                created_at: now,
+                started_at: None,
+                finished_at: None,
+                not_before: None,
+                attempt: 0,
+                rolling: None,
+            })?;
+            if let Some(note) = &note {
+                self.store().append_event(rollout.id, Level::Warn, "source", note.clone(), None)?;
+            }
+            self.store().append_event(
+                rollout.id,
+                Level::Info,
+                "plan",
+                format!(
+                    "{} (bake: [{}], reconcile: {}, roll: {})",
+                    fleet_plan.plan.reason,
+                    fleet_plan.plan.bake.join(", "),
+                    fleet_plan.plan.reconcile,
+                    fleet_plan.plan.roll
+                ),
+                Some(serde_json::json!({ "trees": fleet_plan.trees })),
+            )?;
+            tracing::info!(rollout = %rollout.id, fleet = %name, revision = %tip.revision.short(), "Rollout planned.");
+            self.enqueue(&name, rollout.id).await?;
+        }
+        if !skipped.is_empty() && self.fleets.len() == skipped.len() {
+            let reason = format!("touches no fleet's paths ({})", skipped.join("; "));
+            self.record_commit_level(tip, RolloutState::Skipped, with_note(reason))?;
+        }
+        Ok(())
+    }
+
+    // --- lanes ---
+
+    fn supersede(&self, id: RolloutId, by: RolloutId) -> OpResult<()> {
+        self.finish_outside_driver(
+            id,
+            RolloutState::Superseded,
+            format!("superseded by rollout #{by}"),
+        )
+    }
+
+    /// Ends a rollout no driver is running (queued, paused).
+    fn finish_outside_driver(
+        &self,
+        id: RolloutId,
+        state: RolloutState,
+        reason: String,
+    ) -> OpResult<()> {
+        let mut rollout = self.store().rollout(id)?;
+        if rollout.state.is_terminal() {
+            return Ok(());
+        }
+        let from = rollout.state;
+        rollout.state = state;
+        rollout.reason = Some(reason.clone());
+        rollout.finished_at = Some(crate::model::now());
+        self.store().put_rollout(&rollout)?;
+        self.store().append_event(
+            id,
+            Level::Warn,
+            "state",
+            format!("{from} → {state}: {reason}"),
+            None,
+        )?;
+        Ok(())
+    }
+
+    async fn enqueue(&mut self, fleet: &str, id: RolloutId) -> OpResult<()> {
+        let lane = self.lanes.entry(fleet.to_owned()).or_default();
+        let paused = lane.paused.take();
+        let queued = lane.queued.replace(id);
+        let mut supersede_running = None;
+        let mut abort_keeper = None;
+        if let Some(job) = &lane.running {
+            match job.rollout {
+                Some(_) => supersede_running = Some(job.control.clone()),
+                None => abort_keeper = lane.running.take(),
+            }
+        }
+        for older in paused.into_iter().chain(queued) {
+            self.supersede(older, id)?;
+        }
+        if let Some(control) = supersede_running {
+            // It stops at its next safe point; `on_done` then starts the queued one.
+            let _ = control.send(Control::Supersede(id));
+            return Ok(());
+        }
+        if let Some(keeper) = abort_keeper {
+            keeper.task.abort();
+        }
+        self.start_next(fleet).await;
+        Ok(())
+    }
+
+    async fn start_next(&mut self, fleet: &str) {
+        let Some(lane) = self.lanes.get_mut(fleet) else { return };
+        if lane.running.is_some() {
+            return;
+        }
+        let Some(id) = lane.queued.take() else { return };
+        if let Err(error) = self.start(fleet, id).await {
+            let reason = format!("could not start: {error:#}");
+            tracing::error!(rollout = %id, fleet = %fleet, error = %reason, "Rollout could not start.");
+            let _ = self.finish_outside_driver(id, RolloutState::Failed, reason);
+        }
+    }
+
+    async fn start(&mut self, fleet_name: &str, id: RolloutId) -> anyhow::Result<()> {
+        let rollout = self.store().rollout(id)?;
+        let mirror = self.env.mirror.clone();
+        let revision = rollout.revision.clone();
+        let name = fleet_name.to_owned();
+        let (fleet, trees) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let fleet = planner::fleet_at(&mirror, &revision, &name)?.ok_or_else(|| {
+                anyhow::anyhow!("fleet `{name}` is not in the manifest at {}", revision.short())
+            })?;
+            let trees = planner::fleet_trees(&mirror, &revision, &fleet)?;
+            Ok((fleet, trees))
+        })
+        .await??;
+        let provider = self.provider(&fleet, &rollout.revision).await?;
+        let (control, control_rx) = watch::channel(Control::Run);
+        let env = self.env.clone();
+        let done = self.done_tx.clone();
+        let fleet_name = fleet.name.clone();
+        let task = tokio::spawn(async move {
+            let result = driver::drive(&env, &fleet, provider, id, trees, control_rx)
+                .await
+                .map_err(|e| crate::error::chain(&e));
+            let _ = done.send(JobDone { fleet: fleet.name.clone(), rollout: Some(id), result });
+        });
+        self.lanes.entry(fleet_name).or_default().running =
+            Some(Job { rollout: Some(id), control, task });
+        Ok(())
+    }
+
+    async fn provider(
+        &mut self,
+        fleet: &Fleet,
+        revision: &Revision,
+    ) -> anyhow::Result<SharedProvider> {
+        let policy = &fleet.rollout;
+        let key = match policy.provider {
+            ProviderKind::Local => format!("local:{}", policy.load_balancer.port),
+            ProviderKind::Exec => format!("exec:{revision}"),
+        };
+        if let Some((existing, provider)) = self.providers.get(&fleet.name) {
+            if *existing == key {
+                return Ok(provider.clone());
+            }
+        }
+        let fleet_dir = self.config.data_dir.join("fleets").join(&fleet.name);
+        let provider: SharedProvider = match policy.provider {
+            ProviderKind::Local => Arc::new(
+                crate::provider::local::LocalProvider::open(crate::provider::local::LocalConfig {
+                    fleet: fleet.name.clone(),
+                    dir: fleet_dir,
+                    lb_port: policy.load_balancer.port,
+                    kiln_exe: self.config.kiln_exe.clone(),
+                })
+                .await?,
+            ),
+            ProviderKind::Exec => {
+                let spec = policy
+                    .exec
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("provider exec without an exec section"))?;
+                let repo_dir = fleet_dir.join("provider").join(revision.as_str());
+                if !repo_dir.exists() {
+                    let mirror = self.env.mirror.clone();
+                    let revision = revision.clone();
+                    let dest = repo_dir.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::source::git::export(&mirror, &revision, &dest)
+                    })
+                    .await??;
+                }
+                Arc::new(crate::provider::exec::ExecProvider::new(
+                    &fleet.name,
+                    &spec,
+                    repo_dir,
+                    fleet_dir.join("exec"),
+                ))
+            }
+        };
+        self.providers.insert(fleet.name.clone(), (key, provider.clone()));
+        Ok(provider)
+    }
+
+    async fn on_done(&mut self, done: JobDone) {
+        let lane = self.lanes.entry(done.fleet.clone()).or_default();
+        // A lane may have been restarted meanwhile (a keeper aborted): only clear our own job.
+        if lane.running.as_ref().is_some_and(|job| job.rollout == done.rollout) {
+            lane.running = None;
+        }
+        match (&done.rollout, &done.result) {
+            (Some(id), Ok(RolloutState::Paused)) => {
+                lane.paused = Some(*id);
+                tracing::info!(rollout = %id, fleet = %done.fleet, "Rollout paused.");
+            }
+            (Some(id), Ok(state)) => {
+                tracing::info!(rollout = %id, fleet = %done.fleet, state = %state, "Rollout ended.")
+            }
+            (Some(id), Err(error)) => {
+                tracing::error!(rollout = %id, fleet = %done.fleet, error = %error, "Rollout driver failed.");
+                let _ = self.store().append_event(
+                    *id,
+                    Level::Error,
+                    "driver",
+                    format!("driver stopped: {error}"),
+                    None,
+                );
+            }
+            (None, Ok(_)) => {}
+            (None, Err(error)) => {
+                tracing::warn!(fleet = %done.fleet, error = %error, "Capacity check failed.")
+            }
+        }
+        let fleet = done.fleet.clone();
+        self.start_next(&fleet).await;
+    }
+
+    // --- commands ---
+
+    async fn on_command(&mut self, command: Command) -> Result<RolloutId, CommandError> {
+        let fleet = command.fleet().to_owned();
+        let conflict = |message: String| CommandError { status: 409, message };
+        let internal =
+            |e: &dyn std::fmt::Display| CommandError { status: 500, message: e.to_string() };
+        if !self.fleets.contains_key(&fleet) && !self.lanes.contains_key(&fleet) {
+            return Err(CommandError { status: 404, message: format!("no fleet `{fleet}`") });
+        }
+        let lane = self.lanes.entry(fleet.clone()).or_default();
+        let running =
+            lane.running.as_ref().and_then(|job| job.rollout.map(|id| (id, job.control.clone())));
+        match command {
+            Command::Pause { .. } => match running {
+                Some((id, control)) => {
+                    let _ = control.send(Control::Pause);
+                    Ok(id)
+                }
+                None => Err(conflict(format!("fleet `{fleet}` has no rollout in progress"))),
+            },
+            Command::Abort { .. } => {
+                if let Some((id, control)) = running {
+                    let _ = control.send(Control::Abort);
+                    return Ok(id);
+                }
+                let lane = self.lanes.entry(fleet.clone()).or_default();
+                let Some(id) = lane.paused.take().or_else(|| lane.queued.take()) else {
+                    return Err(conflict(format!("fleet `{fleet}` has no rollout to abort")));
+                };
+                self.finish_outside_driver(
+                    id,
+                    RolloutState::Aborted,
+                    "aborted by an operator".into(),
+                )
+                .map_err(|e| internal(&e))?;
+                Ok(id)
+            }
+            Command::Resume { .. } => {
+                let lane = self.lanes.entry(fleet.clone()).or_default();
+                let Some(id) = lane.paused.take() else {
+                    return Err(conflict(format!("fleet `{fleet}` has no paused rollout")));
+                };
+                if lane.running.is_some() {
+                    lane.paused = Some(id);
+                    return Err(conflict(format!("fleet `{fleet}` is busy")));
+                }
+                let _ = self.store().append_event(
+                    id,
+                    Level::Info,
+                    "command",
+                    "resumed by an operator",
+                    None,
+                );
+                self.start(&fleet, id).await.map_err(|e| internal(&format!("{e:#}")))?;
+                Ok(id)
+            }
+            Command::Rollback { to, .. } => {
+                let id = self.rollback(&fleet, to.as_deref()).map_err(|e| match e {
+                    RollbackError::Refused(message) => conflict(message),
+                    RollbackError::Store(e) => internal(&e),
+                })?;
+                self.enqueue(&fleet, id).await.map_err(|e| internal(&e))?;
+                Ok(id)
+            }
+        }
+    }
+
+    fn rollback(&self, fleet: &str, to: Option<&str>) -> Result<RolloutId, RollbackError> {
+        let deployed = self.store().deployed(fleet)?;
+        let succeeded = self.store().rollouts(&RolloutFilter {
+            fleet: Some(fleet.to_owned()),
+            state: Some(RolloutState::Succeeded),
+            commit: to.map(str::to_owned),
+            ..RolloutFilter::default()
+        })?;
+        let current = deployed.as_ref().map(|d| d.image.clone());
+        let target = succeeded
+            .into_iter()
+            .filter(|r| r.image.is_some())
+            .find(|r| to.is_some() || r.image != current)
+            .ok_or_else(|| {
+                RollbackError::Refused(match to {
+                    Some(to) => format!("no succeeded rollout of fleet `{fleet}` at commit `{to}`"),
+                    None => format!("fleet `{fleet}` has no earlier image to roll back to"),
+                })
+            })?;
+        let image: Option<ImageRef> = target.image.clone();
+        let now = crate::model::now();
+        let rollout = self.store().create_rollout(Rollout {
+            id: RolloutId(0),
+            fleet: Some(fleet.to_owned()),
+            revision: target.revision.clone(),
+            summary: format!("rollback to {} ({})", target.revision.short(), target.summary),
+            trigger: "command".into(),
+            origin: Origin::Rollback { from: Some(target.id) },
+            state: RolloutState::Pending,
+            paused_from: None,
+            plan: Plan {
+                bake: vec![],
+                reconcile: false,
+                roll: true,
+                reason: format!("manual rollback to the image of rollout #{}", target.id),
+            },
+            image,
+            stage_images: target.stage_images.clone(),
+            previous_image: current,
+            outputs: target.outputs.clone(),
+            reason: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            not_before: None,
+            attempt: 0,
+            rolling: None,
+        })?;
+        self.store().append_event(
+            rollout.id,
+            Level::Info,
+            "command",
+            "rollback requested by an operator",
+            None,
+        )?;
+        Ok(rollout.id)
+    }
+
+    // --- periodic work ---
+
+    async fn on_tick(&mut self) {
+        let names: Vec<String> = self.fleets.keys().cloned().collect();
+        let mut statuses = Vec::new();
+        for name in names {
+            let Some(fleet) = self.fleets.get(&name).cloned() else { continue };
+            let deployed = self.store().deployed(&name).ok().flatten();
+            let lane = self.lanes.entry(name.clone()).or_default();
+            let active =
+                lane.running.as_ref().and_then(|j| j.rollout).or(lane.paused).or(lane.queued);
+            let idle = lane.running.is_none() && lane.paused.is_none() && lane.queued.is_none();
+            let mut status = FleetStatus {
+                name: name.clone(),
+                provider: format!("{:?}", fleet.rollout.provider).to_lowercase(),
+                revision: deployed.as_ref().map(|d| d.revision.clone()),
+                image: deployed.as_ref().map(|d| d.image.clone()),
+                capacity: fleet.rollout.capacity,
+                active_rollout: active,
+                active_state: active
+                    .and_then(|id| self.env.store.rollout(id).ok())
+                    .map(|r| r.state),
+                observed_at: Some(crate::model::now()),
+                ..FleetStatus::default()
+            };
+            // Fleets never deployed have no provider yet; opening one would start a load balancer.
+            if let Some(deployed) = &deployed {
+                match self.provider(&fleet, &deployed.revision).await {
+                    Ok(provider) => {
+                        status.endpoint = provider.endpoint();
+                        if let Ok(instances) = provider.list().await {
+                            status.instances = instances
+                                .into_iter()
+                                .map(|i| InstanceStatus {
+                                    id: i.id,
+                                    image: i.image,
+                                    address: i.address,
+                                    running: i.running,
+                                    attached: i.attached,
+                                    healthy: None,
+                                })
+                                .collect();
+                        }
+                        if idle {
+                            self.spawn_keeper(&fleet, provider, deployed.image.clone());
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(fleet = %name, error = %format!("{error:#}"), "Provider unavailable.")
+                    }
+                }
+            }
+            statuses.push(status);
+        }
+        if let Ok(mut view) = self.view.write() {
+            *view = statuses;
+        }
+    }
+
+    fn spawn_keeper(&mut self, fleet: &Fleet, provider: SharedProvider, image: ImageRef) {
+        let env = self.env.clone();
+        let done = self.done_tx.clone();
+        let fleet = fleet.clone();
+        let name = fleet.name.clone();
+        let (control, _) = watch::channel(Control::Run);
+        let task = tokio::spawn(async move {
+            let result = driver::keep_capacity(&env, &fleet, provider, &image)
+                .await
+                .map(|_| RolloutState::Succeeded)
+                .map_err(|e| crate::error::chain(&e));
+            let _ = done.send(JobDone { fleet: fleet.name.clone(), rollout: None, result });
+        });
+        self.lanes.entry(name).or_default().running = Some(Job { rollout: None, control, task });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RollbackError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The meta key of the last tip the operator acknowledged.
+pub const TIP_KEY: &str = "source.tip";

@@ -1,3 +1,281 @@
 //! Deciding, per fleet, what a commit needs: bake? reconcile? roll? Or nothing.
 //!
-//! OWNER: lead.
+//! The planner compares git tree ids (cheap, exact) of everything that shapes a fleet (its
+//! watched paths, each stage's directory and bake hook, the infra directory and reconcile hook)
+//! at the new commit against the ones recorded when the fleet was last deployed. Equal ids mean
+//! equal content, so an unrelated commit never rebakes and never rolls.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::manifest::{self, Fleet, Manifest, ManifestError, RepoFiles};
+use crate::model::Revision;
+use crate::rollout::state::Plan;
+use crate::source::git::{self, GitError};
+use crate::store::Deployed;
+
+/// A fleet and what to do for it at one commit.
+#[derive(Debug, Clone)]
+pub struct FleetPlan {
+    /// The fleet as the manifest at the commit describes it.
+    pub fleet: Fleet,
+    /// The decision.
+    pub plan: Plan,
+    /// Tree ids of everything that shapes the fleet at the commit (stored when deployed).
+    pub trees: BTreeMap<String, String>,
+}
+
+impl FleetPlan {
+    /// Whether anything needs doing.
+    pub fn is_noop(&self) -> bool {
+        self.plan.bake.is_empty() && !self.plan.reconcile && !self.plan.roll
+    }
+}
+
+/// What a commit means for the fleets.
+#[derive(Debug, Clone)]
+pub enum CommitPlan {
+    /// The commit has no `kiln.yaml`.
+    NoManifest,
+    /// The manifest is broken; nothing is deployed from this commit.
+    Invalid(ManifestError),
+    /// One plan per fleet in the manifest.
+    Fleets(Vec<FleetPlan>),
+}
+
+/// Files as they are in a commit of the mirror.
+struct CommitFiles<'a> {
+    mirror: &'a Path,
+    revision: &'a Revision,
+}
+
+impl RepoFiles for CommitFiles<'_> {
+    fn file(&self, path: &str) -> Option<bool> {
+        git::file_mode(self.mirror, self.revision, path).ok().flatten()
+    }
+}
+
+/// Reads and validates the manifest at a commit (blocking: git).
+pub fn manifest_at(
+    mirror: &Path,
+    revision: &Revision,
+) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
+    let Some(bytes) = git::read_file(mirror, revision, manifest::MANIFEST_FILE)? else {
+        return Ok(None);
+    };
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(_) => {
+            return Ok(Some(Err(ManifestError {
+                problems: vec![manifest::Problem {
+                    file: manifest::MANIFEST_FILE.into(),
+                    line: 0,
+                    column: 0,
+                    message: "not valid UTF-8".into(),
+                }],
+            })));
+        }
+    };
+    let files = CommitFiles { mirror, revision };
+    Ok(Some(manifest::load(&text, manifest::MANIFEST_FILE, &files)))
+}
+
+/// The fleet named `name` in the manifest at a commit (blocking: git).
+pub fn fleet_at(mirror: &Path, revision: &Revision, name: &str) -> Result<Option<Fleet>, GitError> {
+    Ok(match manifest_at(mirror, revision)? {
+        Some(Ok(manifest)) => manifest.fleets.into_iter().find(|f| f.name == name),
+        _ => None,
+    })
+}
+
+/// Tree ids of everything that shapes `fleet` at `revision`, keyed `path:<p>`, `stage:<name>`,
+/// `bake:<name>`, `infra`, `reconcile`. Absent paths map to `-`.
+pub fn fleet_trees(
+    mirror: &Path,
+    revision: &Revision,
+    fleet: &Fleet,
+) -> Result<BTreeMap<String, String>, GitError> {
+    let id = |path: &str| -> Result<String, GitError> {
+        let clean = path.trim_start_matches("./").trim_end_matches('/');
+        Ok(git::tree_id(mirror, revision, clean)?.unwrap_or_else(|| "-".into()))
+    };
+    let mut trees = BTreeMap::new();
+    for path in fleet.watched_paths() {
+        trees.insert(format!("path:{path}"), id(&path)?);
+    }
+    for stage in &fleet.image.stages {
+        trees.insert(format!("stage:{}", stage.name), id(&stage.path)?);
+        trees.insert(format!("bake:{}", stage.name), id(&stage.bake)?);
+    }
+    if let Some(infra) = &fleet.infra {
+        trees.insert("infra".into(), id(&infra.path)?);
+        trees.insert("reconcile".into(), id(&infra.reconcile)?);
+    }
+    Ok(trees)
+}
+
+/// Decides for one fleet from its trees at the commit and what it runs now (pure).
+pub fn decide(
+    fleet: &Fleet,
+    trees: &BTreeMap<String, String>,
+    deployed: Option<&Deployed>,
+) -> Plan {
+    let all_stages = || fleet.image.stages.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
+    let Some(deployed) = deployed else {
+        return Plan {
+            bake: all_stages(),
+            reconcile: fleet.infra.is_some(),
+            roll: true,
+            reason: "first deployment of this fleet".into(),
+        };
+    };
+    let changed = |key: &str| trees.get(key) != deployed.trees.get(key);
+    let changed_paths: Vec<&str> = trees
+        .keys()
+        .filter(|k| k.starts_with("path:") && changed(k))
+        .map(|k| &k["path:".len()..])
+        .collect();
+    // Stages whose own inputs changed, then everything layered on them.
+    let mut bake: Vec<String> = Vec::new();
+    for stage in fleet.stages_in_order() {
+        let own =
+            changed(&format!("stage:{}", stage.name)) || changed(&format!("bake:{}", stage.name));
+        let parent = stage.from.as_ref().is_some_and(|p| bake.contains(p));
+        if own || parent {
+            bake.push(stage.name.clone());
+        }
+    }
+    let infra_changed = fleet.infra.is_some() && (changed("infra") || changed("reconcile"));
+    if changed_paths.is_empty() && bake.is_empty() && !infra_changed {
+        return Plan {
+            reason: format!("no changes under {}", fleet.watched_paths().join(", ")),
+            ..Plan::default()
+        };
+    }
+    let mut why = Vec::new();
+    if !bake.is_empty() {
+        why.push(format!("stages changed: {}", bake.join(", ")));
+    }
+    if infra_changed {
+        why.push("infra changed".to_owned());
+    }
+    if bake.is_empty() && !infra_changed {
+        why.push(format!("paths changed: {}", changed_paths.join(", ")));
+    }
+    Plan {
+        roll: !bake.is_empty(),
+        reconcile: fleet.infra.is_some() && (infra_changed || !bake.is_empty()),
+        bake,
+        reason: why.join("; "),
+    }
+}
+
+/// Plans a commit for every fleet (blocking: git). `deployed` answers what a fleet runs now.
+pub fn plan_commit(
+    mirror: &Path,
+    revision: &Revision,
+    deployed: &dyn Fn(&str) -> Option<Deployed>,
+) -> Result<CommitPlan, GitError> {
+    let manifest = match manifest_at(mirror, revision)? {
+        None => return Ok(CommitPlan::NoManifest),
+        Some(Err(error)) => return Ok(CommitPlan::Invalid(error)),
+        Some(Ok(manifest)) => manifest,
+    };
+    let mut plans = Vec::new();
+    for fleet in manifest.fleets {
+        let trees = fleet_trees(mirror, revision, &fleet)?;
+        let plan = decide(&fleet, &trees, deployed(&fleet.name).as_ref());
+        plans.push(FleetPlan { fleet, plan, trees });
+    }
+    Ok(CommitPlan::Fleets(plans))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet() -> Fleet {
+        manifest::parse(
+            "fleets:\n  - name: web\n    paths: [image/, infra/]\n    image:\n      stages:\n        - { name: base, path: image/base, bake: hooks/bake }\n        - { name: app, path: image/app, from: base, bake: hooks/bake }\n    infra: { path: infra/, reconcile: hooks/reconcile }\n",
+            "kiln.yaml",
+        )
+        .unwrap()
+        .fleets
+        .remove(0)
+    }
+
+    fn trees(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        let mut base: BTreeMap<String, String> = [
+            ("path:image/", "i1"),
+            ("path:infra/", "f1"),
+            ("stage:base", "b1"),
+            ("stage:app", "a1"),
+            ("bake:base", "h1"),
+            ("bake:app", "h1"),
+            ("infra", "f1"),
+            ("reconcile", "r1"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in pairs {
+            base.insert(k.to_string(), v.to_string());
+        }
+        base
+    }
+
+    fn deployed(trees: BTreeMap<String, String>) -> Deployed {
+        Deployed {
+            fleet: "web".into(),
+            revision: "r".into(),
+            image: "img".into(),
+            rollout: crate::model::RolloutId(1),
+            trees,
+            at: crate::model::now(),
+        }
+    }
+
+    #[test]
+    fn first_deployment_does_everything() {
+        let plan = decide(&fleet(), &trees(&[]), None);
+        assert_eq!(plan.bake, ["base", "app"]);
+        assert!(plan.reconcile && plan.roll);
+    }
+
+    #[test]
+    fn unrelated_commit_is_a_noop() {
+        let plan = decide(&fleet(), &trees(&[]), Some(&deployed(trees(&[]))));
+        assert_eq!(
+            plan,
+            Plan { reason: "no changes under image/, infra/".into(), ..Plan::default() }
+        );
+    }
+
+    #[test]
+    fn app_change_rebakes_only_app() {
+        let now = trees(&[("path:image/", "i2"), ("stage:app", "a2")]);
+        let plan = decide(&fleet(), &now, Some(&deployed(trees(&[]))));
+        assert_eq!(plan.bake, ["app"]);
+        assert!(plan.roll && plan.reconcile);
+    }
+
+    #[test]
+    fn base_change_rebakes_the_layers_above() {
+        let now = trees(&[("path:image/", "i2"), ("stage:base", "b2")]);
+        assert_eq!(decide(&fleet(), &now, Some(&deployed(trees(&[])))).bake, ["base", "app"]);
+    }
+
+    #[test]
+    fn infra_only_change_reconciles_without_rolling() {
+        let now = trees(&[("path:infra/", "f2"), ("infra", "f2")]);
+        let plan = decide(&fleet(), &now, Some(&deployed(trees(&[]))));
+        assert!(plan.bake.is_empty() && plan.reconcile && !plan.roll);
+        assert_eq!(plan.reason, "infra changed");
+    }
+
+    #[test]
+    fn hook_change_rebakes() {
+        let now = trees(&[("bake:app", "h2")]);
+        assert_eq!(decide(&fleet(), &now, Some(&deployed(trees(&[])))).bake, ["app"]);
+    }
+}

@@ -1,6 +1,541 @@
-//! The command line.
+//! The command line: `kiln run` starts the daemon; every other verb talks to it over the API
+//! (or reads the store directly when no daemon runs, for `log`, `show` and `status`).
+//!
+//! Exit status: 0 ok, 1 nothing to show (no rollouts, unknown rollout), 2 error (one line
+//! `kiln: error: ...` on stderr with the whole cause chain).
+
+mod client;
+mod render;
+
+use std::io::{IsTerminal as _, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use clap::{Args, Parser, Subcommand};
+
+pub use client::{ApiClient, ApiFailure, DaemonFile, Target};
+
+use crate::model::RolloutId;
+use crate::server::api::{EventDto, FleetDto, RolloutDto, RolloutPage};
+use crate::server::{Secret, WebhookSecrets};
+use crate::store::RolloutFilter;
+
+/// kiln: a GitOps operator for immutable servers (bake, reconcile, roll).
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Data dir of the daemon (store, mirror, token, daemon.json).
+    #[arg(long, global = true, env = "KILN_DATA_DIR", default_value = ".kiln")]
+    pub data_dir: PathBuf,
+    /// API base URL of a running daemon (default: found through the data dir's daemon.json).
+    #[arg(long, global = true, env = "KILN_API")]
+    pub api: Option<String>,
+    /// Colour output (set by `main` when stdout is a terminal and NO_COLOR is unset).
+    #[arg(skip)]
+    pub color: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: watch the repo, bake, reconcile and roll fleets, serve the API.
+    Run(RunArgs),
+    /// Rollouts, newest first (like `git log`).
+    Log {
+        /// Only this fleet.
+        #[arg(long)]
+        fleet: Option<String>,
+        /// At most this many.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        limit: usize,
+        /// Print one JSON document (an array of rollouts).
+        #[arg(long)]
+        json: bool,
+    },
+    /// One rollout: commit, image, plan and every event.
+    Show {
+        /// Rollout id (`12` or `#12`).
+        rollout: String,
+        /// Print one JSON document.
+        #[arg(long)]
+        json: bool,
+        /// Stream new events until the rollout ends (needs the daemon).
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Fleets, their endpoint and instances (image, health, attached).
+    Status {
+        /// Print one JSON document (an array of fleets).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a repo's kiln.yaml without running anything.
+    Validate {
+        /// The repo checkout (or the kiln.yaml file itself).
+        #[arg(default_value = ".")]
+        path: PathBuf,
+    },
+    /// Pause the fleet's running rollout at the next safe point.
+    Pause {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Continue a paused rollout (also promotes a manual canary).
+    Resume {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Stop the fleet's rollout for good at the next safe point.
+    Abort {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Put the fleet back on a previous image.
+    Rollback {
+        /// Fleet.
+        fleet: String,
+        /// Restore the image of this commit (prefix) instead of the previous one.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Ask the daemon to fetch the repo now.
+    Trigger,
+    /// kiln's own load balancer process (started by the local provider).
+    #[command(hide = true)]
+    Lb(crate::provider::local::lb::LbArgs),
+}
+
+/// Flags of `kiln run`. Webhook secrets come from the environment or files, never from flags.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Remote URL or local path of the infra repo.
+    #[arg(long)]
+    pub repo: String,
+    /// Branch to track.
+    #[arg(long, default_value = "main")]
+    pub branch: String,
+    /// API and webhook listen address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// Poll interval (`30s`, `5m`), jittered ±10%.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub poll: Duration,
+    /// How many rollouts to keep (0 keeps all).
+    #[arg(long, default_value_t = 0)]
+    pub retention: usize,
+    /// Name of a daemon environment variable to pass through to hooks (repeatable).
+    #[arg(long = "hook-env", value_name = "NAME")]
+    pub hook_env: Vec<String>,
+    /// File holding the GitLab `X-Gitlab-Token` (else $KILN_GITLAB_TOKEN).
+    #[arg(long, value_name = "FILE")]
+    pub gitlab_token_file: Option<PathBuf>,
+    /// File holding the GitLab signing token (else $KILN_GITLAB_SIGNING_SECRET).
+    #[arg(long, value_name = "FILE")]
+    pub gitlab_signing_secret_file: Option<PathBuf>,
+    /// File holding the GitHub webhook secret (else $KILN_GITHUB_SECRET).
+    #[arg(long, value_name = "FILE")]
+    pub github_secret_file: Option<PathBuf>,
+    /// File holding the Gitea webhook secret (else $KILN_GITEA_SECRET).
+    #[arg(long, value_name = "FILE")]
+    pub gitea_secret_file: Option<PathBuf>,
+    /// File holding the generic receiver's HMAC secret (else $KILN_GENERIC_SECRET).
+    #[arg(long, value_name = "FILE")]
+    pub generic_secret_file: Option<PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::manifest::parse_duration(text)
+}
 
 /// Entry point of the binary.
-pub fn main() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+pub fn main() -> ExitCode {
+    let mut cli = Cli::parse();
+    cli.color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    if matches!(cli.command, Command::Run(_) | Command::Lb(_)) {
+        init_tracing();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("kiln: error: cannot start the async runtime: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut stdout = std::io::stdout().lock();
+    let res = runtime.block_on(run(cli, &mut stdout));
+    let _ = stdout.flush();
+    match res {
+        Ok(code) => code,
+        Err(error) => {
+            let text = crate::error::redact(&format!("{error:#}"));
+            eprintln!("kiln: error: {}", text.replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("KILN_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Runs one parsed command, writing its output to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let data_dir = cli.data_dir.clone();
+    let api = cli.api.clone();
+    let color = cli.color;
+    match cli.command {
+        Command::Run(args) => run_daemon(args, data_dir).await,
+        Command::Lb(args) => {
+            crate::provider::local::lb::run(args).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Validate { path } => validate(&path, out),
+        Command::Log { fleet, limit, json } => {
+            log(client::connect(api.as_deref(), &data_dir)?, fleet, limit, json, color, out).await
+        }
+        Command::Show { rollout, json, follow } => {
+            let id: RolloutId =
+                rollout.parse().map_err(|_| anyhow!("`{rollout}` is not a rollout id"))?;
+            show(client::connect(api.as_deref(), &data_dir)?, id, json, follow, color, out).await
+        }
+        Command::Status { json } => {
+            status(client::connect(api.as_deref(), &data_dir)?, json, color, out).await
+        }
+        Command::Pause { fleet } => verb(api, &data_dir, &fleet, "pause", None, out).await,
+        Command::Resume { fleet } => verb(api, &data_dir, &fleet, "resume", None, out).await,
+        Command::Abort { fleet } => verb(api, &data_dir, &fleet, "abort", None, out).await,
+        Command::Rollback { fleet, to } => {
+            let body = serde_json::json!({ "to": to });
+            verb(api, &data_dir, &fleet, "rollback", Some(body), out).await
+        }
+        Command::Trigger => {
+            let client = need_daemon(api, &data_dir, "trigger")?;
+            client.post("/trigger", None).await?;
+            writeln!(out, "fetch requested")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn read_secret(file: Option<&Path>, env: &str) -> anyhow::Result<Option<Secret>> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read secret file {}", path.display()))?,
+        None => match std::env::var(env) {
+            Ok(value) => value,
+            Err(_) => return Ok(None),
+        },
+    };
+    let text = text.trim_end_matches(['\n', '\r']).to_owned();
+    if text.is_empty() {
+        match file {
+            Some(path) => bail!("secret file {} is empty", path.display()),
+            // An empty variable is treated as unset.
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(Secret(text)))
+}
+
+async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let secrets = WebhookSecrets {
+        gitlab_token: read_secret(args.gitlab_token_file.as_deref(), "KILN_GITLAB_TOKEN")?,
+        gitlab_signing: read_secret(
+            args.gitlab_signing_secret_file.as_deref(),
+            "KILN_GITLAB_SIGNING_SECRET",
+        )?,
+        github: read_secret(args.github_secret_file.as_deref(), "KILN_GITHUB_SECRET")?,
+        gitea: read_secret(args.gitea_secret_file.as_deref(), "KILN_GITEA_SECRET")?,
+        generic: read_secret(args.generic_secret_file.as_deref(), "KILN_GENERIC_SECRET")?,
+    };
+    let config = crate::daemon::DaemonConfig {
+        repo: args.repo,
+        branch: args.branch,
+        data_dir,
+        listen: args.listen,
+        poll: args.poll,
+        retention: args.retention,
+        hook_env: args.hook_env,
+        kiln_exe: std::env::current_exe().context("cannot find the kiln executable")?,
+        secrets,
+    };
+    crate::daemon::run(config).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
+    let (dir, file) = if path.is_file() {
+        (path.parent().unwrap_or(Path::new(".")).to_path_buf(), path.to_path_buf())
+    } else {
+        (path.to_path_buf(), path.join(crate::manifest::MANIFEST_FILE))
+    };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let name = crate::manifest::MANIFEST_FILE;
+    match crate::manifest::load(&text, name, &crate::manifest::DirFiles(&dir)) {
+        Ok(manifest) => {
+            let n = manifest.fleets.len();
+            writeln!(out, "{name}: ok ({n} fleet{})", if n == 1 { "" } else { "s" })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            for problem in &error.problems {
+                writeln!(out, "{problem}")?;
+            }
+            let n = error.problems.len();
+            writeln!(out, "{name}: {n} problem{}", if n == 1 { "" } else { "s" })?;
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+async fn log(
+    target: Target,
+    fleet: Option<String>,
+    limit: usize,
+    json: bool,
+    color: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let rollouts = match &target {
+        Target::Api(client) => {
+            let mut path = format!("/rollouts?limit={limit}");
+            if let Some(fleet) = &fleet {
+                path.push_str(&format!("&fleet={}", encode(fleet)));
+            }
+            client.get::<RolloutPage>(&path).await?.rollouts
+        }
+        Target::Offline(store) => {
+            let filter = RolloutFilter { fleet, limit: Some(limit), ..RolloutFilter::default() };
+            store.rollouts(&filter)?.iter().map(RolloutDto::from_rollout).collect()
+        }
+    };
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rollouts)?)?;
+    } else if rollouts.is_empty() {
+        eprintln!("kiln: no rollouts yet");
+    } else {
+        render::log_table(out, &rollouts, crate::model::now(), color)?;
+    }
+    Ok(if rollouts.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Percent-encodes a query value (fleet names are simple, but be safe).
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn show(
+    target: Target,
+    id: RolloutId,
+    json: bool,
+    follow: bool,
+    color: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let found = match &target {
+        Target::Api(client) => match client.get::<RolloutDto>(&format!("/rollouts/{id}")).await {
+            Ok(dto) => Some(dto),
+            Err(error) if error.downcast_ref::<ApiFailure>().is_some_and(|f| f.status == 404) => {
+                None
+            }
+            Err(error) => return Err(error),
+        },
+        Target::Offline(store) => match store.rollout(id) {
+            Ok(rollout) => {
+                let mut dto = RolloutDto::from_rollout(&rollout);
+                dto.events = Some(store.events(id, 0)?.iter().map(EventDto::from).collect());
+                Some(dto)
+            }
+            Err(crate::store::StoreError::NotFound { .. }) => None,
+            Err(error) => return Err(error.into()),
+        },
+    };
+    let Some(rollout) = found else {
+        eprintln!("kiln: no rollout #{id}");
+        return Ok(ExitCode::from(1));
+    };
+    if json && !follow {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rollout)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        render::rollout_header(out, &rollout, crate::model::now(), color)?;
+        writeln!(out)?;
+    }
+    if !follow {
+        for event in rollout.events.iter().flatten() {
+            render::event_line(out, event)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Target::Api(client) = target else {
+        bail!("--follow needs a running daemon (none found for this data dir; set KILN_API?)");
+    };
+    follow_events(&client, id, json, out).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Streams the SSE follow endpoint: prints every event (a JSON line each with `--json`) and,
+/// on a terminal, a progress bar on stderr while instances are replaced.
+async fn follow_events(
+    client: &ApiClient,
+    id: RolloutId,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let mut response = client.stream(&format!("/rollouts/{id}/events")).await?;
+    let bar = !json && std::io::stderr().is_terminal();
+    let mut buffer = String::new();
+    loop {
+        let chunk = response.chunk().await.context("the event stream broke")?;
+        let Some(chunk) = chunk else {
+            bail!("the daemon closed the event stream before rollout #{id} ended");
+        };
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let frame: String = buffer.drain(..end + 2).collect();
+            let (mut kind, mut data) = ("message", String::new());
+            for line in frame.lines() {
+                if let Some(value) = line.strip_prefix("event:") {
+                    kind = if value.trim() == "end" { "end" } else { "event" };
+                } else if let Some(value) = line.strip_prefix("data:") {
+                    if !data.is_empty() {
+                        data.push('\n');
+                    }
+                    data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                }
+            }
+            if data.is_empty() {
+                continue;
+            }
+            if bar {
+                eprint!("\r\x1b[2K");
+            }
+            match kind {
+                "end" => {
+                    let rollout: RolloutDto = serde_json::from_str(&data)
+                        .context("unreadable end of the event stream")?;
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(&rollout)?)?;
+                    } else {
+                        writeln!(out, "rollout #{id} ended: {}", rollout.state)?;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    let event: EventDto =
+                        serde_json::from_str(&data).context("unreadable event in the stream")?;
+                    if json {
+                        writeln!(out, "{}", serde_json::to_string(&event)?)?;
+                    } else {
+                        render::event_line(out, &event)?;
+                    }
+                    out.flush()?;
+                    if bar && (event.kind == "state" || event.kind.starts_with("instance")) {
+                        if let Ok(now) = client.get::<RolloutDto>(&format!("/rollouts/{id}")).await
+                        {
+                            if let Some(p) =
+                                now.progress.filter(|_| now.state.as_str() == "rolling")
+                            {
+                                eprint!("{}", render::progress_bar(p.replaced, p.total));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn status(
+    target: Target,
+    json: bool,
+    color: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let (fleets, live) = match &target {
+        Target::Api(client) => (client.get::<Vec<FleetDto>>("/fleets").await?, true),
+        Target::Offline(store) => (fleets_from_store(store)?, false),
+    };
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&fleets)?)?;
+    } else if fleets.is_empty() {
+        eprintln!("kiln: no fleets yet");
+    } else {
+        render::status(out, &fleets, live, color)?;
+    }
+    Ok(if fleets.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// Without a daemon: the fleets named by rollouts in the store, with what they run.
+fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto>> {
+    let rollouts = store.rollouts(&RolloutFilter::default())?;
+    let mut names: Vec<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
+    names.sort();
+    names.dedup();
+    let mut fleets = Vec::new();
+    for name in names {
+        let deployed = store.deployed(&name)?;
+        // Newest first, so the first non-terminal one is the active rollout.
+        let active = rollouts
+            .iter()
+            .find(|r| r.fleet.as_deref() == Some(name.as_str()) && !r.state.is_terminal());
+        fleets.push(FleetDto {
+            provider: "-".into(),
+            revision: deployed.as_ref().map(|d| d.revision.0.clone()),
+            image: deployed.as_ref().map(|d| d.image.0.clone()),
+            active_rollout: active.map(|r| r.id.0),
+            active_state: active.map(|r| r.state),
+            name,
+            ..FleetDto::default()
+        });
+    }
+    Ok(fleets)
+}
+
+fn need_daemon(api: Option<String>, data_dir: &Path, verb: &str) -> anyhow::Result<ApiClient> {
+    client::find_daemon(api.as_deref(), data_dir)?.ok_or_else(|| {
+        anyhow!(
+            "`kiln {verb}` needs a running daemon, and none runs for {} (start one with `kiln run`, or set KILN_API)",
+            data_dir.display()
+        )
+    })
+}
+
+async fn verb(
+    api: Option<String>,
+    data_dir: &Path,
+    fleet: &str,
+    verb: &str,
+    body: Option<serde_json::Value>,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let client = need_daemon(api, data_dir, verb)?;
+    let accepted = client
+        .post(&format!("/fleets/{}/{verb}", encode(fleet)), body)
+        .await
+        .with_context(|| format!("{verb} {fleet}"))?;
+    match accepted.rollout {
+        Some(id) => writeln!(out, "{verb} {fleet}: accepted (rollout #{id})")?,
+        None => writeln!(out, "{verb} {fleet}: accepted")?,
+    }
+    Ok(ExitCode::SUCCESS)
 }

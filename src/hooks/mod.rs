@@ -1,19 +1,60 @@
 //! Running the repo's hooks: the only code that spawns processes.
 //!
-//! OWNER: hooks helper. The signatures below are the contract other modules code against;
-//! bodies are filled in by the owner.
+//! A hook run ([`run`]) is one child process in its own process group, started with a clean
+//! environment (see [`contract`] and docs/hooks.md), stdin from /dev/null, stdout and stderr read
+//! line by line and handed to a [`LineSink`] (the caller turns them into rollout events) and to
+//! tracing. Capture is capped at [`OUTPUT_CAP`] bytes per run: later lines are still read, so
+//! the child never blocks on a full pipe, but dropped, and memory stays flat. A timeout or a
+//! cancellation kills the whole group (SIGTERM, [`KILL_GRACE`], SIGKILL), so grandchildren go
+//! too; so does a normal exit, which takes any background process the hook left behind with it.
+//!
+//! ```text
+//!  run_with_retry_in ──(exit 75: backoff)──▶ run_in ──spawn──▶ hook (pgid = pid)
+//!                                              │  ◀── stdout/stderr lines ── capped ──▶ sink
+//!                                              └─ $KILN_OUTPUT ──▶ HookOutcome.outputs
+//! ```
 
 pub mod contract;
+pub mod output;
 pub mod packer;
 pub mod process;
+pub(crate) mod step;
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classify, ErrorClass};
+use crate::retry::{Attempt, RetryPolicy};
+
+/// Bytes of output (both streams, line bytes plus newline) per run handed to the sink and to
+/// tracing; past it one [`TRUNCATED_NOTICE`] is sent and the rest is read and dropped.
+pub const OUTPUT_CAP: usize = 1024 * 1024;
+
+/// Longest line kept; the rest of a longer line is read and dropped.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Bytes of the end of stdout kept beyond [`OUTPUT_CAP`] for parsers: Packer prints its artifact
+/// lines last, after however much build output.
+const STDOUT_TAIL: usize = 256 * 1024;
+
+/// Time a hook's process group gets between SIGTERM and SIGKILL.
+pub const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Sent once to the sink (as stderr) when capture reaches [`OUTPUT_CAP`].
+pub const TRUNCATED_NOTICE: &str =
+    "[kiln] output truncated: capture limit reached, further output is discarded";
+
+/// How many stderr lines an [`HookError::Exited`] quotes.
+const STDERR_TAIL_LINES: usize = 5;
 
 /// Which stream a captured line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -117,16 +158,33 @@ impl Classify for HookError {
 /// Receives captured output lines as they arrive.
 pub type LineSink<'a> = &'a (dyn Fn(Stream, &str) + Send + Sync);
 
+/// Called before each retry of a transient failure with the error and the wait.
+pub type RetrySink<'a> = &'a (dyn Fn(&HookError, Duration) + Send + Sync);
+
+/// The daemon variables every hook inherits: the [`contract::BASE_ENV`] names the daemon has,
+/// and a default `PATH` when it has none.
+pub fn base_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = contract::BASE_ENV
+        .iter()
+        .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".to_owned(), contract::DEFAULT_PATH.to_owned()));
+    }
+    env
+}
+
 /// Runs a hook once: clean environment (allow-list + `spec.env` + `KILN_OUTPUT`), own process
 /// group, output streamed to `sink` line by line and capped, killed (TERM, grace, KILL) at its
-/// timeout or when `cancel` fires.
+/// timeout or when `cancel` fires. `$KILN_OUTPUT` lives in a private temp directory removed
+/// afterwards; use [`run_in`] to read other files the hook writes to `$KILN_OUTPUT_DIR`.
 pub async fn run(
     spec: &HookSpec,
     sink: LineSink<'_>,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
-    let _ = (spec, sink, cancel);
-    todo!("hooks helper")
+    let dir = TempOutputDir::new();
+    run_in(spec, &dir.0, sink, cancel).await
 }
 
 /// [`run`], retrying exit 75 with backoff (bounded by `spec.timeout` overall).
@@ -135,6 +193,334 @@ pub async fn run_with_retry(
     sink: LineSink<'_>,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
-    let _ = (spec, sink, cancel);
-    todo!("hooks helper")
+    let dir = TempOutputDir::new();
+    run_with_retry_in(spec, &dir.0, sink, cancel, &|_, _| {}).await
+}
+
+/// [`run_in`], retrying exit 75 ([`contract::EXIT_TRANSIENT`]) with exponential backoff until
+/// it succeeds, fails otherwise, or `spec.timeout` has elapsed in total. `on_retry` sees each
+/// transient failure before the wait. Cancellation stops the waits too.
+pub async fn run_with_retry_in(
+    spec: &HookSpec,
+    out_dir: &Path,
+    sink: LineSink<'_>,
+    cancel: &CancellationToken,
+    on_retry: RetrySink<'_>,
+) -> Result<HookOutcome, HookError> {
+    let policy = RetryPolicy {
+        initial: Duration::from_millis(500),
+        max_interval: Duration::from_secs(30),
+        max_elapsed: Some(spec.timeout),
+    };
+    let attempts = policy.run(
+        || async {
+            run_in(spec, out_dir, sink, cancel).await.map_err(|error| match error {
+                HookError::Exited { code: contract::EXIT_TRANSIENT, .. } => Attempt::Retry(error),
+                other => Attempt::Stop(other),
+            })
+        },
+        |error, wait| {
+            tracing::warn!(hook = %spec.name, error = %error, wait_ms = wait.as_millis() as u64, "Hook failed transiently; retrying.");
+            on_retry(error, wait);
+        },
+    );
+    tokio::select! {
+        res = attempts => res,
+        () = cancel.cancelled() => Err(HookError::Cancelled { name: spec.name.clone() }),
+    }
+}
+
+/// Runs a hook once with `$KILN_OUTPUT` = `out_dir/output` and `$KILN_OUTPUT_DIR` = `out_dir`.
+/// `out_dir` is emptied (created if missing) before the hook starts and left in place after,
+/// so the caller can read other files the hook wrote there; the caller removes it.
+pub async fn run_in(
+    spec: &HookSpec,
+    out_dir: &Path,
+    sink: LineSink<'_>,
+    cancel: &CancellationToken,
+) -> Result<HookOutcome, HookError> {
+    let started = tokio::time::Instant::now();
+    let spawn_error = |source: std::io::Error| HookError::Spawn {
+        name: spec.name.clone(),
+        program: spec.program.display().to_string(),
+        source,
+    };
+    let output_file = prepare_out_dir(out_dir).await.map_err(spawn_error)?;
+
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .envs(base_env())
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(contract::KILN_OUTPUT, &output_file)
+        .env(contract::KILN_OUTPUT_DIR, out_dir)
+        .current_dir(&spec.workdir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so a timeout can kill everything the hook started, not just the hook.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(spawn_error)?;
+    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    // If this future is dropped mid-run (the caller gave up), the group is killed on the way out.
+    let mut guard = GroupGuard { pgid, armed: true };
+    tracing::info!(hook = %spec.name, program = %spec.program.display(), pid = ?pgid, "Hook started.");
+
+    let capture = Capture::new(&spec.name, sink);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut pumps = std::pin::pin!(async {
+        tokio::join!(pump(stdout, Stream::Stdout, &capture), pump(stderr, Stream::Stderr, &capture))
+    });
+
+    let work = async {
+        let mut pumps_done = false;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                _ = &mut pumps, if !pumps_done => pumps_done = true,
+            }
+        };
+        // The hook is done; whatever it left running in its group goes now, which also closes
+        // the pipes those processes held. A process that escaped the group (setsid) cannot hold
+        // the run open for longer than the grace.
+        signal_group(pgid, Signal::SIGTERM);
+        if !pumps_done {
+            let _ = tokio::time::timeout(KILL_GRACE, &mut pumps).await;
+        }
+        signal_group(pgid, Signal::SIGKILL);
+        status
+    };
+    let res = tokio::select! {
+        status = work => Ok(status),
+        () = tokio::time::sleep(spec.timeout) => {
+            Err(HookError::TimedOut { name: spec.name.clone(), timeout: spec.timeout })
+        }
+        () = cancel.cancelled() => Err(HookError::Cancelled { name: spec.name.clone() }),
+    };
+    let status = match res {
+        Ok(status) => status,
+        Err(error) => {
+            tracing::warn!(hook = %spec.name, error = %error, "Killing the hook's process group.");
+            kill_group(&mut child, pgid).await;
+            guard.armed = false;
+            return Err(error);
+        }
+    };
+    guard.armed = false;
+    let status = status.map_err(spawn_error)?;
+    let elapsed = started.elapsed();
+    let state = capture.finish();
+    let code = exit_code(&status);
+    tracing::info!(hook = %spec.name, code, elapsed_ms = elapsed.as_millis() as u64, lines = state.lines, truncated = state.truncated, "Hook finished.");
+    if code != 0 {
+        let stderr_tail: Vec<String> = state.stderr_tail.into_iter().collect();
+        return Err(HookError::Exited {
+            name: spec.name.clone(),
+            code,
+            stderr_tail: stderr_tail.join("; "),
+        });
+    }
+    let text = tokio::fs::read_to_string(&output_file).await.unwrap_or_default();
+    let outputs = output::parse_outputs(&text)
+        .map_err(|message| HookError::BadOutput { name: spec.name.clone(), message })?;
+    let mut stdout = state.stdout_head;
+    for line in state.stdout_tail {
+        stdout.push_str(&line);
+        stdout.push('\n');
+    }
+    Ok(HookOutcome { outputs, lines: state.lines, truncated: state.truncated, elapsed, stdout })
+}
+
+/// Empties (or creates) `dir` and creates the empty `$KILN_OUTPUT` file in it.
+async fn prepare_out_dir(dir: &Path) -> std::io::Result<PathBuf> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::fs::create_dir_all(dir).await?;
+    let file = dir.join("output");
+    tokio::fs::write(&file, b"").await?;
+    Ok(file)
+}
+
+/// The exit code, or 128 + the signal number for a child killed by a signal (as shells do).
+fn exit_code(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
+}
+
+/// Sends `signal` to the group; a group that is already empty is fine.
+fn signal_group(pgid: Option<Pid>, signal: Signal) {
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, signal);
+    }
+}
+
+/// SIGTERM to the group, up to [`KILL_GRACE`] for the hook to exit, then SIGKILL to whatever is
+/// left of the group, and the hook reaped.
+async fn kill_group(child: &mut tokio::process::Child, pgid: Option<Pid>) {
+    signal_group(pgid, Signal::SIGTERM);
+    let exited = tokio::time::timeout(KILL_GRACE, child.wait()).await.is_ok();
+    signal_group(pgid, Signal::SIGKILL);
+    if !exited {
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+}
+
+/// Kills the group with SIGKILL when dropped while armed.
+struct GroupGuard {
+    pgid: Option<Pid>,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            signal_group(self.pgid, Signal::SIGKILL);
+        }
+    }
+}
+
+/// A unique directory under the system temp dir, removed on drop.
+struct TempOutputDir(PathBuf);
+
+impl TempOutputDir {
+    fn new() -> TempOutputDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        TempOutputDir(std::env::temp_dir().join(format!(
+            "kiln-hook-{}-{n}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        )))
+    }
+}
+
+impl Drop for TempOutputDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What has been captured so far.
+#[derive(Default)]
+struct CaptureState {
+    /// Bytes handed to the sink.
+    bytes: usize,
+    lines: u64,
+    truncated: bool,
+    stdout_head: String,
+    head_full: bool,
+    stdout_tail: VecDeque<String>,
+    stdout_tail_bytes: usize,
+    stderr_tail: VecDeque<String>,
+}
+
+/// Shared by the two stream readers of one run (they run in the same task, so the lock is never
+/// contended; it is there because the future must be `Send`).
+struct Capture<'a> {
+    name: &'a str,
+    sink: LineSink<'a>,
+    state: Mutex<CaptureState>,
+}
+
+impl<'a> Capture<'a> {
+    fn new(name: &'a str, sink: LineSink<'a>) -> Capture<'a> {
+        Capture { name, sink, state: Mutex::new(CaptureState::default()) }
+    }
+
+    fn line(&self, stream: Stream, line: &str) {
+        let Ok(mut state) = self.state.lock() else { return };
+        state.lines += 1;
+        let size = line.len() + 1;
+        match stream {
+            Stream::Stdout if !state.head_full && state.stdout_head.len() + size <= OUTPUT_CAP => {
+                state.stdout_head.push_str(line);
+                state.stdout_head.push('\n');
+            }
+            Stream::Stdout => {
+                // Once a line misses the head, later ones go to the tail too: order is kept.
+                state.head_full = true;
+                state.stdout_tail.push_back(line.to_owned());
+                state.stdout_tail_bytes += size;
+                while state.stdout_tail_bytes > STDOUT_TAIL {
+                    let Some(old) = state.stdout_tail.pop_front() else { break };
+                    state.stdout_tail_bytes -= old.len() + 1;
+                }
+            }
+            Stream::Stderr => {
+                if !line.trim().is_empty() {
+                    let short: String = line.chars().take(300).collect();
+                    state.stderr_tail.push_back(short);
+                    if state.stderr_tail.len() > STDERR_TAIL_LINES {
+                        state.stderr_tail.pop_front();
+                    }
+                }
+            }
+        }
+        if !state.truncated && state.bytes + size <= OUTPUT_CAP {
+            state.bytes += size;
+            drop(state);
+            match stream {
+                Stream::Stdout => tracing::info!(hook = %self.name, "stdout: {line}"),
+                Stream::Stderr => tracing::info!(hook = %self.name, "stderr: {line}"),
+            }
+            (self.sink)(stream, line);
+        } else if !state.truncated {
+            state.truncated = true;
+            drop(state);
+            tracing::warn!(hook = %self.name, cap = OUTPUT_CAP, "Hook output truncated.");
+            (self.sink)(Stream::Stderr, TRUNCATED_NOTICE);
+        }
+    }
+
+    fn finish(&self) -> CaptureState {
+        match self.state.lock() {
+            Ok(mut state) => std::mem::take(&mut *state),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        }
+    }
+}
+
+/// Reads `reader` to the end, one line at a time, cutting lines at [`MAX_LINE`] bytes without
+/// ever buffering more than that.
+async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: Stream, capture: &Capture<'_>) {
+    let Some(reader) = reader else { return };
+    let mut reader = BufReader::with_capacity(64 * 1024, reader);
+    let mut line: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(error) => {
+                tracing::debug!(hook = %capture.name, error = %error, "Stopped reading hook output.");
+                break;
+            }
+        };
+        if buf.is_empty() {
+            if !line.is_empty() {
+                emit(capture, stream, &line);
+            }
+            break;
+        }
+        let (chunk, consumed, complete) = match buf.iter().position(|b| *b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        reader.consume(consumed);
+        if complete {
+            emit(capture, stream, &line);
+            line.clear();
+        }
+    }
+}
+
+fn emit(capture: &Capture<'_>, stream: Stream, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    capture.line(stream, text.strip_suffix('\r').unwrap_or(&text));
 }

@@ -72,7 +72,8 @@ impl ProcessRef {
 
     /// Sends `signal` to the whole process group, if this process is still the one we started.
     pub fn signal(&self, signal: Signal) -> bool {
-        self.alive() && killpg(Pid::from_raw(self.pid), signal).is_ok()
+        // pid 0 or 1 would signal our own group or init's: never a process kiln started.
+        self.pid > 1 && self.alive() && killpg(Pid::from_raw(self.pid), signal).is_ok()
     }
 }
 
@@ -95,4 +96,16 @@ pub async fn stop(process: ProcessRef, grace: std::time::Duration) {
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+}
+
+/// Kills (SIGKILL) what is left of `process`'s group after its leader died, e.g. children of an
+/// instance whose main process was killed with `kill -9`. Returns whether a signal was sent.
+///
+/// Safe against pid reuse: while any member of the old group lives, Linux does not hand its
+/// id out as a new pid, so the group is only signalled when no process holds the leader's pid.
+pub fn kill_orphaned_group(process: ProcessRef) -> bool {
+    if process.pid <= 1 || start_ticks(process.pid).is_some() {
+        return false;
+    }
+    killpg(Pid::from_raw(process.pid), Signal::SIGKILL).is_ok()
 }

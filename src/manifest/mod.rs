@@ -399,7 +399,7 @@ impl Fleet {
             });
             if remaining.len() == before {
                 // A cycle; validation reports it. Keep the rest in file order.
-                out.extend(remaining.drain(..));
+                out.append(&mut remaining);
             }
         }
         out

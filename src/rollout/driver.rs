@@ -1,3 +1,803 @@
 //! The driver: runs one rollout to a terminal or paused state, persisting before each effect.
 //!
-//! OWNER: rollout helper.
+//! Each turn of the loop reloads the record, observes the provider (while rolling), asks the
+//! pure [`step`] what to do and does exactly one thing:
+//!
+//! ```text
+//! Record  → put_rollout (flushed) + event
+//! Act     → put_rollout(intent) ─▶ provider call ─▶ put_rollout(result) + journal + event
+//! Probe   → health checks ─▶ put_rollout(streaks)
+//! Sleep   → wait for the time or for a control change
+//! ```
+//!
+//! Nothing that changes a decision is kept in memory between turns, so dropping the future (or
+//! a `kill -9`) at any await point resumes correctly from the store: an intent left behind is
+//! completed through the provider's idempotency (a launch key returns the same instance).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, instrument, warn};
+
+pub use super::step::Control;
+use super::step::{
+    self, Next, Observed, ProbeTarget, baked, begin, complete, reconciled, record_probes,
+    retry_or_fail,
+};
+use crate::error::{Classify, ErrorClass, chain};
+use crate::manifest::Fleet;
+use crate::metrics::Metrics;
+use crate::model::{Clock, ImageRef, InstanceId, RolloutId, Timestamp};
+use crate::pipeline::StepContext;
+use crate::provider::{Health, Instance, Provider, ProviderError, SharedProvider};
+use crate::rollout::state::{Action, Rollout, RolloutState};
+use crate::store::{Deployed, InstanceAction, InstanceEvent, Level, Store, StoreError};
+
+/// Everything the driver needs besides the fleet and its provider.
+#[derive(Debug, Clone)]
+pub struct DriverEnv {
+    /// The store.
+    pub store: Store,
+    /// The bare mirror of the watched repo (for `StepContext`).
+    pub mirror: PathBuf,
+    /// The data dir.
+    pub data_dir: PathBuf,
+    /// Environment passed through to hooks.
+    pub hook_env: Vec<(String, String)>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Wall-clock time (persisted timestamps, timeouts).
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Why driving a rollout (or keeping capacity) stopped with an error. Failures of the rollout
+/// itself are not errors: they end the rollout in `failed` / `rolled_back` with a reason.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    /// The store could not be read or written; the rollout resumes when it can.
+    #[error("failed to read or write rollout #{id}")]
+    Store {
+        /// The rollout.
+        id: RolloutId,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The rollout is not one of this fleet.
+    #[error("rollout #{id} belongs to fleet {found:?}, not `{fleet}`")]
+    WrongFleet {
+        /// The rollout.
+        id: RolloutId,
+        /// The fleet asked for.
+        fleet: String,
+        /// The fleet on record.
+        found: Option<String>,
+    },
+    /// The provider failed while keeping an idle fleet at capacity.
+    #[error("failed to keep fleet `{fleet}` at capacity")]
+    Provider {
+        /// The fleet.
+        fleet: String,
+        /// The cause.
+        #[source]
+        source: ProviderError,
+    },
+    /// A replacement launched to keep capacity never became healthy (it was terminated).
+    #[error("replacement {instance} in fleet `{fleet}` did not become healthy: {reason}")]
+    Unhealthy {
+        /// The fleet.
+        fleet: String,
+        /// The instance.
+        instance: InstanceId,
+        /// The last failed check.
+        reason: String,
+    },
+    /// The instance journal could not be written.
+    #[error("failed to record the instance journal of fleet `{fleet}`")]
+    Journal {
+        /// The fleet.
+        fleet: String,
+        /// The cause.
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl Classify for DriveError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DriveError::Store { .. } | DriveError::Journal { .. } => ErrorClass::Transient,
+            DriveError::Provider { source, .. } => source.class(),
+            DriveError::Unhealthy { .. } => ErrorClass::Transient,
+            DriveError::WrongFleet { .. } => ErrorClass::Stalled,
+        }
+    }
+}
+
+/// Longest a single HTTP health check may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest the driver sleeps without re-observing the provider while rolling.
+const MAX_NAP: Duration = Duration::from_secs(5);
+
+fn http_client() -> Option<reqwest::Client> {
+    // No proxy: health checks go to instance addresses on private networks or 127.0.0.1.
+    reqwest::Client::builder().timeout(PROBE_TIMEOUT).no_proxy().build().ok()
+}
+
+/// One health check: the provider's own view when it has one, else `GET healthCheck.http`.
+/// `Err` describes the failed check as `GET /healthz on 127.0.0.1:41234: 500`.
+async fn probe(
+    provider: &dyn Provider,
+    http: Option<&reqwest::Client>,
+    path: &str,
+    target: &ProbeTarget,
+) -> Result<(), String> {
+    match provider.health(&target.id).await {
+        Ok(Some(Health::Healthy)) => return Ok(()),
+        Ok(Some(Health::Unhealthy)) => {
+            return Err(format!("provider `{}` reports {} unhealthy", provider.name(), target.id));
+        }
+        Ok(None) => {}
+        Err(error) => return Err(format!("health of {}: {}", target.id, chain(&error))),
+    }
+    let Some(address) = &target.address else {
+        return Err(format!("{} has no address to check", target.id));
+    };
+    let Some(http) = http else {
+        return Err("no HTTP client for health checks".into());
+    };
+    match http.get(format!("http://{address}{path}")).send().await {
+        Ok(response) if response.status().is_success() => Ok(()),
+        Ok(response) => Err(format!("GET {path} on {address}: {}", response.status().as_u16())),
+        Err(error) => {
+            let what = if error.is_timeout() {
+                format!("timed out after {}s", PROBE_TIMEOUT.as_secs())
+            } else if error.is_connect() {
+                "connection failed".to_owned()
+            } else {
+                chain(&error)
+            };
+            Err(format!("GET {path} on {address}: {what}"))
+        }
+    }
+}
+
+fn load(store: &Store, id: RolloutId) -> Result<Rollout, DriveError> {
+    store.rollout(id).map_err(|source| DriveError::Store { id, source })
+}
+
+fn save(store: &Store, rollout: &Rollout) -> Result<(), DriveError> {
+    store.put_rollout(rollout).map_err(|source| DriveError::Store { id: rollout.id, source })
+}
+
+/// Appends an event; losing a timeline line must not stop a rollout, so failures are logged.
+fn event(
+    store: &Store,
+    id: RolloutId,
+    level: Level,
+    kind: &str,
+    message: String,
+    data: Option<serde_json::Value>,
+) {
+    if let Err(error) = store.append_event(id, level, kind, message, data) {
+        warn!(rollout = %id, error = %chain(&error), "Could not record an event.");
+    }
+}
+
+/// Persists `next` and records what changed.
+fn commit(
+    store: &Store,
+    before: &Rollout,
+    next: &Rollout,
+    message: &str,
+) -> Result<(), DriveError> {
+    save(store, next)?;
+    if before.state != next.state {
+        let level = match next.state {
+            RolloutState::Failed => Level::Error,
+            RolloutState::RolledBack | RolloutState::Paused | RolloutState::Aborted => Level::Warn,
+            _ => Level::Info,
+        };
+        let text = format!("{} → {}: {message}", before.state, next.state);
+        if level == Level::Error {
+            tracing::error!(state = %next.state, reason = %message, "Rollout failed.");
+        } else {
+            info!(from = %before.state, to = %next.state, "{message}");
+        }
+        let data = serde_json::json!({ "from": before.state, "to": next.state });
+        event(store, next.id, level, "state", text, Some(data));
+    } else if !message.is_empty() {
+        info!("{message}");
+        event(store, next.id, Level::Info, "rollout", message.to_owned(), None);
+    }
+    Ok(())
+}
+
+/// Writes the per-instance journal and the matching rollout event (`instance.launched`, ...).
+#[allow(clippy::too_many_arguments)]
+fn journal(
+    store: &Store,
+    clock: &dyn Clock,
+    fleet: &str,
+    rollout: Option<RolloutId>,
+    instance: &InstanceId,
+    image: Option<&ImageRef>,
+    action: InstanceAction,
+    reason: Option<String>,
+) -> Result<(), DriveError> {
+    let entry = InstanceEvent {
+        seq: 0,
+        fleet: fleet.to_owned(),
+        instance: instance.clone(),
+        image: image.cloned(),
+        rollout,
+        action,
+        at: clock.now(),
+        reason: reason.clone(),
+    };
+    store
+        .record_instance(entry)
+        .map_err(|source| DriveError::Journal { fleet: fleet.to_owned(), source })?;
+    if let Some(id) = rollout {
+        let name = serde_json::to_value(action)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| "changed".into());
+        let image_text = image.map(|i| format!(" ({i})")).unwrap_or_default();
+        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+        let level = match action {
+            InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
+            _ => Level::Info,
+        };
+        let data = serde_json::json!({ "instance": instance, "image": image });
+        event(
+            store,
+            id,
+            level,
+            &format!("instance.{name}"),
+            format!("{instance}{image_text} {name}{why}"),
+            Some(data),
+        );
+    }
+    Ok(())
+}
+
+/// Resolves when the operator asks to stop for good (abort or supersede); never if the channel
+/// closes.
+async fn until_stop(control: &mut watch::Receiver<Control>) {
+    loop {
+        if matches!(*control.borrow_and_update(), Control::Abort | Control::Supersede(_)) {
+            return;
+        }
+        if control.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Sleeps until `until` or until the control value changes.
+async fn nap(
+    clock: &dyn Clock,
+    control: &mut watch::Receiver<Control>,
+    until: Timestamp,
+    cap: Duration,
+) {
+    let wait = (until - clock.now()).to_std().unwrap_or(Duration::ZERO).min(cap);
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        changed = control.changed() => {
+            if changed.is_err() {
+                // The operator dropped its sender: nobody can change the control any more.
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Drives rollout `id` of `fleet` (the manifest at the rollout's commit) until it is terminal
+/// or paused. Resumes correctly from any persisted state (after a crash). Driving a paused
+/// rollout with `Control::Run` resumes it (promoting a manual canary); with `Control::Pause`
+/// it returns `Paused` at once.
+#[instrument(skip_all, fields(rollout = %id, fleet = %fleet.name))]
+pub async fn drive(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    provider: SharedProvider,
+    id: RolloutId,
+    trees: BTreeMap<String, String>,
+    mut control: watch::Receiver<Control>,
+) -> Result<RolloutState, DriveError> {
+    let store = &env.store;
+    let policy = &fleet.rollout;
+    let cancel = CancellationToken::new();
+    let http = http_client();
+    let first = load(store, id)?;
+    if first.fleet.as_deref() != Some(fleet.name.as_str()) {
+        return Err(DriveError::WrongFleet { id, fleet: fleet.name.clone(), found: first.fleet });
+    }
+    if first.state == RolloutState::Paused && *control.borrow() == Control::Run {
+        let resumed = step::resume(&first, env.clock.now());
+        commit(store, &first, &resumed, "resumed")?;
+    }
+    loop {
+        let rollout = load(store, id)?;
+        let ctl = *control.borrow_and_update();
+        let needs_fleet = rollout.state == RolloutState::Rolling
+            || (rollout.rolling.is_some() && rollout.state == RolloutState::Paused);
+        let instances = if needs_fleet {
+            match provider.list().await {
+                Ok(instances) => instances,
+                Err(error) => {
+                    let now = env.clock.now();
+                    let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
+                    let transient = error.class() != ErrorClass::Stalled;
+                    let text = format!("listing instances: {}", chain(&error));
+                    warn!(error = %text, "Provider failed; retrying.");
+                    let next = retry_or_fail(&rollout, transient, &text, delay, now);
+                    commit(store, &rollout, &next, &text)?;
+                    if let Some(until) = next.not_before {
+                        nap(env.clock.as_ref(), &mut control, until, MAX_NAP).await;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let now = env.clock.now();
+        let observed = Observed { instances: &instances, has_infra: fleet.infra.is_some() };
+        match step::step(&rollout, policy, &observed, &ctl, now) {
+            Next::Done(state) => return Ok(state),
+            Next::Record { rollout: next, message } => {
+                commit(store, &rollout, &next, &message)?;
+                if next.state == RolloutState::Succeeded {
+                    deployed(env, fleet, &next, &trees)?;
+                }
+            }
+            Next::Bake | Next::Reconcile => {
+                run_hook(env, fleet, &rollout, &cancel, &mut control).await?;
+            }
+            Next::Act(action) => {
+                act(env, fleet, provider.as_ref(), &rollout, &instances, action).await?;
+            }
+            Next::Probe(targets) => {
+                let mut set = tokio::task::JoinSet::new();
+                for target in targets {
+                    let provider = provider.clone();
+                    let http = http.clone();
+                    let path = policy.health_check.http.clone();
+                    set.spawn(async move {
+                        let res = probe(provider.as_ref(), http.as_ref(), &path, &target).await;
+                        (target.id, res)
+                    });
+                }
+                let mut results = Vec::new();
+                while let Some(joined) = set.join_next().await {
+                    match joined {
+                        Ok(result) => results.push(result),
+                        Err(error) => warn!(error = %error, "A health check task failed."),
+                    }
+                }
+                for (instance, res) in &results {
+                    if let Err(error) = res {
+                        debug!(%instance, %error, "Health check failed.");
+                    }
+                }
+                let next = record_probes(&rollout, policy, &results, env.clock.now());
+                save(store, &next)?;
+            }
+            Next::Sleep { until, why } => {
+                debug!(%until, %why, "Waiting.");
+                let cap = if needs_fleet { MAX_NAP } else { Duration::from_secs(3600) };
+                nap(env.clock.as_ref(), &mut control, until, cap).await;
+            }
+        }
+    }
+}
+
+/// Records what the fleet runs after a successful rollout.
+fn deployed(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    rollout: &Rollout,
+    trees: &BTreeMap<String, String>,
+) -> Result<(), DriveError> {
+    let Some(image) = rollout.image.clone() else { return Ok(()) };
+    let record = Deployed {
+        fleet: fleet.name.clone(),
+        revision: rollout.revision.clone(),
+        image,
+        rollout: rollout.id,
+        trees: trees.clone(),
+        at: env.clock.now(),
+    };
+    env.store.set_deployed(&record).map_err(|source| DriveError::Store { id: rollout.id, source })
+}
+
+/// Runs the bake or reconcile hook of the rollout's current state; aborting or superseding
+/// cancels the hook.
+async fn run_hook(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    rollout: &Rollout,
+    cancel: &CancellationToken,
+    control: &mut watch::Receiver<Control>,
+) -> Result<(), DriveError> {
+    let store = &env.store;
+    let cx = StepContext {
+        store,
+        rollout: rollout.id,
+        fleet,
+        revision: &rollout.revision,
+        mirror: &env.mirror,
+        data_dir: &env.data_dir,
+        cancel,
+        hook_env: &env.hook_env,
+        metrics: &env.metrics,
+    };
+    let baking = rollout.state == RolloutState::Baking;
+    let work = async {
+        if baking {
+            crate::bake::bake_fleet(&cx).await.map(|b| baked(rollout, b.image, b.stage_images))
+        } else {
+            let image = rollout.image.clone().unwrap_or_else(|| ImageRef::from(""));
+            crate::reconcile::reconcile_fleet(&cx, &image, &rollout.stage_images)
+                .await
+                .map(|outputs| reconciled(rollout, outputs))
+        }
+    };
+    tokio::pin!(work);
+    let res = tokio::select! {
+        res = &mut work => res,
+        () = until_stop(control) => {
+            cancel.cancel();
+            // Let the hook runner kill and reap its process group before stepping on.
+            let _ = work.await;
+            return Ok(());
+        }
+    };
+    let now = env.clock.now();
+    match res {
+        Ok(next) => {
+            let message = if baking {
+                format!("baked {}", next.image.as_ref().map(|i| i.as_str()).unwrap_or("?"))
+            } else {
+                format!("reconciled ({} output(s))", next.outputs.len())
+            };
+            commit(store, rollout, &next, &message)?;
+            if next.state == RolloutState::Succeeded {
+                deployed(env, fleet, &next, &BTreeMap::new())?;
+            }
+        }
+        Err(error) => {
+            let text = chain(&error);
+            let next = match error.class() {
+                ErrorClass::Waiting => {
+                    let mut next = rollout.clone();
+                    next.not_before = Some(step::add(now, Duration::from_secs(5)));
+                    next
+                }
+                class => {
+                    let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
+                    retry_or_fail(rollout, class == ErrorClass::Transient, &text, delay, now)
+                }
+            };
+            if next.state == RolloutState::Failed {
+                commit(store, rollout, &next, &text)?;
+            } else {
+                warn!(error = %text, attempt = next.attempt, "Step failed; retrying.");
+                commit(store, rollout, &next, &format!("retrying after: {text}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Performs one rolling action with its intent written ahead.
+async fn act(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    provider: &dyn Provider,
+    rollout: &Rollout,
+    instances: &[Instance],
+    action: Action,
+) -> Result<(), DriveError> {
+    let store = &env.store;
+    let clock = env.clock.as_ref();
+    let begun = begin(rollout, &action, clock.now());
+    if &begun != rollout {
+        save(store, &begun)?;
+    }
+    let target = begun.rolling.as_ref().and_then(|r| r.target.clone());
+    let image_of = |id: &InstanceId| {
+        instances.iter().find(|i| &i.id == id).map(|i| i.image.clone()).or_else(|| target.clone())
+    };
+    let res: Result<Option<Instance>, ProviderError> = match &action {
+        Action::Launch { image, key } => {
+            // Observe before re-issuing: after a crash the instance may already exist.
+            match instances.iter().find(|i| i.launch_key.as_deref() == Some(key.as_str())) {
+                Some(found) => Ok(Some(found.clone())),
+                None => provider.launch(image, key).await.map(Some),
+            }
+        }
+        Action::Attach { id } => provider.attach(id).await.map(|()| None),
+        Action::Detach { id } => provider.detach(id, fleet.rollout.drain).await.map(|()| None),
+        Action::Terminate { id, .. } => match provider.terminate(id).await {
+            Err(ProviderError::NotFound(_)) => Ok(None),
+            other => other.map(|()| None),
+        },
+    };
+    let now = clock.now();
+    let res = match res {
+        // Gone already: the next observation decides what that means.
+        Err(ProviderError::NotFound(_)) if !matches!(action, Action::Launch { .. }) => Ok(None),
+        other => other,
+    };
+    match res {
+        Ok(launched) => {
+            let done = complete(&begun, &action, launched.as_ref(), now);
+            save(store, &done)?;
+            let name = &fleet.name;
+            let rid = Some(rollout.id);
+            match &action {
+                Action::Launch { image, .. } => {
+                    if let Some(instance) = &launched {
+                        let reason = instance.address.as_ref().map(|a| format!("at {a}"));
+                        journal(
+                            store,
+                            clock,
+                            name,
+                            rid,
+                            &instance.id,
+                            Some(image),
+                            InstanceAction::Launched,
+                            reason,
+                        )?;
+                    }
+                }
+                Action::Attach { id } => {
+                    let image = image_of(id);
+                    journal(
+                        store,
+                        clock,
+                        name,
+                        rid,
+                        id,
+                        image.as_ref(),
+                        InstanceAction::Healthy,
+                        None,
+                    )?;
+                    journal(
+                        store,
+                        clock,
+                        name,
+                        rid,
+                        id,
+                        image.as_ref(),
+                        InstanceAction::Attached,
+                        None,
+                    )?;
+                }
+                Action::Detach { id } => {
+                    let reason = Some(format!(
+                        "drained {}",
+                        crate::manifest::format_duration(fleet.rollout.drain)
+                    ));
+                    journal(
+                        store,
+                        clock,
+                        name,
+                        rid,
+                        id,
+                        image_of(id).as_ref(),
+                        InstanceAction::Drained,
+                        reason,
+                    )?;
+                }
+                Action::Terminate { id, why } => {
+                    let image = image_of(id);
+                    if let Some(ending) = begun.rolling.as_ref().and_then(|r| r.ending.as_ref()) {
+                        if image.as_ref() == target.as_ref() {
+                            journal(
+                                store,
+                                clock,
+                                name,
+                                rid,
+                                id,
+                                image.as_ref(),
+                                InstanceAction::Unhealthy,
+                                Some(ending.reason.clone()),
+                            )?;
+                        }
+                    }
+                    journal(
+                        store,
+                        clock,
+                        name,
+                        rid,
+                        id,
+                        image.as_ref(),
+                        InstanceAction::Terminated,
+                        Some(why.clone()),
+                    )?;
+                    if why == "replaced" {
+                        env.metrics.instance_replaced();
+                    }
+                }
+            }
+        }
+        Err(error) => {
+            let text = chain(&error);
+            let delay = crate::retry::nth_delay(&Default::default(), begun.attempt);
+            let transient = error.class() == ErrorClass::Transient;
+            let next = retry_or_fail(&begun, transient, &text, delay, now);
+            warn!(error = %text, ?action, "Provider action failed.");
+            commit(store, &begun, &next, &format!("{action:?} failed: {text}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Keeps an idle fleet at capacity on `image`: an instance that died outside a rollout is
+/// replaced (journal: Died, Launched, Healthy, Attached). Run by the operator every few seconds
+/// while no rollout is active. Returns how many instances were launched.
+#[instrument(skip_all, fields(fleet = %fleet.name, image = %image))]
+pub async fn keep_capacity(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    provider: SharedProvider,
+    image: &ImageRef,
+) -> Result<usize, DriveError> {
+    let store = &env.store;
+    let clock = env.clock.as_ref();
+    let name = fleet.name.as_str();
+    let provider_err = |source| DriveError::Provider { fleet: name.to_owned(), source };
+    let instances = provider.list().await.map_err(provider_err)?;
+    for dead in instances.iter().filter(|i| !i.running) {
+        warn!(instance = %dead.id, "Instance died; replacing it.");
+        journal(store, clock, name, None, &dead.id, Some(&dead.image), InstanceAction::Died, None)?;
+        match provider.terminate(&dead.id).await {
+            Ok(()) | Err(ProviderError::NotFound(_)) => {}
+            Err(error) => return Err(provider_err(error)),
+        }
+        journal(
+            store,
+            clock,
+            name,
+            None,
+            &dead.id,
+            Some(&dead.image),
+            InstanceAction::Terminated,
+            Some("died".into()),
+        )?;
+    }
+    let http = http_client();
+    // Replacements launched before a crash are found again and finished.
+    let mut running = 0u32;
+    for instance in instances.iter().filter(|i| i.running) {
+        running += 1;
+        if &instance.image == image && !instance.attached {
+            bring_in(env, fleet, provider.as_ref(), http.as_ref(), instance).await?;
+        }
+    }
+    let mut launched = 0;
+    while running < fleet.rollout.capacity {
+        let meta = format!("keep_slot/{name}");
+        let slot = store
+            .get_meta::<u64>(&meta)
+            .and_then(|slot| {
+                let slot = slot.unwrap_or(0) + 1;
+                store.set_meta(&meta, &slot).map(|()| slot)
+            })
+            .map_err(|source| DriveError::Journal { fleet: name.to_owned(), source })?;
+        let key = format!("keep-{name}-{slot}");
+        let instance = provider.launch(image, &key).await.map_err(provider_err)?;
+        let at = instance.address.as_ref().map(|a| format!("at {a}"));
+        journal(store, clock, name, None, &instance.id, Some(image), InstanceAction::Launched, at)?;
+        bring_in(env, fleet, provider.as_ref(), http.as_ref(), &instance).await?;
+        env.metrics.instance_replaced();
+        running += 1;
+        launched += 1;
+    }
+    Ok(launched)
+}
+
+/// Health-checks a new instance until it is healthy (then attaches it) or its timeout passes
+/// (then terminates it).
+async fn bring_in(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    provider: &dyn Provider,
+    http: Option<&reqwest::Client>,
+    instance: &Instance,
+) -> Result<(), DriveError> {
+    let store = &env.store;
+    let clock = env.clock.as_ref();
+    let name = fleet.name.as_str();
+    let check = &fleet.rollout.health_check;
+    let target = ProbeTarget { id: instance.id.clone(), address: instance.address.clone() };
+    let started = clock.now();
+    let mut streak = 0;
+    let mut healthy_since: Option<Timestamp> = None;
+    let mut last_error = String::from("never checked");
+    loop {
+        match probe(provider, http, &check.http, &target).await {
+            Ok(()) => {
+                streak += 1;
+                if streak >= check.healthy_threshold.max(1) {
+                    let since = *healthy_since.get_or_insert_with(|| clock.now());
+                    if step::add(since, fleet.rollout.min_healthy) <= clock.now() {
+                        break;
+                    }
+                }
+            }
+            Err(error) => {
+                streak = 0;
+                healthy_since = None;
+                last_error = error;
+            }
+        }
+        if clock.now() >= step::add(started, check.timeout) {
+            let reason = format!("failed its health check: {last_error}");
+            journal(
+                store,
+                clock,
+                name,
+                None,
+                &instance.id,
+                Some(&instance.image),
+                InstanceAction::Unhealthy,
+                Some(reason),
+            )?;
+            match provider.terminate(&instance.id).await {
+                Ok(()) | Err(ProviderError::NotFound(_)) => {}
+                Err(source) => return Err(DriveError::Provider { fleet: name.to_owned(), source }),
+            }
+            journal(
+                store,
+                clock,
+                name,
+                None,
+                &instance.id,
+                Some(&instance.image),
+                InstanceAction::Terminated,
+                Some("unhealthy".into()),
+            )?;
+            return Err(DriveError::Unhealthy {
+                fleet: name.to_owned(),
+                instance: instance.id.clone(),
+                reason: last_error,
+            });
+        }
+        tokio::time::sleep(check.interval.max(Duration::from_millis(50))).await;
+    }
+    journal(
+        store,
+        clock,
+        name,
+        None,
+        &instance.id,
+        Some(&instance.image),
+        InstanceAction::Healthy,
+        None,
+    )?;
+    provider
+        .attach(&instance.id)
+        .await
+        .map_err(|source| DriveError::Provider { fleet: name.to_owned(), source })?;
+    journal(
+        store,
+        clock,
+        name,
+        None,
+        &instance.id,
+        Some(&instance.image),
+        InstanceAction::Attached,
+        None,
+    )?;
+    Ok(())
+}

@@ -184,6 +184,11 @@ pub struct Rollout {
 }
 
 /// The persisted state of instance replacement (owned by `rollout::step`/`driver`).
+///
+/// Everything the engine cannot re-observe from the provider lives here: the intent of the side
+/// effect in flight, health-probe streaks, the canary gate, batch bookkeeping and the failure
+/// that turned a rollout into a rollback. New fields carry `#[serde(default)]` so records written
+/// by an older build still load.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rolling {
     /// Instances on the old image still to replace.
@@ -192,4 +197,113 @@ pub struct Rolling {
     pub launched: Vec<InstanceId>,
     /// Old instances replaced.
     pub done: Vec<InstanceId>,
+    /// The image instances are moved to (the rollout's image, or the previous one when rolling
+    /// back).
+    #[serde(default)]
+    pub target: Option<ImageRef>,
+    /// True once health checks failed and the fleet is being moved back to `previous_image`.
+    #[serde(default)]
+    pub rollback: bool,
+    /// The failure that started a rollback (kept for the final reason).
+    #[serde(default)]
+    pub failure: Option<String>,
+    /// Set when the rolling phase must end: unhealthy new instances are terminated first, then
+    /// the rollout moves to `ending.state`.
+    #[serde(default)]
+    pub ending: Option<Ending>,
+    /// The side effect written ahead of being performed; present after a crash means "find
+    /// out whether it happened" (every action is idempotent, launches through their key).
+    #[serde(default)]
+    pub intent: Option<Intent>,
+    /// The next launch slot; launch idempotency keys are `r{rollout}-{slot}`.
+    #[serde(default)]
+    pub next_slot: u64,
+    /// Launches still allowed in the current batch (0: a new batch must start).
+    #[serde(default)]
+    pub batch_left: u32,
+    /// Batches started so far (1-based once the first starts).
+    #[serde(default)]
+    pub batch: u32,
+    /// Whether the canary gate is behind us (true when there is no canary).
+    #[serde(default)]
+    pub canary_done: bool,
+    /// Whether the rollout is paused at the canary gate (resume promotes).
+    #[serde(default)]
+    pub canary_hold: bool,
+    /// Health-probe state of new instances not attached yet, by instance id.
+    #[serde(default)]
+    pub probes: BTreeMap<String, Probe>,
+    /// New instances this rollout attached to the load balancer.
+    #[serde(default)]
+    pub attached: Vec<InstanceId>,
+    /// Last time the rollout made progress (progress deadline counts from here).
+    #[serde(default)]
+    pub last_progress: Option<Timestamp>,
+}
+
+/// How the rolling phase ends once its cleanup is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ending {
+    /// The state the rollout moves to.
+    pub state: RolloutState,
+    /// Why.
+    pub reason: String,
+}
+
+/// A side effect written to the record before it is performed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// What is being done.
+    pub action: Action,
+    /// When it was first attempted.
+    pub at: Timestamp,
+}
+
+/// One side effect of the rolling phase. Every one is idempotent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Action {
+    /// Launch one instance on `image`; the provider returns the same instance for the same key.
+    Launch {
+        /// The image.
+        image: ImageRef,
+        /// The idempotency key (`r{rollout}-{slot}`).
+        key: String,
+    },
+    /// Add a healthy new instance to the load balancer.
+    Attach {
+        /// The instance.
+        id: InstanceId,
+    },
+    /// Take an old instance out of the load balancer and drain it.
+    Detach {
+        /// The instance.
+        id: InstanceId,
+    },
+    /// Stop an instance for good.
+    Terminate {
+        /// The instance.
+        id: InstanceId,
+        /// Why (old and drained, failed its checks, dead).
+        why: String,
+    },
+}
+
+/// Health-probe state of one new instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// When probing started (the launch); the health timeout counts from here.
+    pub since: Timestamp,
+    /// Consecutive successful probes.
+    #[serde(default)]
+    pub ok_streak: u32,
+    /// When the streak reached `healthyThreshold` (minHealthy counts from here).
+    #[serde(default)]
+    pub healthy_since: Option<Timestamp>,
+    /// When it was last probed.
+    #[serde(default)]
+    pub last_at: Option<Timestamp>,
+    /// The last failed check, as `GET /healthz on 127.0.0.1:41234: 500`.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }

@@ -2,4 +2,179 @@
 //! Handlers translate HTTP into calls on [`AppState`] and back; they never run hooks or
 //! providers themselves.
 //!
-//! OWNER: server helper.
+//! ```text
+//! POST /hooks/{gitlab,github,gitea,generic}  ─▶ verify ─▶ dedup ─▶ match repo/ref ─▶ source.trigger()  (202)
+//! GET  /api/v1/...                           ─▶ store / fleet view (read only)
+//! POST /api/v1/fleets/{name}/{verb}, /trigger ─▶ bearer token ─▶ operator command channel
+//! GET  /metrics, /healthz, /                  ─▶ Prometheus text, liveness, dashboard
+//! ```
+//!
+//! OWNER: server helper. `WebhookSecrets`, `ServerConfig`, `AppState`, `router` and `serve`
+//! are the contract with the daemon. See docs/api.md for the wire format.
+
+pub mod api;
+mod dashboard;
+pub mod webhooks;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::operator::OperatorHandle;
+
+/// Default largest accepted request body: GitLab push payloads list up to 20 commits with their
+/// file lists, and a big monorepo push can reach several megabytes, so leave ample room.
+pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
+
+/// How many webhook deliveries may be handled at once before new ones get 503. Handlers do
+/// no I/O after reading the body, so this only bites under a flood.
+pub const MAX_WEBHOOKS_IN_FLIGHT: usize = 1024;
+
+/// How many delivery ids are remembered to recognise replays.
+pub const DEDUP_CAPACITY: usize = 10_000;
+
+/// A secret read from a file or the environment; `Debug` never prints it.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    /// Compares `candidate` with the secret in constant time (for equal lengths). An empty
+    /// secret never matches anything, so a blank file cannot open a receiver.
+    pub fn matches(&self, candidate: &[u8]) -> bool {
+        !self.0.is_empty() && bool::from(self.0.as_bytes().ct_eq(candidate))
+    }
+}
+
+/// Webhook secrets. A receiver whose secret is missing answers 401 saying how to configure it
+/// (secure by default).
+#[derive(Debug, Clone, Default)]
+pub struct WebhookSecrets {
+    /// GitLab `X-Gitlab-Token`.
+    pub gitlab_token: Option<Secret>,
+    /// GitLab signing secret (`webhook-signature` header).
+    pub gitlab_signing: Option<Secret>,
+    /// GitHub `X-Hub-Signature-256` secret.
+    pub github: Option<Secret>,
+    /// Gitea `X-Gitea-Signature` secret.
+    pub gitea: Option<Secret>,
+    /// Generic receiver HMAC secret (also used by `hooks/post-receive`).
+    pub generic: Option<Secret>,
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Bearer token for mutating API calls. Empty refuses every mutating call.
+    pub api_token: Secret,
+    /// Webhook secrets.
+    pub secrets: WebhookSecrets,
+    /// Largest accepted request body in bytes (see [`DEFAULT_MAX_BODY`]).
+    pub max_body: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            api_token: Secret::default(),
+            secrets: WebhookSecrets::default(),
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+/// What handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The operator.
+    pub operator: OperatorHandle,
+    /// Settings.
+    pub config: Arc<ServerConfig>,
+}
+
+/// Per-router runtime state that is not part of the daemon's contract: the replay set and the
+/// overload gate. Built by [`router`], so each router (and each test) gets its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Shared {
+    pub(crate) app: AppState,
+    pub(crate) deliveries: Arc<webhooks::DeliveryLog>,
+    pub(crate) gate: Arc<tokio::sync::Semaphore>,
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> axum::Router {
+    let max_body = state.config.max_body;
+    let shared = Shared {
+        app: state,
+        deliveries: Arc::new(webhooks::DeliveryLog::new(DEDUP_CAPACITY)),
+        gate: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS_IN_FLIGHT)),
+    };
+    axum::Router::new()
+        .route("/", get(dashboard::page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(api::metrics))
+        .route("/hooks/gitlab", post(webhooks::gitlab))
+        .route("/hooks/github", post(webhooks::github))
+        .route("/hooks/gitea", post(webhooks::gitea))
+        .route("/hooks/generic", post(webhooks::generic))
+        .nest("/api/v1", api::routes())
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(shared)
+}
+
+/// Serves `router(state)` on `listener` until `shutdown` fires.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// An error answered as JSON `{"error": "..."}`. 5xx are logged once here; 4xx are the
+/// client's business and are not.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The status.
+    pub status: StatusCode,
+    /// What went wrong, for the caller.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with a status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = %self.status, error = %self.message, "API request failed.");
+        }
+        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        let status = match error {
+            crate::store::StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, crate::error::chain(&error))
+    }
+}

@@ -131,8 +131,13 @@ impl Store {
     pub fn open(dir: &Path, retention: usize) -> Result<Store> {
         let path = dir.join("db");
         let db_err = |source| StoreError::Db { path: path.clone(), source };
-        let db =
-            sled::Config::new().path(&path).mode(sled::Mode::LowSpace).open().map_err(db_err)?;
+        let db = sled::Config::new()
+            .path(&path)
+            .mode(sled::Mode::LowSpace)
+            // The working set is small (recent rollouts); a large page cache only costs RSS.
+            .cache_capacity(8 * 1024 * 1024)
+            .open()
+            .map_err(db_err)?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         let store = Store {
             meta: tree("meta")?,

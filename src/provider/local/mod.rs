@@ -2,15 +2,41 @@
 //! a load balancer process of kiln's own. Both outlive the daemon, as servers outlive a control
 //! plane; on restart kiln re-adopts them by pid and start time.
 //!
-//! OWNER: provider helper. Signatures are the contract.
+//! Layout of `<dir>` (one fleet):
+//!
+//! ```text
+//! lb/port              the LB's traffic port, stable across restarts when `lb_port` is 0
+//! lb/lb.json           the running LB: pid, start ticks, ports (written by the LB)
+//! lb/backends.json     the attached set (written by the LB)
+//! lb/log               the LB's output
+//! instances/<id>/instance.json   one instance: image, launch key, port, state, process
+//! instances/<id>/log             its output
+//! instances/<id>/work/           its working directory
+//! ```
+//!
+//! `instance.json` is written atomically (tmp + rename) before the process is spawned (state
+//! `launching`) and again after (state `running`, with the process), so a `kill -9` of the
+//! daemon at any point leaves a record that `list` and `launch` interpret correctly: a launching
+//! record without a live process is reported as not running, and a second `launch` with the
+//! same key completes it instead of starting another instance.
 
 pub mod lb;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::model::{ImageRef, InstanceId};
+use serde::{Deserialize, Serialize};
+
+use crate::hooks::process::{self, ProcessRef};
+use crate::model::{ImageRef, InstanceId, Timestamp};
 use crate::provider::{Instance, Provider, ProviderError};
+
+/// How long an instance gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a freshly spawned load balancer gets to write its state and answer.
+const LB_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin calls other than a drain answer at once on localhost; this only bounds a wedged LB.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of one fleet's local provider.
 #[derive(Debug, Clone)]
@@ -29,14 +55,345 @@ pub struct LocalConfig {
 #[derive(Debug)]
 pub struct LocalProvider {
     config: LocalConfig,
+    /// The LB's traffic port, resolved from `config.lb_port` or the remembered one.
+    lb_port: u16,
+    /// PATH, HOME and LANG: the only parts of the daemon's environment children see.
+    base_env: Vec<(String, String)>,
+    http: reqwest::Client,
+    /// Serialises launch and terminate within this process, so two launches with one key
+    /// cannot both miss the other's record.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Lifecycle of an instance record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum RecordState {
+    /// Written before spawning; no process yet (or the daemon died before recording it).
+    Launching,
+    /// Spawned; `process` names it.
+    Running,
+    /// Stopped for good; kept for its log, hidden from `list`.
+    Terminated,
+}
+
+/// `instances/<id>/instance.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InstanceRecord {
+    id: String,
+    image: String,
+    key: String,
+    port: u16,
+    state: RecordState,
+    process: Option<ProcessRef>,
+    launched_at: Timestamp,
+}
+
+/// Writes `value` as JSON to `path` atomically: a reader (or a crash) sees the old file or the
+/// new one, never half of either.
+pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let json = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
+    let tmp = path.with_file_name(format!(
+        ".{name}.tmp-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&json)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)
+}
+
+/// This process's pid: an LB served in-process (tests) must never be signalled.
+fn own_pid() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(-1)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(5).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
 impl LocalProvider {
     /// Opens the fleet's state under `config.dir`, re-adopting live instances and starting the
     /// load balancer process if it is not running.
     pub async fn open(config: LocalConfig) -> Result<LocalProvider, ProviderError> {
-        Ok(LocalProvider { config })
+        let lb_dir = config.dir.join("lb");
+        for dir in [&lb_dir, &config.dir.join("instances")] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| failed("open", format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let lb_port = match config.lb_port {
+            0 => remembered_port(&lb_dir)?,
+            port => port,
+        };
+        let base_env = vec![
+            (
+                "PATH".to_owned(),
+                std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned()),
+            ),
+            (
+                "HOME".to_owned(),
+                std::env::var("HOME").unwrap_or_else(|_| config.dir.display().to_string()),
+            ),
+            ("LANG".to_owned(), std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned())),
+        ];
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|e| failed("open", format!("cannot build an HTTP client: {e}")))?;
+        let provider =
+            LocalProvider { config, lb_port, base_env, http, lock: tokio::sync::Mutex::new(()) };
+        provider.ensure_lb(true).await?;
+        Ok(provider)
     }
+
+    fn lb_dir(&self) -> PathBuf {
+        self.config.dir.join("lb")
+    }
+
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.config.dir.join("instances").join(id)
+    }
+
+    /// The running load balancer, started (or restarted) if it is not. With `probe`, a live
+    /// process must also answer its admin endpoint to be adopted.
+    async fn ensure_lb(&self, probe: bool) -> Result<lb::LbState, ProviderError> {
+        let dir = self.lb_dir();
+        if let Some(state) = lb::read_state(&dir) {
+            if state.process.alive()
+                && state.port == self.lb_port
+                && (!probe || self.admin_ok(&state).await)
+            {
+                return Ok(state);
+            }
+            if state.process.alive() && state.process.pid != own_pid() {
+                // A wedged LB, or one serving another port after a config change.
+                tracing::warn!(fleet = %self.config.fleet, pid = state.process.pid, "Replacing the load balancer.");
+                process::stop(state.process, STOP_GRACE).await;
+            }
+        }
+        let args = vec![
+            "lb".to_owned(),
+            "--state-dir".to_owned(),
+            dir.display().to_string(),
+            "--port".to_owned(),
+            self.lb_port.to_string(),
+        ];
+        let mut env = self.base_env.clone();
+        if let Ok(filter) = std::env::var("RUST_LOG") {
+            env.push(("RUST_LOG".to_owned(), filter));
+        }
+        let log = dir.join("log");
+        let spawned = process::spawn_detached(&self.config.kiln_exe, &args, &env, &dir, &log)
+            .map_err(|e| {
+                failed(
+                    "start the load balancer",
+                    format!("cannot run {}: {e}", self.config.kiln_exe.display()),
+                )
+            })?;
+        let deadline = tokio::time::Instant::now() + LB_START_TIMEOUT;
+        loop {
+            if let Some(state) = lb::read_state(&dir) {
+                if state.process == spawned && self.admin_ok(&state).await {
+                    tracing::info!(fleet = %self.config.fleet, port = state.port, "Load balancer started.");
+                    return Ok(state);
+                }
+            }
+            if !spawned.alive() {
+                return Err(failed(
+                    "start the load balancer",
+                    format!("`{} lb` exited: {}", self.config.kiln_exe.display(), log_tail(&log)),
+                ));
+            }
+            if tokio::time::Instant::now() > deadline {
+                process::stop(spawned, STOP_GRACE).await;
+                return Err(transient(
+                    "start the load balancer",
+                    format!("it did not answer within {LB_START_TIMEOUT:?}: {}", log_tail(&log)),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn admin_ok(&self, state: &lb::LbState) -> bool {
+        let url = format!("http://127.0.0.1:{}/healthz", state.admin_port);
+        match self.http.get(url).timeout(Duration::from_secs(2)).send().await {
+            Ok(reply) => reply
+                .json::<lb::LbState>()
+                .await
+                .is_ok_and(|answered| answered.process == state.process),
+            Err(_) => false,
+        }
+    }
+
+    async fn admin_url(&self) -> Result<String, ProviderError> {
+        let state = self.ensure_lb(false).await?;
+        Ok(format!("http://127.0.0.1:{}", state.admin_port))
+    }
+
+    async fn backends(&self) -> Result<Vec<lb::BackendView>, ProviderError> {
+        let url = format!("{}/backends", self.admin_url().await?);
+        let reply = self
+            .http
+            .get(url)
+            .timeout(ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient("list", format!("load balancer unreachable: {e}")))?;
+        let reply = check_status("list", reply).await?;
+        reply.json().await.map_err(|e| failed("list", format!("load balancer answered junk: {e}")))
+    }
+
+    async fn remove_backend(
+        &self,
+        id: &str,
+        drain: Duration,
+        op: &'static str,
+    ) -> Result<(), ProviderError> {
+        let url = format!("{}/backends/{id}", self.admin_url().await?);
+        let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
+        let reply = self
+            .http
+            .delete(url)
+            .query(&[("drain_ms", drain_ms)])
+            .timeout(drain + ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient(op, format!("load balancer unreachable: {e}")))?;
+        check_status(op, reply).await?;
+        Ok(())
+    }
+
+    fn read_record(&self, id: &str) -> Option<InstanceRecord> {
+        // Ids name directories: refuse anything that could step outside `instances/`.
+        if id.is_empty() || id.contains('/') || id.starts_with('.') {
+            return None;
+        }
+        let text = std::fs::read(self.instance_dir(id).join("instance.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    fn write_record(&self, record: &InstanceRecord, op: &'static str) -> Result<(), ProviderError> {
+        let path = self.instance_dir(&record.id).join("instance.json");
+        write_json_atomic(&path, record)
+            .map_err(|e| failed(op, format!("cannot write {}: {e}", path.display())))
+    }
+
+    fn records(&self) -> Result<Vec<InstanceRecord>, ProviderError> {
+        let dir = self.config.dir.join("instances");
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| failed("list", format!("cannot read {}: {e}", dir.display())))?;
+        let mut records: Vec<InstanceRecord> = entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| entry.file_name().to_str().and_then(|id| self.read_record(id)))
+            .collect();
+        records.sort_by(|a, b| a.launched_at.cmp(&b.launched_at).then(a.id.cmp(&b.id)));
+        Ok(records)
+    }
+
+    fn to_instance(&self, record: &InstanceRecord, attached: &[lb::BackendView]) -> Instance {
+        let running =
+            record.state == RecordState::Running && record.process.is_some_and(|p| p.alive());
+        Instance {
+            id: InstanceId(record.id.clone()),
+            image: ImageRef(record.image.clone()),
+            address: Some(format!("127.0.0.1:{}", record.port)),
+            running,
+            attached: attached.iter().any(|b| b.id == record.id && !b.draining),
+            launched_at: Some(record.launched_at),
+            launch_key: Some(record.key.clone()),
+        }
+    }
+
+    /// Spawns the record's process and records it. The record is `launching` on disk first.
+    fn spawn(&self, record: &mut InstanceRecord) -> Result<(), ProviderError> {
+        let image_dir = Path::new(&record.image);
+        let dir = self.instance_dir(&record.id);
+        let workdir = dir.join("work");
+        std::fs::create_dir_all(&workdir)
+            .map_err(|e| failed("launch", format!("cannot create {}: {e}", workdir.display())))?;
+        record.port = free_port().map_err(|e| transient("launch", format!("no free port: {e}")))?;
+        record.state = RecordState::Launching;
+        record.process = None;
+        self.write_record(record, "launch")?;
+        let mut env = self.base_env.clone();
+        env.extend([
+            ("PORT".to_owned(), record.port.to_string()),
+            ("KILN_INSTANCE_ID".to_owned(), record.id.clone()),
+            ("KILN_IMAGE".to_owned(), record.image.clone()),
+            ("KILN_FLEET".to_owned(), self.config.fleet.clone()),
+        ]);
+        let spawned =
+            process::spawn_detached(&image_dir.join("run"), &[], &env, &workdir, &dir.join("log"))
+                .map_err(|e| failed("launch", format!("cannot run {}/run: {e}", record.image)))?;
+        record.process = Some(spawned);
+        record.state = RecordState::Running;
+        self.write_record(record, "launch")?;
+        tracing::info!(fleet = %self.config.fleet, instance = %record.id, image = %record.image, port = record.port, "Instance launched.");
+        Ok(())
+    }
+
+    /// Stops the load balancer process (for tests and for removing a fleet). Attached backends
+    /// stay recorded, so the next [`LocalProvider::open`] serves them again.
+    pub async fn stop_load_balancer(&self) {
+        if let Some(state) = lb::read_state(&self.lb_dir()) {
+            if state.process.pid != own_pid() {
+                process::stop(state.process, STOP_GRACE).await;
+            }
+        }
+    }
+
+    /// The load balancer's admin endpoint (`http://127.0.0.1:<port>`), starting the LB if needed.
+    pub async fn admin_endpoint(&self) -> Result<String, ProviderError> {
+        self.admin_url().await
+    }
+}
+
+/// The LB port remembered in `lb_dir/port`, or a newly picked free one (then remembered).
+fn remembered_port(lb_dir: &Path) -> Result<u16, ProviderError> {
+    let path = lb_dir.join("port");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(port) = text.trim().parse::<u16>() {
+            if port != 0 {
+                return Ok(port);
+            }
+        }
+    }
+    let port = free_port().map_err(|e| transient("open", format!("no free port: {e}")))?;
+    write_json_atomic(&path, &port)
+        .map_err(|e| failed("open", format!("cannot write {}: {e}", path.display())))?;
+    Ok(port)
+}
+
+fn failed(op: &'static str, message: String) -> ProviderError {
+    ProviderError::Failed { provider: "local", op, message }
+}
+
+fn transient(op: &'static str, message: String) -> ProviderError {
+    ProviderError::Transient { provider: "local", op, message }
+}
+
+async fn check_status(
+    op: &'static str,
+    reply: reqwest::Response,
+) -> Result<reqwest::Response, ProviderError> {
+    let status = reply.status();
+    if status.is_success() {
+        return Ok(reply);
+    }
+    let body = reply.text().await.unwrap_or_default();
+    let message = format!("load balancer answered {status}: {}", body.trim());
+    if status.is_server_error() { Err(transient(op, message)) } else { Err(failed(op, message)) }
 }
 
 #[async_trait::async_trait]
@@ -44,23 +401,114 @@ impl Provider for LocalProvider {
     fn name(&self) -> &'static str {
         "local"
     }
+
     async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
-        todo!("provider helper")
+        let backends = self.backends().await?;
+        Ok(self
+            .records()?
+            .iter()
+            .filter(|r| r.state != RecordState::Terminated)
+            .map(|r| self.to_instance(r, &backends))
+            .collect())
     }
+
     async fn launch(&self, image: &ImageRef, key: &str) -> Result<Instance, ProviderError> {
-        let _ = (image, key, &self.config);
-        todo!("provider helper")
+        let _guard = self.lock.lock().await;
+        let image_dir = Path::new(image.as_str());
+        if !image_dir.is_absolute() {
+            return Err(failed(
+                "launch",
+                format!("image `{image}` is not an absolute directory path"),
+            ));
+        }
+        let run = image_dir.join("run");
+        let executable = std::fs::metadata(&run).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt as _;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        });
+        if !executable {
+            return Err(failed("launch", format!("image `{image}` has no executable `run`")));
+        }
+        let backends = self.backends().await?;
+        if let Some(mut record) = self.records()?.into_iter().find(|r| r.key == key) {
+            let alive = record.process.is_some_and(|p| p.alive());
+            // A launch interrupted before its process was recorded is completed, not repeated.
+            if record.state == RecordState::Launching && !alive {
+                self.spawn(&mut record)?;
+            }
+            return Ok(self.to_instance(&record, &backends));
+        }
+        let instances = self.config.dir.join("instances");
+        let id = loop {
+            let id = format!("{}-{:08x}", self.config.fleet, fastrand::u32(..));
+            match std::fs::create_dir(instances.join(&id)) {
+                Ok(()) => break id,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(failed(
+                        "launch",
+                        format!("cannot create {}: {e}", instances.display()),
+                    ));
+                }
+            }
+        };
+        let mut record = InstanceRecord {
+            id,
+            image: image.to_string(),
+            key: key.to_owned(),
+            port: 0,
+            state: RecordState::Launching,
+            process: None,
+            launched_at: crate::model::now(),
+        };
+        self.spawn(&mut record)?;
+        Ok(self.to_instance(&record, &backends))
     }
+
     async fn attach(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        let _ = id;
-        todo!("provider helper")
+        let record = self
+            .read_record(id.as_str())
+            .filter(|r| r.state != RecordState::Terminated)
+            .ok_or_else(|| ProviderError::NotFound(id.clone()))?;
+        let url = format!("{}/backends/{id}", self.admin_url().await?);
+        let body = lb::AttachRequest { address: format!("127.0.0.1:{}", record.port) };
+        let reply = self
+            .http
+            .put(url)
+            .json(&body)
+            .timeout(ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient("attach", format!("load balancer unreachable: {e}")))?;
+        check_status("attach", reply).await?;
+        Ok(())
     }
+
     async fn detach(&self, id: &InstanceId, drain: Duration) -> Result<(), ProviderError> {
-        let _ = (id, drain);
-        todo!("provider helper")
+        self.remove_backend(id.as_str(), drain, "detach").await
     }
+
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError> {
-        let _ = id;
-        todo!("provider helper")
+        let _guard = self.lock.lock().await;
+        let Some(mut record) = self.read_record(id.as_str()) else {
+            return Ok(());
+        };
+        if record.state == RecordState::Terminated {
+            return Ok(());
+        }
+        // Out of the LB before the process goes, so no request is routed to a dying backend.
+        self.remove_backend(id.as_str(), Duration::ZERO, "terminate").await?;
+        if let Some(process) = record.process {
+            process::stop(process, STOP_GRACE).await;
+            process::kill_orphaned_group(process);
+        }
+        record.state = RecordState::Terminated;
+        self.write_record(&record, "terminate")?;
+        tracing::info!(fleet = %self.config.fleet, instance = %id, "Instance terminated.");
+        Ok(())
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        Some(format!("http://127.0.0.1:{}", self.lb_port))
     }
 }

@@ -1,0 +1,153 @@
+//! Reading what a hook wrote: `key=value` lines in `$KILN_OUTPUT`, or the JSON of
+//! `terraform output -json`.
+
+use std::collections::BTreeMap;
+
+/// Parses `$KILN_OUTPUT`. Two shapes are accepted:
+///
+/// - lines of `key=value` (the value is everything after the first `=`, kept verbatim; blank
+///   lines and lines starting with `#` are skipped; a later key overrides an earlier one), with
+///   GitHub Actions' multi-line form `key<<DELIM` … `DELIM`;
+/// - a JSON object in the shape of `terraform output -json`, flattened by [`flatten_terraform`].
+///
+/// Anything else is an error describing the first bad line.
+pub fn parse_outputs(text: &str) -> Result<BTreeMap<String, String>, String> {
+    if text.trim_start().starts_with('{') {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("wrote JSON to $KILN_OUTPUT that does not parse ({e})"))?;
+        return flatten_terraform(&value).ok_or_else(|| {
+            "wrote JSON to $KILN_OUTPUT that is not in the shape of `terraform output -json` \
+             ({\"name\": {\"value\": ...}})"
+                .to_owned()
+        });
+    }
+    let mut outputs = BTreeMap::new();
+    let mut lines = text.lines().enumerate();
+    while let Some((n, line)) = lines.next() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let eq = line.find('=');
+        let heredoc = line.find("<<");
+        match (eq, heredoc) {
+            (Some(eq), heredoc) if heredoc.is_none_or(|h| eq < h) => {
+                let key = line[..eq].trim();
+                check_key(key, n)?;
+                outputs.insert(key.to_owned(), line[eq + 1..].to_owned());
+            }
+            (_, Some(h)) => {
+                let key = line[..h].trim();
+                check_key(key, n)?;
+                let delimiter = line[h + 2..].trim();
+                if delimiter.is_empty() {
+                    return Err(format!("wrote `{key}<<` without a delimiter (line {})", n + 1));
+                }
+                let mut value: Vec<&str> = Vec::new();
+                let mut closed = false;
+                for (_, body) in lines.by_ref() {
+                    let body = body.trim_end_matches('\r');
+                    if body == delimiter {
+                        closed = true;
+                        break;
+                    }
+                    value.push(body);
+                }
+                if !closed {
+                    return Err(format!(
+                        "wrote `{key}<<{delimiter}` without a closing `{delimiter}` line (line {})",
+                        n + 1
+                    ));
+                }
+                outputs.insert(key.to_owned(), value.join("\n"));
+            }
+            _ => {
+                return Err(format!(
+                    "wrote a line without `=` to $KILN_OUTPUT (line {}): {}",
+                    n + 1,
+                    truncate(line, 80)
+                ));
+            }
+        }
+    }
+    Ok(outputs)
+}
+
+fn check_key(key: &str, n: usize) -> Result<(), String> {
+    if key.is_empty() || key.contains(char::is_whitespace) {
+        return Err(format!(
+            "wrote an empty or blank-containing key to $KILN_OUTPUT (line {})",
+            n + 1
+        ));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Flattens `terraform output -json` (`{"name": {"value": V, "type": T, "sensitive": B}}`) into
+/// `name=V`: strings as they are, anything else JSON-encoded. Sensitive outputs are kept out of
+/// kiln's store (their value becomes `(sensitive)`). `None` if the value is not in that shape.
+pub fn flatten_terraform(value: &serde_json::Value) -> Option<BTreeMap<String, String>> {
+    let object = value.as_object()?;
+    let mut out = BTreeMap::new();
+    for (name, output) in object {
+        let output = output.as_object()?;
+        let value = output.get("value")?;
+        let sensitive = output.get("sensitive").and_then(|s| s.as_bool()).unwrap_or(false);
+        let text = if sensitive {
+            "(sensitive)".to_owned()
+        } else {
+            match value {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            }
+        };
+        out.insert(name.clone(), text);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_value_lines() {
+        let out =
+            parse_outputs("# comment\nimage=ami-1\n\nurl=http://x/?a=b\nimage=ami-2\n").unwrap();
+        assert_eq!(out["image"], "ami-2");
+        assert_eq!(out["url"], "http://x/?a=b");
+    }
+
+    #[test]
+    fn multiline_values() {
+        let out = parse_outputs("notes<<EOF\none\ntwo\nEOF\nimage=x\n").unwrap();
+        assert_eq!(out["notes"], "one\ntwo");
+        assert_eq!(out["image"], "x");
+        assert!(parse_outputs("notes<<EOF\none\n").is_err());
+    }
+
+    #[test]
+    fn rejects_junk_with_line_number() {
+        let err = parse_outputs("image=x\njunk\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn terraform_json_is_flattened() {
+        let json = r#"{"lb_dns":{"sensitive":false,"type":"string","value":"lb.example"},
+            "ports":{"sensitive":false,"type":["list","number"],"value":[80,443]},
+            "token":{"sensitive":true,"type":"string","value":"s3cret"}}"#;
+        let out = parse_outputs(json).unwrap();
+        assert_eq!(out["lb_dns"], "lb.example");
+        assert_eq!(out["ports"], "[80,443]");
+        assert_eq!(out["token"], "(sensitive)");
+        assert!(parse_outputs(r#"{"a": 1}"#).is_err());
+    }
+}

@@ -1,0 +1,658 @@
+//! The JSON API under `/api/v1`, its DTOs, SSE follow and `/metrics`.
+//!
+//! The DTOs here are the wire format (docs/api.md) and are deliberately separate from the store
+//! records, so the on-disk schema can change without breaking scripts and the other way round.
+//! The CLI deserialises the same types.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::{ApiError, Shared};
+use crate::model::{RolloutId, Timestamp};
+use crate::operator::{Command, FleetStatus, InstanceStatus};
+use crate::rollout::state::{ALL_STATES, Origin, Rollout, RolloutState};
+use crate::store::{CommitKind, CommitRecord, Event, InstanceEvent, Level, RolloutFilter};
+
+/// Default page size of `GET /rollouts`.
+pub const DEFAULT_LIMIT: usize = 50;
+/// Largest page size of `GET /rollouts` and `GET /commits`.
+pub const MAX_LIMIT: usize = 1000;
+
+/// A rollout as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutDto {
+    /// Monotonic id.
+    pub id: u64,
+    /// The fleet (`null` for commit-level records such as a broken manifest).
+    pub fleet: Option<String>,
+    /// The full commit id.
+    pub commit: String,
+    /// The commit's first line.
+    pub summary: String,
+    /// What noticed the commit (`poll`, `notify`, `webhook:gitlab`, `cli`, ...).
+    pub trigger: String,
+    /// How it started: `commit`, `rollback`, `auto_rollback`, `rebake`.
+    pub origin: String,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Why it ended as it did.
+    pub reason: Option<String>,
+    /// The image the fleet moves to, once known.
+    pub image: Option<String>,
+    /// The image the fleet ran before.
+    pub previous_image: Option<String>,
+    /// Images per bake stage.
+    #[serde(default)]
+    pub stage_images: BTreeMap<String, String>,
+    /// The planner's decision.
+    pub plan: PlanDto,
+    /// Outputs of the reconcile hook.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, String>,
+    /// Instance replacement progress while (or after) rolling.
+    #[serde(default)]
+    pub progress: Option<ProgressDto>,
+    /// When recorded.
+    pub created_at: Timestamp,
+    /// When work started.
+    pub started_at: Option<Timestamp>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Timestamp>,
+    /// The timeline (only in the one-rollout view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<Vec<EventDto>>,
+}
+
+/// The planner's decision for one fleet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanDto {
+    /// Stages to bake.
+    pub bake: Vec<String>,
+    /// Whether the reconcile hook runs.
+    pub reconcile: bool,
+    /// Whether instances are replaced.
+    pub roll: bool,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// How far instance replacement got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressDto {
+    /// Old instances replaced.
+    pub replaced: usize,
+    /// Old instances to replace in total.
+    pub total: usize,
+}
+
+impl RolloutDto {
+    /// The API view of a stored rollout (without events).
+    pub fn from_rollout(rollout: &Rollout) -> Self {
+        let origin = match rollout.origin {
+            Origin::Commit => "commit",
+            Origin::Rollback { .. } => "rollback",
+            Origin::AutoRollback { .. } => "auto_rollback",
+            Origin::Rebake => "rebake",
+        };
+        let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
+            replaced: rolling.done.len(),
+            total: rolling.done.len() + rolling.todo.len(),
+        });
+        RolloutDto {
+            id: rollout.id.0,
+            fleet: rollout.fleet.clone(),
+            commit: rollout.revision.0.clone(),
+            summary: rollout.summary.clone(),
+            trigger: rollout.trigger.clone(),
+            origin: origin.to_owned(),
+            state: rollout.state,
+            reason: rollout.reason.clone(),
+            image: rollout.image.as_ref().map(|i| i.0.clone()),
+            previous_image: rollout.previous_image.as_ref().map(|i| i.0.clone()),
+            stage_images: rollout
+                .stage_images
+                .iter()
+                .map(|(stage, image)| (stage.clone(), image.0.clone()))
+                .collect(),
+            plan: PlanDto {
+                bake: rollout.plan.bake.clone(),
+                reconcile: rollout.plan.reconcile,
+                roll: rollout.plan.roll,
+                reason: rollout.plan.reason.clone(),
+            },
+            outputs: rollout.outputs.clone(),
+            progress,
+            created_at: rollout.created_at,
+            started_at: rollout.started_at,
+            finished_at: rollout.finished_at,
+            events: None,
+        }
+    }
+}
+
+/// One line of a rollout's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventDto {
+    /// Store-wide monotonic sequence number (the SSE `id`).
+    pub seq: u64,
+    /// The rollout.
+    pub rollout: u64,
+    /// When.
+    pub at: Timestamp,
+    /// `info`, `warn` or `error`.
+    pub level: String,
+    /// Dotted kind (`state`, `bake.start`, `hook.stdout`, ...).
+    pub kind: String,
+    /// Text.
+    pub message: String,
+    /// Structured details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl From<&Event> for EventDto {
+    fn from(event: &Event) -> Self {
+        let level = match event.level {
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        EventDto {
+            seq: event.seq,
+            rollout: event.rollout.0,
+            at: event.at,
+            level: level.to_owned(),
+            kind: event.kind.clone(),
+            message: event.message.clone(),
+            data: event.data.clone(),
+        }
+    }
+}
+
+/// A page of `GET /rollouts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutPage {
+    /// Newest first.
+    pub rollouts: Vec<RolloutDto>,
+    /// Pass as `before=` for the next page; `null` on the last page.
+    pub next_before: Option<u64>,
+}
+
+/// A fleet as `GET /fleets` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetDto {
+    /// Name.
+    pub name: String,
+    /// Provider kind.
+    pub provider: String,
+    /// The commit it runs.
+    pub revision: Option<String>,
+    /// The image it runs.
+    pub image: Option<String>,
+    /// Capacity.
+    pub capacity: u32,
+    /// The rollout in progress.
+    pub active_rollout: Option<u64>,
+    /// Its state.
+    pub active_state: Option<RolloutState>,
+    /// Where clients reach the fleet.
+    pub endpoint: Option<String>,
+    /// Instances.
+    pub instances: Vec<InstanceDto>,
+    /// When observed (`null` when read from the store without a daemon).
+    pub observed_at: Option<Timestamp>,
+}
+
+impl From<&FleetStatus> for FleetDto {
+    fn from(fleet: &FleetStatus) -> Self {
+        FleetDto {
+            name: fleet.name.clone(),
+            provider: fleet.provider.clone(),
+            revision: fleet.revision.as_ref().map(|r| r.0.clone()),
+            image: fleet.image.as_ref().map(|i| i.0.clone()),
+            capacity: fleet.capacity,
+            active_rollout: fleet.active_rollout.map(|id| id.0),
+            active_state: fleet.active_state,
+            endpoint: fleet.endpoint.clone(),
+            instances: fleet.instances.iter().map(InstanceDto::from).collect(),
+            observed_at: fleet.observed_at,
+        }
+    }
+}
+
+/// An instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceDto {
+    /// Provider id.
+    pub id: String,
+    /// Image.
+    pub image: String,
+    /// `host:port`.
+    pub address: Option<String>,
+    /// Running.
+    pub running: bool,
+    /// In the load balancer.
+    pub attached: bool,
+    /// Last health check.
+    pub healthy: Option<bool>,
+}
+
+impl From<&InstanceStatus> for InstanceDto {
+    fn from(instance: &InstanceStatus) -> Self {
+        InstanceDto {
+            id: instance.id.0.clone(),
+            image: instance.image.0.clone(),
+            address: instance.address.clone(),
+            running: instance.running,
+            attached: instance.attached,
+            healthy: instance.healthy,
+        }
+    }
+}
+
+/// One entry of a fleet's instance journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceEventDto {
+    /// Sequence number.
+    pub seq: u64,
+    /// Instance.
+    pub instance: String,
+    /// Its image.
+    pub image: Option<String>,
+    /// Rollout that caused it.
+    pub rollout: Option<u64>,
+    /// `launched`, `healthy`, `attached`, `drained`, `terminated`, ...
+    pub action: String,
+    /// When.
+    pub at: Timestamp,
+    /// Why.
+    pub reason: Option<String>,
+}
+
+impl From<&InstanceEvent> for InstanceEventDto {
+    fn from(event: &InstanceEvent) -> Self {
+        let action = serde_json::to_value(event.action)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        InstanceEventDto {
+            seq: event.seq,
+            instance: event.instance.0.clone(),
+            image: event.image.as_ref().map(|i| i.0.clone()),
+            rollout: event.rollout.map(|id| id.0),
+            action,
+            at: event.at,
+            reason: event.reason.clone(),
+        }
+    }
+}
+
+/// `GET /fleets/{name}/instances`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetInstances {
+    /// The fleet.
+    pub fleet: String,
+    /// Instances as last observed.
+    pub instances: Vec<InstanceDto>,
+    /// The instance journal, oldest first.
+    pub journal: Vec<InstanceEventDto>,
+}
+
+/// A commit kiln has seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitDto {
+    /// Full id.
+    pub revision: String,
+    /// Parents.
+    pub parents: Vec<String>,
+    /// First line.
+    pub summary: String,
+    /// `Name <email>`.
+    pub author: String,
+    /// Commit time.
+    pub committed_at: Timestamp,
+    /// When kiln recorded it.
+    pub seen_at: Timestamp,
+    /// `initial`, `push`, `force_push`, `branch_created`, `branch_deleted`.
+    pub kind: String,
+    /// For a force push, the tip that was overwritten.
+    pub overwrote: Option<String>,
+    /// What noticed it.
+    pub trigger: String,
+    /// Whether it was the tip of its fetch.
+    pub tip: bool,
+}
+
+impl From<&CommitRecord> for CommitDto {
+    fn from(commit: &CommitRecord) -> Self {
+        let (kind, overwrote) = match &commit.kind {
+            CommitKind::Initial => ("initial", None),
+            CommitKind::Push => ("push", None),
+            CommitKind::ForcePush { previous } => ("force_push", Some(previous.0.clone())),
+            CommitKind::BranchCreated => ("branch_created", None),
+            CommitKind::BranchDeleted => ("branch_deleted", None),
+        };
+        CommitDto {
+            revision: commit.revision.0.clone(),
+            parents: commit.parents.iter().map(|p| p.0.clone()).collect(),
+            summary: commit.summary.clone(),
+            author: commit.author.clone(),
+            committed_at: commit.committed_at,
+            seen_at: commit.seen_at,
+            kind: kind.to_owned(),
+            overwrote,
+            trigger: commit.trigger.clone(),
+            tip: commit.tip,
+        }
+    }
+}
+
+/// Answer of a verb or `POST /trigger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Always `accepted`.
+    pub status: String,
+    /// The rollout affected or created (verbs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<u64>,
+}
+
+/// Body of `POST /fleets/{name}/rollback` (optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// A commit (prefix) whose image to restore.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/fleets", get(fleets))
+        .route("/fleets/{name}/instances", get(instances))
+        .route("/fleets/{name}/{verb}", post(verb))
+        .route("/rollouts", get(rollouts))
+        .route("/rollouts/{id}", get(rollout))
+        .route("/rollouts/{id}/events", get(follow))
+        .route("/commits", get(commits))
+        .route("/trigger", post(trigger))
+}
+
+/// Bearer-token check for mutating calls, in constant time.
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = &shared.app.config.api_token;
+    if token.0.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this kiln has no API token configured; mutating calls are disabled",
+        ));
+    }
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing `Authorization: Bearer <token>` (the token is in <data-dir>/token)",
+            )
+        })?;
+    if token.matches(sent.trim().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong API token"))
+    }
+}
+
+fn parse_id(text: &str) -> Result<RolloutId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::new(StatusCode::BAD_REQUEST, format!("`{text}` is not a rollout id"))
+    })
+}
+
+async fn fleets(State(shared): State<Shared>) -> Json<Vec<FleetDto>> {
+    Json(shared.app.operator.fleet_status().iter().map(FleetDto::from).collect())
+}
+
+async fn instances(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<FleetInstances>, ApiError> {
+    let fleet = shared.app.operator.fleet_status().into_iter().find(|f| f.name == name);
+    let journal = shared.app.operator.store.instance_journal(&name)?;
+    if fleet.is_none() && journal.is_empty() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no fleet `{name}`")));
+    }
+    Ok(Json(FleetInstances {
+        fleet: name,
+        instances: fleet
+            .map(|f| f.instances.iter().map(InstanceDto::from).collect())
+            .unwrap_or_default(),
+        journal: journal.iter().map(InstanceEventDto::from).collect(),
+    }))
+}
+
+/// Query of `GET /rollouts`.
+#[derive(Debug, Default, Deserialize)]
+struct RolloutQuery {
+    fleet: Option<String>,
+    commit: Option<String>,
+    state: Option<String>,
+    limit: Option<usize>,
+    before: Option<u64>,
+}
+
+async fn rollouts(
+    State(shared): State<Shared>,
+    Query(query): Query<RolloutQuery>,
+) -> Result<Json<RolloutPage>, ApiError> {
+    let state = match query.state.as_deref().filter(|s| !s.is_empty()) {
+        Some(text) => Some(RolloutState::parse(text).ok_or_else(|| {
+            ApiError::new(StatusCode::BAD_REQUEST, format!("unknown rollout state `{text}`"))
+        })?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let filter = RolloutFilter {
+        fleet: query.fleet.filter(|s| !s.is_empty()),
+        commit: query.commit.filter(|s| !s.is_empty()),
+        state,
+        before: query.before.map(RolloutId),
+        limit: Some(limit),
+    };
+    let found = shared.app.operator.store.rollouts(&filter)?;
+    let next_before = if found.len() == limit { found.last().map(|r| r.id.0) } else { None };
+    Ok(Json(RolloutPage {
+        rollouts: found.iter().map(RolloutDto::from_rollout).collect(),
+        next_before,
+    }))
+}
+
+async fn rollout(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<RolloutDto>, ApiError> {
+    let id = parse_id(&id)?;
+    let store = &shared.app.operator.store;
+    let mut dto = RolloutDto::from_rollout(&store.rollout(id)?);
+    dto.events = Some(store.events(id, 0)?.iter().map(EventDto::from).collect());
+    Ok(Json(dto))
+}
+
+/// Query of `GET /commits`.
+#[derive(Debug, Default, Deserialize)]
+struct CommitQuery {
+    limit: Option<usize>,
+}
+
+async fn commits(
+    State(shared): State<Shared>,
+    Query(query): Query<CommitQuery>,
+) -> Result<Json<Vec<CommitDto>>, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let found = shared.app.operator.store.commits(limit)?;
+    Ok(Json(found.iter().map(CommitDto::from).collect()))
+}
+
+async fn verb(
+    State(shared): State<Shared>,
+    Path((fleet, verb)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    authorize(&shared, &headers)?;
+    let command = match verb.as_str() {
+        "pause" => Command::Pause { fleet },
+        "resume" => Command::Resume { fleet },
+        "abort" => Command::Abort { fleet },
+        "rollback" => {
+            let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+                RollbackBody::default()
+            } else {
+                serde_json::from_slice(&body).map_err(|error| {
+                    ApiError::new(StatusCode::BAD_REQUEST, format!("bad rollback body: {error}"))
+                })?
+            };
+            Command::Rollback { fleet, to: body.to.filter(|s| !s.is_empty()) }
+        }
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("unknown verb `{other}` (pause, resume, abort, rollback)"),
+            ));
+        }
+    };
+    tracing::info!(command = ?command, "Operator verb received over the API.");
+    match shared.app.operator.command(command).await {
+        Ok(id) => Ok((
+            StatusCode::ACCEPTED,
+            Json(Accepted { status: "accepted".into(), rollout: Some(id.0) }),
+        )),
+        Err(error) => Err(ApiError::new(
+            StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            error.message,
+        )),
+    }
+}
+
+async fn trigger(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    authorize(&shared, &headers)?;
+    shared.app.operator.source.trigger("api");
+    Ok((StatusCode::ACCEPTED, Json(Accepted { status: "accepted".into(), rollout: None })))
+}
+
+/// `GET /metrics`: the shared counters plus rollouts by state counted from the store.
+pub(crate) async fn metrics(State(shared): State<Shared>) -> Result<Response, ApiError> {
+    let mut by_state: BTreeMap<String, u64> =
+        ALL_STATES.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+    for rollout in shared.app.operator.store.rollouts(&RolloutFilter::default())? {
+        *by_state.entry(rollout.state.as_str().to_owned()).or_default() += 1;
+    }
+    let text = shared.app.operator.metrics.render(&by_state);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+/// How often a follower re-reads the rollout in case it ended without a new event.
+const FOLLOW_RECHECK: Duration = Duration::from_secs(1);
+
+/// `GET /rollouts/{id}/events` as Server-Sent Events: every stored event (after `Last-Event-ID`
+/// if given), then live ones, then a final `end` event carrying the rollout once it is terminal.
+async fn follow(
+    State(shared): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let store = shared.app.operator.store.clone();
+    // Subscribe before reading history so nothing falls between the two.
+    let mut live = store.subscribe();
+    store.rollout(id)?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut last = after;
+        let send_stored = |last: &mut u64| -> Vec<SseEvent> {
+            let stored = store.events(id, *last).unwrap_or_default();
+            if let Some(event) = stored.last() {
+                *last = event.seq;
+            }
+            stored.iter().map(sse_event).collect()
+        };
+        for event in send_stored(&mut last) {
+            if tx.send(Ok(event)).await.is_err() {
+                return;
+            }
+        }
+        let mut recheck = tokio::time::interval(FOLLOW_RECHECK);
+        loop {
+            match store.rollout(id) {
+                Ok(rollout) if rollout.state.is_terminal() => {
+                    // Anything appended between the last read and the terminal state.
+                    for event in send_stored(&mut last) {
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let dto = RolloutDto::from_rollout(&rollout);
+                    let end = SseEvent::default()
+                        .event("end")
+                        .data(serde_json::to_string(&dto).unwrap_or_default());
+                    let _ = tx.send(Ok(end)).await;
+                    return;
+                }
+                Ok(_) => {}
+                // Pruned or unreadable: nothing more will come.
+                Err(_) => return,
+            }
+            tokio::select! {
+                received = live.recv() => match received {
+                    Ok(event) if event.rollout == id && event.seq > last => {
+                        last = event.seq;
+                        if tx.send(Ok(sse_event(&event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => {
+                        for event in send_stored(&mut last) {
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = recheck.tick() => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn sse_event(event: &Event) -> SseEvent {
+    SseEvent::default()
+        .event("event")
+        .id(event.seq.to_string())
+        .data(serde_json::to_string(&EventDto::from(event)).unwrap_or_default())
+}

@@ -1,0 +1,340 @@
+//! The built `kiln` binary: exit codes, `validate` output, `log`/`show` offline from a store,
+//! the daemon-needed errors, and `--help`. `cli::run` is also called in-process for the
+//! renderings that need no process.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use kiln::model::{ImageRef, Revision, RolloutId};
+use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
+use kiln::server::api::RolloutDto;
+use kiln::store::{Level, Store};
+
+/// Runs the binary with `args` against `data_dir`, isolated from the caller's KILN_* variables.
+fn kiln(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_DATA_DIR", data_dir)
+        .env_remove("KILN_API")
+        .env_remove("KILN_TOKEN")
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run kiln");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(path: &Path, text: &str, mode: u32) {
+    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    std::fs::write(path, text).expect("write");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+const GOOD: &str = "\
+fleets:
+  - name: web
+    paths: [image/]
+    image:
+      stages:
+        - { name: app, path: image/app, bake: hooks/bake }
+    rollout:
+      provider: local
+      capacity: 2
+";
+
+#[test]
+fn validate_accepts_a_good_manifest() {
+    let repo = tempfile::tempdir().expect("temp dir");
+    write(&repo.path().join("kiln.yaml"), GOOD, 0o644);
+    write(&repo.path().join("hooks/bake"), "#!/bin/sh\n", 0o755);
+    write(&repo.path().join("image/app/file"), "x\n", 0o644);
+    let (code, out, err) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert_eq!(out.trim(), "kiln.yaml: ok (1 fleet)");
+}
+
+#[test]
+fn validate_reports_problems_with_line_and_column() {
+    let repo = tempfile::tempdir().expect("temp dir");
+    // A typo'd field: serde rejects it with its position.
+    let typo = GOOD.replace("capacity: 2", "capacty: 2");
+    write(&repo.path().join("kiln.yaml"), &typo, 0o644);
+    write(&repo.path().join("hooks/bake"), "#!/bin/sh\n", 0o755);
+    let (code, out, _) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    let first = out.lines().next().unwrap_or("");
+    let parts: Vec<&str> = first.splitn(4, ':').collect();
+    assert_eq!(parts[0], "kiln.yaml", "{out}");
+    assert!(parts[1].parse::<usize>().unwrap_or(0) >= 9, "line of the typo in {first}");
+    assert!(parts[2].parse::<usize>().unwrap_or(0) > 0, "column in {first}");
+    assert!(first.contains("capacty"), "{first}");
+
+    // A semantic problem: the bake hook is not in the repo.
+    std::fs::write(repo.path().join("kiln.yaml"), GOOD).unwrap();
+    std::fs::remove_file(repo.path().join("hooks/bake")).unwrap();
+    let (code, out, _) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("kiln.yaml:6:") && l.contains("hooks/bake")),
+        "{out}"
+    );
+
+    let (code, _, err) = kiln(repo.path(), &["validate", "/nonexistent/kiln-repo"]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("kiln: error: cannot read /nonexistent/kiln-repo/kiln.yaml"), "{err}");
+}
+
+fn rollout(fleet: &str, commit: &str, state: RolloutState) -> Rollout {
+    let now = kiln::model::now();
+    Rollout {
+        id: RolloutId(0),
+        fleet: Some(fleet.into()),
+        revision: Revision(format!("{commit:0<40}")),
+        summary: format!("change {commit}"),
+        trigger: "poll".into(),
+        origin: Origin::Commit,
+        state,
+        paused_from: None,
+        plan: Plan::default(),
+        image: Some(ImageRef(format!("img-{commit}"))),
+        stage_images: Default::default(),
+        previous_image: None,
+        outputs: Default::default(),
+        reason: (state == RolloutState::Failed).then(|| "health check failed".to_owned()),
+        created_at: now,
+        started_at: Some(now),
+        finished_at: state.is_terminal().then_some(now),
+        not_before: None,
+        attempt: 0,
+        rolling: None,
+    }
+}
+
+/// A data dir with a store holding three rollouts (the store is closed on return).
+fn filled_data_dir() -> (tempfile::TempDir, Vec<RolloutId>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), 0).expect("store");
+    let ids: Vec<RolloutId> = [
+        ("web", "aa11", RolloutState::Succeeded),
+        ("api", "bb22", RolloutState::Failed),
+        ("web", "cc33", RolloutState::Rolling),
+    ]
+    .into_iter()
+    .map(|(f, c, s)| store.create_rollout(rollout(f, c, s)).expect("create").id)
+    .collect();
+    store
+        .append_event(ids[1], Level::Error, "health", "web-2 unhealthy after 30s", None)
+        .expect("event");
+    store.flush().expect("flush");
+    drop(store);
+    (dir, ids)
+}
+
+#[test]
+fn log_json_reads_the_store_when_no_daemon_runs() {
+    let (dir, ids) = filled_data_dir();
+    let (code, out, err) = kiln(dir.path(), &["log", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let rollouts: Vec<RolloutDto> = serde_json::from_str(&out).expect("one JSON document");
+    assert_eq!(
+        rollouts.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![ids[2].0, ids[1].0, ids[0].0]
+    );
+    assert_eq!(rollouts[1].state, RolloutState::Failed);
+    assert_eq!(rollouts[1].reason.as_deref(), Some("health check failed"));
+
+    let (code, out, _) = kiln(dir.path(), &["log", "--json", "--fleet", "web", "--limit", "1"]);
+    assert_eq!(code, 0);
+    let rollouts: Vec<RolloutDto> = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(rollouts.len(), 1);
+    assert_eq!(rollouts[0].commit, format!("{:0<40}", "cc33"));
+
+    let (code, out, _) = kiln(dir.path(), &["log"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("ID") && lines[0].contains("STATE"), "{out}");
+    assert!(lines[1].contains(&format!("#{}", ids[2].0)) && lines[1].contains("rolling"), "{out}");
+    assert!(lines[2].contains("cc33") || lines[2].contains("bb220000"), "{out}");
+
+    let (code, out, _) = kiln(dir.path(), &["show", &ids[1].to_string()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("failed") && out.contains("web-2 unhealthy after 30s"), "{out}");
+    let (code, _, err) = kiln(dir.path(), &["show", "#999999"]);
+    assert_eq!((code, err.trim()), (1, "kiln: no rollout #999999"));
+}
+
+#[test]
+fn nothing_to_show_and_missing_daemon_have_clear_exits() {
+    let empty = tempfile::tempdir().expect("temp dir");
+    let (code, _, err) = kiln(empty.path(), &["log"]);
+    assert_eq!(code, 2);
+    assert!(err.starts_with("kiln: error: no kiln daemon runs for"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+
+    Store::open(empty.path(), 0).expect("store").flush().expect("flush");
+    let (code, out, _) = kiln(empty.path(), &["log", "--json"]);
+    assert_eq!((code, out.trim()), (1, "[]"));
+
+    let (code, _, err) = kiln(empty.path(), &["pause", "web"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("`kiln pause` needs a running daemon"), "{err}");
+
+    // A daemon.json whose pid is alive but whose API does not answer.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let daemon = format!(r#"{{"pid": {}, "api": "http://127.0.0.1:{port}"}}"#, std::process::id());
+    std::fs::write(empty.path().join("daemon.json"), daemon).unwrap();
+    let (code, _, err) = kiln(empty.path(), &["status"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not reachable at http://127.0.0.1"), "{err}");
+}
+
+#[test]
+fn help_lists_the_verbs() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (code, out, _) = kiln(dir.path(), &["--help"]);
+    assert_eq!(code, 0);
+    for verb in [
+        "run", "log", "show", "status", "validate", "pause", "resume", "abort", "rollback",
+        "trigger",
+    ] {
+        assert!(
+            out.lines().any(|l| l.trim_start().starts_with(verb)),
+            "{verb} missing from:\n{out}"
+        );
+    }
+    assert!(!out.contains(" lb "), "lb is hidden");
+    let (code, out, _) = kiln(dir.path(), &["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("--github-secret-file") && out.contains("KILN_GITHUB_SECRET"), "{out}");
+    let (code, _, err) = kiln(dir.path(), &["frobnicate"]);
+    assert_eq!(code, 2, "{err}");
+}
+
+#[tokio::test]
+async fn run_renders_log_in_process() {
+    use clap::Parser as _;
+    let (dir, ids) = filled_data_dir();
+    let cli = kiln::cli::Cli::try_parse_from([
+        "kiln",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "log",
+        "--fleet",
+        "api",
+    ])
+    .expect("parse");
+    let mut out = Vec::new();
+    let code = kiln::cli::run(cli, &mut out).await.expect("run");
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        text.contains(&format!("#{}", ids[1].0)) && text.contains("(health check failed)"),
+        "{text}"
+    );
+    assert!(!text.contains("\x1b["), "no colour unless asked");
+}
+
+/// A real API server on 127.0.0.1 over a store in `dir`; verbs are answered with rollout #42
+/// and recorded in the returned channel.
+async fn serve_api(
+    dir: &Path,
+) -> (
+    String,
+    Store,
+    tokio_util::sync::CancellationToken,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use kiln::server::{AppState, Secret, ServerConfig};
+    let (source, _hints) = kiln::source::SourceHandle::detached(kiln::source::SourceConfig {
+        url: "/srv/git/infra.git".into(),
+        branch: "main".into(),
+        mirror: dir.join("mirror.git"),
+        poll: std::time::Duration::from_secs(60),
+    });
+    let store = Store::open(dir, 0).expect("store");
+    let (commands, mut rx) = tokio::sync::mpsc::channel::<kiln::operator::CommandRequest>(4);
+    let operator = kiln::operator::OperatorHandle {
+        store: store.clone(),
+        source,
+        commands,
+        fleets: Default::default(),
+        metrics: Default::default(),
+    };
+    let config = ServerConfig { api_token: Secret("cli-token".into()), ..ServerConfig::default() };
+    let state = AppState { operator, config: std::sync::Arc::new(config) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(kiln::server::serve(listener, state, shutdown.clone()));
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(request) = rx.recv().await {
+            let _ = seen_tx.send(format!("{:?}", request.command));
+            let _ = request.reply.send(Ok(RolloutId(42)));
+        }
+    });
+    (base, store, shutdown, seen)
+}
+
+async fn run_cli(args: &[&str]) -> (std::process::ExitCode, String) {
+    use clap::Parser as _;
+    let cli = kiln::cli::Cli::try_parse_from(args).expect("parse");
+    let mut out = Vec::new();
+    let code =
+        tokio::time::timeout(std::time::Duration::from_secs(20), kiln::cli::run(cli, &mut out))
+            .await
+            .expect("the CLI command did not finish in 20 s")
+            .expect("the CLI command failed");
+    (code, String::from_utf8(out).expect("utf-8"))
+}
+
+#[tokio::test]
+async fn show_follow_streams_until_the_rollout_ends_and_verbs_use_the_token_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (base, store, shutdown, mut seen) = serve_api(dir.path()).await;
+    let data_dir = dir.path().to_str().expect("utf-8").to_owned();
+    let id =
+        store.create_rollout(rollout("web", "ff66", RolloutState::Rolling)).expect("create").id;
+    store.append_event(id, Level::Info, "state", "rolling", None).expect("event");
+
+    let writer = store.clone();
+    let finisher = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        writer
+            .append_event(id, Level::Info, "instance.attached", "web-9 attached", None)
+            .expect("event");
+        let mut done = writer.rollout(id).expect("rollout");
+        done.state = RolloutState::Succeeded;
+        done.finished_at = Some(kiln::model::now());
+        writer.put_rollout(&done).expect("put");
+        writer.append_event(id, Level::Info, "state", "succeeded", None).expect("event");
+    });
+    let id_text = id.to_string();
+    let args = ["kiln", "--data-dir", &data_dir, "--api", &base, "show", &id_text, "--follow"];
+    let (code, out) = run_cli(&args).await;
+    finisher.await.expect("finisher");
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    assert!(out.contains("rolling") && out.contains("web-9 attached"), "{out}");
+    assert!(out.trim_end().ends_with(&format!("rollout #{id} ended: succeeded")), "{out}");
+
+    // Verbs: without a token they fail clearly; with <data-dir>/token they reach the operator.
+    let args = ["kiln", "--data-dir", &data_dir, "--api", &base, "pause", "web"];
+    let cli = <kiln::cli::Cli as clap::Parser>::try_parse_from(args).expect("parse");
+    let error = kiln::cli::run(cli, &mut Vec::new()).await.expect_err("no token");
+    assert!(format!("{error:#}").contains("no API token"), "{error:#}");
+
+    std::fs::write(dir.path().join("token"), "cli-token\n").expect("token");
+    let args = ["kiln", "--data-dir", &data_dir, "--api", &base, "rollback", "web", "--to", "ff66"];
+    let (code, out) = run_cli(&args).await;
+    assert_eq!(code, std::process::ExitCode::SUCCESS);
+    assert_eq!(out.trim(), "rollback web: accepted (rollout #42)");
+    let verb = tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
+        .await
+        .expect("timed out waiting for the verb on the command channel");
+    assert_eq!(verb.as_deref(), Some(r#"Rollback { fleet: "web", to: Some("ff66") }"#));
+    shutdown.cancel();
+}

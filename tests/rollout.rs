@@ -1,0 +1,496 @@
+//! The rollout engine against the real local provider: real instance processes, kiln's real
+//! load balancer, real HTTP traffic through it while instances are replaced.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kiln::manifest::Fleet;
+use kiln::metrics::Metrics;
+use kiln::model::{ImageRef, Revision, RolloutId, SystemClock};
+use kiln::provider::local::{LocalConfig, LocalProvider, lb};
+use kiln::provider::{Provider as _, SharedProvider};
+use kiln::rollout::driver::{Control, DriverEnv, drive, keep_capacity};
+use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
+use kiln::store::{InstanceAction, Store};
+use support::fleet::{AppKind, get, have_python3, http_client, wait_for, write_app_image_kind};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single rollout in these tests may take before the test fails.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(90);
+
+const MANIFEST: &str = r#"
+fleets:
+  - name: web
+    image:
+      stages:
+        - { name: app, path: image/app, bake: hooks/bake }
+    rollout:
+      capacity: 3
+      maxSurge: 1
+      maxUnavailable: 0
+      healthCheck: { http: /healthz, interval: 200ms, healthyThreshold: 2, timeout: 6s }
+      minHealthy: 200ms
+      drain: 300ms
+      onFailure: rollback
+      loadBalancer: { port: 0 }
+"#;
+
+fn fleet() -> Fleet {
+    let manifest = kiln::manifest::parse(MANIFEST, "kiln.yaml").expect("test manifest parses");
+    manifest.fleets.into_iter().next().expect("one fleet")
+}
+
+/// Whether the kiln binary knows `kiln lb`; if not, the LB runs in a task of this process.
+fn kiln_has_lb() -> bool {
+    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["lb", "--help"])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("--state-dir")
+        })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One test's world: temp dir, store, local provider, images.
+struct World {
+    _tmp: tempfile::TempDir,
+    fleet_dir: PathBuf,
+    port: u16,
+    env: DriverEnv,
+    fleet: Fleet,
+    provider: Arc<LocalProvider>,
+    in_process_lb: CancellationToken,
+    images: PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(&data).expect("data dir");
+        let store = Store::open(&data, 0).expect("store opens");
+        let env = DriverEnv {
+            store,
+            mirror: data.join("mirror.git"),
+            data_dir: data.clone(),
+            hook_env: Vec::new(),
+            metrics: Arc::new(Metrics::default()),
+            clock: Arc::new(SystemClock),
+        };
+        let fleet_dir = data.join("fleets").join("web");
+        let port = free_port();
+        let in_process_lb = CancellationToken::new();
+        let provider = Arc::new(open_local(&fleet_dir, port, &in_process_lb).await);
+        let images = tmp.path().join("images");
+        World { _tmp: tmp, fleet_dir, port, env, fleet: fleet(), provider, in_process_lb, images }
+    }
+
+    fn image(&self, name: &str, kind: AppKind) -> ImageRef {
+        ImageRef(write_app_image_kind(&self.images, name, kind).display().to_string())
+    }
+
+    fn shared(&self) -> SharedProvider {
+        self.provider.clone()
+    }
+
+    /// Records a rollout onto `image` (already baked) from `previous`.
+    fn rollout(&self, image: &ImageRef, previous: Option<&ImageRef>) -> RolloutId {
+        let record = Rollout {
+            id: RolloutId(0),
+            fleet: Some("web".into()),
+            revision: Revision("0123456789abcdef0123456789abcdef01234567".into()),
+            summary: "test rollout".into(),
+            trigger: "test".into(),
+            origin: Origin::Commit,
+            state: RolloutState::Pending,
+            paused_from: None,
+            plan: Plan { bake: vec![], reconcile: false, roll: true, reason: "test".into() },
+            image: Some(image.clone()),
+            stage_images: BTreeMap::new(),
+            previous_image: previous.cloned(),
+            outputs: BTreeMap::new(),
+            reason: None,
+            created_at: kiln::model::now(),
+            started_at: None,
+            finished_at: None,
+            not_before: None,
+            attempt: 0,
+            rolling: None,
+        };
+        self.env.store.create_rollout(record).expect("rollout recorded").id
+    }
+
+    async fn drive(&self, id: RolloutId) -> RolloutState {
+        let (_tx, rx) = watch::channel(Control::Run);
+        let trees = BTreeMap::from([("image/".to_owned(), "tree".to_owned())]);
+        let drive = drive(&self.env, &self.fleet, self.shared(), id, trees, rx);
+        tokio::time::timeout(ROLLOUT_TIMEOUT, drive)
+            .await
+            .unwrap_or_else(|_| panic!("rollout #{id} did not finish within {ROLLOUT_TIMEOUT:?}"))
+            .expect("drive succeeds")
+    }
+
+    /// Images of the running instances, and whether all are attached.
+    async fn fleet_images(&self) -> (Vec<String>, bool) {
+        let instances = self.provider.list().await.expect("list");
+        let running: Vec<_> = instances.iter().filter(|i| i.running).collect();
+        (running.iter().map(|i| i.image.0.clone()).collect(), running.iter().all(|i| i.attached))
+    }
+
+    fn lb_url(&self) -> String {
+        self.provider.endpoint().unwrap_or_else(|| format!("http://127.0.0.1:{}", self.port))
+    }
+
+    async fn shutdown(&self) {
+        for instance in self.provider.list().await.unwrap_or_default() {
+            let _ = self.provider.terminate(&instance.id).await;
+        }
+        self.provider.stop_load_balancer().await;
+        self.in_process_lb.cancel();
+    }
+}
+
+/// Opens a local provider on `dir`, serving the LB in-process when the binary cannot yet.
+async fn open_local(dir: &Path, port: u16, in_process: &CancellationToken) -> LocalProvider {
+    std::fs::create_dir_all(dir).expect("fleet dir");
+    if !kiln_has_lb() && lb::read_state(&dir.join("lb")).is_none() {
+        eprintln!("NOTE: `kiln lb` is not wired into the CLI yet; serving the LB in-process");
+        let args = lb::LbArgs { state_dir: dir.join("lb"), port, admin_port: 0 };
+        let token = in_process.clone();
+        tokio::spawn(async move { lb::serve(args, token).await.expect("in-process lb") });
+        let lb_dir = dir.join("lb");
+        wait_for("the in-process LB to write lb.json", Duration::from_secs(10), || {
+            let state = lb::read_state(&lb_dir);
+            async move { state.map(|_| ()) }
+        })
+        .await;
+    }
+    let config = LocalConfig {
+        fleet: "web".to_owned(),
+        dir: dir.to_owned(),
+        lb_port: port,
+        kiln_exe: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+    };
+    LocalProvider::open(config).await.expect("open local provider")
+}
+
+/// Sends requests through the load balancer until stopped; returns every (status, body), with
+/// status 0 for a connection error.
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<(u16, String)>>,
+}
+
+impl Hammer {
+    fn start(url: String) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = http_client();
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let answer = get(&client, &url).await.unwrap_or((0, String::new()));
+                seen.push(answer);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        });
+        Hammer { stop, task }
+    }
+
+    async fn finish(self) -> Vec<(u16, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the traffic task stops")
+            .expect("the traffic task does not panic")
+    }
+}
+
+fn failures(seen: &[(u16, String)]) -> Vec<&(u16, String)> {
+    seen.iter().filter(|(status, _)| !(200..300).contains(status)).collect()
+}
+
+fn names(image: &ImageRef) -> String {
+    format!("image={image} ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolls_a_fleet_onto_a_new_image_without_dropping_requests() {
+    if !have_python3() {
+        return;
+    }
+    let world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Healthy);
+
+    // First deploy: an empty fleet gets `capacity` instances.
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![a.0.clone(); 3]);
+    assert!(attached);
+    let deployed = world.env.store.deployed("web").expect("read deployed").expect("deployed set");
+    assert_eq!(deployed.image, a);
+
+    // Roll to B while a client hammers the load balancer.
+    let hammer = Hammer::start(world.lb_url());
+    wait_for("traffic through the LB", Duration::from_secs(10), || async {
+        get(&http_client(), &world.lb_url()).await.filter(|(s, _)| *s == 200).map(|_| ())
+    })
+    .await;
+    let second = world.rollout(&b, Some(&a));
+    let started = tokio::time::Instant::now();
+    assert_eq!(world.drive(second).await, RolloutState::Succeeded);
+    eprintln!(
+        "rolled 3 instances A → B in {:?} (drain 300ms, 2 probes at 200ms)",
+        started.elapsed()
+    );
+    // Keep the traffic going a moment after the switch, to see B answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = hammer.finish().await;
+    assert!(seen.len() > 20, "too little traffic to judge: {}", seen.len());
+    assert!(
+        failures(&seen).is_empty(),
+        "failed requests during the rollout: {:?}",
+        failures(&seen)
+    );
+    let first_b = seen.iter().position(|(_, body)| body.contains(&names(&b)));
+    let last_a = seen.iter().rposition(|(_, body)| body.contains(&names(&a)));
+    assert!(seen.first().is_some_and(|(_, body)| body.contains(&names(&a))), "A answered first");
+    assert!(seen.last().is_some_and(|(_, body)| body.contains(&names(&b))), "B answers last");
+    assert!(first_b.is_some() && last_a.is_some(), "both images answered");
+
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![b.0.clone(); 3]);
+    assert!(attached);
+
+    // The journal and the timeline tell the story.
+    let journal = world.env.store.instance_journal("web").expect("journal");
+    let count = |action: InstanceAction, image: &ImageRef| {
+        journal
+            .iter()
+            .filter(|e| {
+                e.action == action && e.image.as_ref() == Some(image) && e.rollout == Some(second)
+            })
+            .count()
+    };
+    assert_eq!(count(InstanceAction::Launched, &b), 3);
+    assert_eq!(count(InstanceAction::Attached, &b), 3);
+    assert_eq!(count(InstanceAction::Drained, &a), 3);
+    assert_eq!(count(InstanceAction::Terminated, &a), 3);
+    let events = world.env.store.events(second, 0).expect("events");
+    assert!(events.iter().any(|e| e.kind == "instance.launched"));
+    assert!(
+        events.iter().any(|e| e.kind == "state" && e.message.starts_with("rolling → succeeded"))
+    );
+
+    // Re-running a converged rollout is a no-op.
+    let again = world.rollout(&b, Some(&a));
+    assert_eq!(world.drive(again).await, RolloutState::Succeeded);
+    let journal = world.env.store.instance_journal("web").expect("journal");
+    assert!(journal.iter().all(|e| e.rollout != Some(again)), "no instance touched");
+
+    // An instance that dies outside a rollout is replaced.
+    let victim = world.provider.list().await.expect("list")[0].clone();
+    world.provider.terminate(&victim.id).await.expect("terminate");
+    let replaced = tokio::time::timeout(
+        ROLLOUT_TIMEOUT,
+        keep_capacity(&world.env, &world.fleet, world.shared(), &b),
+    )
+    .await
+    .expect("keep_capacity finishes")
+    .expect("keep_capacity succeeds");
+    assert_eq!(replaced, 1);
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![b.0.clone(); 3]);
+    assert!(attached);
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhealthy_image_rolls_back_without_failed_requests() {
+    if !have_python3() {
+        return;
+    }
+    let world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Unhealthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+
+    let hammer = Hammer::start(world.lb_url());
+    let bad = world.rollout(&b, Some(&a));
+    assert_eq!(world.drive(bad).await, RolloutState::RolledBack);
+    let seen = hammer.finish().await;
+    assert!(failures(&seen).is_empty(), "failed requests: {:?}", failures(&seen));
+    assert!(seen.iter().all(|(_, body)| body.contains(&names(&a))), "only A ever answered");
+
+    let record = world.env.store.rollout(bad).expect("rollout");
+    let reason = record.reason.unwrap_or_default();
+    assert!(reason.contains("GET /healthz on 127.0.0.1:"), "{reason}");
+    assert!(reason.contains(": 500"), "{reason}");
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![a.0.clone(); 3]);
+    assert!(attached);
+    world.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_the_driver_is_dropped_mid_rollout() {
+    if !have_python3() {
+        return;
+    }
+    let world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Healthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+
+    // Watch the instance count the whole time.
+    let watching = Arc::new(AtomicBool::new(true));
+    let watcher = {
+        let provider = world.shared();
+        let watching = watching.clone();
+        tokio::spawn(async move {
+            let mut max = 0;
+            while watching.load(Ordering::Relaxed) {
+                if let Ok(list) = provider.list().await {
+                    max = max.max(list.iter().filter(|i| i.running).count());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            max
+        })
+    };
+
+    let id = world.rollout(&b, Some(&a));
+    for cut in 0..2 {
+        // Drop the driver once the rollout is visibly mid-way (a B instance launched).
+        let (_tx, rx) = watch::channel(Control::Run);
+        let env = world.env.clone();
+        let fleet = world.fleet.clone();
+        let provider = world.shared();
+        let task =
+            tokio::spawn(
+                async move { drive(&env, &fleet, provider, id, BTreeMap::new(), rx).await },
+            );
+        let launched_before = cut + 1;
+        wait_for("a B instance to launch", ROLLOUT_TIMEOUT, || async {
+            let journal = world.env.store.instance_journal("web").expect("journal");
+            let n = journal
+                .iter()
+                .filter(|e| e.rollout == Some(id) && e.action == InstanceAction::Launched)
+                .count();
+            (n >= launched_before).then_some(())
+        })
+        .await;
+        task.abort();
+        let _ = task.await;
+    }
+    // A "restarted daemon": a fresh provider on the same state, the same store.
+    let reopened: SharedProvider =
+        Arc::new(open_local(&world.fleet_dir, world.port, &world.in_process_lb).await);
+    let (_tx, rx) = watch::channel(Control::Run);
+    let state = tokio::time::timeout(
+        ROLLOUT_TIMEOUT,
+        drive(&world.env, &world.fleet, reopened.clone(), id, BTreeMap::new(), rx),
+    )
+    .await
+    .expect("the resumed rollout finishes")
+    .expect("drive succeeds");
+    assert_eq!(state, RolloutState::Succeeded);
+    watching.store(false, Ordering::Relaxed);
+    let max = watcher.await.expect("watcher");
+    assert!(max <= 4, "more than capacity + surge instances at once: {max}");
+
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![b.0.clone(); 3]);
+    assert!(attached);
+    // No duplicate launch: exactly three B instances were ever created.
+    let created_b = std::fs::read_dir(world.fleet_dir.join("instances"))
+        .expect("instances dir")
+        .filter_map(Result::ok)
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("instance.json"))
+                .is_ok_and(|text| text.contains(&format!("\"image\": \"{b}\"")))
+        })
+        .count();
+    assert_eq!(created_b, 3, "B instances ever created");
+    world.shutdown().await;
+}
+
+/// Drives `id` in a task and sends `control` once the rollout has launched its first instance;
+/// returns the state the driver stopped in.
+async fn drive_and_send(world: &World, id: RolloutId, control: Control) -> RolloutState {
+    let (tx, rx) = watch::channel(Control::Run);
+    let env = world.env.clone();
+    let fleet = world.fleet.clone();
+    let provider = world.shared();
+    let task =
+        tokio::spawn(async move { drive(&env, &fleet, provider, id, BTreeMap::new(), rx).await });
+    wait_for("the rollout to launch an instance", ROLLOUT_TIMEOUT, || async {
+        let journal = world.env.store.instance_journal("web").expect("journal");
+        journal
+            .iter()
+            .any(|e| e.rollout == Some(id) && e.action == InstanceAction::Launched)
+            .then_some(())
+    })
+    .await;
+    tx.send(control).expect("the driver listens");
+    tokio::time::timeout(ROLLOUT_TIMEOUT, task)
+        .await
+        .expect("the driver stops at a safe point")
+        .expect("the driver task does not panic")
+        .expect("drive succeeds")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_supersede_stop_at_safe_points() {
+    if !have_python3() {
+        return;
+    }
+    let world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Healthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+
+    // Pause mid-rollout: the replacement in flight finishes, nothing is left half done.
+    let id = world.rollout(&b, Some(&a));
+    assert_eq!(drive_and_send(&world, id, Control::Pause).await, RolloutState::Paused);
+    let record = world.env.store.rollout(id).expect("rollout");
+    assert_eq!(record.paused_from, Some(RolloutState::Rolling));
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images.len(), 3, "capacity kept while paused: {images:?}");
+    assert!(attached, "no instance left out of the LB");
+    // Driving a paused rollout with Run resumes it.
+    assert_eq!(world.drive(id).await, RolloutState::Succeeded);
+    assert_eq!(world.fleet_images().await.0, vec![b.0.clone(); 3]);
+
+    // Superseded while rolling back to A: ends after the replacement in flight.
+    let back = world.rollout(&a, Some(&b));
+    let state = drive_and_send(&world, back, Control::Supersede(RolloutId(999))).await;
+    assert_eq!(state, RolloutState::Superseded);
+    let record = world.env.store.rollout(back).expect("rollout");
+    let reason = record.reason.unwrap_or_default();
+    assert!(reason.contains("superseded by rollout #999"), "{reason}");
+    assert!(reason.contains("fleet left as is"), "{reason}");
+    assert!(record.finished_at.is_some());
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images.len(), 3, "{images:?}");
+    assert!(attached);
+    world.shutdown().await;
+}

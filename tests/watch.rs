@@ -1,0 +1,224 @@
+//! Issue "Watch a repository and keep a durable history": the real daemon on real repositories.
+//!
+//! Each test starts `kiln run` on its own temp data dir, pushes real commits and reads the
+//! rollout log through `kiln log --json`, as a user would.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::daemon::{Daemon, for_commit};
+use support::git::{TestRepo, require_git};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A manifest whose bake hook fails at once: enough to prove a rollout was planned and started,
+/// without depending on baking.
+const MANIFEST: &str = "fleets:\n  - name: web\n    paths: [app/]\n    image:\n      stages:\n        - { name: app, path: app, bake: hooks/bake }\n    rollout: { capacity: 1, loadBalancer: { port: 0 } }\n";
+const BAKE_FAILS: &str = "#!/bin/sh\necho 'no bakery here' >&2\nexit 1\n";
+
+fn entry_state(log: &[Value], sha: &str) -> Vec<String> {
+    for_commit(log, sha).iter().map(|e| e["state"].as_str().unwrap_or("?").to_owned()).collect()
+}
+
+#[test]
+fn a_push_to_a_local_repo_is_recorded_through_notify() {
+    if !require_git("a_push_to_a_local_repo_is_recorded_through_notify") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let first = repo.commit("readme", &[("README", "hello\n")]);
+    // Poll once an hour: only the notify watcher can explain a prompt record.
+    let daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &["--poll", "1h"]);
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &first).is_empty());
+    let pushed_at = Instant::now();
+    let second = repo.commit("second", &[("README", "hello again\n")]);
+    let log =
+        daemon.wait_log("the pushed commit", WAIT, |log| !for_commit(log, &second).is_empty());
+    eprintln!("push → recorded via notify: {:?}", pushed_at.elapsed());
+    let entry = for_commit(&log, &second)[0];
+    assert_eq!(entry["trigger"], "notify", "{entry}");
+    assert_eq!(entry["state"], "skipped", "no kiln.yaml: recorded and skipped: {entry}");
+    assert!(entry["reason"].as_str().unwrap().contains("no kiln.yaml"), "{entry}");
+}
+
+#[test]
+fn a_git_daemon_remote_is_polled() {
+    if !require_git("a_git_daemon_remote_is_polled") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("readme", &[("README", "one\n")]);
+    let server = repo.serve_git();
+    let daemon =
+        Daemon::start(&server.url("repo.git"), &repo.scratch("data"), &["--poll", "300ms"]);
+    let sha = repo.commit("over git://", &[("README", "two\n")]);
+    let log =
+        daemon.wait_log("a commit over git://", WAIT, |log| !for_commit(log, &sha).is_empty());
+    assert_eq!(for_commit(&log, &sha)[0]["trigger"], "poll");
+}
+
+#[test]
+fn an_http_remote_is_polled() {
+    if !require_git("an_http_remote_is_polled") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("readme", &[("README", "one\n")]);
+    let server = repo.serve_http();
+    let daemon =
+        Daemon::start(&server.url("repo.git"), &repo.scratch("data"), &["--poll", "300ms"]);
+    let sha = repo.commit("over http://", &[("README", "two\n")]);
+    let log =
+        daemon.wait_log("a commit over http://", WAIT, |log| !for_commit(log, &sha).is_empty());
+    assert_eq!(for_commit(&log, &sha)[0]["trigger"], "poll");
+}
+
+#[test]
+fn force_push_and_branch_deletion_are_recorded_and_history_survives_restart() {
+    if !require_git("force_push_and_branch_deletion_are_recorded_and_history_survives_restart") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let base = repo.commit("base", &[("README", "base\n")]);
+    let mut daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &["--poll", "300ms"]);
+    let doomed = repo.commit("doomed", &[("README", "doomed\n")]);
+    daemon.wait_log("the doomed commit", WAIT, |log| !for_commit(log, &doomed).is_empty());
+
+    // Rewrite history: back to base, then a new commit on top of it.
+    assert_eq!(repo.force_push_reset(1), base);
+    let rewritten =
+        repo.commit_local("rewritten", &[support::git::Entry::File("README", "rewritten\n")]);
+    repo.force_push();
+    let log =
+        daemon.wait_log("the rewritten tip", WAIT, |log| !for_commit(log, &rewritten).is_empty());
+    let entry = for_commit(&log, &rewritten)[0];
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("force-push") && reason.contains(&doomed[..8]),
+        "the force push is named: {entry}"
+    );
+
+    repo.delete_branch();
+    let log = daemon.wait_log("the branch deletion", WAIT, |log| {
+        log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.contains("was deleted")))
+    });
+    let deleted: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains("was deleted")))
+        .collect();
+    assert_eq!(deleted.len(), 1, "recorded once, not on every poll");
+    assert_eq!(deleted[0]["state"], "skipped", "a deletion never tears the fleet down");
+
+    let recreated = repo.commit("after recreation", &[("README", "back\n")]);
+    daemon.wait_log("the recreated branch", WAIT, |log| !for_commit(log, &recreated).is_empty());
+
+    let before: Vec<Value> = daemon.log();
+    daemon.restart();
+    let after = daemon.log();
+    assert_eq!(before, after, "kiln log is the same after a restart");
+
+    // The store recorded the kinds (read offline once the daemon is stopped).
+    let data = daemon.data_dir.clone();
+    drop(daemon);
+    let store = kiln::store::Store::open(&data, 0).unwrap();
+    let commits = store.commits(100).unwrap();
+    let kind = |sha: &str| commits.iter().find(|c| c.revision.0 == sha).map(|c| c.kind.clone());
+    assert!(
+        matches!(kind(&rewritten), Some(kiln::store::CommitKind::ForcePush { previous }) if previous.0 == doomed)
+    );
+    assert!(commits.iter().any(|c| c.kind == kiln::store::CommitKind::BranchDeleted));
+    assert!(matches!(
+        kind(&recreated),
+        Some(kiln::store::CommitKind::Push | kiln::store::CommitKind::BranchCreated)
+    ));
+}
+
+#[test]
+fn commits_made_while_kiln_was_down_are_all_recorded() {
+    if !require_git("commits_made_while_kiln_was_down_are_all_recorded") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let first = repo.commit("first", &[("README", "1\n")]);
+    let mut daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &["--poll", "300ms"]);
+    daemon.wait_log("the first commit", WAIT, |log| !for_commit(log, &first).is_empty());
+    daemon.stop();
+    let missed: Vec<String> =
+        (2..=4).map(|i| repo.commit(&format!("c{i}"), &[("README", &format!("{i}\n"))])).collect();
+    daemon.start_again();
+    let tip = missed.last().unwrap();
+    let log = daemon.wait_log("the new tip", WAIT, |log| !for_commit(log, tip).is_empty());
+    // Only the tip is deployed: no rollout entries for the commits in between...
+    assert!(for_commit(&log, &missed[0]).is_empty() && for_commit(&log, &missed[1]).is_empty());
+    let data = daemon.data_dir.clone();
+    drop(daemon);
+    // ...but every commit in between is recorded.
+    let store = kiln::store::Store::open(&data, 0).unwrap();
+    let seen: Vec<String> = store.commits(100).unwrap().into_iter().map(|c| c.revision.0).collect();
+    for sha in &missed {
+        assert!(seen.contains(sha), "commit {sha} recorded: {seen:?}");
+    }
+}
+
+#[test]
+fn an_unreachable_remote_is_recorded_and_recovers() {
+    if !require_git("an_unreachable_remote_is_recorded_and_recovers") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let first = repo.commit("first", &[("README", "1\n")]);
+    let mut server = repo.serve_git();
+    let daemon =
+        Daemon::start(&server.url("repo.git"), &repo.scratch("data"), &["--poll", "200ms"]);
+    daemon.wait_log("the first commit", WAIT, |log| !for_commit(log, &first).is_empty());
+    server.stop();
+    let log = daemon.wait_log("a fetch failure entry", WAIT, |log| {
+        log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.starts_with("fetch failed")))
+    });
+    let failure = log
+        .iter()
+        .find(|e| e["reason"].as_str().is_some_and(|r| r.starts_with("fetch failed")))
+        .unwrap();
+    assert_eq!(failure["state"], "failed");
+    assert!(
+        failure["reason"].as_str().unwrap().contains("127.0.0.1"),
+        "names the remote: {failure}"
+    );
+    server.restart();
+    let sha = repo.commit("after the outage", &[("README", "2\n")]);
+    daemon.wait_log("a commit after the outage", WAIT, |log| !for_commit(log, &sha).is_empty());
+}
+
+#[test]
+fn a_broken_manifest_is_recorded_and_the_next_good_commit_proceeds() {
+    if !require_git("a_broken_manifest_is_recorded_and_the_next_good_commit_proceeds") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit_exec("hook", &[("hooks/bake", BAKE_FAILS)]);
+    let daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &["--poll", "300ms"]);
+    let broken = MANIFEST.replace("capacity: 1", "capacty: 1");
+    let bad = repo.commit("typo", &[("kiln.yaml", broken.as_str()), ("app/index.html", "v1\n")]);
+    let log = daemon.wait_log("the broken manifest", WAIT, |log| !for_commit(log, &bad).is_empty());
+    let entry = for_commit(&log, &bad)[0];
+    assert_eq!(entry["state"], "failed", "{entry}");
+    assert!(entry["fleet"].is_null(), "no fleet is touched: {entry}");
+    let reason = entry["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("kiln.yaml:7:") && reason.contains("unknown field `capacty`"),
+        "file, line, column and field: {reason}"
+    );
+
+    let good = repo.commit("fixed", &[("kiln.yaml", MANIFEST), ("app/index.html", "v2\n")]);
+    let log = daemon.wait_log("a rollout for the good commit to end", WAIT, |log| {
+        for_commit(log, &good).iter().any(|e| e["fleet"] == "web" && e["state"] == "failed")
+    });
+    let rollout = for_commit(&log, &good).into_iter().find(|e| e["fleet"] == "web").unwrap();
+    assert!(
+        rollout["reason"].as_str().unwrap().contains("hooks/bake"),
+        "the failing hook is named: {rollout}"
+    );
+    assert_eq!(entry_state(&log, &bad), ["failed"]);
+}
