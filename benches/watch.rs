@@ -8,8 +8,10 @@
 //!
 //! `cargo bench --bench watch`
 
+// The benchmark drives the real daemon synchronously, like the tests.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::time::Duration;

@@ -17,6 +17,7 @@ pub mod operator;
 pub mod pipeline;
 pub mod planner;
 pub mod provider;
+pub mod quickstart;
 pub mod reconcile;
 pub mod retry;
 pub mod rollout;

@@ -416,15 +416,23 @@ impl Operator {
         let Some(tip) = commits.iter().rev().find(|c| c.tip).or(commits.last()).cloned() else {
             return Ok(());
         };
-        // A crash between recording and planning re-sends the tip: plan it once only.
-        let planned = !self
-            .store()
-            .rollouts(&RolloutFilter {
-                commit: Some(tip.revision.0.clone()),
-                limit: Some(1),
-                ..RolloutFilter::default()
-            })?
-            .is_empty();
+        // A crash between planning and acknowledging re-sends the tip: plan it once only. A
+        // force push or a recreated branch pointing at an older commit changes what should be
+        // deployed, so it is planned again even though that commit was planned before.
+        let acknowledged =
+            self.store().get_meta::<Revision>(TIP_KEY)?.as_ref() == Some(&tip.revision);
+        let moved_back =
+            matches!(tip.kind, CommitKind::ForcePush { .. } | CommitKind::BranchCreated);
+        let planned = acknowledged
+            || (!moved_back
+                && !self
+                    .store()
+                    .rollouts(&RolloutFilter {
+                        commit: Some(tip.revision.0.clone()),
+                        limit: Some(1),
+                        ..RolloutFilter::default()
+                    })?
+                    .is_empty());
         if !planned {
             self.plan_tip(&tip).await?;
         }

@@ -364,8 +364,9 @@ async fn a_failed_reconcile_is_an_error() {
     .await
     .expect_err("reconcile fails");
     assert!(
-        kiln::error::chain(&err)
-            .contains("hook `reconcile web` exited with status 1: quota exceeded")
+        kiln::error::chain(&err).contains(
+            "hook `reconcile web (hooks/reconcile)` exited with status 1: quota exceeded"
+        )
     );
     assert_eq!(h.of_kind("reconcile.failed").len(), 1);
 }

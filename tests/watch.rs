@@ -86,8 +86,9 @@ fn force_push_and_branch_deletion_are_recorded_and_history_survives_restart() {
     let doomed = repo.commit("doomed", &[("README", "doomed\n")]);
     daemon.wait_log("the doomed commit", WAIT, |log| !for_commit(log, &doomed).is_empty());
 
-    // Rewrite history: back to base, then a new commit on top of it.
-    assert_eq!(repo.force_push_reset(1), base);
+    // Rewrite history the usual way (amend and force-push): the new tip does not descend from
+    // the old one.
+    repo.git(&["reset", "--hard", "HEAD~1"]);
     let rewritten =
         repo.commit_local("rewritten", &[support::git::Entry::File("README", "rewritten\n")]);
     repo.force_push();
@@ -99,6 +100,20 @@ fn force_push_and_branch_deletion_are_recorded_and_history_survives_restart() {
         reason.contains("force-push") && reason.contains(&doomed[..8]),
         "the force push is named: {entry}"
     );
+
+    // Force-push the branch back to an older commit: that commit is what should run now, so it
+    // is planned again and the rewrite is recorded.
+    assert_eq!(repo.force_push_reset(1), base);
+    let log = daemon.wait_log("the branch moved back to base", WAIT, |log| {
+        for_commit(log, &base)
+            .iter()
+            .any(|e| e["reason"].as_str().is_some_and(|r| r.contains("force-push")))
+    });
+    assert_eq!(for_commit(&log, &base).len(), 2, "the first sighting and the force push");
+    let rewritten_again = repo.commit("on top of base", &[("README", "again\n")]);
+    daemon.wait_log("a push after the rewrite", WAIT, |log| {
+        !for_commit(log, &rewritten_again).is_empty()
+    });
 
     repo.delete_branch();
     let log = daemon.wait_log("the branch deletion", WAIT, |log| {

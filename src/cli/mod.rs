@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
-pub use client::{ApiClient, ApiFailure, DaemonFile, Target};
+pub use client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
 
 use crate::model::RolloutId;
 use crate::server::api::{EventDto, FleetDto, RolloutDto, RolloutPage};
@@ -106,6 +106,10 @@ pub enum Command {
     },
     /// Ask the daemon to fetch the repo now.
     Trigger,
+    /// Create a demo infra repo and run kiln on it with the local provider.
+    Quickstart(crate::quickstart::QuickstartArgs),
+    /// Print the JSON Schema of kiln.yaml (for editors).
+    Schema,
     /// kiln's own load balancer process (started by the local provider).
     #[command(hide = true)]
     Lb(crate::provider::local::lb::LbArgs),
@@ -157,8 +161,11 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
     cli.color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    if matches!(cli.command, Command::Run(_) | Command::Lb(_)) {
-        init_tracing();
+    match cli.command {
+        Command::Run(_) | Command::Lb(_) => init_tracing("info"),
+        // The quickstart prints what to do; only problems are logged.
+        Command::Quickstart(_) => init_tracing("warn"),
+        _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -172,6 +179,16 @@ pub fn main() -> ExitCode {
     let _ = stdout.flush();
     match res {
         Ok(code) => code,
+        // `kiln log | head` closes the pipe early: that is not an error (as ripgrep does).
+        Err(error)
+            if error.chain().any(|cause| {
+                cause
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(error) => {
             let text = crate::error::redact(&format!("{error:#}"));
             eprintln!("kiln: error: {}", text.replace('\n', " "));
@@ -180,11 +197,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(default));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
@@ -200,6 +217,15 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             crate::provider::local::lb::run(args).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Validate { path } => validate(&path, out),
+        Command::Quickstart(args) => {
+            let exe = std::env::current_exe().context("cannot locate the kiln executable")?;
+            crate::quickstart::run(args, exe).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            let schema = crate::manifest::json_schema();
+            writeln!(out, "{}", serde_json::to_string_pretty(&schema)?)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Log { fleet, limit, json } => {
             log(client::connect(api.as_deref(), &data_dir)?, fleet, limit, json, color, out).await
         }

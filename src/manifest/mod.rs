@@ -58,7 +58,7 @@ impl fmt::Display for ManifestError {
 }
 
 /// The whole manifest.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// The fleets this repo describes.
@@ -66,7 +66,7 @@ pub struct Manifest {
 }
 
 /// A group of identical instances behind one load balancer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
     /// Unique name (`[a-z0-9-]`).
@@ -85,7 +85,7 @@ pub struct Fleet {
 }
 
 /// The image and its bake stages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Image {
     /// Stages in any order; `from` gives the layering. The last stage that nothing builds
@@ -93,14 +93,16 @@ pub struct Image {
     pub stages: Vec<Stage>,
     /// Per-stage bake timeout (default 30m).
     #[serde(default = "defaults::bake_timeout", with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Rebake on a schedule without a commit (security updates), e.g. `7d`.
     #[serde(default, with = "duration::serde_opt_duration")]
+    #[schemars(with = "Option<String>")]
     pub rebake: Option<Duration>,
 }
 
 /// One bake stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     /// Unique within the fleet.
@@ -115,7 +117,7 @@ pub struct Stage {
 }
 
 /// The reconcile step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Infra {
     /// The infra directory (its tree id decides whether reconcile runs).
@@ -124,11 +126,14 @@ pub struct Infra {
     pub reconcile: String,
     /// Timeout (default 15m).
     #[serde(default = "defaults::reconcile_timeout", with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
 /// Which provider runs the instances.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ProviderKind {
     /// Processes on this machine behind kiln's own load balancer (the embedded default).
@@ -139,7 +144,9 @@ pub enum ProviderKind {
 }
 
 /// What to do when new instances fail their health checks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// Put the fleet back on the previous image.
@@ -150,13 +157,17 @@ pub enum OnFailure {
 }
 
 /// A count or a percentage of capacity (`1`, `"25%"`), as in Kubernetes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(untagged)]
 pub enum IntOrPercent {
     /// An absolute count.
     Count(u32),
     /// A percentage, written `"25%"`.
-    Percent(#[serde(with = "duration::serde_percent")] u32),
+    Percent(
+        #[serde(with = "duration::serde_percent")]
+        #[schemars(with = "String")]
+        u32,
+    ),
 }
 
 impl IntOrPercent {
@@ -175,7 +186,7 @@ impl IntOrPercent {
 
 /// How instances are replaced. Defaults follow Kubernetes Deployments and AWS instance refresh
 /// (see the README's policy table).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct RolloutPolicy {
     /// Where instances run.
@@ -192,12 +203,15 @@ pub struct RolloutPolicy {
     pub health_check: HealthCheck,
     /// How long an instance must stay healthy before it takes traffic (default 0s).
     #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub min_healthy: Duration,
     /// How long an old instance keeps finishing requests after leaving the LB (default 5s).
     #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub drain: Duration,
     /// A rollout making no progress this long fails (default 10m).
     #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub progress_deadline: Duration,
     /// Replace a few instances first and wait.
     pub canary: Option<Canary>,
@@ -243,18 +257,20 @@ impl RolloutPolicy {
 }
 
 /// The HTTP health check of a new instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct HealthCheck {
     /// The path to GET; 2xx is healthy.
     pub http: String,
     /// Time between checks (default 1s).
     #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     /// Consecutive successes needed (default 2).
     pub healthy_threshold: u32,
     /// Deadline for a new instance to become healthy (default 60s).
     #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
@@ -270,13 +286,14 @@ impl Default for HealthCheck {
 }
 
 /// Canary: the first `count` replacements, then a pause (or a manual promote).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Canary {
     /// Instances in the canary batch.
     pub count: u32,
     /// How long to watch the canary before going on.
     #[serde(default, with = "duration::serde_opt_duration")]
+    #[schemars(with = "Option<String>")]
     pub pause: Option<Duration>,
     /// Wait for `kiln resume` instead of a timed pause.
     #[serde(default)]
@@ -284,11 +301,12 @@ pub struct Canary {
 }
 
 /// When rollouts may start.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Schedule {
     /// Wait this long after the commit before rolling.
     #[serde(default, with = "duration::serde_opt_duration")]
+    #[schemars(with = "Option<String>")]
     pub delay: Option<Duration>,
     /// Only start new batches inside this daily UTC window.
     #[serde(default)]
@@ -296,7 +314,7 @@ pub struct Schedule {
 }
 
 /// A daily maintenance window in UTC, e.g. `{ start: "02:00", end: "04:00" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
     /// `HH:MM` start (inclusive).
@@ -319,7 +337,7 @@ impl Window {
 }
 
 /// The local provider's load balancer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoadBalancer {
     /// The port it listens on (127.0.0.1). 0 picks a free port.
@@ -333,7 +351,7 @@ impl Default for LoadBalancer {
 }
 
 /// The exec provider: one executable per operation, in the repo.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecProvider {
     /// Lists the fleet's instances.
@@ -351,6 +369,7 @@ pub struct ExecProvider {
     pub health: Option<String>,
     /// Per-call timeout (default 5m).
     #[serde(default = "defaults::exec_timeout", with = "duration::serde_duration")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Non-secret settings passed to every call as `KILN_PROVIDER_<NAME>`.
     #[serde(default)]
@@ -450,7 +469,27 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
             Some(pos) => message[..pos].to_owned(),
             None => message,
         };
+        // For errors raised while converting a value (a bad duration), serde_yaml reports where
+        // the enclosing mapping starts. The message quotes the value: point at it instead.
+        let (line, column) = quoted_value(&message)
+            .and_then(|value| locate_value(text, value, line))
+            .unwrap_or((line, column));
         ManifestError { problems: vec![Problem { file: file.to_owned(), line, column, message }] }
+    })
+}
+
+/// The first `backticked` part of a message.
+fn quoted_value(message: &str) -> Option<&str> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(&message[start..end]).filter(|v| !v.is_empty())
+}
+
+/// The first place at or after `from_line` where `value` follows a `key:` on the line.
+fn locate_value(text: &str, value: &str, from_line: usize) -> Option<(usize, usize)> {
+    text.lines().enumerate().skip(from_line.saturating_sub(1)).find_map(|(i, line)| {
+        let pos = line.find(value)?;
+        line[..pos].contains(':').then_some((i + 1, pos + 1))
     })
 }
 
@@ -680,6 +719,20 @@ fn check_hook(
         ),
         Some(true) => {}
     }
+}
+
+/// The JSON Schema of `kiln.yaml` (`kiln schema`), for editors' YAML language servers.
+pub fn json_schema() -> serde_json::Value {
+    let schema = schemars::schema_for!(Manifest);
+    let mut value = serde_json::to_value(&schema).unwrap_or(serde_json::Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        object.insert("title".into(), "kiln.yaml".into());
+        object.insert(
+            "description".into(),
+            "The kiln manifest: fleets, their image stages, infra and rollout policy.".into(),
+        );
+    }
+    value
 }
 
 /// The manifest as pretty JSON (for records and `kiln show`).

@@ -65,7 +65,7 @@ fn unknown_field_names_line_and_column() {
     let text = GOOD.replace("      minHealthy: 5s", "      minHealty: 5s");
     let found = problems(&text);
     assert_eq!(found.len(), 1);
-    assert!(found[0].starts_with("kiln.yaml:17:7: "), "{found:?}");
+    assert!(found[0].starts_with("kiln.yaml:16:7: "), "{found:?}");
     assert!(found[0].contains("unknown field `minHealty`"), "{found:?}");
 }
 
@@ -73,7 +73,7 @@ fn unknown_field_names_line_and_column() {
 fn bad_duration_names_line() {
     let text = GOOD.replace("drain: 5s", "drain: 5 parsecs");
     let found = problems(&text);
-    assert!(found[0].starts_with("kiln.yaml:18:"), "{found:?}");
+    assert!(found[0].starts_with("kiln.yaml:17:14: "), "{found:?}");
     assert!(found[0].contains("invalid duration `5 parsecs`"), "{found:?}");
 }
 
@@ -162,4 +162,28 @@ fn windows_parse() {
     let w = Window { start: "22:30".into(), end: "02:00".into() };
     assert_eq!(w.bounds(), Some((22 * 60 + 30, 120)));
     assert_eq!(Window { start: "25:00".into(), end: "02:00".into() }.bounds(), None);
+}
+
+#[test]
+fn json_schema_describes_the_manifest() {
+    let schema = json_schema();
+    let text = schema.to_string();
+    assert_eq!(schema["title"], "kiln.yaml");
+    for field in [
+        "fleets",
+        "stages",
+        "maxSurge",
+        "healthCheck",
+        "healthyThreshold",
+        "onFailure",
+        "loadBalancer",
+        "canary",
+        "window",
+    ] {
+        assert!(text.contains(&format!("\"{field}\"")), "schema names `{field}`");
+    }
+    // deny_unknown_fields shows up as additionalProperties: false, so editors flag typos too.
+    assert!(text.contains("\"additionalProperties\":false"), "{text}");
+    // Durations are strings like "30s", not serde's {secs, nanos}.
+    assert!(!text.contains("nanos"), "{text}");
 }

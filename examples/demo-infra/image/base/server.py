@@ -13,6 +13,14 @@ import socketserver
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+def baked_commit():
+    """The commit this image was baked from (bake-dir writes it to .kiln-image)."""
+    for line in read(".kiln-image").splitlines():
+        if line.startswith("commit="):
+            return line[len("commit="):] or "unknown"
+    return "unknown"
+
+
 def read(name, default=""):
     try:
         return (HERE / name).read_text().strip()
@@ -32,7 +40,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             f"<h1>{html.escape(read('message.txt', 'Hello from kiln'))}</h1>"
             f"<p>image <code>{html.escape(os.path.basename(image))}</code></p>"
             f"<p>instance <code>{html.escape(os.environ.get('KILN_INSTANCE_ID', '?'))}</code></p>"
-            f"<p>commit <code>{html.escape(read('COMMIT', 'unknown')[:12])}</code></p>\n"
+            f"<p>commit <code>{html.escape(baked_commit()[:12])}</code></p>\n"
         )
         self.reply(200, body, "text/html; charset=utf-8")
 

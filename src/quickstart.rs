@@ -1,0 +1,191 @@
+//! `kiln quickstart`: turns the demo infra repo into a fresh git repository, starts kiln on it
+//! with the local provider, and tells the user what to do next.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::daemon::{self, DaemonConfig};
+use crate::rollout::state::RolloutState;
+use crate::server::api::RolloutPage;
+
+/// Options of `kiln quickstart`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QuickstartArgs {
+    /// Where to create the demo (a bare repo `infra.git`, a clone `work/` and kiln's `data/`).
+    #[arg(long, default_value = "kiln-demo")]
+    pub dir: PathBuf,
+    /// The load balancer's port on 127.0.0.1.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// The API and webhook address.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+}
+
+/// One file of the demo repo.
+struct DemoFile {
+    path: &'static str,
+    contents: &'static str,
+    executable: bool,
+}
+
+macro_rules! demo {
+    ($path:literal, $exec:literal) => {
+        DemoFile {
+            path: $path,
+            contents: include_str!(concat!("../examples/demo-infra/", $path)),
+            executable: $exec,
+        }
+    };
+}
+
+const DEMO: &[DemoFile] = &[
+    demo!("kiln.yaml", false),
+    demo!("README.md", false),
+    demo!(".gitignore", false),
+    demo!("image/base/run", true),
+    demo!("image/base/server.py", true),
+    demo!("image/app/message.txt", false),
+    demo!("infra/main.tf", false),
+    demo!("hooks/bake-dir", true),
+    demo!("hooks/reconcile", true),
+    demo!("hooks/reconcile-terraform", true),
+];
+
+/// Runs the quickstart until Ctrl-C.
+pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.dir)
+        .with_context(|| format!("failed to create {}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir)?;
+    let bare = dir.join("infra.git");
+    let work = dir.join("work");
+    let data = dir.join("data");
+    if bare.exists() {
+        println!("Reusing the demo in {} (delete it to start over).", dir.display());
+    } else {
+        let files: Vec<(String, Vec<u8>, bool)> = DEMO
+            .iter()
+            .map(|f| {
+                let contents = if f.path == "kiln.yaml" {
+                    f.contents.replace("port: 8080", &format!("port: {}", args.port))
+                } else {
+                    f.contents.to_owned()
+                };
+                (f.path.to_owned(), contents.into_bytes(), f.executable)
+            })
+            .collect();
+        let (bare2, work2) = (bare.clone(), work.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::source::git::create_demo_repo(
+                &bare2,
+                &work2,
+                &files,
+                "Demo fleet from kiln quickstart",
+            )
+        })
+        .await??;
+        println!(
+            "Created the demo infra repo: {} (your clone: {})",
+            bare.display(),
+            work.display()
+        );
+    }
+    let lb = format!("http://127.0.0.1:{}/", args.port);
+    let shutdown = CancellationToken::new();
+    let config = DaemonConfig {
+        repo: bare.to_string_lossy().into_owned(),
+        branch: "main".into(),
+        data_dir: data.clone(),
+        listen: args.listen,
+        poll: Duration::from_secs(60),
+        retention: 1000,
+        hook_env: vec![],
+        kiln_exe,
+        secrets: Default::default(),
+    };
+    let daemon = tokio::spawn(daemon::run_until(config, shutdown.clone()));
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        signals.cancel();
+    });
+    println!("kiln is running (API http://{}, data dir {}).", args.listen, data.display());
+    println!(
+        "Baking the first image and starting 3 instances: watch with `kiln --data-dir {} log`.",
+        data.display()
+    );
+    let reported = follow_first_rollout(&data, &shutdown).await;
+    if let Some(state) = reported {
+        println!();
+        if state == RolloutState::Succeeded {
+            println!("The fleet `web` is up behind the load balancer: {lb}");
+        } else {
+            println!(
+                "The first rollout ended `{state}`: see `kiln --data-dir {} show` with its id from `kiln log`.",
+                data.display()
+            );
+        }
+        println!();
+        println!("Next:");
+        println!(
+            "  curl {lb}                                   # the page names the image and commit"
+        );
+        println!(
+            "  cd {} && echo 'Hello, immutable world' > image/app/message.txt",
+            work.display()
+        );
+        println!(
+            "  git commit -am 'New greeting' && git push   # kiln bakes, reconciles and rolls"
+        );
+        println!(
+            "  kiln --data-dir {} log                     # the rollout history",
+            data.display()
+        );
+        println!(
+            "  kiln --data-dir {} status                  # instances and their images",
+            data.display()
+        );
+        println!(
+            "Ctrl-C stops kiln; the instances and the load balancer keep running, as servers do."
+        );
+    }
+    daemon.await??;
+    Ok(())
+}
+
+/// Waits for the daemon's first fleet rollout to end, printing each state it passes through.
+/// Returns `None` when kiln stops first.
+async fn follow_first_rollout(data: &Path, shutdown: &CancellationToken) -> Option<RolloutState> {
+    let mut client = None;
+    let mut last: Option<(u64, RolloutState)> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        if client.is_none() {
+            client = crate::cli::find_daemon(None, data).ok().flatten();
+        }
+        if let Some(api) = &client {
+            let page: Option<RolloutPage> = api.get("/rollouts?fleet=web&limit=1").await.ok();
+            if let Some(rollout) = page.and_then(|p| p.rollouts.into_iter().next()) {
+                if last != Some((rollout.id, rollout.state)) {
+                    println!(
+                        "  rollout #{} of {}: {}",
+                        rollout.id,
+                        &rollout.commit[..rollout.commit.len().min(8)],
+                        rollout.state
+                    );
+                    last = Some((rollout.id, rollout.state));
+                }
+                if rollout.state.is_terminal() || rollout.state == RolloutState::Paused {
+                    return Some(rollout.state);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
