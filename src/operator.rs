@@ -739,6 +739,10 @@ impl Operator {
         }
         let fleet = done.fleet.clone();
         self.start_next(&fleet).await;
+        if done.rollout.is_some() {
+            // Show the outcome in `kiln status` now rather than at the next tick.
+            self.on_tick().await;
+        }
     }
 
     // --- commands ---

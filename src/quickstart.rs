@@ -24,6 +24,10 @@ pub struct QuickstartArgs {
     /// The API and webhook address.
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
+    /// Tear the demo down instead: terminate its instances and stop its load balancer (they
+    /// outlive kiln, as servers do). Stop `kiln quickstart` first.
+    #[arg(long)]
+    pub down: bool,
 }
 
 /// One file of the demo repo.
@@ -56,8 +60,11 @@ const DEMO: &[DemoFile] = &[
     demo!("hooks/reconcile-terraform", true),
 ];
 
-/// Runs the quickstart until Ctrl-C.
+/// Runs the quickstart until Ctrl-C (or tears it down with `--down`).
 pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> {
+    if args.down {
+        return down(&args.dir, kiln_exe).await;
+    }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("failed to create {}", args.dir.display()))?;
     let dir = std::fs::canonicalize(&args.dir)?;
@@ -188,4 +195,40 @@ async fn follow_first_rollout(data: &Path, shutdown: &CancellationToken) -> Opti
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Terminates every instance and load balancer the demo's local provider started.
+async fn down(dir: &Path, kiln_exe: PathBuf) -> anyhow::Result<()> {
+    use crate::provider::Provider as _;
+    use crate::provider::local::{LocalConfig, LocalProvider};
+    let data = dir.join("data");
+    if crate::cli::find_daemon(None, &data)?.is_some() {
+        anyhow::bail!("kiln is still running on {}: stop it (Ctrl-C) first", data.display());
+    }
+    let fleets = data.join("fleets");
+    let Ok(entries) = std::fs::read_dir(&fleets) else {
+        println!("Nothing to tear down in {}.", dir.display());
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let fleet = entry.file_name().to_string_lossy().into_owned();
+        let provider = LocalProvider::open(LocalConfig {
+            fleet: fleet.clone(),
+            dir: entry.path(),
+            lb_port: 0,
+            kiln_exe: kiln_exe.clone(),
+        })
+        .await?;
+        let instances = provider.list().await?;
+        for instance in &instances {
+            provider.terminate(&instance.id).await?;
+        }
+        provider.stop_load_balancer().await;
+        println!(
+            "fleet {fleet}: terminated {} instance(s), stopped the load balancer",
+            instances.len()
+        );
+    }
+    println!("Done. Delete {} to start over.", dir.display());
+    Ok(())
 }

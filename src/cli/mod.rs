@@ -197,6 +197,18 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The kiln executable, as a path that can be started again: after an upgrade replaced the
+/// binary on disk, Linux reports the running one as `<path> (deleted)`, and the new binary at
+/// `<path>` is the one to start (the local provider starts `kiln lb` from it).
+fn kiln_exe() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the kiln executable")?;
+    let text = exe.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    })
+}
+
 fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG")
@@ -218,7 +230,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         }
         Command::Validate { path } => validate(&path, out),
         Command::Quickstart(args) => {
-            let exe = std::env::current_exe().context("cannot locate the kiln executable")?;
+            let exe = kiln_exe()?;
             crate::quickstart::run(args, exe).await.map(|()| ExitCode::SUCCESS)
         }
         Command::Schema => {
@@ -292,7 +304,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         poll: args.poll,
         retention: args.retention,
         hook_env: args.hook_env,
-        kiln_exe: std::env::current_exe().context("cannot find the kiln executable")?,
+        kiln_exe: kiln_exe()?,
         secrets,
     };
     crate::daemon::run(config).await?;

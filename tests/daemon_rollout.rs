@@ -1,0 +1,878 @@
+//! Issue "Roll a fleet onto a new image": the rollout engine end to end through the real daemon.
+//!
+//! Every test runs the real `kiln run` binary on a real git repository whose stages are baked by
+//! the shipped `hooks/bake-dir`, with instances as real python processes behind the real
+//! `kiln lb` process. A client hammers the load balancer through each rollout and must see only
+//! 2xx; a sampler watches the processes and the load balancer's backends to check the surge and
+//! availability bounds; the restart tests `kill -9` the daemon in each phase of a replacement and
+//! check the rollout still completes with no orphaned instance.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::daemon::{Daemon, for_commit, kiln};
+use support::fleet::have_python3;
+use support::git::{Entry, TestRepo, require_git};
+
+/// Generous deadline for anything a loaded 2-core machine does in a few seconds.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The app: python3 stdlib only. `GET /` names its image (the basename of `$KILN_IMAGE`) and the
+/// message baked into it, `GET /slow` too after 3 s (a request a drain must let finish); `/healthz` answers 503 for the first `healthy-after` seconds of its
+/// life and 500 for good when the image holds a file named `unhealthy`. On SIGTERM it exits
+/// after `term-delay` seconds (0: at once), like a server finishing its work. Settings are files
+/// in the image, so an app-stage commit changes behaviour without touching the base stage. It
+/// exits when its working directory disappears, so a test's temp dir never leaves it running.
+const APP: &str = r#"
+import os, signal, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def setting(name, default):
+    try:
+        with open(os.path.join(HERE, name)) as f:
+            return f.read().strip()
+    except OSError:
+        return default
+
+IMAGE = os.path.basename(os.environ.get("KILN_IMAGE", "?"))
+MESSAGE = setting("message.txt", "")
+HEALTHY_AFTER = float(setting("healthy-after", "0"))
+UNHEALTHY = setting("unhealthy", None) is not None
+TERM_DELAY = float(setting("term-delay", "0"))
+STARTED = time.monotonic()
+WORK = os.getcwd()
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, code, text):
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/healthz":
+            if UNHEALTHY:
+                self.reply(500, "unhealthy\n")
+            elif time.monotonic() - STARTED < HEALTHY_AFTER:
+                self.reply(503, "warming up\n")
+            else:
+                self.reply(200, "ok\n")
+        elif self.path == "/slow":
+            time.sleep(3)
+            self.reply(200, "slow image=%s message=%s\n" % (IMAGE, MESSAGE))
+        else:
+            self.reply(200, "image=%s message=%s\n" % (IMAGE, MESSAGE))
+
+def on_term(signum, frame):
+    if TERM_DELAY <= 0:
+        os._exit(0)
+    def later():
+        time.sleep(TERM_DELAY)
+        os._exit(0)
+    threading.Thread(target=later, daemon=True).start()
+
+def watchdog():
+    while os.path.isdir(WORK):
+        time.sleep(1)
+    os._exit(0)
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+signal.signal(signal.SIGTERM, on_term)
+threading.Thread(target=watchdog, daemon=True).start()
+Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+const RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
+
+/// The fleet's name in every test manifest.
+const FLEET: &str = "web";
+
+/// The rollout policy knobs the tests vary.
+#[derive(Debug, Clone)]
+struct Policy {
+    capacity: u32,
+    max_surge: u32,
+    health_timeout: &'static str,
+    min_healthy: &'static str,
+    drain: &'static str,
+}
+
+impl Policy {
+    fn quick() -> Policy {
+        Policy {
+            capacity: 3,
+            max_surge: 1,
+            health_timeout: "20s",
+            min_healthy: "200ms",
+            drain: "300ms",
+        }
+    }
+
+    fn manifest(&self) -> String {
+        format!(
+            "fleets:
+  - name: {FLEET}
+    paths: [image/, hooks/]
+    image:
+      stages:
+        - {{ name: base, path: image/base, bake: hooks/bake-dir }}
+        - {{ name: app, path: image/app, from: base, bake: hooks/bake-dir }}
+      timeout: 1m
+    rollout:
+      provider: local
+      capacity: {capacity}
+      maxSurge: {surge}
+      maxUnavailable: 0
+      healthCheck: {{ http: /healthz, interval: 200ms, healthyThreshold: 2, timeout: {timeout} }}
+      minHealthy: {min_healthy}
+      drain: {drain}
+      progressDeadline: 2m
+      onFailure: rollback
+      loadBalancer: {{ port: 0 }}
+",
+            capacity = self.capacity,
+            surge = self.max_surge,
+            timeout = self.health_timeout,
+            min_healthy = self.min_healthy,
+            drain = self.drain,
+        )
+    }
+}
+
+/// The shipped bake hook, as a user copies it into their repo.
+fn bake_dir_hook() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// A running daemon on a repo whose first commit is deployed.
+struct Fixture {
+    repo: TestRepo,
+    daemon: Daemon,
+    data: PathBuf,
+    policy: Policy,
+    /// The image the first commit deployed.
+    v1: String,
+    /// The load balancer's traffic endpoint (`http://127.0.0.1:PORT`).
+    endpoint: String,
+}
+
+/// Commits the manifest, the hook, the base stage and an app stage with `app_files`, starts the
+/// daemon and waits until the first commit runs `capacity` instances behind the LB. `None` when
+/// git or python3 is missing (a loud SKIP; a failure under CI=true).
+fn deploy_first(test: &str, policy: Policy, app_files: &[(&str, &str)]) -> Option<Fixture> {
+    if !require_git(test) || !have_python3() {
+        return None;
+    }
+    let repo = TestRepo::new();
+    let manifest = policy.manifest();
+    let hook = bake_dir_hook();
+    let mut entries = vec![
+        Entry::File("kiln.yaml", &manifest),
+        Entry::Exec("hooks/bake-dir", &hook),
+        Entry::Exec("image/base/run", RUN),
+        Entry::File("image/base/app.py", APP),
+    ];
+    let app: Vec<(String, &str)> =
+        app_files.iter().map(|(name, text)| (format!("image/app/{name}"), *text)).collect();
+    entries.extend(app.iter().map(|(path, text)| Entry::File(path, text)));
+    let sha = repo.commit_entries("first image", &entries);
+    let data = repo.scratch("data");
+    let daemon = Daemon::start(&repo.url(), &data, &["--poll", "1s"]);
+    let entry = wait_terminal(&daemon, &sha);
+    assert_eq!(entry["state"], "succeeded", "first deploy: {entry}\n{}", daemon.logs());
+    let v1 = entry["image"].as_str().expect("first rollout has an image").to_owned();
+    let fleet = wait_fleet(&daemon, "the first image on every instance", |fleet| {
+        all_on(fleet, &v1, policy.capacity) && fleet["endpoint"].is_string()
+    });
+    let endpoint = fleet["endpoint"].as_str().unwrap_or_default().to_owned();
+    let data = std::fs::canonicalize(&data).expect("canonical data dir");
+    Some(Fixture { repo, daemon, data, policy, v1, endpoint })
+}
+
+impl Fixture {
+    /// Commits `files` under `image/app/` (the base stage is untouched).
+    fn commit_app(&self, message: &str, files: &[(&str, &str)]) -> String {
+        let app: Vec<(String, &str)> =
+            files.iter().map(|(name, text)| (format!("image/app/{name}"), *text)).collect();
+        let refs: Vec<(&str, &str)> = app.iter().map(|(p, t)| (p.as_str(), *t)).collect();
+        self.repo.commit(message, &refs)
+    }
+
+    fn instances_dir(&self) -> PathBuf {
+        instances_dir(&self.data)
+    }
+}
+
+fn instances_dir(data: &Path) -> PathBuf {
+    data.join("fleets").join(FLEET).join("instances")
+}
+
+/// Waits until the commit's rollout is terminal; returns its `kiln log` entry.
+fn wait_terminal(daemon: &Daemon, sha: &str) -> Value {
+    let terminal = ["succeeded", "failed", "rolled_back", "superseded", "aborted", "skipped"];
+    let log = daemon.wait_log(&format!("the rollout of {sha} to end"), WAIT, |log| {
+        for_commit(log, sha).iter().any(|e| terminal.contains(&e["state"].as_str().unwrap_or("")))
+    });
+    for_commit(&log, sha)[0].clone()
+}
+
+/// Waits until the commit has a rollout; returns its id.
+fn rollout_id(daemon: &Daemon, sha: &str) -> u64 {
+    let log = daemon
+        .wait_log(&format!("a rollout of {sha}"), WAIT, |log| !for_commit(log, sha).is_empty());
+    for_commit(&log, sha)[0]["id"].as_u64().expect("rollout id")
+}
+
+/// `kiln status --json`, the fleet's entry.
+fn fleet_status(data: &Path) -> Option<Value> {
+    let (code, out, _) = kiln(data, &["status", "--json"]);
+    if code != 0 {
+        return None;
+    }
+    let fleets: Value = serde_json::from_str(&out).ok()?;
+    fleets.as_array()?.iter().find(|f| f["name"] == FLEET).cloned()
+}
+
+/// Polls `kiln status --json` until `cond` holds for the fleet.
+fn wait_fleet(daemon: &Daemon, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + WAIT;
+    let mut last = Value::Null;
+    loop {
+        if let Some(fleet) = fleet_status(&daemon.data_dir) {
+            if cond(&fleet) {
+                return fleet;
+            }
+            last = fleet;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}\nlast status: {last:#}\ndaemon:\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether exactly `n` instances run, all attached, all on `image`.
+fn all_on(fleet: &Value, image: &str, n: u32) -> bool {
+    let Some(instances) = fleet["instances"].as_array() else { return false };
+    let running: Vec<&Value> = instances.iter().filter(|i| i["running"] == true).collect();
+    running.len() == n as usize
+        && running.iter().all(|i| i["image"] == image && i["attached"] == true)
+        && fleet["image"] == image
+}
+
+/// `kiln show ID --json`.
+fn show(data: &Path, id: u64) -> Option<Value> {
+    let (code, out, _) = kiln(data, &["show", &id.to_string(), "--json"]);
+    if code != 0 {
+        return None;
+    }
+    serde_json::from_str(&out).ok()
+}
+
+fn events(rollout: &Value) -> Vec<Value> {
+    rollout["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// Events of `kind` about an instance on `image`.
+fn instance_events<'a>(events: &'a [Value], kind: &str, image: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["kind"] == kind && e["data"]["image"] == image).collect()
+}
+
+/// Live (non-zombie) processes whose working directory is under `instances`, by instance id.
+fn instance_processes(instances: &Path) -> BTreeMap<String, Vec<u32>> {
+    let mut found: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cwd) = std::fs::read_link(format!("/proc/{pid}/cwd")) else { continue };
+        let Ok(rest) = cwd.strip_prefix(instances) else { continue };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        if let Some(id) = rest.components().next() {
+            found.entry(id.as_os_str().to_string_lossy().into_owned()).or_default().push(pid);
+        }
+    }
+    found
+}
+
+/// The instance directories the local provider created so far.
+fn instance_dirs(instances: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(instances)
+        .map(|entries| {
+            entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1 (test side, no runtime): the body, if it answered 200.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The LB's backends as its admin endpoint reports them.
+fn lb_backends(data: &Path) -> Option<Vec<Value>> {
+    let state = std::fs::read(data.join("fleets").join(FLEET).join("lb").join("lb.json")).ok()?;
+    let state: Value = serde_json::from_slice(&state).ok()?;
+    let port = u16::try_from(state["admin_port"].as_u64()?).ok()?;
+    let body = http_get(port, "/backends")?;
+    // `Connection: close` answers are not chunked by axum for a JSON body of known length.
+    serde_json::from_str::<Value>(&body).ok()?.as_array().cloned()
+}
+
+/// What the load generator saw.
+#[derive(Debug, Default)]
+struct LoadReport {
+    ok: u64,
+    failed: u64,
+    /// The first failures, described.
+    errors: Vec<String>,
+    /// Per image named in answers: (answers, first seen, last seen).
+    images: BTreeMap<String, (u64, Instant, Instant)>,
+}
+
+/// Clients hammering the load balancer from their own thread and runtime until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` concurrent clients GET `endpoint/` in a loop, each pausing `pause` between
+    /// requests (keeps the load steady without starving a 2-core machine).
+    fn start(endpoint: &str, clients: usize, pause: Duration) -> Load {
+        Load::start_path(endpoint, "/", clients, pause)
+    }
+
+    /// Like [`Load::start`], for `GET endpoint{path}`.
+    fn start_path(endpoint: &str, path: &str, clients: usize, pause: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let url = format!("{endpoint}{path}");
+        let (stop2, report2) = (stop.clone(), report.clone());
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("load runtime");
+            runtime.block_on(async move {
+                let client = support::fleet::http_client();
+                let mut tasks = tokio::task::JoinSet::new();
+                for _ in 0..clients {
+                    let (client, url, stop, report) =
+                        (client.clone(), url.clone(), stop2.clone(), report2.clone());
+                    tasks.spawn(async move {
+                        while !stop.load(Ordering::SeqCst) {
+                            let res =
+                                client.get(&url).timeout(Duration::from_secs(10)).send().await;
+                            let outcome = match res {
+                                Ok(reply) if reply.status().is_success() => {
+                                    match reply.text().await {
+                                        Ok(body) => Ok(body),
+                                        Err(e) => Err(format!("body: {e}")),
+                                    }
+                                }
+                                Ok(reply) => Err(format!(
+                                    "{}: {}",
+                                    reply.status(),
+                                    reply.text().await.unwrap_or_default().trim()
+                                )),
+                                Err(e) => Err(format!("{e:?}")),
+                            };
+                            let now = Instant::now();
+                            {
+                                let mut report = report.lock().expect("report lock");
+                                match outcome {
+                                    Ok(body) => {
+                                        report.ok += 1;
+                                        let image = body
+                                            .split_whitespace()
+                                            .find_map(|w| w.strip_prefix("image="))
+                                            .unwrap_or("?")
+                                            .to_owned();
+                                        let seen =
+                                            report.images.entry(image).or_insert((0, now, now));
+                                        seen.0 += 1;
+                                        seen.2 = now;
+                                    }
+                                    Err(error) => {
+                                        report.failed += 1;
+                                        if report.errors.len() < 10 {
+                                            report.errors.push(error);
+                                        }
+                                    }
+                                }
+                            }
+                            tokio::time::sleep(pause).await;
+                        }
+                    });
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        });
+        Load { stop, report, thread: Some(thread) }
+    }
+
+    /// Answers so far (ok, failed).
+    fn counts(&self) -> (u64, u64) {
+        let report = self.report.lock().expect("report lock");
+        (report.ok, report.failed)
+    }
+
+    /// Stops the clients and returns what they saw.
+    fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            thread.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.report.lock().expect("report lock"))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What the sampler measured.
+#[derive(Debug, Default, Clone)]
+struct Bounds {
+    samples: u64,
+    /// Most instance processes of the fleet seen running at once.
+    max_running: usize,
+    /// Fewest attached, non-draining backends the LB reported.
+    min_serving: Option<usize>,
+}
+
+/// Samples the fleet's instance processes and the LB's backends every 50 ms until stopped.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Bounds>>,
+}
+
+impl Sampler {
+    fn start(data: &Path) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, data) = (stop.clone(), data.to_owned());
+        let thread = std::thread::spawn(move || {
+            let instances = instances_dir(&data);
+            let mut bounds = Bounds::default();
+            while !stop2.load(Ordering::SeqCst) {
+                bounds.samples += 1;
+                bounds.max_running = bounds.max_running.max(instance_processes(&instances).len());
+                if let Some(backends) = lb_backends(&data) {
+                    let serving = backends.iter().filter(|b| b["draining"] != true).count();
+                    bounds.min_serving =
+                        Some(bounds.min_serving.map_or(serving, |m| m.min(serving)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bounds
+        });
+        Sampler { stop, thread: Some(thread) }
+    }
+
+    fn finish(mut self) -> Bounds {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().map(|t| t.join().expect("sampler thread")).unwrap_or_default()
+    }
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Asserts the load saw only 2xx, and some answers.
+fn assert_no_failed_requests(report: &LoadReport, during: &str) {
+    assert!(report.ok > 0, "no request answered during {during}: {report:?}");
+    assert_eq!(
+        report.failed,
+        0,
+        "{} of {} requests failed during {during}; first errors: {:#?}",
+        report.failed,
+        report.ok + report.failed,
+        report.errors
+    );
+}
+
+/// Asserts the sampled bounds: never more than capacity + surge instance processes, never fewer
+/// than capacity (maxUnavailable is 0) serving backends in the LB.
+fn assert_bounds(bounds: &Bounds, policy: &Policy) {
+    eprintln!("bounds: {bounds:?}");
+    assert!(bounds.samples >= 5, "too few samples: {bounds:?}");
+    let most = (policy.capacity + policy.max_surge) as usize;
+    assert!(bounds.max_running <= most, "more than {most} instances ran at once: {bounds:?}");
+    let fewest = bounds.min_serving.expect("the LB answered the sampler");
+    assert!(
+        fewest >= policy.capacity as usize,
+        "fewer than {} backends served at some point: {bounds:?}",
+        policy.capacity
+    );
+}
+
+/// No instance process runs that `kiln status` does not list, and exactly the listed running
+/// instances have processes.
+fn assert_no_orphans(fx: &Fixture, fleet: &Value) {
+    let listed: BTreeSet<String> = fleet["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|i| i["running"] == true)
+                .filter_map(|i| i["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: BTreeSet<String> =
+            instance_processes(&fx.instances_dir()).into_keys().collect();
+        if running == listed {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "instance processes {running:?} differ from the instances kiln status lists {listed:?}\ndaemon:\n{}",
+            fx.daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every answer after the rollout names `image`.
+fn assert_all_answers_from(endpoint: &str, image: &str) {
+    let name = Path::new(image).file_name().and_then(|n| n.to_str()).unwrap_or(image);
+    let port: u16 = endpoint.rsplit(':').next().and_then(|p| p.parse().ok()).expect("LB port");
+    for _ in 0..30 {
+        let body = http_get(port, "/").expect("the LB answers 200");
+        assert!(body.contains(&format!("image={name} ")), "answer from another image: {body}");
+    }
+}
+
+fn basename(image: &str) -> String {
+    Path::new(image).file_name().and_then(|n| n.to_str()).unwrap_or(image).to_owned()
+}
+
+#[test]
+fn a_commit_rolls_the_fleet_onto_the_new_image_without_failed_requests() {
+    let Some(fx) = deploy_first(
+        "a_commit_rolls_the_fleet_onto_the_new_image_without_failed_requests",
+        Policy::quick(),
+        &[("message.txt", "one")],
+    ) else {
+        return;
+    };
+    let load = Load::start(&fx.endpoint, 4, Duration::from_millis(5));
+    let sampler = Sampler::start(&fx.data);
+    // Let the clients see the old image first.
+    let deadline = Instant::now() + WAIT;
+    while load.counts().0 < 20 {
+        assert!(Instant::now() < deadline, "the load balancer answered no request");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    let sha = fx.commit_app("new message", &[("message.txt", "two")]);
+    let entry = wait_terminal(&fx.daemon, &sha);
+    let took = started.elapsed();
+    assert_eq!(entry["state"], "succeeded", "{entry}\n{}", fx.daemon.logs());
+    let v2 = entry["image"].as_str().expect("image").to_owned();
+    assert_ne!(v2, fx.v1);
+    let fleet = wait_fleet(&fx.daemon, "every instance on the new image", |fleet| {
+        all_on(fleet, &v2, fx.policy.capacity)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let bounds = sampler.finish();
+    let report = load.finish();
+    eprintln!(
+        "rollout of 3 instances: {took:?}; {} requests served, {} failed; images: {:?}",
+        report.ok,
+        report.failed,
+        report.images.iter().map(|(k, v)| (k, v.0)).collect::<Vec<_>>()
+    );
+    assert_no_failed_requests(&report, "the rollout");
+    let (old, new) = (basename(&fx.v1), basename(&v2));
+    let old_seen = report.images.get(&old).unwrap_or_else(|| panic!("no answer from {old}"));
+    let new_seen = report.images.get(&new).unwrap_or_else(|| panic!("no answer from {new}"));
+    assert!(old_seen.1 < new_seen.1, "the old image answered first: {report:?}");
+    assert_eq!(report.images.len(), 2, "answers name only the two images: {report:?}");
+    assert_all_answers_from(&fx.endpoint, &v2);
+    assert_bounds(&bounds, &fx.policy);
+    assert_no_orphans(&fx, &fleet);
+
+    // The rollout's timeline: base came from the cache, app was baked, 3 replacements.
+    let id = entry["id"].as_u64().expect("id");
+    let shown = show(&fx.data, id).expect("kiln show");
+    let events = events(&shown);
+    let cached: Vec<&Value> = events.iter().filter(|e| e["kind"] == "bake.cached").collect();
+    assert!(
+        cached.iter().any(|e| e["data"]["stage"] == "base"),
+        "no bake cache hit for base: {events:#?}"
+    );
+    assert!(
+        !cached.iter().any(|e| e["data"]["stage"] == "app"),
+        "the changed app stage came from the cache: {events:#?}"
+    );
+    assert_eq!(shown["stage_images"]["base"], show_first_base(&fx), "base image reused");
+    assert_eq!(instance_events(&events, "instance.launched", &v2).len(), 3, "{events:#?}");
+    assert_eq!(instance_events(&events, "instance.terminated", &fx.v1).len(), 3, "{events:#?}");
+}
+
+/// The base stage image of the first rollout.
+fn show_first_base(fx: &Fixture) -> Value {
+    let log = fx.daemon.log();
+    let first = log.iter().filter(|e| e["image"] == fx.v1.as_str()).last().expect("first rollout");
+    let shown = show(&fx.data, first["id"].as_u64().expect("id")).expect("kiln show");
+    shown["stage_images"]["base"].clone()
+}
+
+#[test]
+fn a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests() {
+    let policy = Policy { health_timeout: "3s", ..Policy::quick() };
+    let Some(fx) = deploy_first(
+        "a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests",
+        policy,
+        &[("message.txt", "one")],
+    ) else {
+        return;
+    };
+    let load = Load::start(&fx.endpoint, 4, Duration::from_millis(5));
+    let sampler = Sampler::start(&fx.data);
+    let sha = fx.commit_app("broken image", &[("message.txt", "two"), ("unhealthy", "yes")]);
+    let entry = wait_terminal(&fx.daemon, &sha);
+    assert_eq!(entry["state"], "rolled_back", "{entry}\n{}", fx.daemon.logs());
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("health check")
+            && reason.contains("GET /healthz")
+            && reason.contains("500"),
+        "the reason names the failed check: {reason}"
+    );
+    let fleet = wait_fleet(&fx.daemon, "every instance back on the old image", |fleet| {
+        all_on(fleet, &fx.v1, fx.policy.capacity)
+    });
+    let bounds = sampler.finish();
+    let report = load.finish();
+    eprintln!(
+        "rollback: {} requests served, {} failed; reason: {reason}",
+        report.ok, report.failed
+    );
+    assert_no_failed_requests(&report, "the failed rollout and its rollback");
+    assert_eq!(
+        report.images.keys().cloned().collect::<Vec<_>>(),
+        vec![basename(&fx.v1)],
+        "only the old image ever answered"
+    );
+    assert_all_answers_from(&fx.endpoint, &fx.v1);
+    assert_bounds(&bounds, &fx.policy);
+    assert_no_orphans(&fx, &fleet);
+}
+
+/// The phase of a replacement the daemon is killed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// While the first new instance is being launched: its directory appeared, the launch is
+    /// not recorded complete yet (polled as tightly as the test can).
+    Launching,
+    /// A new instance launched, not healthy yet (the new image warms up for 4 s).
+    WaitingForHealth,
+    /// An old instance detached and draining: drain is 6 s and clients keep 3 s requests in
+    /// flight on every backend.
+    Draining,
+    /// An old instance being terminated (the image takes 3 s to exit on SIGTERM).
+    Terminating,
+}
+
+/// Kills the daemon with SIGKILL in `phase` of the first replacement, starts it again on the
+/// same data dir and checks the rollout completes with no orphan, no failed request and the
+/// bounds kept throughout.
+fn restart_in(phase: Phase, test: &str) {
+    let (policy, v1_files, v2_files): (Policy, Vec<(&str, &str)>, Vec<(&str, &str)>) = match phase {
+        Phase::Launching => {
+            (Policy::quick(), vec![("message.txt", "one")], vec![("message.txt", "two")])
+        }
+        Phase::WaitingForHealth => (
+            Policy::quick(),
+            vec![("message.txt", "one")],
+            vec![("message.txt", "two"), ("healthy-after", "4")],
+        ),
+        Phase::Draining => (
+            Policy { drain: "6s", ..Policy::quick() },
+            vec![("message.txt", "one")],
+            vec![("message.txt", "two")],
+        ),
+        Phase::Terminating => (
+            Policy::quick(),
+            vec![("message.txt", "one"), ("term-delay", "3")],
+            vec![("message.txt", "two"), ("term-delay", "0")],
+        ),
+    };
+    let Some(mut fx) = deploy_first(test, policy, &v1_files) else { return };
+    let load = Load::start(&fx.endpoint, 4, Duration::from_millis(5));
+    let slow = (phase == Phase::Draining)
+        .then(|| Load::start_path(&fx.endpoint, "/slow", 8, Duration::ZERO));
+    let sampler = Sampler::start(&fx.data);
+    let before: BTreeSet<String> = instance_dirs(&fx.instances_dir());
+    let sha = fx.commit_app(&format!("new image ({phase:?})"), &v2_files);
+    if phase == Phase::Launching {
+        // Tight polling: a launch takes milliseconds.
+        let deadline = Instant::now() + WAIT;
+        while instance_dirs(&fx.instances_dir()).is_subset(&before) {
+            assert!(Instant::now() < deadline, "no launch seen\n{}", fx.daemon.logs());
+            std::thread::yield_now();
+        }
+        fx.daemon.kill9();
+    }
+    let id = rollout_id(&fx.daemon, &sha);
+
+    // Poll for the phase; kill -9 at the first sight of it.
+    let deadline = Instant::now() + WAIT;
+    let seen = loop {
+        let hit = match phase {
+            Phase::Launching => Some(Value::Null),
+            Phase::WaitingForHealth => show(&fx.data, id).filter(|r| {
+                let events = events(r);
+                events.iter().any(|e| e["kind"] == "instance.launched")
+                    && !events.iter().any(|e| e["kind"] == "instance.healthy")
+            }),
+            Phase::Draining => lb_backends(&fx.data)
+                .filter(|b| b.iter().any(|b| b["draining"] == true))
+                .map(|b| serde_json::json!(b)),
+            Phase::Terminating => show(&fx.data, id).filter(|r| {
+                let events = events(r);
+                events.iter().any(|e| e["kind"] == "instance.drained")
+                    && !events.iter().any(|e| e["kind"] == "instance.terminated")
+            }),
+        };
+        if let Some(hit) = hit {
+            break hit;
+        }
+        let entry = fx.daemon.log().into_iter().find(|e| e["id"] == id);
+        assert!(
+            entry.as_ref().is_none_or(|e| !["succeeded", "failed", "rolled_back"]
+                .contains(&e["state"].as_str().unwrap_or(""))),
+            "the rollout ended before phase {phase:?} was seen: {entry:?}"
+        );
+        assert!(Instant::now() < deadline, "phase {phase:?} never seen\n{}", fx.daemon.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    fx.daemon.kill9();
+    let _ = seen;
+
+    // What the store says was in flight at the kill (read offline: the daemon is gone).
+    {
+        let store = kiln::store::Store::open(&fx.data, 0).expect("open the store offline");
+        let rollout = store.rollout(kiln::model::RolloutId(id)).expect("the rollout");
+        let rolling = rollout.rolling.clone().unwrap_or_default();
+        eprintln!(
+            "{phase:?}: killed in state {} with intent {:?}; launched {:?}, probes {:?}",
+            rollout.state,
+            rolling.intent.as_ref().map(|i| &i.action),
+            rolling.launched,
+            rolling.probes.keys().collect::<Vec<_>>()
+        );
+        use kiln::rollout::state::Action;
+        match phase {
+            Phase::Launching => {}
+            Phase::WaitingForHealth => {
+                assert!(!rolling.probes.is_empty(), "a new instance was being checked: {rolling:?}")
+            }
+            Phase::Draining => assert!(
+                matches!(rolling.intent.as_ref().map(|i| &i.action), Some(Action::Detach { .. })),
+                "a detach was in flight: {rolling:?}"
+            ),
+            Phase::Terminating => assert!(
+                matches!(
+                    rolling.intent.as_ref().map(|i| &i.action),
+                    Some(Action::Terminate { .. })
+                ),
+                "a terminate was in flight: {rolling:?}"
+            ),
+        }
+    }
+
+    fx.daemon.start_again();
+    let entry = wait_terminal(&fx.daemon, &sha);
+    assert_eq!(entry["state"], "succeeded", "{phase:?}: {entry}\n{}", fx.daemon.logs());
+    let v2 = entry["image"].as_str().expect("image").to_owned();
+    let fleet = wait_fleet(&fx.daemon, "every instance on the new image", |fleet| {
+        all_on(fleet, &v2, fx.policy.capacity)
+    });
+    let bounds = sampler.finish();
+    let report = load.finish();
+    eprintln!("{phase:?}: {} requests served, {} failed", report.ok, report.failed);
+    assert_no_failed_requests(&report, &format!("a rollout with a kill -9 while {phase:?}"));
+    if let Some(slow) = slow {
+        let report = slow.finish();
+        eprintln!("{phase:?}: {} slow requests served, {} failed", report.ok, report.failed);
+        assert_no_failed_requests(&report, &format!("a drain interrupted by a kill -9"));
+    }
+    assert_bounds(&bounds, &fx.policy);
+    assert_no_orphans(&fx, &fleet);
+    assert_all_answers_from(&fx.endpoint, &v2);
+    // Each new instance was launched once: the restart completed intents, it did not repeat them.
+    let shown = show(&fx.data, id).expect("kiln show");
+    let launched: BTreeSet<String> = instance_events(&events(&shown), "instance.launched", &v2)
+        .iter()
+        .filter_map(|e| e["data"]["instance"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(launched.len(), 3, "three new instances launched: {launched:?}");
+}
+
+#[test]
+fn kill_9_while_launching_then_restart_completes_the_rollout() {
+    restart_in(Phase::Launching, "kill_9_while_launching_then_restart_completes_the_rollout");
+}
+
+#[test]
+fn kill_9_while_waiting_for_health_then_restart_completes_the_rollout() {
+    restart_in(
+        Phase::WaitingForHealth,
+        "kill_9_while_waiting_for_health_then_restart_completes_the_rollout",
+    );
+}
+
+#[test]
+fn kill_9_while_draining_then_restart_completes_the_rollout() {
+    restart_in(Phase::Draining, "kill_9_while_draining_then_restart_completes_the_rollout");
+}
+
+#[test]
+fn kill_9_while_terminating_then_restart_completes_the_rollout() {
+    restart_in(Phase::Terminating, "kill_9_while_terminating_then_restart_completes_the_rollout");
+}

@@ -1,0 +1,165 @@
+//! Issue "A newcomer's first ten minutes": `kiln quickstart` as a newcomer runs it.
+//!
+//! Starts the real binary, waits for the demo fleet to come up behind the load balancer, edits
+//! the demo as the printed instructions say (edit, commit, push), sees the page change, stops
+//! kiln with Ctrl-C and tears the demo down with `--down`, leaving no process behind.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::daemon::{kiln_exe, leftover_pids};
+use support::git::{free_port, git_command, require_git};
+
+/// Kills the quickstart and everything it started if the test fails half-way.
+struct Cleanup {
+    child: i32,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            support::daemon::kill_leftovers(&self.dir);
+        }
+    }
+}
+
+fn get(url: &str) -> Option<String> {
+    let out = Command::new("curl").args(["-fsS", "--max-time", "5", url]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn quickstart_runs_the_demo_rolls_an_edit_and_tears_down() {
+    let name = "quickstart_runs_the_demo_rolls_an_edit_and_tears_down";
+    if !require_git(name) {
+        return;
+    }
+    let python =
+        Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    let curl = Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !(python && curl) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{name}: python3 and curl are required under CI"
+        );
+        eprintln!("SKIP: {name}: python3 or curl is missing");
+        return;
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("demo");
+    let (lb_port, api_port) = (free_port(), free_port());
+    let mut child = Command::new(kiln_exe())
+        .args(["quickstart", "--dir"])
+        .arg(&dir)
+        .args(["--port", &lb_port.to_string(), "--listen", &format!("127.0.0.1:{api_port}")])
+        .env_remove("KILN_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _guard = Cleanup { child: child.id() as i32, dir: dir.clone() };
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    // Read until the last line of the instructions.
+    while !printed.iter().any(|l: &String| l.contains("Ctrl-C stops kiln")) {
+        assert!(
+            Instant::now() < deadline,
+            "the demo never came up; printed:\n{}",
+            printed.join("\n")
+        );
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            printed.push(line);
+        }
+    }
+    let lb = format!("http://127.0.0.1:{lb_port}/");
+    let page = get(&lb).expect("the load balancer serves the demo");
+    assert!(page.contains("Hello from kiln"), "{page}");
+    let text = printed.join("\n");
+    assert!(text.contains("is up behind the load balancer"), "{text}");
+    assert!(
+        text.contains(&lb) && text.contains("image/app/message.txt") && text.contains("log"),
+        "{text}"
+    );
+
+    // Do what the printed instructions say.
+    let work = dir.join("work");
+    std::fs::write(work.join("image/app/message.txt"), "Hello, immutable world\n").unwrap();
+    let home = temp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    for args in [&["commit", "-qam", "New greeting"][..], &["push", "-q"][..]] {
+        let out = git_command(&home).current_dir(&work).args(args).output().unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if get(&lb).is_some_and(|p| p.contains("Hello, immutable world")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the edit never rolled out");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Every instance serves the new page once the rollout is done.
+    let data = dir.join("data");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new(kiln_exe())
+            .args(["log", "--json", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if log[0]["summary"] == "New greeting" && log[0]["state"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rollout did not succeed: {log}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..6 {
+        assert!(get(&lb).is_some_and(|p| p.contains("Hello, immutable world")));
+    }
+
+    // Ctrl-C stops kiln; the fleet keeps serving, as servers outlive their control plane.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "quickstart exits cleanly on Ctrl-C: {status}");
+    assert!(get(&lb).is_some(), "instances outlive kiln");
+
+    let out = Command::new(kiln_exe())
+        .args(["quickstart", "--down", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = leftover_pids(&dir.to_string_lossy());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left after --down: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(get(&lb).is_none(), "the load balancer is gone");
+}
