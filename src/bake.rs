@@ -256,6 +256,7 @@ async fn run_bake_hook(
         workdir: workspace.tree.clone(),
         env: step::hook_env(cx, inputs),
         timeout: cx.fleet.image.timeout,
+        stdin: None,
     };
     let outcome = step::run_hook(cx, &spec, &workspace.out).await?;
     let image = image_id(&spec.name, &outcome, &workspace.tree).await?;

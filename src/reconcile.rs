@@ -84,6 +84,7 @@ pub async fn reconcile_fleet(
             workdir: workspace.tree.clone(),
             env,
             timeout: infra.timeout,
+            stdin: None,
         };
         let res = async {
             let outcome = step::run_hook(cx, &spec, &workspace.out).await?;

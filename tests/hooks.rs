@@ -20,6 +20,7 @@ fn spec(dir: &std::path::Path, program: std::path::PathBuf, timeout: Duration) -
         workdir: dir.to_owned(),
         env: vec![("KILN_FLEET".to_owned(), "web".to_owned())],
         timeout,
+        stdin: None,
     }
 }
 
@@ -437,4 +438,21 @@ fn packer_manifest_last_build() {
     assert_eq!(id.as_deref(), Ok("us-east-2:ami-e8a4948d"));
     assert!(packer::manifest_artifact_id(b"{\"builds\": []}").is_err());
     assert!(packer::manifest_artifact_id(b"not json").is_err());
+}
+
+#[tokio::test]
+async fn stdin_bytes_reach_the_hook_and_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    // `cat` only exits once stdin is closed: a hung run would show the runner never closed it.
+    let program = write_script(
+        dir.path(),
+        "echo-stdin",
+        "#!/bin/sh\nprintf 'got=' >> \"$KILN_OUTPUT\"\ncat >> \"$KILN_OUTPUT\"\n",
+    );
+    let mut spec = spec(dir.path(), program, Duration::from_secs(10));
+    spec.stdin = Some(b"{\"op\":\"launch\"}\n".to_vec());
+    let lines = Lines::default();
+    let sink = |s: Stream, l: &str| lines.push(s, l);
+    let outcome = hooks::run(&spec, &sink, &CancellationToken::new()).await.unwrap();
+    assert_eq!(outcome.outputs.get("got").map(String::as_str), Some("{\"op\":\"launch\"}"));
 }

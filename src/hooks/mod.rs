@@ -1,7 +1,7 @@
 //! Running the repo's hooks: the only code that spawns processes.
 //!
 //! A hook run ([`run`]) is one child process in its own process group, started with a clean
-//! environment (see [`contract`] and docs/hooks.md), stdin from /dev/null, stdout and stderr read
+//! environment (see [`contract`] and docs/hooks.md), stdin from `HookSpec::stdin` or /dev/null, stdout and stderr read
 //! line by line and handed to a [`LineSink`] (the caller turns them into rollout events) and to
 //! tracing. Capture is capped at [`OUTPUT_CAP`] bytes per run: later lines are still read, so
 //! the child never blocks on a full pipe, but dropped, and memory stays flat. A timeout or a
@@ -81,6 +81,8 @@ pub struct HookSpec {
     pub env: Vec<(String, String)>,
     /// Kill the process group after this long.
     pub timeout: Duration,
+    /// Bytes written to the hook's stdin (then closed); `None` gives it /dev/null.
+    pub stdin: Option<Vec<u8>>,
 }
 
 /// What a successful hook produced.
@@ -256,7 +258,7 @@ pub async fn run_in(
         .env(contract::KILN_OUTPUT, &output_file)
         .env(contract::KILN_OUTPUT_DIR, out_dir)
         .current_dir(&spec.workdir)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so a timeout can kill everything the hook started, not just the hook.
@@ -268,6 +270,14 @@ pub async fn run_in(
     let mut guard = GroupGuard { pgid, armed: true };
     tracing::info!(hook = %spec.name, program = %spec.program.display(), pid = ?pgid, "Hook started.");
 
+    if let (Some(bytes), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
+        // Written concurrently and then closed (EOF), so a hook that reads its input after
+        // writing output never deadlocks; a hook that ignores stdin is fine too (EPIPE).
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let _ = stdin.write_all(&bytes).await;
+        });
+    }
     let capture = Capture::new(&spec.name, sink);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();

@@ -1,6 +1,7 @@
 //! The exec provider: each operation is an executable in the repo speaking JSON.
 //!
-//! kiln writes the request to a JSON file named by `$KILN_REQUEST`, runs the operation's script
+//! kiln sends the request as JSON on the script's stdin (and in a file named by `$KILN_REQUEST`),
+//! runs the operation's script
 //! through the hook runner (clean environment, own process group, timeout), and parses the
 //! script's stdout as the reply. The protocol is documented in `docs/exec-provider.md`; every
 //! reply is validated, and a bad one is an error naming the script and what was wrong.
@@ -135,7 +136,7 @@ impl ExecProvider {
         let request_file =
             requests.join(format!("{op}-{}-{:08x}.json", std::process::id(), fastrand::u32(..)));
         let json = serde_json::to_vec(request).map_err(|e| failed(op, e.to_string()))?;
-        std::fs::write(&request_file, json)
+        std::fs::write(&request_file, &json)
             .map_err(|e| failed(op, format!("cannot write {}: {e}", request_file.display())))?;
 
         let mut env = vec![
@@ -151,6 +152,7 @@ impl ExecProvider {
             workdir: self.repo_dir.clone(),
             env,
             timeout: self.spec.timeout + extra_time,
+            stdin: Some(json),
         };
         let fleet = self.fleet.clone();
         let sink = move |stream: Stream, line: &str| {

@@ -86,8 +86,7 @@ def asg_instance_ids():
 
 
 def main():
-    with open(os.environ["KILN_REQUEST"]) as f:
-        req = json.load(f)
+    req = json.load(sys.stdin)  # the same JSON is in the file $KILN_REQUEST names
     if OP == "list":
         attached = targets()
         instances = [view(i, attached) for i in describe(asg_instance_ids())

@@ -71,11 +71,17 @@ def main():
     state = os.environ.get("KILN_PROVIDER_STATE")
     if not state:
         die("setting `state` (KILN_PROVIDER_STATE) is required")
+    # The request arrives as JSON on stdin; the same JSON is in the file $KILN_REQUEST names.
+    try:
+        request = json.load(sys.stdin)
+    except ValueError as e:
+        die(f"stdin is not a JSON request: {e}")
     request_path = os.environ.get("KILN_REQUEST")
     if not request_path:
         die("KILN_REQUEST is not set")
     with open(request_path) as f:
-        request = json.load(f)
+        if json.load(f) != request:
+            die("the request on stdin differs from $KILN_REQUEST")
 
     fail = os.environ.get("KILN_PROVIDER_FAIL", "")
     if fail.startswith(OP + ":"):
