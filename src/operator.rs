@@ -373,28 +373,19 @@ impl Operator {
         reason: String,
     ) -> OpResult<Rollout> {
         let now = crate::model::now();
-        let rollout = self.store().create_rollout(Rollout {
-            id: RolloutId(0),
-            fleet: None,
-            revision: commit.revision.clone(),
-            summary: commit.summary.clone(),
-            trigger: commit.trigger.clone(),
-            origin: Origin::Commit,
-            state,
-            paused_from: None,
-            plan: Plan { reason: reason.clone(), ..Plan::default() },
-            image: None,
-            stage_images: BTreeMap::new(),
-            previous_image: None,
-            outputs: BTreeMap::new(),
-            reason: Some(reason.clone()),
-            created_at: now,
-            started_at: None,
-            finished_at: Some(now),
-            not_before: None,
-            attempt: 0,
-            rolling: None,
-        })?;
+        let mut record = Rollout::new(
+            None,
+            commit.revision.clone(),
+            commit.summary.clone(),
+            commit.trigger.clone(),
+            Origin::Commit,
+            now,
+        );
+        record.state = state;
+        record.plan = Plan { reason: reason.clone(), ..Plan::default() };
+        record.reason = Some(reason.clone());
+        record.finished_at = Some(now);
+        let rollout = self.store().create_rollout(record)?;
         let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
         self.store().append_event(
             rollout.id,
@@ -502,28 +493,17 @@ impl Operator {
             let name = fleet_plan.fleet.name.clone();
             let previous_image = self.store().deployed(&name)?.map(|d| d.image);
             let now = crate::model::now();
-            let rollout = self.store().create_rollout(Rollout {
-                id: RolloutId(0),
-                fleet: Some(name.clone()),
-                revision: tip.revision.clone(),
-                summary: tip.summary.clone(),
-                trigger: tip.trigger.clone(),
-                origin: Origin::Commit,
-                state: RolloutState::Pending,
-                paused_from: None,
-                plan: fleet_plan.plan.clone(),
-                image: None,
-                stage_images: BTreeMap::new(),
-                previous_image,
-                outputs: BTreeMap::new(),
-                reason: None,
-                created_at: now,
-                started_at: None,
-                finished_at: None,
-                not_before: None,
-                attempt: 0,
-                rolling: None,
-            })?;
+            let mut record = Rollout::new(
+                Some(name.clone()),
+                tip.revision.clone(),
+                tip.summary.clone(),
+                tip.trigger.clone(),
+                Origin::Commit,
+                now,
+            );
+            record.plan = fleet_plan.plan.clone();
+            record.previous_image = previous_image;
+            let rollout = self.store().create_rollout(record)?;
             if let Some(note) = &note {
                 self.store().append_event(rollout.id, Level::Warn, "source", note.clone(), None)?;
             }
@@ -834,33 +814,25 @@ impl Operator {
             })?;
         let image: Option<ImageRef> = target.image.clone();
         let now = crate::model::now();
-        let rollout = self.store().create_rollout(Rollout {
-            id: RolloutId(0),
-            fleet: Some(fleet.to_owned()),
-            revision: target.revision.clone(),
-            summary: format!("rollback to {} ({})", target.revision.short(), target.summary),
-            trigger: "command".into(),
-            origin: Origin::Rollback { from: Some(target.id) },
-            state: RolloutState::Pending,
-            paused_from: None,
-            plan: Plan {
-                bake: vec![],
-                reconcile: false,
-                roll: true,
-                reason: format!("manual rollback to the image of rollout #{}", target.id),
-            },
-            image,
-            stage_images: target.stage_images.clone(),
-            previous_image: current,
-            outputs: target.outputs.clone(),
-            reason: None,
-            created_at: now,
-            started_at: None,
-            finished_at: None,
-            not_before: None,
-            attempt: 0,
-            rolling: None,
-        })?;
+        let mut record = Rollout::new(
+            Some(fleet.to_owned()),
+            target.revision.clone(),
+            format!("rollback to {} ({})", target.revision.short(), target.summary),
+            "command".into(),
+            Origin::Rollback { from: Some(target.id) },
+            now,
+        );
+        record.plan = Plan {
+            bake: vec![],
+            reconcile: false,
+            roll: true,
+            reason: format!("manual rollback to the image of rollout #{}", target.id),
+        };
+        record.image = image;
+        record.stage_images = target.stage_images.clone();
+        record.previous_image = current;
+        record.outputs = target.outputs.clone();
+        let rollout = self.store().create_rollout(record)?;
         self.store().append_event(
             rollout.id,
             Level::Info,

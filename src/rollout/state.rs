@@ -307,3 +307,41 @@ pub struct Probe {
     #[serde(default)]
     pub last_error: Option<String>,
 }
+
+impl Rollout {
+    /// A new `pending` record (id assigned by `Store::create_rollout`) with nothing planned or
+    /// done yet: no image, no outputs, no timestamps besides `created_at`.
+    pub fn new(
+        fleet: Option<String>,
+        revision: Revision,
+        summary: String,
+        trigger: String,
+        origin: Origin,
+        now: Timestamp,
+    ) -> Rollout {
+        let state = RolloutState::Pending;
+        let plan = Plan::default();
+        Rollout {
+            id: RolloutId(0),
+            fleet,
+            revision,
+            summary,
+            trigger,
+            origin,
+            state,
+            paused_from: None,
+            plan,
+            image: None,
+            stage_images: BTreeMap::new(),
+            previous_image: None,
+            outputs: BTreeMap::new(),
+            reason: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            not_before: None,
+            attempt: 0,
+            rolling: None,
+        }
+    }
+}

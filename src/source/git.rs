@@ -574,6 +574,64 @@ pub fn fetch_observed(
     Ok(Some(Revision(tip.to_string())))
 }
 
+/// Creates a new repository for `kiln quickstart`: a bare `bare` repository (the "remote" kiln
+/// watches, HEAD → `main`) and a clone of it at `work` holding `files` (path, contents,
+/// executable) in one commit pushed to `main`. The clone gets a local identity so the user can
+/// commit at once.
+pub fn create_demo_repo(
+    bare: &Path,
+    work: &Path,
+    files: &[(String, Vec<u8>, bool)],
+    message: &str,
+) -> Result<Revision, GitError> {
+    let remote = git2::Repository::init_opts(
+        bare,
+        git2::RepositoryInitOptions::new().bare(true).initial_head("main"),
+    )
+    .map_err(GitError::git(format!("create {}", bare.display())))?;
+    drop(remote);
+    let repo =
+        git2::Repository::init_opts(work, git2::RepositoryInitOptions::new().initial_head("main"))
+            .map_err(GitError::git(format!("create {}", work.display())))?;
+    let mut config = repo.config().map_err(GitError::git("open the clone's config"))?;
+    for (key, value) in [("user.name", "kiln demo"), ("user.email", "demo@kiln.invalid")] {
+        config.set_str(key, value).map_err(GitError::git(format!("set {key}")))?;
+    }
+    for (path, contents, executable) in files {
+        let dest = work.join(path);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .map_err(GitError::io(format!("create {}", parent.display())))?;
+        }
+        fs::write(&dest, contents).map_err(GitError::io(format!("write {}", dest.display())))?;
+        let mode = if *executable { 0o755 } else { 0o644 };
+        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
+            .map_err(GitError::io(format!("chmod {}", dest.display())))?;
+    }
+    let mut index = repo.index().map_err(GitError::git("open the index"))?;
+    index
+        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .map_err(GitError::git("stage the demo files"))?;
+    index.write().map_err(GitError::git("write the index"))?;
+    let tree_id = index.write_tree().map_err(GitError::git("write the tree"))?;
+    let tree = repo.find_tree(tree_id).map_err(GitError::git("read the tree"))?;
+    let signature = repo.signature().map_err(GitError::git("make a signature"))?;
+    let commit = repo
+        .commit(Some("HEAD"), &signature, &signature, message, &tree, &[])
+        .map_err(GitError::git("commit the demo"))?;
+    let url = bare.to_string_lossy().into_owned();
+    let mut origin = repo.remote("origin", &url).map_err(GitError::git("add the origin remote"))?;
+    origin
+        .push(&["refs/heads/main:refs/heads/main"], None)
+        .map_err(GitError::git(format!("push to {url}")))?;
+    let mut config = repo.config().map_err(GitError::git("open the clone's config"))?;
+    for (key, value) in [("branch.main.remote", "origin"), ("branch.main.merge", "refs/heads/main")]
+    {
+        config.set_str(key, value).map_err(GitError::git(format!("set {key}")))?;
+    }
+    Ok(Revision(commit.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -820,62 +878,4 @@ mod tests {
         let err = fetch(&mirror, "main").expect_err("remote gone");
         assert!(crate::error::chain(&err).contains("fetch main from /nonexistent/repo"), "{err}");
     }
-}
-
-/// Creates a new repository for `kiln quickstart`: a bare `bare` repository (the "remote" kiln
-/// watches, HEAD → `main`) and a clone of it at `work` holding `files` (path, contents,
-/// executable) in one commit pushed to `main`. The clone gets a local identity so the user can
-/// commit at once.
-pub fn create_demo_repo(
-    bare: &Path,
-    work: &Path,
-    files: &[(String, Vec<u8>, bool)],
-    message: &str,
-) -> Result<Revision, GitError> {
-    let remote = git2::Repository::init_opts(
-        bare,
-        git2::RepositoryInitOptions::new().bare(true).initial_head("main"),
-    )
-    .map_err(GitError::git(format!("create {}", bare.display())))?;
-    drop(remote);
-    let repo =
-        git2::Repository::init_opts(work, git2::RepositoryInitOptions::new().initial_head("main"))
-            .map_err(GitError::git(format!("create {}", work.display())))?;
-    let mut config = repo.config().map_err(GitError::git("open the clone's config"))?;
-    for (key, value) in [("user.name", "kiln demo"), ("user.email", "demo@kiln.invalid")] {
-        config.set_str(key, value).map_err(GitError::git(format!("set {key}")))?;
-    }
-    for (path, contents, executable) in files {
-        let dest = work.join(path);
-        if let Some(parent) = dest.parent() {
-            fs::create_dir_all(parent)
-                .map_err(GitError::io(format!("create {}", parent.display())))?;
-        }
-        fs::write(&dest, contents).map_err(GitError::io(format!("write {}", dest.display())))?;
-        let mode = if *executable { 0o755 } else { 0o644 };
-        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))
-            .map_err(GitError::io(format!("chmod {}", dest.display())))?;
-    }
-    let mut index = repo.index().map_err(GitError::git("open the index"))?;
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .map_err(GitError::git("stage the demo files"))?;
-    index.write().map_err(GitError::git("write the index"))?;
-    let tree_id = index.write_tree().map_err(GitError::git("write the tree"))?;
-    let tree = repo.find_tree(tree_id).map_err(GitError::git("read the tree"))?;
-    let signature = repo.signature().map_err(GitError::git("make a signature"))?;
-    let commit = repo
-        .commit(Some("HEAD"), &signature, &signature, message, &tree, &[])
-        .map_err(GitError::git("commit the demo"))?;
-    let url = bare.to_string_lossy().into_owned();
-    let mut origin = repo.remote("origin", &url).map_err(GitError::git("add the origin remote"))?;
-    origin
-        .push(&["refs/heads/main:refs/heads/main"], None)
-        .map_err(GitError::git(format!("push to {url}")))?;
-    let mut config = repo.config().map_err(GitError::git("open the clone's config"))?;
-    for (key, value) in [("branch.main.remote", "origin"), ("branch.main.merge", "refs/heads/main")]
-    {
-        config.set_str(key, value).map_err(GitError::git(format!("set {key}")))?;
-    }
-    Ok(Revision(commit.to_string()))
 }
