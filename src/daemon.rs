@@ -54,6 +54,35 @@ pub const INFO_FILE: &str = "daemon.json";
 /// The API bearer token file (mode 0600).
 pub const TOKEN_FILE: &str = "token";
 
+/// Removes the `*.lock` files git leaves in `mirror` (a bare repository) when a process is
+/// killed while updating a ref, the packed refs, the config or `HEAD`. Only call it while no
+/// other process can use the mirror. Returns the files removed.
+pub fn clear_stale_git_locks(mirror: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, recurse: bool, removed: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                if recurse {
+                    walk(&path, true, removed);
+                }
+            } else if path.extension().is_some_and(|ext| ext == "lock")
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed.push(path);
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    // Lock files live next to what they guard: top-level files (`HEAD`, `config`,
+    // `packed-refs`, `FETCH_HEAD`, `shallow`) and loose refs and their logs.
+    walk(mirror, false, &mut removed);
+    walk(&mirror.join("refs"), true, &mut removed);
+    walk(&mirror.join("logs"), true, &mut removed);
+    removed
+}
+
 /// Reads the API token from the data dir, creating a random one on first start.
 pub fn ensure_token(data_dir: &Path) -> anyhow::Result<String> {
     use std::io::Write as _;
@@ -123,6 +152,11 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
 
     let metrics = Arc::new(Metrics::default());
     let mirror = data_dir.join("mirror.git");
+    // The store's lock makes this process the mirror's only user: a `*.lock` file there was
+    // left by a daemon killed mid-fetch, and would make every fetch fail with "locked".
+    for stale in clear_stale_git_locks(&mirror) {
+        tracing::warn!(lock = %stale.display(), "Removed a git lock file left by a previous run.");
+    }
     let (source_tx, source_rx) = mpsc::channel(64);
     let last_tip: Option<Revision> = store.get_meta(TIP_KEY)?;
     let source = source::spawn_with_metrics(
@@ -188,4 +222,35 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
     let _ = std::fs::remove_file(&info_path);
     store.flush()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_git_locks_are_removed_and_nothing_else() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mirror = tmp.path().join("mirror.git");
+        let heads = mirror.join("refs/heads/feature");
+        std::fs::create_dir_all(&heads).expect("refs");
+        std::fs::create_dir_all(mirror.join("objects/pack")).expect("objects");
+        for file in ["HEAD", "packed-refs.lock", "config.lock", "refs/heads/main", "refs/heads/main.lock"] {
+            std::fs::write(mirror.join(file), "x").expect("write");
+        }
+        std::fs::write(heads.join("x.lock"), "x").expect("write");
+        std::fs::write(mirror.join("objects/pack/keep.lock"), "x").expect("write");
+        let mut removed: Vec<String> = clear_stale_git_locks(&mirror)
+            .iter()
+            .map(|p| p.strip_prefix(&mirror).expect("inside").display().to_string())
+            .collect();
+        removed.sort();
+        assert_eq!(
+            removed,
+            ["config.lock", "packed-refs.lock", "refs/heads/feature/x.lock", "refs/heads/main.lock"]
+        );
+        assert!(mirror.join("HEAD").exists() && mirror.join("refs/heads/main").exists());
+        assert!(mirror.join("objects/pack/keep.lock").exists(), "objects are not git's ref locks");
+        assert!(clear_stale_git_locks(&tmp.path().join("missing")).is_empty());
+    }
 }

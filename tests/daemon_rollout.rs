@@ -229,20 +229,26 @@ fn instances_dir(data: &Path) -> PathBuf {
     data.join("fleets").join(FLEET).join("instances")
 }
 
+/// The fleet's `kiln log` entry for commit `sha` (commit-level records, such as a failed fetch
+/// naming the tip, have no fleet and are not it).
+fn fleet_entry(log: &[Value], sha: &str) -> Option<Value> {
+    for_commit(log, sha).into_iter().find(|e| e["fleet"] == FLEET).cloned()
+}
+
 /// Waits until the commit's rollout is terminal; returns its `kiln log` entry.
 fn wait_terminal(daemon: &Daemon, sha: &str) -> Value {
     let terminal = ["succeeded", "failed", "rolled_back", "superseded", "aborted", "skipped"];
     let log = daemon.wait_log(&format!("the rollout of {sha} to end"), WAIT, |log| {
-        for_commit(log, sha).iter().any(|e| terminal.contains(&e["state"].as_str().unwrap_or("")))
+        fleet_entry(log, sha).is_some_and(|e| terminal.contains(&e["state"].as_str().unwrap_or("")))
     });
-    for_commit(&log, sha)[0].clone()
+    fleet_entry(&log, sha).expect("the fleet's rollout")
 }
 
 /// Waits until the commit has a rollout; returns its id.
 fn rollout_id(daemon: &Daemon, sha: &str) -> u64 {
     let log = daemon
-        .wait_log(&format!("a rollout of {sha}"), WAIT, |log| !for_commit(log, sha).is_empty());
-    for_commit(&log, sha)[0]["id"].as_u64().expect("rollout id")
+        .wait_log(&format!("a rollout of {sha}"), WAIT, |log| fleet_entry(log, sha).is_some());
+    fleet_entry(&log, sha).and_then(|e| e["id"].as_u64()).expect("rollout id")
 }
 
 /// `kiln status --json`, the fleet's entry.
