@@ -886,7 +886,13 @@ impl Operator {
                                 })
                                 .collect();
                         }
-                        if idle {
+                        if idle
+                            && crate::bake::rebake_due(self.store(), &fleet, crate::model::now())
+                        {
+                            if let Err(error) = self.schedule_rebake(&fleet, deployed).await {
+                                tracing::error!(fleet = %name, error = %crate::error::chain(&error), "Could not schedule a rebake.");
+                            }
+                        } else if idle {
                             self.spawn_keeper(&fleet, provider, deployed.image.clone());
                         }
                     }
@@ -900,6 +906,63 @@ impl Operator {
         if let Ok(mut view) = self.view.write() {
             *view = statuses;
         }
+    }
+
+    /// `image.rebake`: the fleet's image is older than the interval, so bake it again from the
+    /// deployed commit without the cache (security updates of the base), reconcile and roll.
+    async fn schedule_rebake(
+        &mut self,
+        fleet: &Fleet,
+        deployed: &crate::store::Deployed,
+    ) -> OpResult<()> {
+        let Some(every) = fleet.image.rebake else { return Ok(()) };
+        // One attempt per interval: a rebake that failed is not retried on every tick.
+        let recent = self
+            .store()
+            .rollouts(&RolloutFilter {
+                fleet: Some(fleet.name.clone()),
+                limit: Some(50),
+                ..RolloutFilter::default()
+            })?
+            .into_iter()
+            .find(|r| r.origin == Origin::Rebake)
+            .is_some_and(|r| {
+                crate::model::now()
+                    .signed_duration_since(r.created_at)
+                    .to_std()
+                    .is_ok_and(|age| age < every)
+            });
+        if recent {
+            return Ok(());
+        }
+        let interval = crate::manifest::format_duration(every);
+        let mut record = Rollout::new(
+            Some(fleet.name.clone()),
+            deployed.revision.clone(),
+            format!("scheduled rebake (every {interval})"),
+            "schedule".into(),
+            Origin::Rebake,
+            crate::model::now(),
+        );
+        record.plan = Plan {
+            bake: fleet.image.stages.iter().map(|s| s.name.clone()).collect(),
+            reconcile: fleet.infra.is_some(),
+            roll: true,
+            reason: format!(
+                "image older than image.rebake ({interval}): rebaking without the cache"
+            ),
+        };
+        record.previous_image = Some(deployed.image.clone());
+        let rollout = self.store().create_rollout(record)?;
+        tracing::info!(rollout = %rollout.id, fleet = %fleet.name, "Scheduled rebake.");
+        self.store().append_event(
+            rollout.id,
+            Level::Info,
+            "plan",
+            rollout.plan.reason.clone(),
+            None,
+        )?;
+        self.enqueue(&fleet.name, rollout.id).await
     }
 
     fn spawn_keeper(&mut self, fleet: &Fleet, provider: SharedProvider, image: ImageRef) {

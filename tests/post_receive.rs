@@ -4,6 +4,9 @@
 //! kiln watches the repo over `git://` with an hour-long poll, so neither polling nor the
 //! notify watcher (local paths only) can explain the rollout: only the hook's delivery can.
 
+// Synchronous tests driving child processes: blocking sleeps between polls are the point.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 use std::os::unix::fs::PermissionsExt;

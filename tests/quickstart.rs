@@ -4,6 +4,9 @@
 //! the demo as the printed instructions say (edit, commit, push), sees the page change, stops
 //! kiln with Ctrl-C and tears the demo down with `--down`, leaving no process behind.
 
+// Synchronous tests driving child processes: blocking sleeps between polls are the point.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

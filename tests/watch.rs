@@ -3,6 +3,9 @@
 //! Each test starts `kiln run` on its own temp data dir, pushes real commits and reads the
 //! rollout log through `kiln log --json`, as a user would.
 
+// Synchronous tests driving child processes: blocking sleeps between polls are the point.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 use std::time::{Duration, Instant};

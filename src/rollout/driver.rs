@@ -442,7 +442,13 @@ async fn run_hook(
     let baking = rollout.state == RolloutState::Baking;
     let work = async {
         if baking {
-            crate::bake::bake_fleet(&cx).await.map(|b| baked(rollout, b.image, b.stage_images))
+            // A scheduled rebake exists to pick up updates the inputs don't show: skip the cache.
+            let options = crate::bake::BakeOptions {
+                force: matches!(rollout.origin, crate::rollout::state::Origin::Rebake),
+            };
+            crate::bake::bake_fleet_with(&cx, options)
+                .await
+                .map(|b| baked(rollout, b.image, b.stage_images))
         } else {
             let image = rollout.image.clone().unwrap_or_else(|| ImageRef::from(""));
             crate::reconcile::reconcile_fleet(&cx, &image, &rollout.stage_images)
