@@ -111,10 +111,12 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         poll: Duration::from_secs(60),
         retention: 1000,
         hook_env: vec![],
-        kiln_exe,
+        kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),
     };
+    let config_exe = kiln_exe;
     let daemon = tokio::spawn(daemon::run_until(config, shutdown.clone()));
+    let kiln_exe = config_exe;
     let signals = shutdown.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
@@ -138,27 +140,32 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         }
         println!();
         println!("Next:");
-        println!(
-            "  curl {lb}                                   # the page names the image and commit"
-        );
-        println!(
-            "  cd {} && echo 'Hello, immutable world' > image/app/message.txt",
-            work.display()
-        );
-        println!(
-            "  git commit -am 'New greeting' && git push   # kiln bakes, reconciles and rolls"
-        );
-        println!(
-            "  kiln --data-dir {} log                     # the rollout history",
-            data.display()
-        );
-        println!(
-            "  kiln --data-dir {} status                  # instances and their images",
-            data.display()
-        );
+        let exe = shown_path(&kiln_exe);
+        let dir_arg = shown_path(&dir);
+        let steps = [
+            (format!("curl {lb}"), "the page names the image and the commit"),
+            (
+                format!(
+                    "cd {} && echo 'Hello, immutable world' > image/app/message.txt",
+                    work.display()
+                ),
+                "edit the app layer",
+            ),
+            (
+                "git commit -am 'New greeting' && git push".to_owned(),
+                "kiln bakes, reconciles, rolls",
+            ),
+            (format!("{exe} --data-dir {} log", data.display()), "the rollout history"),
+            (format!("{exe} --data-dir {} status", data.display()), "instances and their images"),
+        ];
+        let width = steps.iter().map(|(cmd, _)| cmd.len()).max().unwrap_or(0);
+        for (cmd, why) in steps {
+            println!("  {cmd:<width$}  # {why}");
+        }
         println!(
             "Ctrl-C stops kiln; the instances and the load balancer keep running, as servers do."
         );
+        println!("`{exe} quickstart --dir {dir_arg} --down` removes them.");
     }
     daemon.await??;
     Ok(())
@@ -212,10 +219,13 @@ async fn down(dir: &Path, kiln_exe: PathBuf) -> anyhow::Result<()> {
     };
     for entry in entries.flatten() {
         let fleet = entry.file_name().to_string_lossy().into_owned();
+        // Open it on the port its load balancer listens on, so the running one is adopted.
+        let lb_port = crate::provider::local::lb::read_state(&entry.path().join("lb"))
+            .map_or(0, |lb| lb.port);
         let provider = LocalProvider::open(LocalConfig {
             fleet: fleet.clone(),
             dir: entry.path(),
-            lb_port: 0,
+            lb_port,
             kiln_exe: kiln_exe.clone(),
         })
         .await?;
@@ -231,4 +241,15 @@ async fn down(dir: &Path, kiln_exe: PathBuf) -> anyhow::Result<()> {
     }
     println!("Done. Delete {} to start over.", dir.display());
     Ok(())
+}
+
+/// `path` relative to the current directory when it is inside it (`./target/release/kiln`).
+fn shown_path(path: &Path) -> String {
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| path.strip_prefix(cwd).ok().map(Path::to_path_buf));
+    match relative {
+        Some(rel) if !rel.as_os_str().is_empty() => format!("./{}", rel.display()),
+        _ => path.display().to_string(),
+    }
 }
