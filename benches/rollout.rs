@@ -16,6 +16,9 @@
 //! Run with `cargo bench --bench rollout` (`ROLLOUT_BENCH_CAPACITY`, `ROLLOUT_BENCH_SURGE`
 //! override the fleet size and surge). Needs git and python3.
 
+// The driver side is synchronous: it blocks between polls of the daemon, never in a runtime.
+#![allow(clippy::disallowed_methods)]
+
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -162,8 +165,9 @@ fn main() {
     let capacity = env_u32("ROLLOUT_BENCH_CAPACITY", 20);
     let surge = env_u32("ROLLOUT_BENCH_SURGE", 5);
     let repo = TestRepo::new();
-    let hook = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir"))
-        .expect("hooks/bake-dir");
+    let hook =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir"))
+            .expect("hooks/bake-dir");
     let manifest = manifest(capacity, surge);
     let first = repo.commit_entries(
         "first",
@@ -263,6 +267,16 @@ fn main() {
             .unwrap_or_else(|| panic!("no transition to {to}: {events:#?}"))
     };
     let (rolling, succeeded) = (state_at("rolling"), state_at("succeeded"));
+    if std::env::var("ROLLOUT_BENCH_TIMELINE").is_ok() {
+        for e in &events {
+            let t = secs(at(e) - rolling);
+            println!(
+                "  {t:>8.3}s {:<20} {}",
+                e["kind"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+    }
     let wall = secs(succeeded - rolling);
 
     // Batches: the `batch N` timeline entries split the launches.
@@ -280,7 +294,8 @@ fn main() {
     };
     let (launched, healthy) = (new_events("instance.launched"), new_events("instance.healthy"));
     let ready = ready_times(&data);
-    let policy_tail = (THRESHOLD - 1) as f64 * INTERVAL_MS as f64 / 1e3 + MIN_HEALTHY_MS as f64 / 1e3;
+    let policy_tail =
+        (THRESHOLD - 1) as f64 * INTERVAL_MS as f64 / 1e3 + MIN_HEALTHY_MS as f64 / 1e3;
     let mut health_waits = 0.0;
     let mut floor = 0.0;
     for (i, start) in batch_starts.iter().enumerate() {
@@ -289,7 +304,8 @@ fn main() {
             launched.iter().filter(|(_, t)| *t >= start && *t < &end).map(|(id, _)| id).collect();
         let Some(first_launch) = members.iter().map(|id| launched[*id]).min() else { continue };
         let slowest = members.iter().filter_map(|id| healthy.get(*id)).max().copied();
-        let ready_last = members.iter().filter_map(|id| ready.get(*id)).fold(f64::MIN, |a, b| a.max(*b));
+        let ready_last =
+            members.iter().filter_map(|id| ready.get(*id)).fold(f64::MIN, |a, b| a.max(*b));
         let first_launch_unix = first_launch.timestamp_micros() as f64 / 1e6;
         let wait = slowest.map(|s| secs(s - first_launch)).unwrap_or(0.0);
         let ideal = (ready_last - first_launch_unix).max(0.0) + policy_tail;

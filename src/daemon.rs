@@ -235,7 +235,9 @@ mod tests {
         let heads = mirror.join("refs/heads/feature");
         std::fs::create_dir_all(&heads).expect("refs");
         std::fs::create_dir_all(mirror.join("objects/pack")).expect("objects");
-        for file in ["HEAD", "packed-refs.lock", "config.lock", "refs/heads/main", "refs/heads/main.lock"] {
+        for file in
+            ["HEAD", "packed-refs.lock", "config.lock", "refs/heads/main", "refs/heads/main.lock"]
+        {
             std::fs::write(mirror.join(file), "x").expect("write");
         }
         std::fs::write(heads.join("x.lock"), "x").expect("write");
@@ -247,7 +249,12 @@ mod tests {
         removed.sort();
         assert_eq!(
             removed,
-            ["config.lock", "packed-refs.lock", "refs/heads/feature/x.lock", "refs/heads/main.lock"]
+            [
+                "config.lock",
+                "packed-refs.lock",
+                "refs/heads/feature/x.lock",
+                "refs/heads/main.lock"
+            ]
         );
         assert!(mirror.join("HEAD").exists() && mirror.join("refs/heads/main").exists());
         assert!(mirror.join("objects/pack/keep.lock").exists(), "objects are not git's ref locks");

@@ -7,6 +7,9 @@
 //! availability bounds; the restart tests `kill -9` the daemon in each phase of a replacement and
 //! check the rollout still completes with no orphaned instance.
 
+// The tests are synchronous: they block between polls of real processes, never in a runtime.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -662,7 +665,7 @@ fn a_commit_rolls_the_fleet_onto_the_new_image_without_failed_requests() {
 /// The base stage image of the first rollout.
 fn show_first_base(fx: &Fixture) -> Value {
     let log = fx.daemon.log();
-    let first = log.iter().filter(|e| e["image"] == fx.v1.as_str()).last().expect("first rollout");
+    let first = log.iter().rfind(|e| e["image"] == fx.v1.as_str()).expect("first rollout");
     let shown = show(&fx.data, first["id"].as_u64().expect("id")).expect("kiln show");
     shown["stage_images"]["base"].clone()
 }
@@ -728,7 +731,8 @@ enum Phase {
 /// same data dir and checks the rollout completes with no orphan, no failed request and the
 /// bounds kept throughout.
 fn restart_in(phase: Phase, test: &str) {
-    let (policy, v1_files, v2_files): (Policy, Vec<(&str, &str)>, Vec<(&str, &str)>) = match phase {
+    type Files = Vec<(&'static str, &'static str)>;
+    let (policy, v1_files, v2_files): (Policy, Files, Files) = match phase {
         Phase::Launching => {
             (Policy::quick(), vec![("message.txt", "one")], vec![("message.txt", "two")])
         }
@@ -768,25 +772,28 @@ fn restart_in(phase: Phase, test: &str) {
 
     // Poll for the phase; kill -9 at the first sight of it.
     let deadline = Instant::now() + WAIT;
-    let seen = loop {
+    loop {
         let hit = match phase {
-            Phase::Launching => Some(Value::Null),
-            Phase::WaitingForHealth => show(&fx.data, id).filter(|r| {
-                let events = events(r);
-                events.iter().any(|e| e["kind"] == "instance.launched")
-                    && !events.iter().any(|e| e["kind"] == "instance.healthy")
-            }),
+            Phase::Launching => true,
+            Phase::WaitingForHealth => show(&fx.data, id)
+                .filter(|r| {
+                    let events = events(r);
+                    events.iter().any(|e| e["kind"] == "instance.launched")
+                        && !events.iter().any(|e| e["kind"] == "instance.healthy")
+                })
+                .is_some(),
             Phase::Draining => lb_backends(&fx.data)
-                .filter(|b| b.iter().any(|b| b["draining"] == true))
-                .map(|b| serde_json::json!(b)),
-            Phase::Terminating => show(&fx.data, id).filter(|r| {
-                let events = events(r);
-                events.iter().any(|e| e["kind"] == "instance.drained")
-                    && !events.iter().any(|e| e["kind"] == "instance.terminated")
-            }),
+                .is_some_and(|backends| backends.iter().any(|b| b["draining"] == true)),
+            Phase::Terminating => show(&fx.data, id)
+                .filter(|r| {
+                    let events = events(r);
+                    events.iter().any(|e| e["kind"] == "instance.drained")
+                        && !events.iter().any(|e| e["kind"] == "instance.terminated")
+                })
+                .is_some(),
         };
-        if let Some(hit) = hit {
-            break hit;
+        if hit {
+            break;
         }
         let entry = fx.daemon.log().into_iter().find(|e| e["id"] == id);
         assert!(
@@ -796,9 +803,8 @@ fn restart_in(phase: Phase, test: &str) {
         );
         assert!(Instant::now() < deadline, "phase {phase:?} never seen\n{}", fx.daemon.logs());
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
     fx.daemon.kill9();
-    let _ = seen;
 
     // What the store says was in flight at the kill (read offline: the daemon is gone).
     {
@@ -814,7 +820,11 @@ fn restart_in(phase: Phase, test: &str) {
         );
         use kiln::rollout::state::Action;
         match phase {
-            Phase::Launching => {}
+            Phase::Launching => assert!(
+                matches!(rolling.intent.as_ref().map(|i| &i.action), Some(Action::Launch { .. }))
+                    || !rolling.launched.is_empty(),
+                "the kill landed in the first launch: {rolling:?}"
+            ),
             Phase::WaitingForHealth => {
                 assert!(!rolling.probes.is_empty(), "a new instance was being checked: {rolling:?}")
             }
@@ -846,7 +856,7 @@ fn restart_in(phase: Phase, test: &str) {
     if let Some(slow) = slow {
         let report = slow.finish();
         eprintln!("{phase:?}: {} slow requests served, {} failed", report.ok, report.failed);
-        assert_no_failed_requests(&report, &format!("a drain interrupted by a kill -9"));
+        assert_no_failed_requests(&report, "a drain interrupted by a kill -9");
     }
     assert_bounds(&bounds, &fx.policy);
     assert_no_orphans(&fx, &fleet);
@@ -881,4 +891,29 @@ fn kill_9_while_draining_then_restart_completes_the_rollout() {
 #[test]
 fn kill_9_while_terminating_then_restart_completes_the_rollout() {
     restart_in(Phase::Terminating, "kill_9_while_terminating_then_restart_completes_the_rollout");
+}
+
+#[test]
+fn a_git_lock_left_by_a_killed_daemon_does_not_wedge_the_source() {
+    if !require_git("a_git_lock_left_by_a_killed_daemon_does_not_wedge_the_source") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let first = repo.commit("readme", &[("README", "one\n")]);
+    let data = repo.scratch("data");
+    let mut daemon = Daemon::start(&repo.url(), &data, &["--poll", "300ms"]);
+    daemon.wait_log("the first commit", WAIT, |log| !for_commit(log, &first).is_empty());
+    // What a kill -9 in the middle of a fetch leaves behind: git's lock on the branch ref.
+    daemon.kill9();
+    let lock = data.join("mirror.git/refs/heads/main.lock");
+    assert!(lock.parent().is_some_and(Path::exists), "the mirror keeps loose refs");
+    std::fs::write(&lock, "").expect("write the lock");
+    daemon.start_again();
+    let second = repo.commit("after the crash", &[("README", "two\n")]);
+    let log = daemon.wait_log("the commit pushed after the restart", WAIT, |log| {
+        !for_commit(log, &second).is_empty()
+    });
+    let failed: Vec<&Value> = log.iter().filter(|e| e["state"] == "failed").collect();
+    assert!(failed.is_empty(), "a fetch failed after the restart: {failed:#?}");
+    assert!(!lock.exists(), "the stale lock was removed");
 }

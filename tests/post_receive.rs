@@ -5,7 +5,7 @@
 //! notify watcher (local paths only) can explain the rollout: only the hook's delivery can.
 
 // Synchronous tests driving child processes: blocking sleeps between polls are the point.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod support;
 

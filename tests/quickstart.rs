@@ -5,7 +5,7 @@
 //! kiln with Ctrl-C and tears the demo down with `--down`, leaving no process behind.
 
 // Synchronous tests driving child processes: blocking sleeps between polls are the point.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod support;
 

@@ -2,7 +2,7 @@
 //! schedule without a commit, skipping the cache, and rolls the fleet through the real daemon.
 
 // Synchronous tests driving child processes: blocking sleeps between polls are the point.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod support;
 

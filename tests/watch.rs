@@ -4,7 +4,7 @@
 //! rollout log through `kiln log --json`, as a user would.
 
 // Synchronous tests driving child processes: blocking sleeps between polls are the point.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
 
 mod support;
 

@@ -83,11 +83,15 @@ pub async fn stop(process: ProcessRef, grace: std::time::Duration) {
         return;
     }
     let deadline = tokio::time::Instant::now() + grace;
+    // Most processes exit within milliseconds of SIGTERM, and a rollout waits on this once per
+    // replaced instance: poll often at first, then back off to 20 ms.
+    let mut pause = std::time::Duration::from_millis(1);
     while tokio::time::Instant::now() < deadline {
         if !process.alive() {
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(20));
     }
     process.signal(Signal::SIGKILL);
     for _ in 0..100 {

@@ -589,8 +589,10 @@ async fn act(
                     )?;
                 }
                 Action::Detach { id } => {
+                    // The drain ends early once no request is in flight, so name the bound,
+                    // not a time that may not have been spent.
                     let reason = Some(format!(
-                        "drained {}",
+                        "out of the load balancer; drain up to {}",
                         crate::manifest::format_duration(fleet.rollout.drain)
                     ));
                     journal(
