@@ -874,15 +874,22 @@ impl Operator {
                     Ok(provider) => {
                         status.endpoint = provider.endpoint();
                         if let Ok(instances) = provider.list().await {
+                            let health = driver::check_health(
+                                provider.clone(),
+                                &fleet.rollout.health_check.http,
+                                &instances,
+                            )
+                            .await;
                             status.instances = instances
                                 .into_iter()
-                                .map(|i| InstanceStatus {
+                                .zip(health)
+                                .map(|(i, healthy)| InstanceStatus {
                                     id: i.id,
                                     image: i.image,
                                     address: i.address,
                                     running: i.running,
                                     attached: i.attached,
-                                    healthy: None,
+                                    healthy,
                                 })
                                 .collect();
                         }

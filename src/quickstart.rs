@@ -124,7 +124,8 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
     });
     println!("kiln is running (API http://{}, data dir {}).", args.listen, data.display());
     println!(
-        "Baking the first image and starting 3 instances: watch with `kiln --data-dir {} log`.",
+        "Baking the first image and starting 3 instances: watch with `{} --data-dir {} log`.",
+        shown_path(&kiln_exe),
         data.display()
     );
     let reported = follow_first_rollout(&data, &shutdown).await;

@@ -114,4 +114,18 @@ fn a_push_through_post_receive_leads_to_a_recorded_rollout() {
     let instances = status[0]["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 1, "{status}");
     assert_eq!(instances[0]["image"], entry["image"]);
+    // The view probes the health check of each running instance.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out, _) = kiln(&data, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        if status[0]["instances"][0]["healthy"] == true {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the instance never showed healthy: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

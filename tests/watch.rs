@@ -52,10 +52,12 @@ fn a_git_daemon_remote_is_polled() {
         return;
     }
     let repo = TestRepo::new();
-    repo.commit("readme", &[("README", "one\n")]);
+    let first = repo.commit("readme", &[("README", "one\n")]);
     let server = repo.serve_git();
     let daemon =
         Daemon::start(&server.url("repo.git"), &repo.scratch("data"), &["--poll", "300ms"]);
+    // The first fetch at startup records the initial tip; only later commits can show polling.
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &first).is_empty());
     let sha = repo.commit("over git://", &[("README", "two\n")]);
     let log =
         daemon.wait_log("a commit over git://", WAIT, |log| !for_commit(log, &sha).is_empty());
@@ -68,10 +70,11 @@ fn an_http_remote_is_polled() {
         return;
     }
     let repo = TestRepo::new();
-    repo.commit("readme", &[("README", "one\n")]);
+    let first = repo.commit("readme", &[("README", "one\n")]);
     let server = repo.serve_http();
     let daemon =
         Daemon::start(&server.url("repo.git"), &repo.scratch("data"), &["--poll", "300ms"]);
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &first).is_empty());
     let sha = repo.commit("over http://", &[("README", "two\n")]);
     let log =
         daemon.wait_log("a commit over http://", WAIT, |log| !for_commit(log, &sha).is_empty());
@@ -86,6 +89,7 @@ fn force_push_and_branch_deletion_are_recorded_and_history_survives_restart() {
     let repo = TestRepo::new();
     let base = repo.commit("base", &[("README", "base\n")]);
     let mut daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &["--poll", "300ms"]);
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &base).is_empty());
     let doomed = repo.commit("doomed", &[("README", "doomed\n")]);
     daemon.wait_log("the doomed commit", WAIT, |log| !for_commit(log, &doomed).is_empty());
 

@@ -166,6 +166,32 @@ async fn probe(
     }
 }
 
+/// One health check of each running instance, all at once (for `kiln status`): `Some(true)`
+/// healthy, `Some(false)` failing, `None` not running. Same check as during a rollout.
+pub async fn check_health(
+    provider: SharedProvider,
+    path: &str,
+    instances: &[Instance],
+) -> Vec<Option<bool>> {
+    let http = http_client();
+    let mut checks = tokio::task::JoinSet::new();
+    for (i, instance) in instances.iter().enumerate() {
+        if !instance.running {
+            continue;
+        }
+        let target = ProbeTarget { id: instance.id.clone(), address: instance.address.clone() };
+        let (provider, http, path) = (provider.clone(), http.clone(), path.to_owned());
+        checks.spawn(async move {
+            (i, probe(provider.as_ref(), http.as_ref(), &path, &target).await.is_ok())
+        });
+    }
+    let mut health = vec![None; instances.len()];
+    while let Some(Ok((i, ok))) = checks.join_next().await {
+        health[i] = Some(ok);
+    }
+    health
+}
+
 fn load(store: &Store, id: RolloutId) -> Result<Rollout, DriveError> {
     store.rollout(id).map_err(|source| DriveError::Store { id, source })
 }
