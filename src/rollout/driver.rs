@@ -245,51 +245,60 @@ fn commit(
 
 /// Writes the per-instance journal and the matching rollout event (`instance.launched`, ...).
 #[allow(clippy::too_many_arguments)]
-fn journal(
-    store: &Store,
-    clock: &dyn Clock,
-    fleet: &str,
+/// Where instance journal entries go: the fleet, and the rollout that caused them (if any).
+struct Journal<'a> {
+    store: &'a Store,
+    clock: &'a dyn Clock,
+    fleet: &'a str,
     rollout: Option<RolloutId>,
-    instance: &InstanceId,
-    image: Option<&ImageRef>,
-    action: InstanceAction,
-    reason: Option<String>,
-) -> Result<(), DriveError> {
-    let entry = InstanceEvent {
-        seq: 0,
-        fleet: fleet.to_owned(),
-        instance: instance.clone(),
-        image: image.cloned(),
-        rollout,
-        action,
-        at: clock.now(),
-        reason: reason.clone(),
-    };
-    store
-        .record_instance(entry)
-        .map_err(|source| DriveError::Journal { fleet: fleet.to_owned(), source })?;
-    if let Some(id) = rollout {
-        let name = serde_json::to_value(action)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_owned))
-            .unwrap_or_else(|| "changed".into());
-        let image_text = image.map(|i| format!(" ({i})")).unwrap_or_default();
-        let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
-        let level = match action {
-            InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
-            _ => Level::Info,
+}
+
+impl Journal<'_> {
+    /// Appends to the per-instance journal and, for a rollout, to its timeline.
+    fn record(
+        &self,
+        instance: &InstanceId,
+        image: Option<&ImageRef>,
+        action: InstanceAction,
+        reason: Option<String>,
+    ) -> Result<(), DriveError> {
+        let Journal { store, clock, fleet, rollout } = *self;
+        let entry = InstanceEvent {
+            seq: 0,
+            fleet: fleet.to_owned(),
+            instance: instance.clone(),
+            image: image.cloned(),
+            rollout,
+            action,
+            at: clock.now(),
+            reason: reason.clone(),
         };
-        let data = serde_json::json!({ "instance": instance, "image": image });
-        event(
-            store,
-            id,
-            level,
-            &format!("instance.{name}"),
-            format!("{instance}{image_text} {name}{why}"),
-            Some(data),
-        );
+        store
+            .record_instance(entry)
+            .map_err(|source| DriveError::Journal { fleet: fleet.to_owned(), source })?;
+        if let Some(id) = rollout {
+            let name = serde_json::to_value(action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "changed".into());
+            let image_text = image.map(|i| format!(" ({i})")).unwrap_or_default();
+            let why = reason.map(|r| format!(": {r}")).unwrap_or_default();
+            let level = match action {
+                InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
+                _ => Level::Info,
+            };
+            let data = serde_json::json!({ "instance": instance, "image": image });
+            event(
+                store,
+                id,
+                level,
+                &format!("instance.{name}"),
+                format!("{instance}{image_text} {name}{why}"),
+                Some(data),
+            );
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Resolves when the operator asks to stop for good (abort or supersede); never if the channel
@@ -573,46 +582,18 @@ async fn act(
         Ok(launched) => {
             let done = complete(&begun, &action, launched.as_ref(), now);
             save(store, &done)?;
-            let name = &fleet.name;
-            let rid = Some(rollout.id);
+            let log = Journal { store, clock, fleet: &fleet.name, rollout: Some(rollout.id) };
             match &action {
                 Action::Launch { image, .. } => {
                     if let Some(instance) = &launched {
                         let reason = instance.address.as_ref().map(|a| format!("at {a}"));
-                        journal(
-                            store,
-                            clock,
-                            name,
-                            rid,
-                            &instance.id,
-                            Some(image),
-                            InstanceAction::Launched,
-                            reason,
-                        )?;
+                        log.record(&instance.id, Some(image), InstanceAction::Launched, reason)?;
                     }
                 }
                 Action::Attach { id } => {
                     let image = image_of(id);
-                    journal(
-                        store,
-                        clock,
-                        name,
-                        rid,
-                        id,
-                        image.as_ref(),
-                        InstanceAction::Healthy,
-                        None,
-                    )?;
-                    journal(
-                        store,
-                        clock,
-                        name,
-                        rid,
-                        id,
-                        image.as_ref(),
-                        InstanceAction::Attached,
-                        None,
-                    )?;
+                    log.record(id, image.as_ref(), InstanceAction::Healthy, None)?;
+                    log.record(id, image.as_ref(), InstanceAction::Attached, None)?;
                 }
                 Action::Detach { id } => {
                     // The drain ends early once no request is in flight, so name the bound,
@@ -621,26 +602,13 @@ async fn act(
                         "out of the load balancer; drain up to {}",
                         crate::manifest::format_duration(fleet.rollout.drain)
                     ));
-                    journal(
-                        store,
-                        clock,
-                        name,
-                        rid,
-                        id,
-                        image_of(id).as_ref(),
-                        InstanceAction::Drained,
-                        reason,
-                    )?;
+                    log.record(id, image_of(id).as_ref(), InstanceAction::Drained, reason)?;
                 }
                 Action::Terminate { id, why } => {
                     let image = image_of(id);
                     if let Some(ending) = begun.rolling.as_ref().and_then(|r| r.ending.as_ref()) {
                         if image.as_ref() == target.as_ref() {
-                            journal(
-                                store,
-                                clock,
-                                name,
-                                rid,
+                            log.record(
                                 id,
                                 image.as_ref(),
                                 InstanceAction::Unhealthy,
@@ -648,16 +616,7 @@ async fn act(
                             )?;
                         }
                     }
-                    journal(
-                        store,
-                        clock,
-                        name,
-                        rid,
-                        id,
-                        image.as_ref(),
-                        InstanceAction::Terminated,
-                        Some(why.clone()),
-                    )?;
+                    log.record(id, image.as_ref(), InstanceAction::Terminated, Some(why.clone()))?;
                     if why == "replaced" {
                         env.metrics.instance_replaced();
                     }
@@ -689,25 +648,17 @@ pub async fn keep_capacity(
     let store = &env.store;
     let clock = env.clock.as_ref();
     let name = fleet.name.as_str();
+    let log = Journal { store, clock, fleet: name, rollout: None };
     let provider_err = |source| DriveError::Provider { fleet: name.to_owned(), source };
     let instances = provider.list().await.map_err(provider_err)?;
     for dead in instances.iter().filter(|i| !i.running) {
         warn!(instance = %dead.id, "Instance died; replacing it.");
-        journal(store, clock, name, None, &dead.id, Some(&dead.image), InstanceAction::Died, None)?;
+        log.record(&dead.id, Some(&dead.image), InstanceAction::Died, None)?;
         match provider.terminate(&dead.id).await {
             Ok(()) | Err(ProviderError::NotFound(_)) => {}
             Err(error) => return Err(provider_err(error)),
         }
-        journal(
-            store,
-            clock,
-            name,
-            None,
-            &dead.id,
-            Some(&dead.image),
-            InstanceAction::Terminated,
-            Some("died".into()),
-        )?;
+        log.record(&dead.id, Some(&dead.image), InstanceAction::Terminated, Some("died".into()))?;
     }
     let http = http_client();
     // Replacements launched before a crash are found again and finished.
@@ -731,7 +682,7 @@ pub async fn keep_capacity(
         let key = format!("keep-{name}-{slot}");
         let instance = provider.launch(image, &key).await.map_err(provider_err)?;
         let at = instance.address.as_ref().map(|a| format!("at {a}"));
-        journal(store, clock, name, None, &instance.id, Some(image), InstanceAction::Launched, at)?;
+        log.record(&instance.id, Some(image), InstanceAction::Launched, at)?;
         bring_in(env, fleet, provider.as_ref(), http.as_ref(), &instance).await?;
         env.metrics.instance_replaced();
         running += 1;
@@ -752,6 +703,7 @@ async fn bring_in(
     let store = &env.store;
     let clock = env.clock.as_ref();
     let name = fleet.name.as_str();
+    let log = Journal { store, clock, fleet: name, rollout: None };
     let check = &fleet.rollout.health_check;
     let target = ProbeTarget { id: instance.id.clone(), address: instance.address.clone() };
     let started = clock.now();
@@ -777,11 +729,7 @@ async fn bring_in(
         }
         if clock.now() >= step::add(started, check.timeout) {
             let reason = format!("failed its health check: {last_error}");
-            journal(
-                store,
-                clock,
-                name,
-                None,
+            log.record(
                 &instance.id,
                 Some(&instance.image),
                 InstanceAction::Unhealthy,
@@ -791,11 +739,7 @@ async fn bring_in(
                 Ok(()) | Err(ProviderError::NotFound(_)) => {}
                 Err(source) => return Err(DriveError::Provider { fleet: name.to_owned(), source }),
             }
-            journal(
-                store,
-                clock,
-                name,
-                None,
+            log.record(
                 &instance.id,
                 Some(&instance.image),
                 InstanceAction::Terminated,
@@ -809,29 +753,11 @@ async fn bring_in(
         }
         tokio::time::sleep(check.interval.max(Duration::from_millis(50))).await;
     }
-    journal(
-        store,
-        clock,
-        name,
-        None,
-        &instance.id,
-        Some(&instance.image),
-        InstanceAction::Healthy,
-        None,
-    )?;
+    log.record(&instance.id, Some(&instance.image), InstanceAction::Healthy, None)?;
     provider
         .attach(&instance.id)
         .await
         .map_err(|source| DriveError::Provider { fleet: name.to_owned(), source })?;
-    journal(
-        store,
-        clock,
-        name,
-        None,
-        &instance.id,
-        Some(&instance.image),
-        InstanceAction::Attached,
-        None,
-    )?;
+    log.record(&instance.id, Some(&instance.image), InstanceAction::Attached, None)?;
     Ok(())
 }
