@@ -3,6 +3,43 @@
 
 use std::collections::BTreeMap;
 
+/// Reads `$KILN_OUTPUT` without ever holding more than [`OUTPUT_FILE_CAP`] bytes of it: a
+/// larger file is an error naming its size and the limit (outputs are small values; big data
+/// belongs in a file under `$KILN_OUTPUT_DIR`, its path in `$KILN_OUTPUT`). A missing file
+/// (the hook removed it) reads as empty.
+///
+/// [`OUTPUT_FILE_CAP`]: super::contract::OUTPUT_FILE_CAP
+pub async fn read_output_file(path: &std::path::Path) -> Result<String, String> {
+    use tokio::io::AsyncReadExt as _;
+    let cap = super::contract::OUTPUT_FILE_CAP;
+    let too_big = |size: u64| {
+        format!(
+            "wrote {size} bytes to $KILN_OUTPUT, more than the limit of {cap} bytes; write large \
+             data to a file in $KILN_OUTPUT_DIR and its path to $KILN_OUTPUT"
+        )
+    };
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(format!("left a $KILN_OUTPUT kiln cannot read ({e})")),
+    };
+    if let Ok(meta) = file.metadata().await {
+        if meta.len() > cap {
+            return Err(too_big(meta.len()));
+        }
+    }
+    let mut bytes = Vec::new();
+    // One byte past the cap tells a file that grew since its size was read.
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| format!("left a $KILN_OUTPUT kiln cannot read ({e})"))?;
+    if bytes.len() as u64 > cap {
+        return Err(too_big(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|_| "wrote $KILN_OUTPUT that is not UTF-8".to_owned())
+}
+
 /// Parses `$KILN_OUTPUT`. Two shapes are accepted:
 ///
 /// - lines of `key=value` (the value is everything after the first `=`, kept verbatim; blank
