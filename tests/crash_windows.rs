@@ -65,15 +65,20 @@ fn records(instances: &Path) -> Vec<(String, String)> {
 /// Instance ids of live processes (group leaders) carrying a local instance's marker under
 /// `instances`, one entry per process.
 fn instance_processes(instances: &Path) -> Vec<String> {
+    instance_pids(instances).into_iter().map(|(id, _)| id).collect()
+}
+
+/// (instance id, pid) of live processes (group leaders) carrying a local instance's marker.
+fn instance_pids(instances: &Path) -> Vec<(String, i32)> {
     let Ok(root) = std::fs::canonicalize(instances) else { return Vec::new() };
     let prefix = format!("{}/", root.display());
-    let mut ids: Vec<String> =
+    let mut ids: Vec<(String, i32)> =
         kiln::hooks::process::find_by_env(kiln::provider::local::INSTANCE_MARKER, |v| {
             v.starts_with(&prefix)
         })
         .into_iter()
         .filter(|f| f.is_group_leader())
-        .map(|f| f.value[prefix.len()..].to_owned())
+        .map(|f| (f.value[prefix.len()..].to_owned(), f.process.pid))
         .collect();
     ids.sort();
     ids
@@ -134,11 +139,13 @@ fn a_daemon_dying_right_after_spawning_an_instance_adopts_it_on_restart() {
     };
     assert!(!status.success(), "the daemon aborted in the launch");
     let orphan = records(&instances);
-    let processes = instance_processes(&instances);
+    let processes = instance_pids(&instances);
     let cleanup = scopeguard(&data);
     assert_eq!(orphan.len(), 1, "one launch was under way: {orphan:?}");
     assert_eq!(orphan[0].1, "launching", "the crash came before the record said running");
-    assert_eq!(processes, [orphan[0].0.clone()], "its process runs, unknown to the record");
+    assert_eq!(processes.len(), 1, "its process runs, unknown to the record: {processes:?}");
+    assert_eq!(processes[0].0, orphan[0].0);
+    let orphan_pid = processes[0].1;
 
     // The restart.
     let daemon = Daemon::start(&repo.url(), &data, &["--poll", "1s"]);
@@ -185,6 +192,10 @@ fn a_daemon_dying_right_after_spawning_an_instance_adopts_it_on_restart() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(
+        instance_pids(&instances).contains(&(orphan[0].0.clone(), orphan_pid)),
+        "the process started before the crash is the one serving (adopted, not replaced)"
+    );
     let all = records(&instances);
     assert_eq!(all.len(), CAPACITY, "no instance was launched again or replaced: {all:?}");
     drop(daemon);
