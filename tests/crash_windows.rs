@@ -1,8 +1,13 @@
-//! Issue 10 (major 2): a daemon dying between starting an instance process and recording it
-//! orphaned the process and rolled back a good rollout. Here the real daemon is made to die in
-//! exactly that window (the test-only `KILN_FAULT=launch-after-spawn` aborts it right after the
-//! spawn), and the restarted daemon must adopt the instance: the rollout succeeds, nothing is
-//! rolled back, the interrupted instance serves, and every instance process is one kiln knows.
+//! Issue 10: windows where a crash of the daemon cost something, each hit on the real daemon.
+//!
+//! - Major 2: a daemon dying between starting an instance process and recording it orphaned
+//!   the process and rolled back a good rollout. Here the daemon is made to die in exactly that
+//!   window (the test-only `KILN_FAULT=launch-after-spawn` aborts it right after the spawn),
+//!   and the restarted daemon must adopt the instance: the rollout succeeds, nothing is rolled
+//!   back, the interrupted instance serves, and every instance process is one kiln knows.
+//! - Minor: after a `kill -9`, the hook that was running kept running and the restarted daemon
+//!   ran it again beside it. The restarted daemon must kill it (and what it started, even with
+//!   `setsid`) before the step runs again.
 
 // The test is synchronous: it blocks between polls of real processes, never in a runtime.
 #![allow(clippy::disallowed_methods)]
@@ -22,14 +27,14 @@ use support::git::{Entry, TestRepo, require_git};
 const WAIT: Duration = Duration::from_secs(90);
 const CAPACITY: usize = 2;
 
-fn manifest() -> String {
+fn manifest(bake: &str) -> String {
     format!(
         "fleets:
   - name: web
     paths: [image/, hooks/]
     image:
       stages:
-        - {{ name: base, path: image/base, bake: hooks/bake-dir }}
+        - {{ name: base, path: image/base, bake: {bake} }}
       timeout: 1m
     rollout:
       provider: local
@@ -44,6 +49,28 @@ fn manifest() -> String {
       loadBalancer: {{ port: 0 }}
 "
     )
+}
+
+/// The app image of the test support (`app.py`, `run`) and the shipped `hooks/bake-dir`.
+fn app_files(repo: &TestRepo) -> (String, String, String) {
+    let template = write_app_image(&repo.scratch("template"), "app");
+    let app = std::fs::read_to_string(template.join("app.py")).expect("app.py");
+    let run = std::fs::read_to_string(template.join("run")).expect("run");
+    let hook_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir");
+    let hook = std::fs::read_to_string(hook_path).expect("hooks/bake-dir");
+    (app, run, hook)
+}
+
+/// Waits until the fleet's rollout of `sha` is terminal; returns its `kiln log` entry.
+fn wait_terminal(daemon: &Daemon, sha: &str) -> Value {
+    let terminal = ["succeeded", "failed", "rolled_back", "superseded", "aborted", "skipped"];
+    let log = daemon.wait_log("the rollout to end", WAIT, |log| {
+        for_commit(log, sha)
+            .iter()
+            .any(|e| e["fleet"] == "web" && terminal.contains(&e["state"].as_str().unwrap_or("")))
+    });
+    let entry = for_commit(&log, sha).into_iter().find(|e| e["fleet"] == "web").cloned();
+    entry.expect("the fleet's rollout")
 }
 
 /// Instance records on disk: (id, state).
@@ -91,13 +118,8 @@ fn a_daemon_dying_right_after_spawning_an_instance_adopts_it_on_restart() {
         return;
     }
     let repo = TestRepo::new();
-    // The app image of the test support, committed as the base stage.
-    let template = write_app_image(&repo.scratch("template"), "app");
-    let app = std::fs::read_to_string(template.join("app.py")).expect("app.py");
-    let run = std::fs::read_to_string(template.join("run")).expect("run");
-    let hook_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir");
-    let hook = std::fs::read_to_string(hook_path).expect("hooks/bake-dir");
-    let manifest = manifest();
+    let (app, run, hook) = app_files(&repo);
+    let manifest = manifest("hooks/bake-dir");
     let sha = repo.commit_entries(
         "first image",
         &[
@@ -198,6 +220,94 @@ fn a_daemon_dying_right_after_spawning_an_instance_adopts_it_on_restart() {
     );
     let all = records(&instances);
     assert_eq!(all.len(), CAPACITY, "no instance was launched again or replaced: {all:?}");
+    drop(daemon);
+    drop(cleanup);
+}
+
+/// A bake hook that records every run's pid in `runs` and, on a first run, notes whether an
+/// earlier run is still alive (`overlap`), starts a `setsid` child (pid in `escaped`) and hangs;
+/// later runs bake with the shipped `hooks/bake-dir`.
+const HANGING_BAKE: &str = r#"#!/bin/bash
+set -u
+runs="$TEST_HOOK_FILES/runs"
+for pid in $(cat "$runs" 2>/dev/null); do
+  # Alive and not a zombie (an unreaped corpse is not a run).
+  state=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)
+  if [ -n "$state" ] && [ "$state" != Z ]; then echo "run $$ started while $pid runs" >> "$TEST_HOOK_FILES/overlap"; fi
+done
+first=0
+[ -s "$runs" ] || first=1
+echo $$ >> "$runs"
+if [ $first = 1 ]; then
+  setsid sh -c "echo \$\$ > '$TEST_HOOK_FILES/escaped'; exec sleep 1000" </dev/null >/dev/null 2>&1 &
+  sleep 1000
+fi
+exec "$KILN_WORK_TREE/hooks/bake-dir"
+"#;
+
+fn pid_alive(pid: i32) -> bool {
+    kiln::hooks::process::start_ticks(pid).is_some()
+}
+
+fn read_pids(path: &Path) -> Vec<i32> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_hook_left_running_by_a_killed_daemon_is_killed_before_it_runs_again() {
+    let test = "a_hook_left_running_by_a_killed_daemon_is_killed_before_it_runs_again";
+    if !require_git(test) || !have_python3() {
+        return;
+    }
+    let repo = TestRepo::new();
+    let (app, run, hook) = app_files(&repo);
+    let manifest = manifest("hooks/bake");
+    let sha = repo.commit_entries(
+        "first image",
+        &[
+            Entry::File("kiln.yaml", &manifest),
+            Entry::Exec("hooks/bake", HANGING_BAKE),
+            Entry::Exec("hooks/bake-dir", &hook),
+            Entry::Exec("image/base/run", &run),
+            Entry::File("image/base/app.py", &app),
+        ],
+    );
+    let data = repo.scratch("data");
+    let files = repo.scratch("hook-files");
+    std::fs::create_dir_all(&files).expect("hook files dir");
+    let cleanup = scopeguard(&data);
+    let files_arg = files.display().to_string();
+    // `--hook-env` passes the test's directory for the hook's notes through the clean env.
+    let mut daemon = Daemon::start_with_env(
+        &repo.url(),
+        &data,
+        &["--poll", "1s", "--hook-env", "TEST_HOOK_FILES"],
+        &[("TEST_HOOK_FILES", &files_arg)],
+    );
+    let deadline = Instant::now() + WAIT;
+    while read_pids(&files.join("runs")).is_empty() || read_pids(&files.join("escaped")).is_empty()
+    {
+        assert!(Instant::now() < deadline, "the hook did not start\n{}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.kill9();
+    let first = read_pids(&files.join("runs"))[0];
+    let escaped = read_pids(&files.join("escaped"))[0];
+    assert!(pid_alive(first) && pid_alive(escaped), "the hook outlives the killed daemon");
+
+    daemon.start_again();
+    let entry = wait_terminal(&daemon, &sha);
+    assert_eq!(entry["state"], "succeeded", "{entry}\n{}", daemon.logs());
+    let runs = read_pids(&files.join("runs"));
+    assert_eq!(runs.len(), 2, "the hook ran again once: {runs:?}");
+    let overlap = std::fs::read_to_string(files.join("overlap")).unwrap_or_default();
+    assert!(overlap.is_empty(), "two runs of the stage overlapped: {overlap}");
+    assert!(!pid_alive(first), "the first run was killed");
+    assert!(!pid_alive(escaped), "its setsid child was killed too");
     drop(daemon);
     drop(cleanup);
 }

@@ -7,6 +7,11 @@
 //! the child never blocks on a full pipe, but dropped, and memory stays flat. A timeout or a
 //! cancellation kills the whole group (SIGTERM, [`KILL_GRACE`], SIGKILL), so grandchildren go
 //! too; so does a normal exit, which takes any background process the hook left behind with it.
+//! Processes that left the group (`setsid`) are found by the run's marker,
+//! [`contract::KILN_HOOK_RUN`], in `/proc/*/environ` and killed with it. A step's run is recorded
+//! (marker, then pid and start time) in `<data-dir>/run/hooks/` before the hook starts, so a
+//! daemon restarted after a `kill -9` kills what the dead one left ([`kill_leftover`]) before the
+//! step runs again. The timeout bounds a step's attempts and retry waits together.
 //!
 //! ```text
 //!  run_with_retry_in ──(exit 75: backoff)──▶ run_in ──spawn──▶ hook (pgid = pid)
