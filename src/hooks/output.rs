@@ -10,34 +10,53 @@ use std::collections::BTreeMap;
 ///
 /// [`OUTPUT_FILE_CAP`]: super::contract::OUTPUT_FILE_CAP
 pub async fn read_output_file(path: &std::path::Path) -> Result<String, String> {
-    use tokio::io::AsyncReadExt as _;
     let cap = super::contract::OUTPUT_FILE_CAP;
-    let too_big = |size: u64| {
-        format!(
-            "wrote {size} bytes to $KILN_OUTPUT, more than the limit of {cap} bytes; write large \
-             data to a file in $KILN_OUTPUT_DIR and its path to $KILN_OUTPUT"
-        )
+    let bytes = match read_capped(path, cap).await {
+        Ok(bytes) => bytes,
+        Err(Capped::Missing) => return Ok(String::new()),
+        Err(Capped::TooBig(size)) => {
+            return Err(format!(
+                "wrote {size} bytes to $KILN_OUTPUT, more than the limit of {cap} bytes; write \
+                 large data to a file in $KILN_OUTPUT_DIR and its path to $KILN_OUTPUT"
+            ));
+        }
+        Err(Capped::Io(e)) => return Err(format!("left a $KILN_OUTPUT kiln cannot read ({e})")),
     };
+    String::from_utf8(bytes).map_err(|_| "wrote $KILN_OUTPUT that is not UTF-8".to_owned())
+}
+
+/// Why [`read_capped`] returned no bytes.
+#[derive(Debug)]
+pub enum Capped {
+    /// The file does not exist.
+    Missing,
+    /// It holds more than the cap: at least this many bytes.
+    TooBig(u64),
+    /// Another IO error.
+    Io(std::io::Error),
+}
+
+/// Reads a file a hook wrote, holding at most `cap` bytes of it in memory whatever its size
+/// (or growth while it is read). For every file a hook leaves for kiln to parse.
+pub async fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, Capped> {
+    use tokio::io::AsyncReadExt as _;
     let file = match tokio::fs::File::open(path).await {
         Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
-        Err(e) => return Err(format!("left a $KILN_OUTPUT kiln cannot read ({e})")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Capped::Missing),
+        Err(e) => return Err(Capped::Io(e)),
     };
     if let Ok(meta) = file.metadata().await {
         if meta.len() > cap {
-            return Err(too_big(meta.len()));
+            return Err(Capped::TooBig(meta.len()));
         }
     }
     let mut bytes = Vec::new();
     // One byte past the cap tells a file that grew since its size was read.
-    file.take(cap + 1)
-        .read_to_end(&mut bytes)
-        .await
-        .map_err(|e| format!("left a $KILN_OUTPUT kiln cannot read ({e})"))?;
+    file.take(cap + 1).read_to_end(&mut bytes).await.map_err(Capped::Io)?;
     if bytes.len() as u64 > cap {
-        return Err(too_big(bytes.len() as u64));
+        return Err(Capped::TooBig(bytes.len() as u64));
     }
-    String::from_utf8(bytes).map_err(|_| "wrote $KILN_OUTPUT that is not UTF-8".to_owned())
+    Ok(bytes)
 }
 
 /// Parses `$KILN_OUTPUT`. Two shapes are accepted:
