@@ -157,6 +157,11 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
     for stale in clear_stale_git_locks(&mirror) {
         tracing::warn!(lock = %stale.display(), "Removed a git lock file left by a previous run.");
     }
+    // Likewise a hook run record: its hook (and what it started) outlived a killed daemon.
+    let leftovers = crate::hooks::kill_all_leftovers(&data_dir).await;
+    if leftovers > 0 {
+        tracing::warn!(processes = leftovers, "Killed hook processes a previous run left behind.");
+    }
     let (source_tx, source_rx) = mpsc::channel(64);
     let last_tip: Option<Revision> = store.get_meta(TIP_KEY)?;
     let source = source::spawn_with_metrics(

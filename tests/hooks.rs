@@ -456,3 +456,201 @@ async fn stdin_bytes_reach_the_hook_and_are_closed() {
     let outcome = hooks::run(&spec, &sink, &CancellationToken::new()).await.unwrap();
     assert_eq!(outcome.outputs.get("got").map(String::as_str), Some("{\"op\":\"launch\"}"));
 }
+
+/// Issue 9: a child started with `setsid` leaves the hook's process group; it must still be
+/// killed when the hook exits (here: it holds no pipe, so only the marker sweep finds it).
+#[tokio::test]
+async fn setsid_children_are_killed_when_the_hook_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escaped.pid");
+    let script = write_script(
+        dir.path(),
+        "hook",
+        &format!(
+            "#!/bin/bash\nsetsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000' \
+             </dev/null >/dev/null 2>&1 &\nwhile [ ! -s {p} ]; do sleep 0.02; done\necho done\n",
+            p = pidfile.display()
+        ),
+    );
+    hooks::run(
+        &spec(dir.path(), script, Duration::from_secs(60)),
+        &|_, _| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("hook succeeds");
+    let escaped = read_pid(&pidfile);
+    let own_group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(escaped)));
+    // It did leave the hook's group: it leads its own session and group.
+    assert!(own_group.is_err() || own_group == Ok(nix::unistd::Pid::from_raw(escaped)));
+    wait_until_async("the setsid child to be killed", Duration::from_secs(10), || !alive(escaped))
+        .await;
+}
+
+/// The same when the hook times out.
+#[tokio::test]
+async fn setsid_children_are_killed_when_the_hook_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("escaped.pid");
+    let script = write_script(
+        dir.path(),
+        "hook",
+        &format!(
+            "#!/bin/bash\nsetsid sh -c 'echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 1000' &\n\
+             sleep 1000\n",
+            p = pidfile.display()
+        ),
+    );
+    let err = hooks::run(
+        &spec(dir.path(), script, Duration::from_secs(2)),
+        &|_, _| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("times out");
+    assert!(matches!(err, HookError::TimedOut { .. }), "{err:?}");
+    let escaped = read_pid(&pidfile);
+    wait_until_async("the setsid child to be killed", Duration::from_secs(10), || !alive(escaped))
+        .await;
+}
+
+/// Issue 9: `$KILN_OUTPUT` was read whole (300 MB of output → 327 MB RSS). A file over the cap
+/// fails the run with an error naming the size and the limit (valid `key=value` lines, so the
+/// old code parsed and accepted all of it).
+#[tokio::test]
+async fn an_oversized_kiln_output_is_refused_without_reading_it_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 3 * hooks::contract::OUTPUT_FILE_CAP;
+    let script = write_script(
+        dir.path(),
+        "hook",
+        &format!("#!/bin/bash\nyes 'key=value' | head -c {size} > \"$KILN_OUTPUT\"\n"),
+    );
+    let err = hooks::run(
+        &spec(dir.path(), script, Duration::from_secs(60)),
+        &|_, _| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .expect_err("an output over the cap fails the run");
+    let message = err.to_string();
+    assert!(matches!(err, HookError::BadOutput { .. }), "{err:?}");
+    assert!(
+        message.contains(&format!("wrote {size} bytes to $KILN_OUTPUT"))
+            && message.contains(&format!("limit of {} bytes", hooks::contract::OUTPUT_FILE_CAP)),
+        "{message}"
+    );
+
+    // Exactly the cap is still read.
+    let script = write_script(
+        dir.path(),
+        "fits",
+        &format!(
+            "#!/bin/bash\n{{ yes 'key=value' | head -c {} ; echo; echo 'last=1'; }} > \"$KILN_OUTPUT\"\n",
+            hooks::contract::OUTPUT_FILE_CAP - 8
+        ),
+    );
+    let outcome = hooks::run(
+        &spec(dir.path(), script, Duration::from_secs(60)),
+        &|_, _| {},
+        &CancellationToken::new(),
+    )
+    .await
+    .expect("an output at the cap is read");
+    assert_eq!(outcome.outputs.get("last").map(String::as_str), Some("1"));
+}
+
+/// Issue 9: a hook exiting 75 forever was retried up to 8× its timeout. The timeout bounds the
+/// whole step: it fails as timed out, naming the attempts it made, each one recorded.
+#[tokio::test]
+async fn a_hook_exiting_75_forever_is_bounded_by_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter = dir.path().join("attempts");
+    let script = write_script(
+        dir.path(),
+        "hook",
+        &format!("#!/bin/bash\necho x >> {}\necho busy >&2\nexit 75\n", counter.display()),
+    );
+    let retries = Mutex::new(0u32);
+    let on_retry = |_: &HookError, _: Duration| *retries.lock().unwrap() += 1;
+    let err = hooks::run_with_retry_in(
+        &spec(dir.path(), script, Duration::from_secs(3)),
+        &dir.path().join("out"),
+        &|_, _| {},
+        &CancellationToken::new(),
+        &on_retry,
+    )
+    .await
+    .expect_err("never succeeds");
+    let HookError::TimedOut { attempts, timeout, .. } = &err else {
+        panic!("expected a timeout, got {err:?}");
+    };
+    let ran = std::fs::read_to_string(&counter).unwrap().lines().count() as u32;
+    assert_eq!(*attempts, ran, "every attempt is counted");
+    assert!(ran >= 2, "retried within the timeout: {ran}");
+    assert_eq!(*retries.lock().unwrap(), ran - 1, "each retry was announced");
+    assert_eq!(*timeout, Duration::from_secs(3));
+    assert!(err.to_string().contains(&format!("timed out after 3s ({ran} attempts")), "{err}");
+}
+
+/// Issue 10: after a `kill -9` of the daemon, the running hook kept running and the restarted
+/// daemon ran it again beside it. The run is recorded before the hook starts; a daemon that
+/// dies without any cleanup (here: the run future is leaked, never dropped) leaves the record,
+/// and the restart path kills the leftover, its setsid child included, before running again.
+#[tokio::test]
+async fn a_hook_left_running_by_a_dead_daemon_is_killed_before_the_step_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    let escaped = dir.path().join("escaped.pid");
+    let script = write_script(
+        dir.path(),
+        "hook",
+        &format!(
+            "#!/bin/bash\nsetsid sh -c 'echo $$ > {e}; exec sleep 1000' </dev/null >/dev/null 2>&1 &\n\
+             echo $$ >> {p}\nsleep 1000\n",
+            p = pids.display(),
+            e = escaped.display()
+        ),
+    );
+    let data = dir.path().join("data");
+    let record = hooks::run_record_path(&data, "reconcile web");
+    let spec = spec(dir.path(), script, Duration::from_secs(600));
+    let out_dir = dir.path().join("out");
+    let cancel = CancellationToken::new();
+    let sink = |_: Stream, _: &str| {};
+    let on_retry = |_: &HookError, _: Duration| {};
+    let mut run = Box::pin(hooks::run_with_retry_recorded(
+        &spec,
+        &out_dir,
+        Some(&record),
+        &sink,
+        &cancel,
+        &on_retry,
+    ));
+    // Drive the run until the hook and its escaped child are up, then "die": the future is
+    // leaked, so no guard, no timeout and no cleanup of any kind runs.
+    tokio::select! {
+        _ = &mut run => panic!("the hook ended early"),
+        () = wait_until_async("the hook to start", Duration::from_secs(20), || {
+            std::fs::read_to_string(&pids).is_ok_and(|s| s.ends_with('\n'))
+                && std::fs::read_to_string(&escaped).is_ok_and(|s| s.ends_with('\n'))
+        }) => {}
+    }
+    std::mem::forget(run);
+    let hook = read_pid(&pids);
+    let child = read_pid(&escaped);
+    assert!(alive(hook) && alive(child), "the hook outlives its daemon");
+    let recorded: hooks::RunRecord =
+        serde_json::from_slice(&std::fs::read(&record).expect("the run is recorded")).unwrap();
+    assert_eq!(recorded.process.map(|p| p.pid), Some(hook));
+
+    // The restart path.
+    let killed = hooks::kill_all_leftovers(&data).await;
+    assert!(killed >= 2, "the hook and its setsid child were found: {killed}");
+    wait_until_async("the leftover hook and child to die", Duration::from_secs(10), || {
+        !alive(hook) && !alive(child)
+    })
+    .await;
+    assert!(!record.exists(), "the record is removed once its leftovers are gone");
+    assert_eq!(hooks::kill_leftover(&record).await, 0, "nothing left to kill");
+}

@@ -415,3 +415,96 @@ async fn local_provider_refuses_bad_images_and_keeps_lb_state() {
     provider.stop_load_balancer().await;
     in_process.cancel();
 }
+
+/// Environment variable that turns [`interrupted_launch_child`] into the crashing daemon of
+/// [`a_launch_interrupted_after_spawning_is_adopted_not_repeated`]: the fleet dir to launch in.
+const CRASH_CHILD_DIR: &str = "KILN_TEST_CRASH_CHILD_DIR";
+
+/// Live group leaders carrying a local instance's marker under `fleet_dir`.
+fn instance_processes(fleet_dir: &Path) -> Vec<kiln::hooks::process::Found> {
+    let root = std::fs::canonicalize(fleet_dir.join("instances")).expect("instances dir");
+    let prefix = format!("{}/", root.display());
+    kiln::hooks::process::find_by_env(kiln::provider::local::INSTANCE_MARKER, |v| {
+        v.starts_with(&prefix)
+    })
+    .into_iter()
+    .filter(|f| f.is_group_leader())
+    .collect()
+}
+
+/// Not a test on its own: run by the test below as a separate process with `KILN_FAULT` set, it
+/// opens the provider and launches, and the provider aborts right after spawning the instance,
+/// before recording it (the window a `kill -9` of the daemon hit). Without the variable it does
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_launch_child() {
+    let Ok(dir) = std::env::var(CRASH_CHILD_DIR) else { return };
+    let dir = PathBuf::from(dir);
+    let image = ImageRef(fleet::write_app_image(&dir, "image").display().to_string());
+    let provider = open_local(&dir.join("fleet"), free_port(), &CancellationToken::new()).await;
+    let _ = provider.launch(&image, "key-1").await;
+    panic!("KILN_FAULT=launch-after-spawn did not abort the launch");
+}
+
+/// Issue 10 major 2: a daemon dying after the instance process started but before its record
+/// said `running` left a process kiln treated as dead (rollback) and never stopped. After such a
+/// crash, a reopened provider adopts the process: listed running, the same instance for the same
+/// key, one process, and `terminate` stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_interrupted_after_spawning_is_adopted_not_repeated() {
+    if !fleet::have_python3() || !kiln_has_lb() {
+        eprintln!("SKIP: needs python3 and `kiln lb`");
+        assert!(std::env::var("CI").is_err(), "python3 and `kiln lb` are required under CI");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let _cleanup = KillLeftovers(tmp.path().to_owned());
+    let fleet_dir = tmp.path().join("fleet");
+    let child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "interrupted_launch_child", "--nocapture", "--test-threads", "1"])
+        .env(CRASH_CHILD_DIR, tmp.path())
+        .env("KILN_FAULT", "launch-after-spawn")
+        .output()
+        .expect("run the crashing child");
+    let stderr = String::from_utf8_lossy(&child.stderr);
+    assert!(!child.status.success(), "the child must die in the launch: {stderr}");
+    let before = instance_processes(&fleet_dir);
+    assert_eq!(before.len(), 1, "one instance process started before the crash: {stderr}");
+    let records: Vec<serde_json::Value> = std::fs::read_dir(fleet_dir.join("instances"))
+        .expect("instances")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("instance.json")).ok())
+        .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["state"], "launching", "crashed before recording the process");
+
+    // The restart: the provider is opened again on the same state.
+    let provider = open_local(&fleet_dir, free_port(), &CancellationToken::new()).await;
+    let listed = provider.list().await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].running, "the interrupted launch is adopted as running: {listed:?}");
+    assert_eq!(listed[0].launch_key.as_deref(), Some("key-1"));
+    let image = std::fs::canonicalize(tmp.path().join("image")).expect("image");
+    let image = ImageRef(image.display().to_string());
+    let again = provider.launch(&image, "key-1").await.expect("launch with the same key");
+    assert_eq!(again.id, listed[0].id, "the same key names the same instance");
+    let address = again.address.clone().expect("address");
+    wait_healthy(&http_client(), &address).await;
+    assert_eq!(pid_of(&address).await, before[0].process.pid, "the adopted process serves");
+    assert_eq!(instance_processes(&fleet_dir), before, "no second process was started");
+
+    provider.terminate(&again.id).await.expect("terminate");
+    assert!(instance_processes(&fleet_dir).is_empty(), "terminate stopped the adopted process");
+    assert!(provider.list().await.expect("list").is_empty());
+    provider.stop_load_balancer().await;
+}
+
+/// Kills every process left under a test's temp dir when the test ends, even by a panic.
+struct KillLeftovers(PathBuf);
+
+impl Drop for KillLeftovers {
+    fn drop(&mut self) {
+        support::daemon::kill_leftovers(&self.0);
+    }
+}

@@ -53,6 +53,14 @@ pub const KILN_OUTPUT: &str = "KILN_OUTPUT";
 /// A private, empty directory for output files (e.g. `terraform-outputs.json`).
 pub const KILN_OUTPUT_DIR: &str = "KILN_OUTPUT_DIR";
 
+/// A value unique to one hook run, set in its environment so that everything the run started
+/// (even what left its process group with `setsid`) can be found and killed when it ends, times
+/// out, or its daemon died mid-run. A process meant to outlive the hook must not inherit it.
+pub const KILN_HOOK_RUN: &str = "KILN_HOOK_RUN";
+
+/// Most bytes of `$KILN_OUTPUT` kiln reads: a larger file fails the hook with a clear error.
+pub const OUTPUT_FILE_CAP: u64 = 1024 * 1024;
+
 /// Output key: the image id a bake produced.
 pub const OUTPUT_IMAGE: &str = "image";
 /// Output key: path (relative to the work tree, or absolute) of a Packer manifest file.

@@ -7,6 +7,11 @@
 //! the child never blocks on a full pipe, but dropped, and memory stays flat. A timeout or a
 //! cancellation kills the whole group (SIGTERM, [`KILL_GRACE`], SIGKILL), so grandchildren go
 //! too; so does a normal exit, which takes any background process the hook left behind with it.
+//! Processes that left the group (`setsid`) are found by the run's marker,
+//! [`contract::KILN_HOOK_RUN`], in `/proc/*/environ` and killed with it. A step's run is recorded
+//! (marker, then pid and start time) in `<data-dir>/run/hooks/` before the hook starts, so a
+//! daemon restarted after a `kill -9` kills what the dead one left ([`kill_leftover`]) before the
+//! step runs again. The timeout bounds a step's attempts and retry waits together.
 //!
 //! ```text
 //!  run_with_retry_in ──(exit 75: backoff)──▶ run_in ──spawn──▶ hook (pgid = pid)
@@ -33,7 +38,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classify, ErrorClass};
-use crate::retry::{Attempt, RetryPolicy};
+use crate::retry::RetryPolicy;
 
 /// Bytes of output (both streams, line bytes plus newline) per run handed to the sink and to
 /// tracing; past it one [`TRUNCATED_NOTICE`] is sent and the rest is read and dropped.
@@ -114,13 +119,16 @@ pub enum HookError {
         #[source]
         source: std::io::Error,
     },
-    /// Ran past its timeout; its whole process group was killed.
-    #[error("hook `{name}` timed out after {}", crate::manifest::format_duration(*timeout))]
+    /// Ran past its timeout (which bounds every attempt and the waits between them together);
+    /// everything it started was killed.
+    #[error("hook `{name}` timed out after {}{}", crate::manifest::format_duration(*timeout), if *attempts > 1 { format!(" ({attempts} attempts; each earlier one exited 75, transient)") } else { String::new() })]
     TimedOut {
         /// Hook name.
         name: String,
         /// The timeout.
         timeout: Duration,
+        /// How many times the hook was started within it.
+        attempts: u32,
     },
     /// Exited non-zero (75 = transient).
     #[error("hook `{name}` exited with status {code}{}", if stderr_tail.is_empty() { String::new() } else { format!(": {stderr_tail}") })]
@@ -200,8 +208,11 @@ pub async fn run_with_retry(
 }
 
 /// [`run_in`], retrying exit 75 ([`contract::EXIT_TRANSIENT`]) with exponential backoff until
-/// it succeeds, fails otherwise, or `spec.timeout` has elapsed in total. `on_retry` sees each
-/// transient failure before the wait. Cancellation stops the waits too.
+/// it succeeds, fails otherwise, or `spec.timeout` has elapsed in total: the timeout bounds the
+/// whole run, every attempt and every wait included (each attempt gets what is left of it, and
+/// a wait that would end past it ends the run at once with [`HookError::TimedOut`] naming the
+/// number of attempts). `on_retry` sees each transient failure before the wait. Cancellation
+/// stops the waits too.
 pub async fn run_with_retry_in(
     spec: &HookSpec,
     out_dir: &Path,
@@ -209,26 +220,50 @@ pub async fn run_with_retry_in(
     cancel: &CancellationToken,
     on_retry: RetrySink<'_>,
 ) -> Result<HookOutcome, HookError> {
+    run_with_retry_recorded(spec, out_dir, None, sink, cancel, on_retry).await
+}
+
+/// [`run_with_retry_in`], keeping a [`RunRecord`] of each attempt at `record` (see
+/// [`kill_leftover`]) while it runs.
+pub async fn run_with_retry_recorded(
+    spec: &HookSpec,
+    out_dir: &Path,
+    record: Option<&Path>,
+    sink: LineSink<'_>,
+    cancel: &CancellationToken,
+    on_retry: RetrySink<'_>,
+) -> Result<HookOutcome, HookError> {
     let policy = RetryPolicy {
         initial: Duration::from_millis(500),
         max_interval: Duration::from_secs(30),
-        max_elapsed: Some(spec.timeout),
+        max_elapsed: None,
     };
-    let attempts = policy.run(
-        || async {
-            run_in(spec, out_dir, sink, cancel).await.map_err(|error| match error {
-                HookError::Exited { code: contract::EXIT_TRANSIENT, .. } => Attempt::Retry(error),
-                other => Attempt::Stop(other),
-            })
-        },
-        |error, wait| {
-            tracing::warn!(hook = %spec.name, error = %error, wait_ms = wait.as_millis() as u64, "Hook failed transiently; retrying.");
-            on_retry(error, wait);
-        },
-    );
-    tokio::select! {
-        res = attempts => res,
-        () = cancel.cancelled() => Err(HookError::Cancelled { name: spec.name.clone() }),
+    let deadline = tokio::time::Instant::now() + spec.timeout;
+    let timed_out = |attempts: u32| HookError::TimedOut {
+        name: spec.name.clone(),
+        timeout: spec.timeout,
+        attempts,
+    };
+    let mut attempts: u32 = 0;
+    loop {
+        attempts += 1;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match run_once(spec, left, out_dir, record, sink, cancel).await {
+            Err(HookError::TimedOut { .. }) => return Err(timed_out(attempts)),
+            Err(error @ HookError::Exited { code: contract::EXIT_TRANSIENT, .. }) => error,
+            other => return other,
+        };
+        let wait = crate::retry::nth_delay(&policy, attempts - 1);
+        if tokio::time::Instant::now() + wait >= deadline {
+            tracing::warn!(hook = %spec.name, attempts, error = %error, "Hook failed transiently and its timeout leaves no room for another attempt.");
+            return Err(timed_out(attempts));
+        }
+        tracing::warn!(hook = %spec.name, error = %error, wait_ms = wait.as_millis() as u64, "Hook failed transiently; retrying.");
+        on_retry(&error, wait);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => return Err(HookError::Cancelled { name: spec.name.clone() }),
+        }
     }
 }
 
@@ -241,6 +276,18 @@ pub async fn run_in(
     sink: LineSink<'_>,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
+    run_once(spec, spec.timeout, out_dir, None, sink, cancel).await
+}
+
+/// [`run_in`] with `timeout` in place of `spec.timeout`, recording the run at `record`.
+async fn run_once(
+    spec: &HookSpec,
+    timeout: Duration,
+    out_dir: &Path,
+    record: Option<&Path>,
+    sink: LineSink<'_>,
+    cancel: &CancellationToken,
+) -> Result<HookOutcome, HookError> {
     let started = tokio::time::Instant::now();
     let spawn_error = |source: std::io::Error| HookError::Spawn {
         name: spec.name.clone(),
@@ -248,6 +295,18 @@ pub async fn run_in(
         source,
     };
     let output_file = prepare_out_dir(out_dir).await.map_err(spawn_error)?;
+    let marker = new_marker();
+    // Written before the hook starts: a daemon killed at any later point leaves a record that
+    // names every process of the run (by its marker), so the next daemon can kill them.
+    let mut run_record = RunRecord {
+        name: spec.name.clone(),
+        marker: marker.clone(),
+        daemon_pid: std::process::id(),
+        process: None,
+    };
+    if let Some(path) = record {
+        write_record(path, &run_record).await.map_err(spawn_error)?;
+    }
 
     let mut command = tokio::process::Command::new(&spec.program);
     command
@@ -257,6 +316,7 @@ pub async fn run_in(
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .env(contract::KILN_OUTPUT, &output_file)
         .env(contract::KILN_OUTPUT_DIR, out_dir)
+        .env(contract::KILN_HOOK_RUN, &marker)
         .current_dir(&spec.workdir)
         .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -264,10 +324,24 @@ pub async fn run_in(
         // Its own group, so a timeout can kill everything the hook started, not just the hook.
         .process_group(0)
         .kill_on_drop(true);
+    // If this future is dropped mid-run (the caller gave up), the run is killed on the way out.
+    let mut guard = GroupGuard {
+        pgid: None,
+        marker: marker.clone(),
+        record: record.map(Path::to_owned),
+        armed: true,
+    };
     let mut child = command.spawn().map_err(spawn_error)?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
-    // If this future is dropped mid-run (the caller gave up), the group is killed on the way out.
-    let mut guard = GroupGuard { pgid, armed: true };
+    guard.pgid = pgid;
+    if let (Some(path), Some(pid)) = (record, pgid) {
+        run_record.process = process::start_ticks(pid.as_raw())
+            .map(|start_ticks| process::ProcessRef { pid: pid.as_raw(), start_ticks });
+        if let Err(error) = write_record(path, &run_record).await {
+            // The marker written before is enough to find the run again.
+            tracing::warn!(hook = %spec.name, error = %error, "Could not record the hook's process.");
+        }
+    }
     tracing::info!(hook = %spec.name, program = %spec.program.display(), pid = ?pgid, "Hook started.");
 
     if let (Some(bytes), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
@@ -293,20 +367,22 @@ pub async fn run_in(
                 _ = &mut pumps, if !pumps_done => pumps_done = true,
             }
         };
-        // The hook is done; whatever it left running in its group goes now, which also closes
-        // the pipes those processes held. A process that escaped the group (setsid) cannot hold
-        // the run open for longer than the grace.
+        // The hook is done; whatever it left running goes now, in its group or escaped from
+        // it (setsid) but carrying the run's marker, which also closes the pipes those
+        // processes held.
         signal_group(pgid, Signal::SIGTERM);
+        signal_marked(&marker, Signal::SIGTERM);
         if !pumps_done {
             let _ = tokio::time::timeout(KILL_GRACE, &mut pumps).await;
         }
         signal_group(pgid, Signal::SIGKILL);
+        signal_marked(&marker, Signal::SIGKILL);
         status
     };
     let res = tokio::select! {
         status = work => Ok(status),
-        () = tokio::time::sleep(spec.timeout) => {
-            Err(HookError::TimedOut { name: spec.name.clone(), timeout: spec.timeout })
+        () = tokio::time::sleep(timeout) => {
+            Err(HookError::TimedOut { name: spec.name.clone(), timeout, attempts: 1 })
         }
         () = cancel.cancelled() => Err(HookError::Cancelled { name: spec.name.clone() }),
     };
@@ -315,11 +391,12 @@ pub async fn run_in(
         Err(error) => {
             tracing::warn!(hook = %spec.name, error = %error, "Killing the hook's process group.");
             kill_group(&mut child, pgid).await;
-            guard.armed = false;
+            signal_marked(&marker, Signal::SIGKILL);
+            guard.disarm();
             return Err(error);
         }
     };
-    guard.armed = false;
+    guard.disarm();
     let status = status.map_err(spawn_error)?;
     let elapsed = started.elapsed();
     let state = capture.finish();
@@ -333,7 +410,9 @@ pub async fn run_in(
             stderr_tail: stderr_tail.join("; "),
         });
     }
-    let text = tokio::fs::read_to_string(&output_file).await.unwrap_or_default();
+    let text = output::read_output_file(&output_file)
+        .await
+        .map_err(|message| HookError::BadOutput { name: spec.name.clone(), message })?;
     let outputs = output::parse_outputs(&text)
         .map_err(|message| HookError::BadOutput { name: spec.name.clone(), message })?;
     let mut stdout = state.stdout_head;
@@ -381,18 +460,150 @@ async fn kill_group(child: &mut tokio::process::Child, pgid: Option<Pid>) {
     }
 }
 
-/// Kills the group with SIGKILL when dropped while armed.
+/// Sends `signal` to every process carrying the run's marker (see [`contract::KILN_HOOK_RUN`]):
+/// what the hook started, including what left its process group.
+fn signal_marked(marker: &str, signal: Signal) {
+    for found in process::find_by_env(contract::KILN_HOOK_RUN, |value| value == marker) {
+        if found.is_group_leader() {
+            found.process.signal(signal);
+        }
+        found.process.signal_one(signal);
+    }
+}
+
+/// Kills the run (group and marked processes) with SIGKILL when dropped while armed, and
+/// removes its record once the run is over either way.
 struct GroupGuard {
     pgid: Option<Pid>,
+    marker: String,
+    record: Option<PathBuf>,
     armed: bool,
+}
+
+impl GroupGuard {
+    /// The run ended and was cleaned up: only the record remains to remove.
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
 }
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             signal_group(self.pgid, Signal::SIGKILL);
+            signal_marked(&self.marker, Signal::SIGKILL);
+        }
+        if let Some(path) = &self.record {
+            let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// What `<data-dir>/run/hooks/<step>.json` says about a hook run in progress: written before
+/// the hook starts (with the marker) and again once it runs (with its process group), removed
+/// when the run is over. A record found at start-up, or before the same step runs again, belongs
+/// to a daemon that died mid-run: [`kill_leftover`] kills what that run left.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RunRecord {
+    /// The hook's display name.
+    pub name: String,
+    /// The run's [`contract::KILN_HOOK_RUN`] value.
+    pub marker: String,
+    /// The daemon that started it.
+    pub daemon_pid: u32,
+    /// The hook's process (and group), once started.
+    pub process: Option<process::ProcessRef>,
+}
+
+/// A value of [`contract::KILN_HOOK_RUN`] unique to one run.
+fn new_marker() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{}-{n}-{:016x}", std::process::id(), fastrand::u64(..))
+}
+
+/// Writes `record` to `path` atomically (tmp + rename, synced), creating the directory.
+async fn write_record(path: &Path, record: &RunRecord) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension(format!("tmp-{:08x}", fastrand::u32(..)));
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&json)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, &path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// `<data_dir>/run/hooks`: where [`RunRecord`]s live.
+pub fn run_records_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("run").join("hooks")
+}
+
+/// The [`RunRecord`] path of step `step` (e.g. `bake web/app`): one file per fleet and step, so
+/// two runs of one step never overlap unseen.
+pub fn run_record_path(data_dir: &Path, step: &str) -> PathBuf {
+    let name: String = step
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '+' })
+        .collect();
+    run_records_dir(data_dir).join(format!("{name}.json"))
+}
+
+/// Kills what the run recorded at `record` left behind (a daemon died while it ran): its process
+/// group (TERM, [`KILL_GRACE`], KILL; pid and start time checked) and every process carrying its
+/// marker; then removes the record. Returns how many processes it found. No record: nothing.
+pub async fn kill_leftover(record: &Path) -> usize {
+    let Ok(bytes) = tokio::fs::read(record).await else { return 0 };
+    let mut killed = 0;
+    match serde_json::from_slice::<RunRecord>(&bytes) {
+        Ok(run) => {
+            if let Some(leader) = run.process {
+                if leader.alive() {
+                    killed += 1;
+                    tracing::warn!(hook = %run.name, pid = leader.pid, "Killing a hook a previous daemon left running.");
+                    process::stop(leader, KILL_GRACE).await;
+                } else {
+                    process::kill_orphaned_group(leader);
+                }
+            }
+            let marker = run.marker;
+            killed += process::kill_by_env(contract::KILN_HOOK_RUN, |value| value == marker);
+        }
+        Err(error) => {
+            tracing::warn!(record = %record.display(), error = %error, "Ignoring an unreadable hook run record.");
+        }
+    }
+    let _ = tokio::fs::remove_file(record).await;
+    killed
+}
+
+/// [`kill_leftover`] for every record under `<data_dir>/run/hooks` (at daemon start, before any
+/// hook runs). Returns how many processes it found.
+pub async fn kill_all_leftovers(data_dir: &Path) -> usize {
+    let Ok(mut entries) = tokio::fs::read_dir(run_records_dir(data_dir)).await else { return 0 };
+    let mut killed = 0;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            killed += kill_leftover(&path).await;
+        } else {
+            // A temp file of an interrupted write.
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+    killed
 }
 
 /// A unique directory under the system temp dir, removed on drop.

@@ -3,6 +3,62 @@
 
 use std::collections::BTreeMap;
 
+/// Reads `$KILN_OUTPUT` without ever holding more than [`OUTPUT_FILE_CAP`] bytes of it: a
+/// larger file is an error naming its size and the limit (outputs are small values; big data
+/// belongs in a file under `$KILN_OUTPUT_DIR`, its path in `$KILN_OUTPUT`). A missing file
+/// (the hook removed it) reads as empty.
+///
+/// [`OUTPUT_FILE_CAP`]: super::contract::OUTPUT_FILE_CAP
+pub async fn read_output_file(path: &std::path::Path) -> Result<String, String> {
+    let cap = super::contract::OUTPUT_FILE_CAP;
+    let bytes = match read_capped(path, cap).await {
+        Ok(bytes) => bytes,
+        Err(Capped::Missing) => return Ok(String::new()),
+        Err(Capped::TooBig(size)) => {
+            return Err(format!(
+                "wrote {size} bytes to $KILN_OUTPUT, more than the limit of {cap} bytes; write \
+                 large data to a file in $KILN_OUTPUT_DIR and its path to $KILN_OUTPUT"
+            ));
+        }
+        Err(Capped::Io(e)) => return Err(format!("left a $KILN_OUTPUT kiln cannot read ({e})")),
+    };
+    String::from_utf8(bytes).map_err(|_| "wrote $KILN_OUTPUT that is not UTF-8".to_owned())
+}
+
+/// Why [`read_capped`] returned no bytes.
+#[derive(Debug)]
+pub enum Capped {
+    /// The file does not exist.
+    Missing,
+    /// It holds more than the cap: at least this many bytes.
+    TooBig(u64),
+    /// Another IO error.
+    Io(std::io::Error),
+}
+
+/// Reads a file a hook wrote, holding at most `cap` bytes of it in memory whatever its size
+/// (or growth while it is read). For every file a hook leaves for kiln to parse.
+pub async fn read_capped(path: &std::path::Path, cap: u64) -> Result<Vec<u8>, Capped> {
+    use tokio::io::AsyncReadExt as _;
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Capped::Missing),
+        Err(e) => return Err(Capped::Io(e)),
+    };
+    if let Ok(meta) = file.metadata().await {
+        if meta.len() > cap {
+            return Err(Capped::TooBig(meta.len()));
+        }
+    }
+    let mut bytes = Vec::new();
+    // One byte past the cap tells a file that grew since its size was read.
+    file.take(cap + 1).read_to_end(&mut bytes).await.map_err(Capped::Io)?;
+    if bytes.len() as u64 > cap {
+        return Err(Capped::TooBig(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// Parses `$KILN_OUTPUT`. Two shapes are accepted:
 ///
 /// - lines of `key=value` (the value is everything after the first `=`, kept verbatim; blank

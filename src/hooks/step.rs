@@ -150,7 +150,26 @@ pub(crate) async fn run_hook(
             format!("{error}; retrying in {:.1}s", wait.as_secs_f64()),
         );
     };
-    let run = super::run_with_retry_in(spec, out_dir, &on_line, cx.cancel, &on_retry);
+    // One record per fleet and step (the name without the hook path): a run a dead daemon left
+    // behind is killed before this one starts, so two runs of one step never overlap.
+    let step = spec.name.split(" (").next().unwrap_or(&spec.name);
+    let record = super::run_record_path(cx.data_dir, step);
+    let leftovers = super::kill_leftover(&record).await;
+    if leftovers > 0 {
+        cx.event(
+            Level::Warn,
+            "hook.leftover",
+            format!("killed {leftovers} process(es) of an earlier run of `{step}` left running by a daemon that died"),
+        );
+    }
+    let run = super::run_with_retry_recorded(
+        spec,
+        out_dir,
+        Some(&record),
+        &on_line,
+        cx.cancel,
+        &on_retry,
+    );
     let mut run = std::pin::pin!(run);
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     let res = loop {

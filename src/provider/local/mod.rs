@@ -15,10 +15,17 @@
 //! ```
 //!
 //! `instance.json` is written atomically (tmp + rename) before the process is spawned (state
-//! `launching`) and again after (state `running`, with the process), so a `kill -9` of the
-//! daemon at any point leaves a record that `list` and `launch` interpret correctly: a launching
-//! record without a live process is reported as not running, and a second `launch` with the
-//! same key completes it instead of starting another instance.
+//! `launching`, with the port) and again after (state `running`, with the process). Every
+//! instance process carries `KILN_INSTANCE_DIR=<canonical instance dir>` in its environment, so a
+//! `kill -9` of the daemon at any point leaves nothing kiln cannot find again:
+//!
+//! - a `launching` record whose process did start (the daemon died before recording it) is
+//!   *adopted*: `open`, `launch` and `terminate` find the process by that variable in
+//!   `/proc/*/environ` (same user) and record it `running`; it is never started twice;
+//! - a `launching` record with no process is not an instance yet: `list` leaves it out, and a
+//!   `launch` with the same key starts it (a second launch never starts a second process);
+//! - at `open`, an instance process whose record is terminated or missing is killed;
+//! - `terminate` also kills every process that still carries the instance's variable.
 
 pub mod lb;
 
@@ -89,6 +96,10 @@ struct InstanceRecord {
     launched_at: Timestamp,
 }
 
+/// The environment variable naming an instance's (canonical) directory in every process it runs:
+/// how kiln finds an instance whose launch a crash interrupted.
+pub const INSTANCE_MARKER: &str = "KILN_INSTANCE_DIR";
+
 /// Writes `value` as JSON to `path` atomically: a reader (or a crash) sees the old file or the
 /// new one, never half of either.
 pub(crate) fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
@@ -153,6 +164,7 @@ impl LocalProvider {
         let provider =
             LocalProvider { config, lb_port, base_env, http, lock: tokio::sync::Mutex::new(()) };
         provider.ensure_lb(true).await?;
+        provider.sweep_instances();
         Ok(provider)
     }
 
@@ -315,6 +327,74 @@ impl LocalProvider {
         }
     }
 
+    /// `<dir>/instances`, canonical (the prefix of every instance marker).
+    fn instances_root(&self) -> PathBuf {
+        let dir = self.config.dir.join("instances");
+        std::fs::canonicalize(&dir).unwrap_or(dir)
+    }
+
+    /// The [`INSTANCE_MARKER`] value of instance `id`.
+    fn marker(&self, id: &str) -> String {
+        self.instances_root().join(id).display().to_string()
+    }
+
+    /// Live processes carrying instance `id`'s marker.
+    fn processes_of(&self, id: &str) -> Vec<process::Found> {
+        let marker = self.marker(id);
+        process::find_by_env(INSTANCE_MARKER, |value| value == marker)
+    }
+
+    /// Completes a `launching` record whose process started but was never recorded (the daemon
+    /// died in between): the oldest group leader carrying its marker is recorded as its process
+    /// and the record becomes `running`. Returns whether the record now names a live process.
+    fn adopt(&self, record: &mut InstanceRecord) -> bool {
+        if record.process.is_some_and(|p| p.alive()) {
+            return true;
+        }
+        if record.state != RecordState::Launching {
+            return false;
+        }
+        let mut leaders: Vec<process::Found> =
+            self.processes_of(&record.id).into_iter().filter(|f| f.is_group_leader()).collect();
+        leaders.sort_by_key(|f| f.process.start_ticks);
+        let Some(found) = leaders.first() else { return false };
+        record.process = Some(found.process);
+        record.state = RecordState::Running;
+        if let Err(error) = self.write_record(record, "launch") {
+            // The process is adopted in memory; the next observation records it again.
+            tracing::warn!(fleet = %self.config.fleet, instance = %record.id, error = %error, "Could not record an adopted instance.");
+        }
+        tracing::warn!(fleet = %self.config.fleet, instance = %record.id, pid = found.process.pid, "Adopted an instance whose launch was interrupted.");
+        true
+    }
+
+    /// At open: adopts interrupted launches and kills instance processes kiln does not know
+    /// (their record is terminated or missing). Returns how many processes were killed.
+    fn sweep_instances(&self) -> usize {
+        let root = format!("{}/", self.instances_root().display());
+        let found = process::find_by_env(INSTANCE_MARKER, |value| value.starts_with(&root));
+        let mut killed = 0;
+        for f in &found {
+            let id = &f.value[root.len()..];
+            let mut record = self.read_record(id);
+            let known = match record.as_mut() {
+                Some(record) if record.state == RecordState::Launching => self.adopt(record),
+                Some(record) => record.state == RecordState::Running,
+                None => false,
+            };
+            if !known {
+                tracing::warn!(fleet = %self.config.fleet, instance = %id, pid = f.process.pid, "Killing an instance process kiln does not know.");
+                if f.is_group_leader() {
+                    f.process.signal(nix::sys::signal::Signal::SIGKILL);
+                } else {
+                    f.process.signal_one(nix::sys::signal::Signal::SIGKILL);
+                }
+                killed += 1;
+            }
+        }
+        killed
+    }
+
     /// Spawns the record's process and records it. The record is `launching` on disk first.
     fn spawn(&self, record: &mut InstanceRecord) -> Result<(), ProviderError> {
         let image_dir = Path::new(&record.image);
@@ -332,10 +412,16 @@ impl LocalProvider {
             ("KILN_INSTANCE_ID".to_owned(), record.id.clone()),
             ("KILN_IMAGE".to_owned(), record.image.clone()),
             ("KILN_FLEET".to_owned(), self.config.fleet.clone()),
+            (INSTANCE_MARKER.to_owned(), self.marker(&record.id)),
         ]);
         let spawned =
             process::spawn_detached(&image_dir.join("run"), &[], &env, &workdir, &dir.join("log"))
                 .map_err(|e| failed("launch", format!("cannot run {}/run: {e}", record.image)))?;
+        if process::fault_injected("launch-after-spawn") {
+            // Test-only: die exactly where a `kill -9` orphaned instances (started, unrecorded).
+            tracing::error!(instance = %record.id, "KILN_FAULT=launch-after-spawn: aborting.");
+            std::process::abort();
+        }
         record.process = Some(spawned);
         record.state = RecordState::Running;
         self.write_record(record, "launch")?;
@@ -404,10 +490,13 @@ impl Provider for LocalProvider {
 
     async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
         let backends = self.backends().await?;
+        // A `launching` record is not an instance (yet): an interrupted launch whose process
+        // runs was adopted at `open`, and one that never started is started by a launch with
+        // its key.
         Ok(self
             .records()?
             .iter()
-            .filter(|r| r.state != RecordState::Terminated)
+            .filter(|r| r.state == RecordState::Running)
             .map(|r| self.to_instance(r, &backends))
             .collect())
     }
@@ -431,9 +520,9 @@ impl Provider for LocalProvider {
         }
         let backends = self.backends().await?;
         if let Some(mut record) = self.records()?.into_iter().find(|r| r.key == key) {
-            let alive = record.process.is_some_and(|p| p.alive());
-            // A launch interrupted before its process was recorded is completed, not repeated.
-            if record.state == RecordState::Launching && !alive {
+            // A launch interrupted before its process was recorded is adopted if the process
+            // started, and completed if it did not; never repeated.
+            if record.state == RecordState::Launching && !self.adopt(&mut record) {
                 self.spawn(&mut record)?;
             }
             return Ok(self.to_instance(&record, &backends));
@@ -498,10 +587,15 @@ impl Provider for LocalProvider {
         }
         // Out of the LB before the process goes, so no request is routed to a dying backend.
         self.remove_backend(id.as_str(), Duration::ZERO, "terminate").await?;
+        // A launch interrupted before its process was recorded may still have one: find it.
+        self.adopt(&mut record);
         if let Some(process) = record.process {
             process::stop(process, STOP_GRACE).await;
             process::kill_orphaned_group(process);
         }
+        // Whatever still carries the instance's marker (children that left its group) goes too.
+        let marker = self.marker(&record.id);
+        process::kill_by_env(INSTANCE_MARKER, |value| value == marker);
         record.state = RecordState::Terminated;
         self.write_record(&record, "terminate")?;
         tracing::info!(fleet = %self.config.fleet, instance = %id, "Instance terminated.");
