@@ -144,15 +144,22 @@ pub(crate) async fn serve(
                 // EMFILE, ENFILE, ENOBUFS, ENOMEM: free a descriptor if an idle connection
                 // holds one, and wait a little instead of spinning on the same error.
                 conns.shed_oldest_idle();
+                if backoff.is_zero() {
+                    // Once per streak of failures, not once per retry.
+                    tracing::warn!(error = %error, open = conns.len(), "Cannot accept connections; backing off.");
+                }
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                tracing::warn!(error = %error, retry_in = ?backoff, "Cannot accept connections.");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(backoff) => continue,
                 }
             }
         };
-        if conns.len() >= max && !conns.shed_oldest_idle() {
+        let full = conns.len() >= max;
+        if full && conns.shed_oldest_idle() {
+            // Let the shed connection's task run and close its socket before taking another.
+            tokio::task::yield_now().await;
+        } else if full {
             // Every connection is serving a request (each bounded by the body timeout): this
             // one is closed at once rather than queued.
             if !refused_logged {

@@ -9,6 +9,11 @@
 //! GET  /metrics, /healthz, /                  ─▶ Prometheus text, liveness, dashboard
 //! ```
 //!
+//! The listener (`listen.rs`) is hyper's HTTP/1 connection builder in kiln's own accept loop:
+//! header and body timeouts, a connection cap that sheds the oldest idle connection, and
+//! request bodies read through `body.rs` (per-request cap, shared in-flight budget) only after
+//! the headers have been authenticated. Bounds: [`ServerLimits`], docs/api.md.
+//!
 //! OWNER: server helper. `WebhookSecrets`, `ServerConfig`, `AppState`, `router` and `serve`
 //! are the contract with the daemon. See docs/api.md for the wire format.
 
@@ -205,7 +210,14 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.message, "API request failed.");
         }
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        let mut response =
+            (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, body::RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 
