@@ -118,6 +118,7 @@ async fn bench(total: usize, concurrency: usize) {
         api_token: Secret("x".into()),
         secrets,
         max_body: kiln::server::DEFAULT_MAX_BODY,
+        ..ServerConfig::default()
     };
     let state = AppState { operator, config: Arc::new(config) };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -83,14 +83,38 @@ pub fn clear_stale_git_locks(mirror: &Path) -> Vec<PathBuf> {
     removed
 }
 
-/// Reads the API token from the data dir, creating a random one on first start.
+/// Reads the API token from the data dir, creating a random one on first start. An existing
+/// token file that other users could read (any group/other bit) has been exposed: its mode is
+/// set to 0600 and a warning says so, loudly, since the token may already have been copied.
 pub fn ensure_token(data_dir: &Path) -> anyhow::Result<String> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let path = data_dir.join(TOKEN_FILE);
     if let Ok(token) = std::fs::read_to_string(&path) {
         let token = token.trim().to_owned();
         if !token.is_empty() {
+            let mode = std::fs::metadata(&path)
+                .with_context(|| format!("failed to stat {}", path.display()))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| {
+                        format!(
+                            "{} is readable by other users (mode {:o}) and its mode cannot be \
+                             set to 0600",
+                            path.display(),
+                            mode & 0o777
+                        )
+                    })?;
+                tracing::warn!(
+                    file = %path.display(),
+                    was = format!("{:o}", mode & 0o777),
+                    "The API token file was readable by other users; its mode is now 0600. \
+                     Anyone who read it can call the API: delete the file and restart kiln \
+                     to get a new token."
+                );
+            }
             return Ok(token);
         }
     }
@@ -106,12 +130,55 @@ pub fn ensure_token(data_dir: &Path) -> anyhow::Result<String> {
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("failed to write {}", path.display()))?;
+    // `mode` applies only when the file is created; an empty file left with another mode
+    // is fixed here.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     file.write_all(token.as_bytes())?;
     Ok(token)
 }
 
+/// Process-wide hardening of `kiln run`, done once at start:
+///
+/// * the process is made non-dumpable (`PR_SET_DUMPABLE` 0), so processes of the same user,
+///   hooks included, cannot read `/proc/<pid>/environ` (the webhook secrets), its memory or
+///   its open files (root still can);
+/// * the soft open-file limit is raised to the hard limit, so a flood of connections meets
+///   the server's connection cap before `EMFILE`.
+///
+/// Returns the open-file limit now in force (`None` if it could not be read).
+pub fn harden_process() -> Option<u64> {
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %error, "Could not make the daemon non-dumpable; processes of the same user can read its environment.");
+    }
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => return Some(hard),
+            Err(error) => {
+                tracing::warn!(error = %error, soft, hard, "Could not raise the open-file limit.");
+            }
+        }
+    }
+    Some(soft)
+}
+
+/// The connection cap for an open-file limit: at most three quarters of the limit, leaving
+/// the rest for the store, the mirror, hook pipes and files (and never under 16).
+pub fn connection_cap(nofile: Option<u64>, configured: usize) -> usize {
+    match nofile {
+        Some(limit) => {
+            let room = usize::try_from(limit.saturating_mul(3) / 4).unwrap_or(usize::MAX);
+            configured.min(room.max(16))
+        }
+        None => configured,
+    }
+}
+
 /// Runs the daemon until SIGINT/SIGTERM (or `shutdown` fires).
 pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let nofile = harden_process();
+    tracing::debug!(?nofile, "Open-file limit.");
     let shutdown = CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -212,7 +279,16 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
         config: Arc::new(ServerConfig {
             api_token: crate::server::Secret(token),
             secrets: config.secrets.clone(),
-            max_body: 25 * 1024 * 1024,
+            max_body: crate::server::DEFAULT_MAX_BODY,
+            limits: crate::server::ServerLimits {
+                max_connections: connection_cap(
+                    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                        .ok()
+                        .map(|(soft, _)| soft),
+                    crate::server::ServerLimits::default().max_connections,
+                ),
+                ..crate::server::ServerLimits::default()
+            },
         }),
     };
     let info = DaemonInfo { pid: std::process::id(), api: api.clone() };
@@ -232,6 +308,34 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_file_readable_by_others_is_fixed_to_0600() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let path = tmp.path().join(TOKEN_FILE);
+        std::fs::write(&path, "0123456789abcdef\n").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(ensure_token(tmp.path()).expect("token"), "0123456789abcdef");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the exposed token file must be made private");
+
+        // A fresh token is created 0600, and an empty file of another mode is fixed too.
+        std::fs::write(&path, "").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+        let fresh = ensure_token(tmp.path()).expect("token");
+        assert_eq!(fresh.len(), 64);
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn the_connection_cap_leaves_room_under_the_open_file_limit() {
+        assert_eq!(connection_cap(Some(1024), 512), 512);
+        assert_eq!(connection_cap(Some(256), 512), 192);
+        assert_eq!(connection_cap(Some(8), 512), 16);
+        assert_eq!(connection_cap(None, 512), 512);
+    }
 
     #[test]
     fn stale_git_locks_are_removed_and_nothing_else() {

@@ -1,6 +1,11 @@
 //! The JSON API over a real socket: rollouts created in a real store, verbs answered by the
-//! test on the operator's command channel, SSE read with reqwest.
+//! test on the operator's command channel, SSE read with reqwest. The listener's timeouts and
+//! connection cap are driven with raw sockets (a few, with small limits), and the real `kiln`
+//! binary is checked for the process hardening of `kiln run`.
 
+mod support;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +15,7 @@ use kiln::operator::{
 };
 use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use kiln::server::api::{FleetDto, FleetInstances, RolloutDto, RolloutPage};
-use kiln::server::{AppState, Secret, ServerConfig, WebhookSecrets};
+use kiln::server::{AppState, Secret, ServerConfig, ServerLimits, WebhookSecrets};
 use kiln::source::{SourceConfig, SourceHandle};
 use kiln::store::{InstanceAction, InstanceEvent, Level, Store};
 use serde_json::{Value, json};
@@ -37,6 +42,10 @@ impl Drop for Api {
 }
 
 async fn start() -> Api {
+    start_with(ServerLimits::default()).await
+}
+
+async fn start_with(limits: ServerLimits) -> Api {
     let dir = tempfile::tempdir().expect("temp dir");
     let (source, hints) = SourceHandle::detached(SourceConfig {
         url: "https://git.example.com/team/infra.git".into(),
@@ -58,6 +67,7 @@ async fn start() -> Api {
         api_token: Secret(TOKEN.into()),
         secrets: WebhookSecrets::default(),
         max_body: 1 << 20,
+        limits,
     };
     let state = AppState { operator, config: Arc::new(config) };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -362,4 +372,292 @@ async fn fleets_instances_metrics_health_and_dashboard() {
     let page = api.http.get(format!("{}/", api.base)).send().await.unwrap().text().await.unwrap();
     assert!(page.contains("<h2>Fleets</h2>") && page.contains("web") && page.contains("img-c3"));
     assert!(page.contains(&format!("#{}", ids[4].0)));
+}
+
+/// A raw connection to the test server, for what reqwest cannot do (trickle, stall, idle).
+async fn connect(api: &Api) -> tokio::net::TcpStream {
+    let addr = api.base.trim_start_matches("http://");
+    tokio::net::TcpStream::connect(addr).await.expect("connect")
+}
+
+/// Reads a response head; `None` when the server closed the connection first (or `secs`
+/// passed). Returns the status and the head's text.
+async fn read_head(stream: &mut tokio::net::TcpStream, secs: u64) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let status = head.split_whitespace().nth(1)?.parse().ok()?;
+            return Some((status, head));
+        }
+    }
+}
+
+/// Whether the server closes `stream` within `secs` (EOF or reset on read, after reading
+/// whatever it answered first).
+async fn closed_within(stream: &mut tokio::net::TcpStream, secs: u64) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn small_limits() -> ServerLimits {
+    ServerLimits {
+        header_timeout: Duration::from_millis(500),
+        body_timeout: Duration::from_millis(500),
+        max_connections: 4,
+        max_body_in_flight: 1 << 20,
+    }
+}
+
+#[tokio::test]
+async fn slow_headers_are_disconnected() {
+    use tokio::io::AsyncWriteExt as _;
+    let api = start_with(small_limits()).await;
+    let mut stream = connect(&api).await;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\n").await.expect("write");
+    // Trickle one header line every 100 ms for up to 15 s (30 times the header timeout): a
+    // server without a header timeout keeps reading forever.
+    let mut cut = false;
+    for i in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if stream.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).await.is_err() {
+            cut = true;
+            break;
+        }
+        if closed_within(&mut stream, 0).await {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut || closed_within(&mut stream, 1).await, "a slowloris client was kept");
+    // The server is fine for everyone else.
+    let health = api.http.get(format!("{}/healthz", api.base)).send().await.expect("healthz");
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let api = start_with(small_limits()).await;
+    let mut stream = connect(&api).await;
+    assert!(closed_within(&mut stream, 15).await, "an idle connection was kept open");
+    // Also after a request: an idle kept-alive connection is closed.
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = connect(&api).await;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\n\r\n").await.expect("write");
+    assert_eq!(read_head(&mut stream, 10).await.map(|(s, _)| s), Some(200));
+    assert!(closed_within(&mut stream, 15).await, "an idle keep-alive connection was kept");
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cut_with_408() {
+    use tokio::io::AsyncWriteExt as _;
+    let api = start_with(small_limits()).await;
+    let mut stream = connect(&api).await;
+    // An authorised verb whose body never finishes arriving.
+    let head = format!(
+        "POST /api/v1/fleets/web/rollback HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer \
+         {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"to\":"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_head(&mut stream, 15).await;
+    assert_eq!(answer.as_ref().map(|(s, _)| *s), Some(408), "{answer:?}");
+    assert!(closed_within(&mut stream, 15).await, "the stalled connection was kept");
+}
+
+#[tokio::test]
+async fn verbs_refuse_a_missing_token_before_reading_the_body() {
+    use tokio::io::AsyncWriteExt as _;
+    let api = start().await;
+    let mut stream = connect(&api).await;
+    // Declares 512 MiB and sends none of it: the answer must not wait for the body.
+    let head = "POST /api/v1/fleets/web/pause HTTP/1.1\r\nHost: kiln\r\nContent-Length: \
+                536870912\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_head(&mut stream, 15).await;
+    assert_eq!(answer.as_ref().map(|(s, _)| *s), Some(401), "{answer:?}");
+    // With the token, an oversized body is refused by its declared length, unread.
+    let mut stream = connect(&api).await;
+    let head = format!(
+        "POST /api/v1/fleets/web/rollback HTTP/1.1\r\nHost: kiln\r\nAuthorization: Bearer \
+         {TOKEN}\r\nContent-Length: 536870912\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_head(&mut stream, 15).await;
+    assert_eq!(answer.as_ref().map(|(s, _)| *s), Some(413), "{answer:?}");
+}
+
+#[tokio::test]
+async fn a_full_connection_table_sheds_the_oldest_idle_connection_for_healthz() {
+    let limits = ServerLimits { header_timeout: Duration::from_secs(60), ..small_limits() };
+    let api = start_with(limits.clone()).await;
+    let mut idle = Vec::new();
+    for _ in 0..limits.max_connections {
+        idle.push(connect(&api).await);
+        // Accepted in order, so the first is the oldest.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A new client gets through: the cap closes the connection idle longest.
+    let health = api.http.get(format!("{}/healthz", api.base)).send().await.expect("healthz");
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+    assert!(closed_within(&mut idle[0], 10).await, "the oldest idle connection was not shed");
+    assert!(!closed_within(&mut idle[limits.max_connections - 1], 0).await);
+}
+
+/// `kiln run` as the real binary, under an open-file limit of `nofile_soft:nofile_hard`
+/// (through `prlimit`), as the user `nobody` when the test runs as root so that "another
+/// process of the same user" is not root (root reads every `/proc/<pid>/environ`).
+struct RealDaemon {
+    _dir: tempfile::TempDir,
+    child: std::process::Child,
+    api: String,
+    uid: Option<u32>,
+}
+
+impl Drop for RealDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SECRET_MARKER: &str = "gh-secret-in-the-environment-5e1f";
+
+// A synchronous helper of synchronous tests: no tokio worker to block.
+#[allow(clippy::disallowed_methods)]
+fn real_daemon(nofile: &str) -> Option<RealDaemon> {
+    use std::os::unix::process::CommandExt as _;
+    if std::process::Command::new("prlimit").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "prlimit (util-linux) is needed in CI");
+        eprintln!("SKIP: prlimit is not installed");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    // `/proc/self` belongs to the process's effective user.
+    let root =
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").expect("/proc")) == 0;
+    let uid = root.then_some(65534u32);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    if let Some(uid) = uid {
+        for path in [dir.path(), data.as_path()] {
+            std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
+        }
+    }
+    // The build dir may not be reachable for `nobody`: run a link (or copy) of the binary.
+    let exe = match uid {
+        Some(_) => {
+            let exe = dir.path().join("kiln");
+            if std::fs::hard_link(support::daemon::kiln_exe(), &exe).is_err() {
+                std::fs::copy(support::daemon::kiln_exe(), &exe).expect("copy kiln");
+            }
+            exe
+        }
+        None => PathBuf::from(support::daemon::kiln_exe()),
+    };
+    let log = std::fs::File::create(dir.path().join("daemon.log")).expect("log");
+    let mut command = std::process::Command::new("prlimit");
+    command
+        .arg(format!("--nofile={nofile}"))
+        .arg(&exe)
+        .args(["run", "--repo", "/nonexistent/infra.git", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("KILN_GITHUB_SECRET", SECRET_MARKER)
+        .env_remove("KILN_API")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log);
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let mut child = command.spawn().expect("start kiln run");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let info = loop {
+        if let Ok(text) = std::fs::read_to_string(data.join("daemon.json")) {
+            if let Ok(info) = serde_json::from_str::<Value>(&text) {
+                break info;
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap_or_default();
+            panic!("kiln run exited with {status}:\n{log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "kiln run did not start in 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let api = info["api"].as_str().expect("api").to_owned();
+    Some(RealDaemon { _dir: dir, child, api, uid })
+}
+
+#[test]
+fn kiln_run_hides_its_environment_and_raises_its_open_file_limit() {
+    use std::os::unix::process::CommandExt as _;
+    let Some(daemon) = real_daemon("256:4096") else { return };
+    let pid = daemon.child.id();
+    // `prlimit` execs kiln, so the child's pid is the daemon's.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("nofile line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&fields[3..5], ["4096", "4096"], "soft limit not raised to the hard one: {line}");
+
+    // Another process of the daemon's user (what a hook is) cannot read its environment.
+    let mut reader = std::process::Command::new("cat");
+    reader.arg(format!("/proc/{pid}/environ"));
+    if let Some(uid) = daemon.uid {
+        reader.uid(uid).gid(uid);
+    }
+    let out = reader.output().expect("run cat");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(SECRET_MARKER), "a same-user process read the daemon's secrets");
+    assert!(!out.status.success(), "reading /proc/{pid}/environ should be refused");
+}
+
+#[test]
+fn kiln_run_answers_healthz_through_a_flood_of_idle_connections() {
+    // 64 descriptors: the cap (three quarters) is 48; 100 idle connections would exhaust the
+    // descriptors of a daemon without one, and it would stop accepting.
+    let Some(daemon) = real_daemon("64:64") else { return };
+    let addr = daemon.api.trim_start_matches("http://").to_owned();
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        match std::net::TcpStream::connect(&addr) {
+            Ok(stream) => idle.push(stream),
+            Err(error) => panic!("connect: {error}"),
+        }
+    }
+    let health = std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: kiln\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    })
+    .join()
+    .expect("healthz thread");
+    let answer = health.unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 200"), "healthz did not answer: {answer:?}");
+    drop(idle);
 }

@@ -13,7 +13,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use kiln::operator::{CommandRequest, OperatorHandle};
 use kiln::server::webhooks::{sign_hex, sign_standard_webhook};
-use kiln::server::{AppState, Secret, ServerConfig, WebhookSecrets, router};
+use kiln::server::{AppState, Secret, ServerConfig, ServerLimits, WebhookSecrets, router};
 use kiln::source::{SourceConfig, SourceEvent, SourceHandle};
 use kiln::store::{CommitKind, Store};
 use serde_json::{Value, json};
@@ -103,7 +103,12 @@ fn harness(secrets: WebhookSecrets) -> Harness {
         poll: Duration::from_secs(60),
     });
     let (operator, commands) = operator(dir.path(), source);
-    let config = ServerConfig { api_token: Secret("api".into()), secrets, max_body: 25 << 20 };
+    let config = ServerConfig {
+        api_token: Secret("api".into()),
+        secrets,
+        max_body: 25 << 20,
+        ..ServerConfig::default()
+    };
     let state = AppState { operator, config: Arc::new(config) };
     let app = router(state.clone());
     Harness { _dir: dir, state, app, hints, _commands: commands }
@@ -355,8 +360,12 @@ async fn gitlab_push_over_a_socket_fetches_records_and_survives_branch_deletion(
     .await;
 
     let (operator, _commands) = operator(dir.path(), source);
-    let config =
-        ServerConfig { api_token: Secret("api".into()), secrets: secrets(), max_body: 25 << 20 };
+    let config = ServerConfig {
+        api_token: Secret("api".into()),
+        secrets: secrets(),
+        max_body: 25 << 20,
+        ..ServerConfig::default()
+    };
     let state = AppState { operator, config: Arc::new(config) };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -470,8 +479,12 @@ async fn post_receive_hook_pings_the_generic_receiver_and_is_harmless_when_kiln_
         poll: Duration::from_secs(60),
     });
     let (operator, _commands) = operator(dir.path(), source);
-    let config =
-        ServerConfig { api_token: Secret("api".into()), secrets: secrets(), max_body: 25 << 20 };
+    let config = ServerConfig {
+        api_token: Secret("api".into()),
+        secrets: secrets(),
+        max_body: 25 << 20,
+        ..ServerConfig::default()
+    };
     let state = AppState { operator, config: Arc::new(config) };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -511,4 +524,220 @@ async fn post_receive_hook_pings_the_generic_receiver_and_is_harmless_when_kiln_
     assert!(out.status.success(), "post-receive must exit 0 when kiln is down");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("kiln"), "expected a note on stderr, got: {stderr}");
+}
+
+/// A webhook server on a real socket with `limits` (for what only a socket shows: what is
+/// read, and when).
+async fn serve_real(
+    secrets: WebhookSecrets,
+    max_body: usize,
+    limits: ServerLimits,
+) -> (std::net::SocketAddr, tokio_util::sync::CancellationToken, Harness) {
+    let h = harness(secrets);
+    let config = ServerConfig { max_body, limits, ..ServerConfig::clone(&h.state.config) };
+    let state = AppState { operator: h.state.operator.clone(), config: Arc::new(config) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(kiln::server::serve(listener, state, shutdown.clone()));
+    (addr, shutdown, h)
+}
+
+/// Reads a response from a raw connection: status and text (head and, as far as
+/// `Content-Length` says, body), `None` if the server closed the connection or `secs` passed
+/// before the head.
+async fn read_head(stream: &mut tokio::net::TcpStream, secs: u64) -> Option<(u16, String)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) | Err(_) => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status = head.split_whitespace().nth(1)?.parse().ok()?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => break,
+                }
+            }
+            return Some((status, String::from_utf8_lossy(&buf).into_owned()));
+        }
+    }
+}
+
+/// Sends a request head (plus `body`, maybe only its start) and returns the open stream.
+async fn send_head(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    length: usize,
+    body: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: kiln\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write head");
+    stream.write_all(body).await.expect("write body");
+    stream
+}
+
+#[tokio::test]
+async fn unauthenticated_deliveries_are_refused_before_their_body_is_read() {
+    // Every receiver but the generic one has a secret.
+    let secrets = WebhookSecrets { generic: None, ..secrets() };
+    let (addr, shutdown, mut h) = serve_real(secrets, 25 << 20, ServerLimits::default()).await;
+    let malformed = "sha256=not-hex";
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
+        (
+            "/hooks/gitlab",
+            &[("X-Gitlab-Event", "Push Hook"), ("X-Gitlab-Token", "wrong")],
+            "wrong X-Gitlab-Token",
+        ),
+        ("/hooks/gitlab", &[("X-Gitlab-Event", "Push Hook")], "missing X-Gitlab-Token"),
+        ("/hooks/github", &[("X-GitHub-Event", "push")], "missing X-Hub-Signature-256"),
+        (
+            "/hooks/github",
+            &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", malformed)],
+            "not a hex",
+        ),
+        ("/hooks/gitea", &[("X-Gitea-Event", "push"), ("X-Gitea-Signature", "abc")], "not a hex"),
+        ("/hooks/generic", &[("X-Kiln-Signature", "sha256=00")], "no secret configured"),
+    ];
+    for (path, headers, why) in cases {
+        // 24 MiB declared, none of it sent: an answer can only come before the body is read.
+        let mut stream = send_head(addr, path, headers, 24 << 20, b"").await;
+        let answer = read_head(&mut stream, 15).await;
+        let (status, head) = answer.unwrap_or_else(|| panic!("{path} {headers:?}: no answer"));
+        assert_eq!(status, 401, "{path} {headers:?}: {head}");
+        assert!(head.contains(why), "{path} {headers:?}: {head}");
+    }
+    assert!(h.hints.try_recv().is_err());
+    let text = h.state.operator.metrics.render(&Default::default());
+    assert!(text.contains(r#"result="unauthorized"} 2"#), "{text}");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn body_bytes_in_flight_are_bounded_across_deliveries() {
+    let limits = ServerLimits { max_body_in_flight: 1 << 20, ..ServerLimits::default() };
+    let (addr, shutdown, mut h) = serve_real(secrets(), 1 << 20, limits).await;
+    // Well-formed signatures (so the body must be read to check them), wrong ones.
+    let zeros = format!("sha256={}", "0".repeat(64));
+    let headers = [("X-GitHub-Event", "push"), ("X-Hub-Signature-256", zeros.as_str())];
+    // The first delivery declares 800 KiB, sends 1 KiB and holds the rest back.
+    let first = send_head(addr, "/hooks/github", &headers, 800 << 10, &[b' '; 1024]).await;
+    // The second would take the bytes in flight past 1 MiB: refused at once, retryable.
+    let mut second = send_head(addr, "/hooks/github", &headers, 800 << 10, b"").await;
+    let (status, head) = read_head(&mut second, 15).await.expect("an answer before the body");
+    assert_eq!(status, 503, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 1"), "{head}");
+    assert!(head.contains("too many request bodies in flight"), "{head}");
+    // Once the first is gone, its bytes are back: a whole delivery is read (and fails its
+    // signature, which is all a delivery with a made-up signature can get).
+    drop(first);
+    let body = vec![b' '; 800 << 10];
+    let mut status = 0;
+    for _ in 0..100 {
+        let mut third = send_head(addr, "/hooks/github", &headers, body.len(), &body).await;
+        status = read_head(&mut third, 15).await.map_or(0, |(s, _)| s);
+        if status != 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 401, "the budget was not returned after the first delivery closed");
+    assert!(h.hints.try_recv().is_err());
+    shutdown.cancel();
+}
+
+/// `payload=<url-encoded JSON>`, as GitHub sends a delivery with content type `form`.
+fn github_form(payload: &Value) -> Vec<u8> {
+    let json = serde_json::to_string(payload).expect("json");
+    form_urlencoded::Serializer::new(String::new())
+        .append_pair("payload", &json)
+        .finish()
+        .into_bytes()
+}
+
+async fn post_form(
+    app: &axum::Router,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method("POST")
+        .uri("/hooks/github")
+        .header("content-type", "application/x-www-form-urlencoded");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body)).expect("request"))
+        .await
+        .expect("answer");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.expect("body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn github_form_deliveries_are_read_from_their_payload_field() {
+    let mut h = harness(secrets());
+    let body = github_form(&retarget(fixture("github-push.json"), WATCHED, "main"));
+    assert!(body.starts_with(b"payload=%7B%22"), "{}", String::from_utf8_lossy(&body[..20]));
+    // GitHub signs the form body exactly as sent.
+    let signature = format!("sha256={}", sign_hex(GITHUB_SECRET, &body));
+    let headers = [
+        ("x-github-event", "push"),
+        ("x-github-delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"),
+        ("x-hub-signature-256", signature.as_str()),
+    ];
+    let (status, reply) = post_form(&h.app, &headers, body.clone()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{reply}");
+    assert_eq!(reply["status"], "accepted");
+    assert_eq!(h.hints.try_recv().ok().as_deref(), Some("webhook:github"));
+
+    // Another branch in a form is ignored like its JSON twin; a signature over the JSON
+    // inside instead of the form body is wrong.
+    let other = github_form(&retarget(fixture("github-push.json"), WATCHED, "feature"));
+    let signature = format!("sha256={}", sign_hex(GITHUB_SECRET, &other));
+    let headers = [("x-github-event", "push"), ("x-hub-signature-256", signature.as_str())];
+    let (status, reply) = post_form(&h.app, &headers, other).await;
+    assert_eq!((status, reply["status"].clone()), (StatusCode::ACCEPTED, json!("ignored")));
+    let json = serde_json::to_vec(&retarget(fixture("github-push.json"), WATCHED, "main")).unwrap();
+    let signature = format!("sha256={}", sign_hex(GITHUB_SECRET, &json));
+    let headers = [("x-github-event", "push"), ("x-hub-signature-256", signature.as_str())];
+    let (status, _) = post_form(&h.app, &headers, body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A form without `payload` says so.
+    let junk = b"foo=bar".to_vec();
+    let signature = format!("sha256={}", sign_hex(GITHUB_SECRET, &junk));
+    let headers = [("x-github-event", "push"), ("x-hub-signature-256", signature.as_str())];
+    let (status, reply) = post_form(&h.app, &headers, junk).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(reply["error"].as_str().unwrap_or("").contains("payload"), "{reply}");
+    assert!(h.hints.try_recv().is_err());
 }

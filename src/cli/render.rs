@@ -1,11 +1,44 @@
 //! Plain-text rendering for the CLI: the `kiln log` table, the `kiln show` header and timeline,
 //! `kiln status`. Colour only when asked (stdout is a terminal and `NO_COLOR` is unset).
+//!
+//! Every text that comes from outside kiln (commit messages, hook output, names from the
+//! manifest, images, addresses) goes through [`escape_control`] here, so a commit message
+//! cannot clear the screen or retitle the terminal. This text output is for people; `--json`
+//! prints the values exactly.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use crate::model::Timestamp;
 use crate::rollout::state::RolloutState;
 use crate::server::api::{EventDto, FleetDto, RolloutDto};
+
+/// Shows control characters visibly instead of letting the terminal act on them: C0 controls
+/// (ESC, BEL, CR, backspace, ...), DEL and C1 controls (U+0080..U+009F, among them the
+/// 8-bit CSI) become `\x1b`-style escapes, and a backslash stays as it is. Newlines and tabs
+/// are kept when `keep_lines` (multi-line messages), escaped otherwise (one table cell).
+pub fn escape_control(text: &str, keep_lines: bool) -> Cow<'_, str> {
+    let unsafe_char = |c: char| c.is_control() && !(keep_lines && (c == '\n' || c == '\t'));
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if !unsafe_char(c) {
+            out.push(c);
+        } else if (c as u32) < 0x100 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// One line's worth of outside text, escaped (see [`escape_control`]).
+fn clean(text: &str) -> Cow<'_, str> {
+    escape_control(text, false)
+}
 
 /// ANSI colour for a state.
 fn colour(state: RolloutState) -> &'static str {
@@ -66,9 +99,9 @@ pub fn log_table(
             [
                 format!("#{}", r.id),
                 r.state.as_str().to_owned(),
-                r.fleet.clone().unwrap_or_else(|| "-".into()),
-                short(&r.commit).to_owned(),
-                r.image.clone().unwrap_or_else(|| "-".into()),
+                clean(r.fleet.as_deref().unwrap_or("-")).into_owned(),
+                clean(short(&r.commit)).into_owned(),
+                clean(r.image.as_deref().unwrap_or("-")).into_owned(),
                 age(r.created_at, now),
                 took(r, now),
             ]
@@ -96,9 +129,9 @@ pub fn log_table(
                 line.push_str(&format!("{cell:<w$}  "));
             }
         }
-        line.push_str(&rollout.summary);
+        line.push_str(&clean(&rollout.summary));
         if let Some(reason) = &rollout.reason {
-            line.push_str(&format!(" ({reason})"));
+            line.push_str(&format!(" ({})", clean(reason)));
         }
         writeln!(out, "{}", line.trim_end())?;
     }
@@ -116,8 +149,8 @@ pub fn event_line(out: &mut dyn Write, event: &EventDto) -> std::io::Result<()> 
         out,
         "{} {mark} {:<18} {}",
         event.at.format("%H:%M:%S%.3f"),
-        event.kind,
-        event.message.trim_end()
+        clean(&event.kind),
+        escape_control(event.message.trim_end(), true)
     )
 }
 
@@ -129,27 +162,27 @@ pub fn rollout_header(
     color: bool,
 ) -> std::io::Result<()> {
     writeln!(out, "rollout #{}  {}", rollout.id, state(rollout.state, 0, color))?;
-    writeln!(out, "fleet:     {}", rollout.fleet.as_deref().unwrap_or("-"))?;
-    writeln!(out, "commit:    {}  {}", rollout.commit, rollout.summary)?;
-    writeln!(out, "trigger:   {} ({})", rollout.trigger, rollout.origin)?;
-    writeln!(out, "image:     {}", rollout.image.as_deref().unwrap_or("-"))?;
+    writeln!(out, "fleet:     {}", clean(rollout.fleet.as_deref().unwrap_or("-")))?;
+    writeln!(out, "commit:    {}  {}", clean(&rollout.commit), clean(&rollout.summary))?;
+    writeln!(out, "trigger:   {} ({})", clean(&rollout.trigger), clean(&rollout.origin))?;
+    writeln!(out, "image:     {}", clean(rollout.image.as_deref().unwrap_or("-")))?;
     if let Some(previous) = &rollout.previous_image {
-        writeln!(out, "previous:  {previous}")?;
+        writeln!(out, "previous:  {}", clean(previous))?;
     }
     for (stage, image) in &rollout.stage_images {
-        writeln!(out, "  stage {stage}: {image}")?;
+        writeln!(out, "  stage {}: {}", clean(stage), clean(image))?;
     }
     let plan = &rollout.plan;
     writeln!(
         out,
         "plan:      bake [{}] reconcile={} roll={}{}",
-        plan.bake.join(", "),
+        clean(&plan.bake.join(", ")),
         plan.reconcile,
         plan.roll,
-        if plan.reason.is_empty() { String::new() } else { format!(" ({})", plan.reason) }
+        if plan.reason.is_empty() { String::new() } else { format!(" ({})", clean(&plan.reason)) }
     )?;
     for (key, value) in &rollout.outputs {
-        writeln!(out, "  output {key}={value}")?;
+        writeln!(out, "  output {}={}", clean(key), clean(value))?;
     }
     if let Some(progress) = rollout.progress {
         writeln!(out, "progress:  {}/{} instances replaced", progress.replaced, progress.total)?;
@@ -162,7 +195,7 @@ pub fn rollout_header(
     )?;
     writeln!(out, "took:      {}", took(rollout, now))?;
     if let Some(reason) = &rollout.reason {
-        writeln!(out, "reason:    {reason}")?;
+        writeln!(out, "reason:    {}", escape_control(reason, true))?;
     }
     Ok(())
 }
@@ -193,15 +226,17 @@ pub fn status(
         writeln!(
             out,
             "fleet {}  (provider {}, capacity {})",
-            fleet.name, fleet.provider, fleet.capacity
+            clean(&fleet.name),
+            clean(&fleet.provider),
+            fleet.capacity
         )?;
         writeln!(
             out,
             "  runs:      {} {}",
-            fleet.revision.as_deref().map_or("-", short),
-            fleet.image.as_deref().unwrap_or("-")
+            clean(fleet.revision.as_deref().map_or("-", short)),
+            clean(fleet.image.as_deref().unwrap_or("-"))
         )?;
-        writeln!(out, "  endpoint:  {}", fleet.endpoint.as_deref().unwrap_or("-"))?;
+        writeln!(out, "  endpoint:  {}", clean(fleet.endpoint.as_deref().unwrap_or("-")))?;
         match (fleet.active_rollout, fleet.active_state) {
             (Some(id), Some(s)) => writeln!(out, "  rollout:   #{id} {}", state(s, 0, color))?,
             (Some(id), None) => writeln!(out, "  rollout:   #{id}")?,
@@ -215,21 +250,27 @@ pub fn status(
             writeln!(out, "  instances: none")?;
             continue;
         }
-        let idw = fleet.instances.iter().map(|i| i.id.len()).max().unwrap_or(2).max(2);
-        let imw = fleet.instances.iter().map(|i| i.image.len()).max().unwrap_or(5).max(5);
-        let adw = fleet
+        let rows: Vec<[String; 3]> = fleet
             .instances
             .iter()
-            .map(|i| i.address.as_deref().unwrap_or("-").len())
-            .max()
-            .unwrap_or(7)
-            .max(7);
+            .map(|i| {
+                [
+                    clean(&i.id).into_owned(),
+                    clean(&i.image).into_owned(),
+                    clean(i.address.as_deref().unwrap_or("-")).into_owned(),
+                ]
+            })
+            .collect();
+        let width = |col: usize, min: usize| {
+            rows.iter().map(|r| r[col].chars().count()).max().unwrap_or(min).max(min)
+        };
+        let (idw, imw, adw) = (width(0, 2), width(1, 5), width(2, 7));
         writeln!(
             out,
             "  {:<idw$}  {:<imw$}  {:<adw$}  RUNNING  HEALTH     ATTACHED",
             "ID", "IMAGE", "ADDRESS"
         )?;
-        for instance in &fleet.instances {
+        for (instance, [id, image, address]) in fleet.instances.iter().zip(&rows) {
             let health = match instance.healthy {
                 Some(true) => "healthy",
                 Some(false) => "unhealthy",
@@ -238,9 +279,9 @@ pub fn status(
             writeln!(
                 out,
                 "  {:<idw$}  {:<imw$}  {:<adw$}  {:<7}  {:<9}  {}",
-                instance.id,
-                instance.image,
-                instance.address.as_deref().unwrap_or("-"),
+                id,
+                image,
+                address,
                 if instance.running { "yes" } else { "no" },
                 health,
                 if instance.attached { "yes" } else { "no" },
@@ -253,6 +294,80 @@ pub fn status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(escape_control("plain text, ünïcode ✓", false), "plain text, ünïcode ✓");
+        assert!(matches!(escape_control("plain", false), Cow::Borrowed(_)));
+        // Clear screen, window title (OSC ... BEL), CR overwrite, DEL, 8-bit CSI.
+        let hostile = "fix\x1b[2J\x1b]0;pwned\x07 done\rX\x7f\u{9b}31m";
+        let shown = escape_control(hostile, false);
+        assert_eq!(shown, "fix\\x1b[2J\\x1b]0;pwned\\x07 done\\x0dX\\x7f\\x9b31m");
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert_eq!(escape_control("a\tb\nc", false), "a\\x09b\\x0ac");
+        assert_eq!(escape_control("a\tb\nc\x1b", true), "a\tb\nc\\x1b");
+    }
+
+    fn hostile_rollout() -> RolloutDto {
+        let now = crate::model::now();
+        RolloutDto {
+            id: 7,
+            fleet: Some("web".into()),
+            commit: "0123456789abcdef0123456789abcdef01234567".into(),
+            summary: "innocent\x1b]0;owned\x07\x1b[2J".into(),
+            trigger: "poll".into(),
+            origin: "commit".into(),
+            state: RolloutState::Failed,
+            reason: Some("hook said \x1b[31mred\x1b[0m".into()),
+            image: Some("img\u{9b}1".into()),
+            previous_image: None,
+            stage_images: Default::default(),
+            plan: Default::default(),
+            outputs: [("k\x1b".to_owned(), "v\x07".to_owned())].into_iter().collect(),
+            progress: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            events: None,
+        }
+    }
+
+    #[test]
+    fn log_and_show_escape_what_commits_and_hooks_wrote() {
+        let now = crate::model::now();
+        let rollout = hostile_rollout();
+        for color in [true, false] {
+            let mut table = Vec::new();
+            log_table(&mut table, std::slice::from_ref(&rollout), now, color).expect("render");
+            let table = String::from_utf8(table).expect("utf-8");
+            assert!(table.contains("innocent\\x1b]0;owned\\x07\\x1b[2J"), "{table}");
+            assert!(table.contains("img\\x9b1"), "{table}");
+            let mut show = Vec::new();
+            rollout_header(&mut show, &rollout, now, color).expect("render");
+            let show = String::from_utf8(show).expect("utf-8");
+            assert!(show.contains("output k\\x1b=v\\x07"), "{show}");
+            for text in [&table, &show] {
+                // The only escape sequences left are kiln's own colours.
+                let without_colours =
+                    text.replace("\x1b[0m", "").replace(colour(rollout.state), "");
+                assert!(!without_colours.contains('\x1b'), "{text:?}");
+                assert!(!without_colours.contains('\x07') && !without_colours.contains('\u{9b}'));
+            }
+        }
+        let event = EventDto {
+            seq: 1,
+            rollout: 7,
+            at: now,
+            level: "info".into(),
+            kind: "hook.stdout".into(),
+            message: "line one\n\x1b[2Jline two".into(),
+            data: None,
+        };
+        let mut line = Vec::new();
+        event_line(&mut line, &event).expect("render");
+        let line = String::from_utf8(line).expect("utf-8");
+        assert!(line.contains("line one\n\\x1b[2Jline two"), "{line}");
+    }
 
     #[test]
     fn durations_read_like_a_human_wrote_them() {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -511,9 +511,16 @@ async fn verb(
     State(shared): State<Shared>,
     Path((fleet, verb)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    // The token is checked before a byte of the body is read.
     authorize(&shared, &headers)?;
+    let body = shared
+        .bodies
+        .read(&headers, body, super::MAX_API_BODY, shared.app.config.limits.body_timeout)
+        .await
+        .map_err(|error| ApiError::new(error.status(), error.to_string()))?;
+    let body = body.bytes;
     let command = match verb.as_str() {
         "pause" => Command::Pause { fleet },
         "resume" => Command::Resume { fleet },

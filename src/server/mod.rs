@@ -9,11 +9,18 @@
 //! GET  /metrics, /healthz, /                  ─▶ Prometheus text, liveness, dashboard
 //! ```
 //!
+//! The listener (`listen.rs`) is hyper's HTTP/1 connection builder in kiln's own accept loop:
+//! header and body timeouts, a connection cap that sheds the oldest idle connection, and
+//! request bodies read through `body.rs` (per-request cap, shared in-flight budget) only after
+//! the headers have been authenticated. Bounds: [`ServerLimits`], docs/api.md.
+//!
 //! OWNER: server helper. `WebhookSecrets`, `ServerConfig`, `AppState`, `router` and `serve`
 //! are the contract with the daemon. See docs/api.md for the wire format.
 
 pub mod api;
+pub mod body;
 mod dashboard;
+mod listen;
 pub mod webhooks;
 
 use std::sync::Arc;
@@ -35,6 +42,9 @@ pub const DEFAULT_MAX_BODY: usize = 25 * 1024 * 1024;
 /// How many webhook deliveries may be handled at once before new ones get 503. Handlers do
 /// no I/O after reading the body, so this only bites under a flood.
 pub const MAX_WEBHOOKS_IN_FLIGHT: usize = 1024;
+
+/// Largest body of an API call (a rollback target): the API takes no bulk uploads.
+pub const MAX_API_BODY: usize = 64 * 1024;
 
 /// How many delivery ids are remembered to recognise replays.
 pub const DEDUP_CAPACITY: usize = 10_000;
@@ -82,6 +92,8 @@ pub struct ServerConfig {
     pub secrets: WebhookSecrets,
     /// Largest accepted request body in bytes (see [`DEFAULT_MAX_BODY`]).
     pub max_body: usize,
+    /// Timeouts and caps of the listener.
+    pub limits: ServerLimits,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +102,35 @@ impl Default for ServerConfig {
             api_token: Secret::default(),
             secrets: WebhookSecrets::default(),
             max_body: DEFAULT_MAX_BODY,
+            limits: ServerLimits::default(),
+        }
+    }
+}
+
+/// Timeouts and caps that keep slow or idle clients from holding the daemon's memory and file
+/// descriptors (docs/security.md).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// A connection waiting for a request, fresh or kept alive, must deliver the complete
+    /// request head within this; otherwise it is closed. This is both the slow-header
+    /// (slowloris) timeout and the idle keep-alive timeout.
+    pub header_timeout: std::time::Duration,
+    /// A request body must arrive whole within this (408 otherwise).
+    pub body_timeout: std::time::Duration,
+    /// Open connections at most; when full, a new connection closes the one idle longest,
+    /// so `/healthz` gets through a flood of idle connections.
+    pub max_connections: usize,
+    /// Request body bytes held across all requests at once; past it, 503 + `Retry-After`.
+    pub max_body_in_flight: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            max_connections: 512,
+            max_body_in_flight: 64 * 1024 * 1024,
         }
     }
 }
@@ -110,15 +151,17 @@ pub(crate) struct Shared {
     pub(crate) app: AppState,
     pub(crate) deliveries: Arc<webhooks::DeliveryLog>,
     pub(crate) gate: Arc<tokio::sync::Semaphore>,
+    pub(crate) bodies: body::BodyBudget,
 }
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> axum::Router {
-    let max_body = state.config.max_body;
+    let bodies = body::BodyBudget::new(state.config.limits.max_body_in_flight);
     let shared = Shared {
         app: state,
         deliveries: Arc::new(webhooks::DeliveryLog::new(DEDUP_CAPACITY)),
         gate: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS_IN_FLIGHT)),
+        bodies,
     };
     axum::Router::new()
         .route("/", get(dashboard::page))
@@ -130,17 +173,19 @@ pub fn router(state: AppState) -> axum::Router {
         .route("/hooks/generic", post(webhooks::generic))
         .nest("/api/v1", api::routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
-        .layer(DefaultBodyLimit::max(max_body))
+        .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(shared)
 }
 
-/// Serves `router(state)` on `listener` until `shutdown` fires.
+/// Serves `router(state)` on `listener` until `shutdown` fires, with the timeouts and caps of
+/// `state.config.limits` (see [`ServerLimits`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let limits = state.config.limits.clone();
+    listen::serve(listener, router(state), limits, shutdown).await
 }
 
 /// An error answered as JSON `{"error": "..."}`. 5xx are logged once here; 4xx are the
@@ -165,7 +210,14 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.message, "API request failed.");
         }
-        (self.status, Json(serde_json::json!({ "error": self.message }))).into_response()
+        let mut response =
+            (self.status, Json(serde_json::json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, body::RETRY_AFTER_SECS.into());
+        }
+        response
     }
 }
 

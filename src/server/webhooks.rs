@@ -7,16 +7,19 @@
 //! is well formed but not for kiln (another repo, another branch, a tag, an issue event) gets
 //! 202 `{"status":"ignored"}`, because GitLab disables a hook for good after repeated 4xx.
 //!
-//! Order of checks: body size (413) → overload gate (503) → secret (401) → event type →
-//! JSON (400) → replay (200 duplicate) → repository → ref → trigger (202).
+//! Order of checks: overload gate (503) → what the headers prove (401: receiver configured,
+//! GitLab token, signature header present and well formed) → body, read only now (413 over
+//! the cap, 503 + `Retry-After` past the shared body budget, 408 when it stalls) → signature
+//! over the body (401) → event type → payload (400) → replay (200 duplicate) → repository →
+//! ref → trigger (202).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -24,6 +27,7 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+use super::body::RETRY_AFTER_SECS;
 use super::{Secret, Shared};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -129,48 +133,28 @@ impl Reply {
 }
 
 /// `POST /hooks/gitlab`.
-pub(crate) async fn gitlab(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    receive(&shared, Forge::GitLab, &headers, body)
+pub(crate) async fn gitlab(State(shared): State<Shared>, request: Request) -> Response {
+    receive(&shared, Forge::GitLab, request).await
 }
 
 /// `POST /hooks/github`.
-pub(crate) async fn github(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    receive(&shared, Forge::GitHub, &headers, body)
+pub(crate) async fn github(State(shared): State<Shared>, request: Request) -> Response {
+    receive(&shared, Forge::GitHub, request).await
 }
 
 /// `POST /hooks/gitea`.
-pub(crate) async fn gitea(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    receive(&shared, Forge::Gitea, &headers, body)
+pub(crate) async fn gitea(State(shared): State<Shared>, request: Request) -> Response {
+    receive(&shared, Forge::Gitea, request).await
 }
 
 /// `POST /hooks/generic`.
-pub(crate) async fn generic(
-    State(shared): State<Shared>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    receive(&shared, Forge::Generic, &headers, body)
+pub(crate) async fn generic(State(shared): State<Shared>, request: Request) -> Response {
+    receive(&shared, Forge::Generic, request).await
 }
 
-fn receive(
-    shared: &Shared,
-    forge: Forge,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let reply = handle(shared, forge, headers, body);
+async fn receive(shared: &Shared, forge: Forge, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let reply = handle(shared, forge, &parts.headers, body).await;
     let metrics = &shared.app.operator.metrics;
     metrics.webhook(forge.name(), reply.result);
     let reason = reply.body.get("reason").or_else(|| reply.body.get("error"));
@@ -182,31 +166,14 @@ fn receive(
         reason,
         "Webhook delivery answered."
     );
-    (reply.status, Json(reply.body)).into_response()
+    let mut response = (reply.status, Json(reply.body)).into_response();
+    if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+        response.headers_mut().insert(RETRY_AFTER, RETRY_AFTER_SECS.into());
+    }
+    response
 }
 
-fn handle(
-    shared: &Shared,
-    forge: Forge,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Reply {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return Reply::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "request body larger than {} bytes (kiln's body limit)",
-                    shared.app.config.max_body
-                ),
-            );
-        }
-        Err(rejection) => {
-            return Reply::error(rejection.status(), "bad_request", rejection.body_text());
-        }
-    };
+async fn handle(shared: &Shared, forge: Forge, headers: &HeaderMap, body: Body) -> Reply {
     // Held until the reply is built; a flood gets a retryable 503 instead of a queue.
     let Ok(_permit) = shared.gate.try_acquire() else {
         return Reply::error(
@@ -215,7 +182,20 @@ fn handle(
             "too many webhook deliveries in flight; retry later",
         );
     };
-    if let Err(message) = authenticate(forge, &shared.app.config.secrets, headers, &body) {
+    let config = &shared.app.config;
+    // Everything the headers can prove wrong is refused before a byte of the body is read.
+    if let Err(message) = authenticate_headers(forge, &config.secrets, headers) {
+        return Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    }
+    let body = match shared
+        .bodies
+        .read(headers, body, config.max_body, config.limits.body_timeout)
+        .await
+    {
+        Ok(body) => body,
+        Err(error) => return Reply::error(error.status(), error.result(), error.to_string()),
+    };
+    if let Err(message) = authenticate(forge, &config.secrets, headers, &body.bytes) {
         return Reply::error(StatusCode::UNAUTHORIZED, "unauthorized", message);
     }
 
@@ -234,28 +214,12 @@ fn handle(
         Err(message) => return Reply::error(StatusCode::BAD_REQUEST, "bad_request", message),
     }
 
-    let payload: Value = if forge == Forge::Generic && body.iter().all(u8::is_ascii_whitespace) {
-        // The generic receiver accepts an empty body as "something changed, go look".
-        Value::Object(Default::default())
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(value @ Value::Object(_)) => value,
-            Ok(_) => {
-                return Reply::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "payload is not a JSON object",
-                );
-            }
-            Err(error) => {
-                return Reply::error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("payload is not valid JSON: {error}"),
-                );
-            }
-        }
+    let content_type = header(headers, "content-type");
+    let hint = match parse_push(forge, content_type, &body.bytes) {
+        Ok(hint) => hint,
+        Err(message) => return Reply::error(StatusCode::BAD_REQUEST, "bad_request", message),
     };
+    drop(body);
 
     if let Some(id) = delivery_id(forge, headers) {
         if !shared.deliveries.first_time(&format!("{}:{id}", forge.name())) {
@@ -268,7 +232,6 @@ fn handle(
     }
 
     let source = shared.app.operator.source.config();
-    let hint = Hint::from_payload(&payload);
     if let Err(reason) = hint.matches_repo(&source.url) {
         return Reply::ignored(reason);
     }
@@ -286,7 +249,7 @@ fn handle(
         _ => {}
     }
 
-    let deleted = hint.deleted();
+    let deleted = hint.deleted;
     shared.app.operator.source.trigger(&format!("webhook:{}", forge.name()));
     Reply {
         status: StatusCode::ACCEPTED,
@@ -387,6 +350,89 @@ fn authenticate(
     }
 }
 
+/// The part of [`authenticate`] that needs no body, run before the body is read: the receiver
+/// has a secret, GitLab's plain token matches, and the signature headers are present and well
+/// formed (a signature that cannot be valid is refused without reading what it signs).
+fn authenticate_headers(
+    forge: Forge,
+    secrets: &super::WebhookSecrets,
+    headers: &HeaderMap,
+) -> Result<(), String> {
+    /// An HMAC-SHA256 in hex: 64 hex digits.
+    fn hex_digest(sent: &str, name: &str) -> Result<(), String> {
+        if sent.len() == 64 && sent.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(())
+        } else {
+            Err(format!("{name} is not a hex HMAC-SHA256"))
+        }
+    }
+    match forge {
+        Forge::GitLab => {
+            if secrets.gitlab_token.is_none() && secrets.gitlab_signing.is_none() {
+                return authenticate(forge, secrets, headers, b"");
+            }
+            if let Some(token) = &secrets.gitlab_token {
+                let sent = header(headers, "x-gitlab-token").ok_or("missing X-Gitlab-Token")?;
+                if !token.matches(sent.as_bytes()) {
+                    return Err("wrong X-Gitlab-Token".into());
+                }
+            }
+            if let Some(signing) = &secrets.gitlab_signing {
+                if signing.0.is_empty() {
+                    return Err("webhook-signature cannot match an empty signing secret".into());
+                }
+                header(headers, "webhook-id").ok_or("missing webhook-id header")?;
+                let ts = header(headers, "webhook-timestamp")
+                    .ok_or("missing webhook-timestamp header")?;
+                header(headers, "webhook-signature").ok_or("missing webhook-signature")?;
+                let ts: i64 = ts.parse().map_err(|_| "webhook-timestamp is not Unix seconds")?;
+                if (crate::model::now().timestamp() - ts).abs() > SIGNATURE_TOLERANCE_SECS {
+                    return Err("webhook-timestamp is more than 5 minutes from kiln's clock".into());
+                }
+            }
+            Ok(())
+        }
+        Forge::GitHub => {
+            let secret = secrets.github.as_ref().ok_or_else(|| {
+                not_configured("github", "KILN_GITHUB_SECRET or --github-secret-file")
+            })?;
+            if secret.0.is_empty() {
+                return Err("X-Hub-Signature-256 cannot match an empty secret".into());
+            }
+            let sent = header(headers, "x-hub-signature-256")
+                .ok_or("missing X-Hub-Signature-256 (set a secret on the GitHub webhook)")?;
+            let hex =
+                sent.strip_prefix("sha256=").ok_or("X-Hub-Signature-256 must be sha256=<hex>")?;
+            hex_digest(hex, "X-Hub-Signature-256")
+        }
+        Forge::Gitea => {
+            let secret = secrets.gitea.as_ref().ok_or_else(|| {
+                not_configured("gitea", "KILN_GITEA_SECRET or --gitea-secret-file")
+            })?;
+            if secret.0.is_empty() {
+                return Err("X-Gitea-Signature cannot match an empty secret".into());
+            }
+            let sent = header(headers, "x-gitea-signature")
+                .or_else(|| header(headers, "x-forgejo-signature"))
+                .ok_or("missing X-Gitea-Signature (set a secret on the Gitea webhook)")?;
+            hex_digest(sent, "X-Gitea-Signature")
+        }
+        Forge::Generic => {
+            let secret = secrets.generic.as_ref().ok_or_else(|| {
+                not_configured("generic", "KILN_GENERIC_SECRET or --generic-secret-file")
+            })?;
+            if secret.0.is_empty() {
+                return Err("X-Kiln-Signature cannot match an empty secret".into());
+            }
+            let sent = header(headers, GENERIC_SIGNATURE_HEADER)
+                .ok_or("missing X-Kiln-Signature: sha256=<hex HMAC-SHA256 of the body>")?;
+            let hex =
+                sent.strip_prefix("sha256=").ok_or("X-Kiln-Signature must be sha256=<hex>")?;
+            hex_digest(hex, "X-Kiln-Signature")
+        }
+    }
+}
+
 fn not_configured(receiver: &str, how: &str) -> String {
     format!(
         "the {receiver} webhook receiver has no secret configured; set {how} when starting kiln"
@@ -470,24 +516,66 @@ fn verify_standard_webhook(
     Err("wrong webhook-signature".into())
 }
 
-/// What a payload says about where the push happened, collected leniently across forges.
-#[derive(Debug, Default)]
-struct Hint {
-    git_ref: Option<String>,
-    after: Option<String>,
-    deleted_flag: bool,
-    urls: Vec<String>,
-    names: Vec<String>,
+/// What a push payload says about where the push happened, collected leniently across forges.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PushHint {
+    /// `ref` (`refs/heads/main`).
+    pub git_ref: Option<String>,
+    /// `after`: the new tip.
+    pub after: Option<String>,
+    /// Whether the push deleted the branch (`deleted: true` or `after` all zeros).
+    pub deleted: bool,
+    /// Every repository URL or path the payload names.
+    pub urls: Vec<String>,
+    /// Repository names and paths (`name`, `full_name`, `path_with_namespace`).
+    pub names: Vec<String>,
 }
 
-impl Hint {
-    fn from_payload(payload: &Value) -> Hint {
+/// Reads a delivery's body as `forge` sends it: a JSON object, or for GitHub a form
+/// (`application/x-www-form-urlencoded`) whose `payload` field is that JSON; the generic
+/// receiver also takes an empty body. The error says what is wrong with it.
+pub fn parse_push(
+    forge: Forge,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<PushHint, String> {
+    let is_form = content_type
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/x-www-form-urlencoded"));
+    let form_payload;
+    let json: &[u8] = if is_form && forge == Forge::GitHub {
+        form_payload = form_urlencoded::parse(body)
+            .find(|(key, _)| key == "payload")
+            .map(|(_, value)| value.into_owned())
+            .ok_or("form delivery has no `payload` field")?;
+        form_payload.as_bytes()
+    } else if is_form {
+        return Err(format!(
+            "the {} receiver takes `application/json` deliveries; set the webhook's content type to JSON",
+            forge.name()
+        ));
+    } else {
+        body
+    };
+    if forge == Forge::Generic && json.iter().all(u8::is_ascii_whitespace) {
+        // The generic receiver accepts an empty body as "something changed, go look".
+        return Ok(PushHint::default());
+    }
+    match serde_json::from_slice(json) {
+        Ok(value @ Value::Object(_)) => Ok(PushHint::from_payload(&value)),
+        Ok(_) => Err("payload is not a JSON object".into()),
+        Err(error) => Err(format!("payload is not valid JSON: {error}")),
+    }
+}
+
+impl PushHint {
+    fn from_payload(payload: &Value) -> PushHint {
         let text = |pointer: &str| payload.pointer(pointer).and_then(Value::as_str);
-        let mut hint = Hint {
+        let mut hint = PushHint {
             git_ref: text("/ref").map(str::to_owned),
             after: text("/after").map(str::to_owned),
-            deleted_flag: payload.get("deleted").and_then(Value::as_bool).unwrap_or(false),
-            ..Hint::default()
+            deleted: payload.get("deleted").and_then(Value::as_bool).unwrap_or(false),
+            ..PushHint::default()
         };
         for pointer in [
             // GitLab
@@ -520,15 +608,12 @@ impl Hint {
         if let Some(path) = text("/project/path_with_namespace") {
             hint.names.push(path.to_owned());
         }
+        hint.deleted |= hint.after.as_deref() == Some(ZERO_SHA);
         hint
     }
 
-    fn deleted(&self) -> bool {
-        self.deleted_flag || self.after.as_deref() == Some(ZERO_SHA)
-    }
-
     /// Whether the payload is about the watched repository (see [`repo_matches`]).
-    fn matches_repo(&self, watched: &str) -> Result<(), String> {
+    pub fn matches_repo(&self, watched: &str) -> Result<(), String> {
         if self.urls.is_empty() && self.names.is_empty() {
             // Nothing to compare (a bare generic ping): the fetch decides.
             return Ok(());
