@@ -53,6 +53,10 @@ impl RepoFiles for CommitFiles<'_> {
     fn file(&self, path: &str) -> Option<bool> {
         git::file_mode(self.mirror, self.revision, path).ok().flatten()
     }
+
+    fn symlink(&self, path: &str) -> bool {
+        git::symlink_in_path(self.mirror, self.revision, path).unwrap_or(false)
+    }
 }
 
 /// Reads and validates the manifest at a commit (blocking: git).
@@ -60,21 +64,16 @@ pub fn manifest_at(
     mirror: &Path,
     revision: &Revision,
 ) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
-    let Some(bytes) = git::read_file(mirror, revision, manifest::MANIFEST_FILE)? else {
-        return Ok(None);
+    let file = manifest::MANIFEST_FILE;
+    // Checked in git before reading: a symlink is not followed, an oversized blob not loaded.
+    let bytes = match git::read_file_capped(mirror, revision, file, manifest::MAX_MANIFEST_BYTES)? {
+        git::FileAt::Absent => return Ok(None),
+        git::FileAt::Symlink => return Ok(Some(Err(ManifestError::symlink(file)))),
+        git::FileAt::TooLarge(size) => return Ok(Some(Err(ManifestError::too_large(file, size)))),
+        git::FileAt::Content(bytes) => bytes,
     };
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(_) => {
-            return Ok(Some(Err(ManifestError {
-                problems: vec![manifest::Problem {
-                    file: manifest::MANIFEST_FILE.into(),
-                    line: 0,
-                    column: 0,
-                    message: "not valid UTF-8".into(),
-                }],
-            })));
-        }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Ok(Some(Err(ManifestError::whole_file(file, "not valid UTF-8"))));
     };
     let files = CommitFiles { mirror, revision };
     Ok(Some(manifest::load(&text, manifest::MANIFEST_FILE, &files)))

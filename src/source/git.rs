@@ -161,6 +161,66 @@ pub fn read_file(
     Ok(Some(blob.content().to_vec()))
 }
 
+/// What [`read_file_capped`] found at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileAt {
+    /// Nothing there (or a directory, or a submodule).
+    Absent,
+    /// A symbolic link (mode 120000); its target was not followed.
+    Symlink,
+    /// A file larger than the cap, with its size; its content was not read.
+    TooLarge(u64),
+    /// A regular file's content.
+    Content(Vec<u8>),
+}
+
+/// [`read_file`] with a size cap checked from the object header before the content is read,
+/// and symlinks reported rather than taken for absence.
+pub fn read_file_capped(
+    mirror: &Path,
+    revision: &Revision,
+    path: &str,
+    max_bytes: u64,
+) -> Result<FileAt, GitError> {
+    let repo = open(mirror)?;
+    let Some(entry) = entry_at(&repo, revision, path)? else { return Ok(FileAt::Absent) };
+    if entry.kind() != Some(ObjectType::Blob) {
+        return Ok(FileAt::Absent);
+    }
+    if entry.filemode() == MODE_SYMLINK {
+        return Ok(FileAt::Symlink);
+    }
+    let odb = repo.odb().map_err(GitError::git("open the object database"))?;
+    let (size, _) = odb
+        .read_header(entry.id())
+        .map_err(GitError::git(format!("read the size of {path} at {revision}")))?;
+    let size = u64::try_from(size).unwrap_or(u64::MAX);
+    if size > max_bytes {
+        return Ok(FileAt::TooLarge(size));
+    }
+    let blob =
+        repo.find_blob(entry.id()).map_err(GitError::git(format!("read {path} at {revision}")))?;
+    Ok(FileAt::Content(blob.content().to_vec()))
+}
+
+/// Whether `path`, or a directory on the way to it, is a symbolic link at the commit.
+pub fn symlink_in_path(mirror: &Path, revision: &Revision, path: &str) -> Result<bool, GitError> {
+    let repo = open(mirror)?;
+    let mut prefix = String::new();
+    for part in clean_path(path).split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(part);
+        match entry_at(&repo, revision, &prefix)? {
+            Some(entry) if entry.filemode() == MODE_SYMLINK => return Ok(true),
+            Some(_) => {}
+            None => return Ok(false),
+        }
+    }
+    Ok(false)
+}
+
 /// Whether `path` exists at the commit as a file, and if so whether it is executable.
 pub fn file_mode(mirror: &Path, revision: &Revision, path: &str) -> Result<Option<bool>, GitError> {
     let repo = open(mirror)?;
