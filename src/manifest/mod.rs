@@ -571,8 +571,7 @@ fn locate(text: &str, key: &str, value: &str, after_line: usize) -> (usize, usiz
     // an earlier `../../../etc`.
     for (i, line) in text.lines().enumerate().skip(from) {
         for (kpos, _) in line.match_indices(&pattern) {
-            let word_start =
-                line[..kpos].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+            let word_start = line[..kpos].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
             if !word_start {
                 continue;
             }
