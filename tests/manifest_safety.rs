@@ -243,11 +243,17 @@ fn a_running_daemon_refuses_hostile_manifests_and_keeps_serving() {
             vec![],
             with_stage("{ name: etc, path: ../../../etc, bake: hooks/bake }"),
         ),
+        (
+            "a bake hook symlinked out of the repo".into(),
+            vec![Entry::Symlink("hooks/evil", "/bin/sh")],
+            with_stage("{ name: evil, path: image, bake: hooks/evil }"),
+        ),
     ];
     let expected = [
         "kiln.yaml:6:20: stage name `/../../fleets` must be",
         "kiln.yaml:6:20: stage name `/../../../victim` must be",
         "kiln.yaml:6:30: path `../../../etc` must be a relative path inside the repo",
+        "kiln.yaml:6:44: bake hook `hooks/evil` is a symbolic link",
     ];
     for ((what, extra, text), expected) in attacks.iter().zip(expected) {
         let mut entries = vec![Entry::File("kiln.yaml", text)];
