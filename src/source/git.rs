@@ -819,6 +819,36 @@ mod tests {
     }
 
     #[test]
+    fn capped_reads_report_symlinks_and_sizes_without_reading() {
+        let work = Work::new();
+        work.write("kiln.yaml", "fleets: []\n", false);
+        work.write("big.yaml", &"x".repeat(4096), false);
+        work.write("real/hooks/bake", "#!/bin/sh\n", true);
+        work.symlink("link.yaml", "/etc/passwd");
+        work.symlink("hooks", "real/hooks");
+        let rev = work.commit("first");
+        let at = |path: &str, max| read_file_capped(&work.path, &rev, path, max).expect("read");
+        assert_eq!(at("kiln.yaml", 100), FileAt::Content(b"fleets: []\n".to_vec()));
+        assert_eq!(at("big.yaml", 4095), FileAt::TooLarge(4096));
+        assert_eq!(at("big.yaml", 4096), FileAt::Content(vec![b'x'; 4096]));
+        assert_eq!(at("link.yaml", 100), FileAt::Symlink);
+        assert_eq!(at("missing.yaml", 100), FileAt::Absent);
+        assert_eq!(at("real", 100), FileAt::Absent);
+
+        let tree = CommitTree::open(&work.path, &rev).expect("open");
+        assert!(tree.symlink_in_path("hooks/bake").expect("lookup"), "under a symlinked dir");
+        assert!(tree.symlink_in_path("./link.yaml").expect("lookup"));
+        assert!(!tree.symlink_in_path("real/hooks/bake").expect("lookup"));
+        assert!(!tree.symlink_in_path("missing/x").expect("lookup"));
+        assert_eq!(tree.file_mode("real/hooks/bake").expect("mode"), Some(true));
+        assert_eq!(tree.file_mode("hooks/bake").expect("mode"), None);
+        assert_eq!(
+            tree.tree_id("real").expect("id"),
+            tree_id(&work.path, &rev, "real").expect("id")
+        );
+    }
+
+    #[test]
     fn read_file_returns_files_only() {
         let work = Work::new();
         work.write("kiln.yaml", "fleets: []\n", false);
