@@ -107,9 +107,10 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
-    /// Unique name (`[a-z0-9-]`).
+    /// Unique name, a DNS label (`[a-z0-9][a-z0-9-]{0,62}`): it names directories.
     pub name: String,
     /// Path prefixes whose changes concern this fleet; empty means the image and infra paths.
+    /// Relative, inside the repo (no leading `/`, no `..`); at most [`MAX_PATHS`].
     #[serde(default)]
     pub paths: Vec<String>,
     /// How the image is baked.
@@ -143,9 +144,9 @@ pub struct Image {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
-    /// Unique within the fleet.
+    /// Unique within the fleet, a DNS label (`[a-z0-9][a-z0-9-]{0,62}`): it names directories.
     pub name: String,
-    /// The directory whose git tree id is the stage's cache input.
+    /// The directory whose git tree id is the stage's cache input (inside the repo).
     pub path: String,
     /// The bake hook, a path in the repo.
     pub bake: String,
