@@ -249,9 +249,11 @@ async fn run_bake_hook(
     if let Some(parent) = parent {
         inputs.push((abi::KILN_PARENT_IMAGE, parent.to_string()));
     }
+    let program = crate::fsutil::safe_join(&workspace.tree, &stage.bake)
+        .map_err(|e| StepError::Other(format!("bake hook of stage {}: {e}", stage.name)))?;
     let spec = HookSpec {
         name: format!("bake {}/{} ({})", cx.fleet.name, stage.name, stage.bake),
-        program: workspace.tree.join(&stage.bake),
+        program,
         args: Vec::new(),
         workdir: workspace.tree.clone(),
         env: step::hook_env(cx, inputs),
@@ -278,7 +280,8 @@ async fn image_id(name: &str, outcome: &HookOutcome, tree: &Path) -> Result<Imag
         return Ok(ImageRef::from(image));
     }
     if let Some(manifest) = outcome.outputs.get(abi::OUTPUT_MANIFEST) {
-        let path = tree.join(manifest.trim());
+        let path = crate::fsutil::safe_join(tree, manifest.trim())
+            .map_err(|e| bad(format!("named a Packer manifest outside the work tree ({e})")))?;
         let bytes = tokio::fs::read(&path).await.map_err(|e| {
             bad(format!("named a Packer manifest `{manifest}` that cannot be read ({e})"))
         })?;

@@ -650,7 +650,8 @@ impl Operator {
                 return Ok(provider.clone());
             }
         }
-        let fleet_dir = self.config.data_dir.join("fleets").join(&fleet.name);
+        let fleet_dir =
+            crate::fsutil::safe_join(&self.config.data_dir.join("fleets"), &fleet.name)?;
         let provider: SharedProvider = match policy.provider {
             ProviderKind::Local => Arc::new(
                 crate::provider::local::LocalProvider::open(crate::provider::local::LocalConfig {
@@ -666,7 +667,8 @@ impl Operator {
                     .exec
                     .clone()
                     .ok_or_else(|| anyhow::anyhow!("provider exec without an exec section"))?;
-                let repo_dir = fleet_dir.join("provider").join(revision.as_str());
+                let repo_dir =
+                    crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())?;
                 if !repo_dir.exists() {
                     let mirror = self.env.mirror.clone();
                     let revision = revision.clone();

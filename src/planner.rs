@@ -44,14 +44,15 @@ pub enum CommitPlan {
 }
 
 /// Files as they are in a commit of the mirror.
-struct CommitFiles<'a> {
-    mirror: &'a Path,
-    revision: &'a Revision,
-}
+struct CommitFiles<'a>(&'a git::CommitTree);
 
 impl RepoFiles for CommitFiles<'_> {
     fn file(&self, path: &str) -> Option<bool> {
-        git::file_mode(self.mirror, self.revision, path).ok().flatten()
+        self.0.file_mode(path).ok().flatten()
+    }
+
+    fn symlink(&self, path: &str) -> bool {
+        self.0.symlink_in_path(path).unwrap_or(false)
     }
 }
 
@@ -60,24 +61,24 @@ pub fn manifest_at(
     mirror: &Path,
     revision: &Revision,
 ) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
-    let Some(bytes) = git::read_file(mirror, revision, manifest::MANIFEST_FILE)? else {
-        return Ok(None);
+    manifest_in(&git::CommitTree::open(mirror, revision)?)
+}
+
+fn manifest_in(
+    commit: &git::CommitTree,
+) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
+    let file = manifest::MANIFEST_FILE;
+    // Checked in git before reading: a symlink is not followed, an oversized blob not loaded.
+    let bytes = match commit.read_file_capped(file, manifest::MAX_MANIFEST_BYTES)? {
+        git::FileAt::Absent => return Ok(None),
+        git::FileAt::Symlink => return Ok(Some(Err(ManifestError::symlink(file)))),
+        git::FileAt::TooLarge(size) => return Ok(Some(Err(ManifestError::too_large(file, size)))),
+        git::FileAt::Content(bytes) => bytes,
     };
-    let text = match String::from_utf8(bytes) {
-        Ok(text) => text,
-        Err(_) => {
-            return Ok(Some(Err(ManifestError {
-                problems: vec![manifest::Problem {
-                    file: manifest::MANIFEST_FILE.into(),
-                    line: 0,
-                    column: 0,
-                    message: "not valid UTF-8".into(),
-                }],
-            })));
-        }
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Ok(Some(Err(ManifestError::whole_file(file, "not valid UTF-8"))));
     };
-    let files = CommitFiles { mirror, revision };
-    Ok(Some(manifest::load(&text, manifest::MANIFEST_FILE, &files)))
+    Ok(Some(manifest::load(&text, file, &CommitFiles(commit))))
 }
 
 /// The fleet named `name` in the manifest at a commit (blocking: git).
@@ -95,9 +96,13 @@ pub fn fleet_trees(
     revision: &Revision,
     fleet: &Fleet,
 ) -> Result<BTreeMap<String, String>, GitError> {
+    trees_in(&git::CommitTree::open(mirror, revision)?, fleet)
+}
+
+fn trees_in(commit: &git::CommitTree, fleet: &Fleet) -> Result<BTreeMap<String, String>, GitError> {
     let id = |path: &str| -> Result<String, GitError> {
         let clean = path.trim_start_matches("./").trim_end_matches('/');
-        Ok(git::tree_id(mirror, revision, clean)?.unwrap_or_else(|| "-".into()))
+        Ok(commit.tree_id(clean)?.unwrap_or_else(|| "-".into()))
     };
     let mut trees = BTreeMap::new();
     for path in fleet.watched_paths() {
@@ -176,14 +181,15 @@ pub fn plan_commit(
     revision: &Revision,
     deployed: &dyn Fn(&str) -> Option<Deployed>,
 ) -> Result<CommitPlan, GitError> {
-    let manifest = match manifest_at(mirror, revision)? {
+    let commit = git::CommitTree::open(mirror, revision)?;
+    let manifest = match manifest_in(&commit)? {
         None => return Ok(CommitPlan::NoManifest),
         Some(Err(error)) => return Ok(CommitPlan::Invalid(error)),
         Some(Ok(manifest)) => manifest,
     };
     let mut plans = Vec::new();
     for fleet in manifest.fleets {
-        let trees = fleet_trees(mirror, revision, &fleet)?;
+        let trees = trees_in(&commit, &fleet)?;
         let plan = decide(&fleet, &trees, deployed(&fleet.name).as_ref());
         plans.push(FleetPlan { fleet, plan, trees });
     }

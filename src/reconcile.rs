@@ -55,7 +55,8 @@ pub async fn reconcile_fleet(
     );
 
     let res = async {
-        let state_dir = cx.data_dir.join("state").join(fleet);
+        let state_dir = crate::fsutil::safe_join(&cx.data_dir.join("state"), fleet)
+            .map_err(|e| StepError::Other(format!("state dir of fleet {fleet}: {e}")))?;
         tokio::fs::create_dir_all(&state_dir).await.map_err(|e| {
             StepError::Other(format!("failed to create {}: {e}", state_dir.display()))
         })?;
@@ -77,9 +78,21 @@ pub async fn reconcile_fleet(
                 .iter()
                 .map(|(stage, image)| (abi::stage_image_var(stage), image.to_string())),
         );
+        let joined = |path: &str, what: &str| {
+            crate::fsutil::safe_join(&workspace.tree, path)
+                .map_err(|e| StepError::Other(format!("{what} of fleet {fleet}: {e}")))
+        };
+        let (program, infra_dir) =
+            match (joined(&infra.reconcile, "reconcile hook"), joined(&infra_path, "infra path")) {
+                (Ok(program), Ok(infra_dir)) => (program, infra_dir),
+                (Err(error), _) | (_, Err(error)) => {
+                    workspace.remove().await;
+                    return Err(error);
+                }
+            };
         let spec = HookSpec {
             name: format!("reconcile {fleet} ({})", infra.reconcile),
-            program: workspace.tree.join(&infra.reconcile),
+            program,
             args: Vec::new(),
             workdir: workspace.tree.clone(),
             env,
@@ -93,7 +106,7 @@ pub async fn reconcile_fleet(
             let mut outputs = BTreeMap::new();
             for file in [
                 workspace.out.join(abi::TERRAFORM_OUTPUTS_FILE),
-                workspace.tree.join(&infra_path).join(abi::TERRAFORM_OUTPUTS_FILE),
+                infra_dir.join(abi::TERRAFORM_OUTPUTS_FILE),
             ] {
                 let Ok(bytes) = tokio::fs::read(&file).await else { continue };
                 let flat = serde_json::from_slice(&bytes)

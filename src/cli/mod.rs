@@ -317,10 +317,12 @@ fn validate(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     } else {
         (path.to_path_buf(), path.join(crate::manifest::MANIFEST_FILE))
     };
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
     let name = crate::manifest::MANIFEST_FILE;
-    match crate::manifest::load(&text, name, &crate::manifest::DirFiles(&dir)) {
+    let loaded = match read_manifest(&file, name)? {
+        Ok(text) => crate::manifest::load(&text, name, &crate::manifest::DirFiles(&dir)),
+        Err(error) => Err(error),
+    };
+    match loaded {
         Ok(manifest) => {
             let n = manifest.fleets.len();
             writeln!(out, "{name}: ok ({n} fleet{})", if n == 1 { "" } else { "s" })?;
@@ -335,6 +337,51 @@ fn validate(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(2))
         }
     }
+}
+
+/// Reads a checkout's manifest as the daemon reads it from git: a symlink is refused, never
+/// followed (its target's content is not read, let alone printed), and a file over
+/// [`crate::manifest::MAX_MANIFEST_BYTES`] is refused from its size, unread.
+fn read_manifest(
+    file: &Path,
+    name: &str,
+) -> anyhow::Result<Result<String, crate::manifest::ManifestError>> {
+    use crate::manifest::{MAX_MANIFEST_BYTES, ManifestError};
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let meta = std::fs::symlink_metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    if meta.file_type().is_symlink() {
+        return Ok(Err(ManifestError::symlink(name)));
+    }
+    // O_NOFOLLOW: a symlink swapped in after the check above is refused too.
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(file);
+    let opened = match opened {
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
+            return Ok(Err(ManifestError::symlink(name)));
+        }
+        other => other.with_context(|| format!("cannot read {}", file.display()))?,
+    };
+    let meta = opened.metadata().with_context(|| format!("cannot read {}", file.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!("{} is not a regular file", file.display());
+    }
+    if meta.len() > MAX_MANIFEST_BYTES {
+        return Ok(Err(ManifestError::too_large(name, meta.len())));
+    }
+    let mut bytes = Vec::new();
+    opened
+        .take(MAX_MANIFEST_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    if size > MAX_MANIFEST_BYTES {
+        return Ok(Err(ManifestError::too_large(name, size)));
+    }
+    Ok(String::from_utf8(bytes).map_err(|_| ManifestError::whole_file(name, "not valid UTF-8")))
 }
 
 async fn log(

@@ -42,8 +42,13 @@ impl Workspace {
     /// Exports `cx.revision` afresh (a leftover from a crashed run is removed first).
     pub async fn export(cx: &StepContext<'_>, name: &str) -> Result<Workspace, StepError> {
         let work = cx.data_dir.join("work");
-        let tree = work.join(format!("{}-{name}", cx.rollout));
-        let out = work.join(format!("{}-{name}.out", cx.rollout));
+        // `name` comes from the manifest: joined so that it can never leave the work dir.
+        let join = |file: String| {
+            crate::fsutil::safe_join(&work, file)
+                .map_err(|e| StepError::Other(format!("unsafe work dir name `{name}`: {e}")))
+        };
+        let tree = join(format!("{}-{name}", cx.rollout))?;
+        let out = join(format!("{}-{name}.out", cx.rollout))?;
         let io =
             |action: String| move |e: std::io::Error| StepError::Other(format!("{action}: {e}"));
         tokio::fs::create_dir_all(&work)

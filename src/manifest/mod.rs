@@ -7,6 +7,7 @@
 //! one that imports `serde_yaml`, so swapping the YAML crate touches one file.
 
 mod duration;
+mod limits;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -15,6 +16,10 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{format_duration, parse_duration};
+pub use limits::{
+    MAX_EXEC_ENV, MAX_FLEETS, MAX_MANIFEST_BYTES, MAX_NODES, MAX_PATHS, MAX_SCALAR_BYTES,
+    MAX_STAGES,
+};
 
 /// The manifest's file name at the repo root.
 pub const MANIFEST_FILE: &str = "kiln.yaml";
@@ -45,6 +50,39 @@ pub struct ManifestError {
     pub problems: Vec<Problem>,
 }
 
+impl ManifestError {
+    /// A problem with the file as a whole (no line or column).
+    pub fn whole_file(file: &str, message: impl Into<String>) -> ManifestError {
+        ManifestError {
+            problems: vec![Problem {
+                file: file.to_owned(),
+                line: 0,
+                column: 0,
+                message: message.into(),
+            }],
+        }
+    }
+
+    /// The file is larger than [`MAX_MANIFEST_BYTES`] (`size` bytes): refused before reading it.
+    pub fn too_large(file: &str, size: u64) -> ManifestError {
+        ManifestError::whole_file(
+            file,
+            format!(
+                "{file} is {size} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes \
+                 (MAX_MANIFEST_BYTES); it was not read"
+            ),
+        )
+    }
+
+    /// The file is a symbolic link: refused (it could point anywhere, inside the repo or not).
+    pub fn symlink(file: &str) -> ManifestError {
+        ManifestError::whole_file(
+            file,
+            format!("{file} is a symbolic link; it must be a regular file in the repo"),
+        )
+    }
+}
+
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, problem) in self.problems.iter().enumerate() {
@@ -69,9 +107,10 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {
-    /// Unique name (`[a-z0-9-]`).
+    /// Unique name, a DNS label (`[a-z0-9][a-z0-9-]{0,62}`): it names directories.
     pub name: String,
     /// Path prefixes whose changes concern this fleet; empty means the image and infra paths.
+    /// Relative, inside the repo (no leading `/`, no `..`); at most [`MAX_PATHS`].
     #[serde(default)]
     pub paths: Vec<String>,
     /// How the image is baked.
@@ -105,9 +144,9 @@ pub struct Image {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
-    /// Unique within the fleet.
+    /// Unique within the fleet, a DNS label (`[a-z0-9][a-z0-9-]{0,62}`): it names directories.
     pub name: String,
-    /// The directory whose git tree id is the stage's cache input.
+    /// The directory whose git tree id is the stage's cache input (inside the repo).
     pub path: String,
     /// The bake hook, a path in the repo.
     pub bake: String,
@@ -437,18 +476,37 @@ impl Fleet {
 
 /// How [`validate`] learns whether a path in the repo exists and is executable.
 pub trait RepoFiles {
-    /// `None` if missing, `Some(executable)` otherwise.
+    /// `None` if missing (or not a regular file), `Some(executable)` otherwise. Symlinks are
+    /// not followed.
     fn file(&self, path: &str) -> Option<bool>;
+
+    /// Whether `path`, or a directory on the way to it, is a symbolic link. Hooks must not be:
+    /// the daemon runs them from an export of the commit, where a link could lead anywhere.
+    fn symlink(&self, _path: &str) -> bool {
+        false
+    }
 }
 
-/// A checkout on disk (`kiln validate PATH`).
+/// A checkout on disk (`kiln validate PATH`). Answers as the daemon does from git: a symlink
+/// is not a file, and a path never leaves the checkout.
 pub struct DirFiles<'a>(pub &'a std::path::Path);
 
 impl RepoFiles for DirFiles<'_> {
     fn file(&self, path: &str) -> Option<bool> {
         use std::os::unix::fs::PermissionsExt;
-        let meta = std::fs::metadata(self.0.join(path)).ok()?;
-        Some(meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+        let full = crate::fsutil::safe_join(self.0, path).ok()?;
+        let meta = std::fs::symlink_metadata(full).ok()?;
+        meta.is_file().then(|| meta.permissions().mode() & 0o111 != 0)
+    }
+
+    fn symlink(&self, path: &str) -> bool {
+        let Ok(full) = crate::fsutil::safe_join(self.0, path) else { return false };
+        let Ok(relative) = full.strip_prefix(self.0) else { return false };
+        let mut at = self.0.to_path_buf();
+        relative.components().any(|part| {
+            at.push(part);
+            std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink())
+        })
     }
 }
 
@@ -459,8 +517,20 @@ pub fn load(text: &str, file: &str, files: &dyn RepoFiles) -> Result<Manifest, M
     Ok(manifest)
 }
 
-/// Parses without checking files (syntax and field-level errors only).
+/// Parses without checking files (syntax and field-level errors only). The size and expansion
+/// limits (see [`MAX_MANIFEST_BYTES`], [`MAX_NODES`]) are checked here, before anything is built.
 pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
+    let size = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    if size > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::too_large(file, size));
+    }
+    if let Some((which, error)) = limits::check(serde_yaml::Deserializer::from_str(text)) {
+        let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
+        let message = which.to_string();
+        return Err(ManifestError {
+            problems: vec![Problem { file: file.to_owned(), line, column, message }],
+        });
+    }
     serde_yaml::from_str::<Manifest>(text).map_err(|error| {
         let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
         let message = error.to_string();
@@ -496,15 +566,32 @@ fn locate_value(text: &str, value: &str, from_line: usize) -> Option<(usize, usi
 /// Finds where `key: value` (or `- value` under key) sits in the text, for errors on values that
 /// parsed fine but mean something wrong. Searches from `after_line` on (1-based).
 fn locate(text: &str, key: &str, value: &str, after_line: usize) -> (usize, usize) {
-    let lines: Vec<&str> = text.lines().collect();
-    for (i, line) in lines.iter().enumerate().skip(after_line.saturating_sub(1)) {
-        if let Some(kpos) = line.find(&format!("{key}:")) {
-            let rest = &line[kpos..];
-            if let Some(vpos) = rest.find(value) {
-                return (i + 1, kpos + vpos + 1);
+    let pattern = format!("{key}:");
+    let from = after_line.saturating_sub(1);
+    // First choice: the value right after `key:` (maybe quoted), so `/etc` is not found inside
+    // an earlier `../../../etc`.
+    for (i, line) in text.lines().enumerate().skip(from) {
+        for (kpos, _) in line.match_indices(&pattern) {
+            let word_start = line[..kpos].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
+            if !word_start {
+                continue;
             }
             if value.is_empty() {
                 return (i + 1, kpos + 1);
+            }
+            let after = kpos + pattern.len();
+            let rest = line[after..].trim_start();
+            let quoted = rest.starts_with(['"', '\'']);
+            let rest = if quoted { &rest[1..] } else { rest };
+            if rest.starts_with(value) {
+                return (i + 1, line.len() - rest.len() + 1);
+            }
+        }
+    }
+    for (i, line) in text.lines().enumerate().skip(from) {
+        if let Some(kpos) = line.find(&pattern) {
+            if let Some(vpos) = line[kpos..].find(value) {
+                return (i + 1, kpos + vpos + 1);
             }
         }
     }
@@ -515,165 +602,318 @@ fn line_of_fleet(text: &str, name: &str) -> usize {
     locate(text, "name", name, 1).0.max(1)
 }
 
-/// Semantic checks serde cannot do. Every problem is reported, not just the first.
+/// Problems reported in full; past this many they are only counted (locating one scans the text).
+const MAX_PROBLEMS: usize = 50;
+
+/// The problems found so far. A location is computed only for a problem that is reported.
+struct Report<'a> {
+    file: &'a str,
+    problems: Vec<Problem>,
+    omitted: usize,
+}
+
+impl Report<'_> {
+    fn push(&mut self, at: impl FnOnce() -> (usize, usize), message: String) {
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.omitted += 1;
+            return;
+        }
+        let (line, column) = at();
+        self.problems.push(Problem { file: self.file.to_owned(), line, column, message });
+    }
+}
+
+/// Whether `name` may become part of a path: a DNS label, `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn is_safe_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let allowed = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-';
+    !bytes.is_empty() && bytes.len() <= 63 && bytes[0] != b'-' && bytes.iter().all(allowed)
+}
+
+/// Whether `path` is a relative path that stays inside the repo: no leading `/`, no `..`
+/// component, no NUL.
+pub fn is_repo_path(path: &str) -> bool {
+    !path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|part| part == "..")
+}
+
+/// Where `value` sits as an item of the list under `key:` (`key: [a, b]` or `- b` lines below
+/// it), searching from `after_line` on.
+fn locate_item(text: &str, key: &str, value: &str, after_line: usize) -> (usize, usize) {
+    let (key_line, _) = locate(text, key, "", after_line);
+    if key_line == 0 {
+        return (0, 0);
+    }
+    text.lines()
+        .enumerate()
+        .skip(key_line - 1)
+        .find_map(|(i, line)| line.find(value).map(|pos| (i + 1, pos + 1)))
+        .unwrap_or((0, 0))
+}
+
+/// Semantic checks serde cannot do. Every problem is reported, not just the first (up to a
+/// bound; the rest are counted).
 pub fn validate(
     manifest: &Manifest,
     text: &str,
     file: &str,
     files: &dyn RepoFiles,
 ) -> Result<(), ManifestError> {
-    let mut problems = Vec::new();
-    let mut push = |(line, column): (usize, usize), message: String| {
-        problems.push(Problem { file: file.to_owned(), line, column, message });
-    };
+    let mut report = Report { file, problems: Vec::new(), omitted: 0 };
+    check_manifest(&mut report, manifest, text, files);
+    let Report { mut problems, omitted, .. } = report;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    if omitted > 0 {
+        problems.push(Problem {
+            file: file.to_owned(),
+            line: 0,
+            column: 0,
+            message: format!("{omitted} more problems not shown"),
+        });
+    }
+    Err(ManifestError { problems })
+}
+
+fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &str, files: &dyn RepoFiles) {
     if manifest.fleets.is_empty() {
-        push(locate(text, "fleets", "", 1), "no fleets defined".into());
+        report.push(|| locate(text, "fleets", "", 1), "no fleets defined".into());
+    }
+    if manifest.fleets.len() > MAX_FLEETS {
+        report.push(
+            || locate(text, "fleets", "", 1),
+            format!(
+                "{} fleets, over the limit of {MAX_FLEETS} (MAX_FLEETS)",
+                manifest.fleets.len()
+            ),
+        );
+        return;
     }
     let mut fleet_names = BTreeSet::new();
     let mut lb_ports = BTreeSet::new();
     for fleet in &manifest.fleets {
         let at = line_of_fleet(text, &fleet.name);
         if !fleet_names.insert(fleet.name.as_str()) {
-            push(
-                locate(text, "name", &fleet.name, at),
+            report.push(
+                || locate(text, "name", &fleet.name, at),
                 format!("duplicate fleet `{}`", fleet.name),
             );
         }
-        let valid_name = !fleet.name.is_empty()
-            && fleet.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-        if !valid_name {
-            push(
-                locate(text, "name", &fleet.name, at),
-                format!("fleet name `{}` must be lowercase letters, digits and `-`", fleet.name),
-            );
-        }
-        let stage_names: BTreeSet<&str> =
-            fleet.image.stages.iter().map(|s| s.name.as_str()).collect();
-        if fleet.image.stages.is_empty() {
-            push(locate(text, "stages", "", at), format!("fleet `{}` has no stages", fleet.name));
-        }
-        if stage_names.len() != fleet.image.stages.len() {
-            push(
-                locate(text, "stages", "", at),
-                format!("fleet `{}` has duplicate stage names", fleet.name),
-            );
-        }
-        for stage in &fleet.image.stages {
-            if let Some(parent) = &stage.from {
-                if !stage_names.contains(parent.as_str()) {
-                    push(
-                        locate(text, "from", parent, at),
-                        format!(
-                            "stage `{}` is built from `{parent}`, which is not a stage of fleet `{}`",
-                            stage.name, fleet.name
-                        ),
-                    );
-                } else if parent == &stage.name {
-                    push(
-                        locate(text, "from", parent, at),
-                        format!("stage `{}` is built from itself", stage.name),
-                    );
-                }
-            }
-            check_hook(&mut push, text, at, files, "bake", &stage.bake);
-        }
-        if has_cycle(fleet) {
-            push(
-                locate(text, "stages", "", at),
-                format!("stages of fleet `{}` form a cycle", fleet.name),
-            );
-        }
-        if let Some(infra) = &fleet.infra {
-            check_hook(&mut push, text, at, files, "reconcile", &infra.reconcile);
-        }
-        let policy = &fleet.rollout;
-        if policy.capacity == 0 {
-            push(locate(text, "capacity", "0", at), "capacity must be at least 1".into());
-        }
-        for (key, value) in
-            [("maxSurge", policy.max_surge), ("maxUnavailable", policy.max_unavailable)]
-        {
-            if let IntOrPercent::Percent(p) = value {
-                if p > 100 {
-                    push(
-                        locate(text, key, &format!("{p}%"), at),
-                        format!("{key} {p}% is over 100%"),
-                    );
-                }
-            }
-        }
-        if policy.health_check.healthy_threshold == 0 {
-            push(
-                locate(text, "healthyThreshold", "0", at),
-                "healthyThreshold must be at least 1".into(),
-            );
-        }
-        if !policy.health_check.http.starts_with('/') {
-            push(
-                locate(text, "http", &policy.health_check.http, at),
+        if !is_safe_name(&fleet.name) {
+            report.push(
+                || locate(text, "name", &fleet.name, at),
                 format!(
-                    "healthCheck.http `{}` must be a path starting with `/`",
-                    policy.health_check.http
+                    "fleet name `{}` must be 1 to 63 lowercase letters, digits and `-`, \
+                     not starting with `-` (it names directories)",
+                    fleet.name
                 ),
             );
         }
-        if let Some(canary) = &policy.canary {
-            if canary.count == 0 || canary.count > policy.capacity {
-                push(
-                    locate(text, "count", &canary.count.to_string(), at),
-                    format!(
-                        "canary.count {} must be between 1 and capacity {}",
-                        canary.count, policy.capacity
-                    ),
-                );
+        if fleet.paths.len() > MAX_PATHS {
+            report.push(
+                || locate(text, "paths", "", at),
+                format!(
+                    "fleet `{}` has {} paths, over the limit of {MAX_PATHS} (MAX_PATHS)",
+                    fleet.name,
+                    fleet.paths.len()
+                ),
+            );
+        } else {
+            for path in &fleet.paths {
+                check_repo_path(report, text, at, "paths", path);
             }
         }
-        if let Some(window) = policy.schedule.as_ref().and_then(|s| s.window.as_ref()) {
-            if window.bounds().is_none() {
-                push(
-                    locate(text, "window", "", at),
-                    format!(
-                        "schedule.window `{}`-`{}` must be HH:MM times",
-                        window.start, window.end
-                    ),
-                );
-            }
+        check_stages(report, fleet, text, at, files);
+        if let Some(infra) = &fleet.infra {
+            check_repo_path(report, text, at, "path", &infra.path);
+            check_hook(report, text, at, files, "reconcile", &infra.reconcile);
         }
-        match (policy.provider, &policy.exec) {
-            (ProviderKind::Exec, None) => push(
-                locate(text, "provider", "exec", at),
-                "provider `exec` needs an `exec:` section".into(),
+        check_policy(report, fleet, text, at, files, &mut lb_ports);
+    }
+}
+
+fn check_stages(
+    report: &mut Report<'_>,
+    fleet: &Fleet,
+    text: &str,
+    at: usize,
+    files: &dyn RepoFiles,
+) {
+    let stages = &fleet.image.stages;
+    if stages.is_empty() {
+        report.push(
+            || locate(text, "stages", "", at),
+            format!("fleet `{}` has no stages", fleet.name),
+        );
+        return;
+    }
+    if stages.len() > MAX_STAGES {
+        report.push(
+            || locate(text, "stages", "", at),
+            format!(
+                "fleet `{}` has {} stages, over the limit of {MAX_STAGES} (MAX_STAGES)",
+                fleet.name,
+                stages.len()
             ),
-            (ProviderKind::Exec, Some(exec)) => {
-                for (op, path) in [
-                    ("list", &exec.list),
-                    ("launch", &exec.launch),
-                    ("attach", &exec.attach),
-                    ("detach", &exec.detach),
-                    ("terminate", &exec.terminate),
-                ] {
-                    check_hook(&mut push, text, at, files, op, path);
-                }
-                if let Some(health) = &exec.health {
-                    check_hook(&mut push, text, at, files, "health", health);
-                }
+        );
+        return;
+    }
+    let stage_names: BTreeSet<&str> = stages.iter().map(|s| s.name.as_str()).collect();
+    if stage_names.len() != stages.len() {
+        report.push(
+            || locate(text, "stages", "", at),
+            format!("fleet `{}` has duplicate stage names", fleet.name),
+        );
+    }
+    for stage in stages {
+        if !is_safe_name(&stage.name) {
+            report.push(
+                || locate(text, "name", &stage.name, at),
+                format!(
+                    "stage name `{}` must be 1 to 63 lowercase letters, digits and `-`, \
+                     not starting with `-` (it names directories)",
+                    stage.name
+                ),
+            );
+        }
+        check_repo_path(report, text, at, "path", &stage.path);
+        if let Some(parent) = &stage.from {
+            if !stage_names.contains(parent.as_str()) {
+                report.push(
+                    || locate(text, "from", parent, at),
+                    format!(
+                        "stage `{}` is built from `{parent}`, which is not a stage of fleet `{}`",
+                        stage.name, fleet.name
+                    ),
+                );
+            } else if parent == &stage.name {
+                report.push(
+                    || locate(text, "from", parent, at),
+                    format!("stage `{}` is built from itself", stage.name),
+                );
             }
-            (ProviderKind::Local, _) => {
-                let port = policy.load_balancer.port;
-                if port != 0 && !lb_ports.insert(port) {
-                    push(
-                        locate(text, "port", &port.to_string(), at),
-                        format!("loadBalancer.port {port} is used by two fleets"),
-                    );
-                }
+        }
+        check_hook(report, text, at, files, "bake", &stage.bake);
+    }
+    if has_cycle(fleet) {
+        report.push(
+            || locate(text, "stages", "", at),
+            format!("stages of fleet `{}` form a cycle", fleet.name),
+        );
+    }
+}
+
+fn check_policy(
+    report: &mut Report<'_>,
+    fleet: &Fleet,
+    text: &str,
+    at: usize,
+    files: &dyn RepoFiles,
+    lb_ports: &mut BTreeSet<u16>,
+) {
+    let policy = &fleet.rollout;
+    if policy.capacity == 0 {
+        report.push(|| locate(text, "capacity", "0", at), "capacity must be at least 1".into());
+    }
+    for (key, value) in [("maxSurge", policy.max_surge), ("maxUnavailable", policy.max_unavailable)]
+    {
+        if let IntOrPercent::Percent(p) = value {
+            if p > 100 {
+                report.push(
+                    || locate(text, key, &format!("{p}%"), at),
+                    format!("{key} {p}% is over 100%"),
+                );
             }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        problems.sort_by_key(|p| (p.line, p.column));
-        Err(ManifestError { problems })
+    if policy.health_check.healthy_threshold == 0 {
+        report.push(
+            || locate(text, "healthyThreshold", "0", at),
+            "healthyThreshold must be at least 1".into(),
+        );
+    }
+    if !policy.health_check.http.starts_with('/') {
+        report.push(
+            || locate(text, "http", &policy.health_check.http, at),
+            format!(
+                "healthCheck.http `{}` must be a path starting with `/`",
+                policy.health_check.http
+            ),
+        );
+    }
+    if let Some(canary) = &policy.canary {
+        if canary.count == 0 || canary.count > policy.capacity {
+            report.push(
+                || locate(text, "count", &canary.count.to_string(), at),
+                format!(
+                    "canary.count {} must be between 1 and capacity {}",
+                    canary.count, policy.capacity
+                ),
+            );
+        }
+    }
+    if let Some(window) = policy.schedule.as_ref().and_then(|s| s.window.as_ref()) {
+        if window.bounds().is_none() {
+            report.push(
+                || locate(text, "window", "", at),
+                format!("schedule.window `{}`-`{}` must be HH:MM times", window.start, window.end),
+            );
+        }
+    }
+    match (policy.provider, &policy.exec) {
+        (ProviderKind::Exec, None) => report.push(
+            || locate(text, "provider", "exec", at),
+            "provider `exec` needs an `exec:` section".into(),
+        ),
+        (ProviderKind::Exec, Some(exec)) => {
+            for (op, path) in [
+                ("list", &exec.list),
+                ("launch", &exec.launch),
+                ("attach", &exec.attach),
+                ("detach", &exec.detach),
+                ("terminate", &exec.terminate),
+            ] {
+                check_hook(report, text, at, files, op, path);
+            }
+            if let Some(health) = &exec.health {
+                check_hook(report, text, at, files, "health", health);
+            }
+            if exec.env.len() > MAX_EXEC_ENV {
+                report.push(
+                    || locate(text, "env", "", at),
+                    format!(
+                        "exec.env has {} entries, over the limit of {MAX_EXEC_ENV} (MAX_EXEC_ENV)",
+                        exec.env.len()
+                    ),
+                );
+            }
+        }
+        (ProviderKind::Local, _) => {
+            let port = policy.load_balancer.port;
+            if port != 0 && !lb_ports.insert(port) {
+                report.push(
+                    || locate(text, "port", &port.to_string(), at),
+                    format!("loadBalancer.port {port} is used by two fleets"),
+                );
+            }
+        }
+    }
+}
+
+/// A `path:` or `paths:` value must stay inside the repo.
+fn check_repo_path(report: &mut Report<'_>, text: &str, at: usize, key: &str, path: &str) {
+    if !is_repo_path(path) {
+        let locate_it = || match key {
+            "paths" => locate_item(text, key, path, at),
+            _ => locate(text, key, path, at),
+        };
+        report.push(
+            locate_it,
+            format!(
+                "{key} `{path}` must be a relative path inside the repo (no leading `/`, no `..`)"
+            ),
+        );
     }
 }
 
@@ -693,7 +933,7 @@ fn has_cycle(fleet: &Fleet) -> bool {
 }
 
 fn check_hook(
-    push: &mut impl FnMut((usize, usize), String),
+    report: &mut Report<'_>,
     text: &str,
     at: usize,
     files: &dyn RepoFiles,
@@ -701,22 +941,25 @@ fn check_hook(
     path: &str,
 ) {
     let clean = path.trim_start_matches("./");
-    if clean.starts_with('/') || clean.split('/').any(|part| part == "..") {
-        push(
-            locate(text, key, path, at),
-            format!("{key} hook `{path}` must be a relative path inside the repo"),
+    let here = || locate(text, key, path, at);
+    if clean.is_empty() || !is_repo_path(clean) {
+        report.push(here, format!("{key} hook `{path}` must be a relative path inside the repo"));
+        return;
+    }
+    if files.symlink(clean) {
+        report.push(
+            here,
+            format!(
+                "{key} hook `{path}` is a symbolic link (or lies under one); hooks must be \
+                 regular files in the repo"
+            ),
         );
         return;
     }
     match files.file(clean) {
-        None => push(
-            locate(text, key, path, at),
-            format!("{key} hook `{path}` does not exist in the commit"),
-        ),
-        Some(false) => push(
-            locate(text, key, path, at),
-            format!("{key} hook `{path}` is not executable (chmod +x and commit)"),
-        ),
+        None => report.push(here, format!("{key} hook `{path}` does not exist in the commit")),
+        Some(false) => report
+            .push(here, format!("{key} hook `{path}` is not executable (chmod +x and commit)")),
         Some(true) => {}
     }
 }

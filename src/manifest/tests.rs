@@ -187,3 +187,167 @@ fn json_schema_describes_the_manifest() {
     // Durations are strings like "30s", not serde's {secs, nanos}.
     assert!(!text.contains("nanos"), "{text}");
 }
+
+/// Files whose `link*` paths (and anything under `linked/`) are symlinks.
+struct WithLinks;
+
+impl RepoFiles for WithLinks {
+    fn file(&self, path: &str) -> Option<bool> {
+        HOOKS.file(path)
+    }
+    fn symlink(&self, path: &str) -> bool {
+        path.starts_with("link") || path.starts_with("linked/")
+    }
+}
+
+/// The line and column of the problem mentioning `needle`, which must be located (non-zero).
+fn located(found: &[String], needle: &str) -> (usize, usize) {
+    let problem = found
+        .iter()
+        .find(|p| p.contains(needle))
+        .unwrap_or_else(|| panic!("no problem mentions {needle:?}: {found:?}"));
+    let parts: Vec<&str> = problem.splitn(4, ':').collect();
+    assert_eq!(parts[0], "kiln.yaml", "{problem}");
+    let line: usize = parts[1].parse().unwrap_or(0);
+    let column: usize = parts[2].parse().unwrap_or(0);
+    assert!(line > 0 && column > 0, "located: {problem}");
+    (line, column)
+}
+
+#[test]
+fn names_that_would_become_paths_are_refused_with_their_location() {
+    let text = GOOD.replace("name: base,", "name: \"/../../fleets\",");
+    let found = problems(&text);
+    assert_eq!(located(&found, "stage name `/../../fleets`"), (6, 20), "{found:?}");
+    assert!(found.iter().any(|p| p.contains("lowercase letters, digits and `-`")), "{found:?}");
+
+    let text = GOOD.replace("- name: web", "- name: ../../victim");
+    let found = problems(&text);
+    assert_eq!(located(&found, "fleet name `../../victim`"), (2, 11), "{found:?}");
+
+    for bad in ["Web", "-web", "web_1", "web.prod", "a/b", ".", ""] {
+        assert!(!is_safe_name(bad), "{bad:?}");
+    }
+    assert!(!is_safe_name(&"a".repeat(64)));
+    for good in ["web", "a", "0", "web-1", "a-b-c", &"a".repeat(63)] {
+        assert!(is_safe_name(good), "{good:?}");
+    }
+}
+
+#[test]
+fn paths_that_leave_the_repo_are_refused_with_their_location() {
+    let text = GOOD
+        .replace("path: image/base,", "path: ../../../etc,")
+        .replace("infra: { path: infra/,", "infra: { path: /etc,");
+    let found = problems(&text);
+    assert_eq!(located(&found, "path `../../../etc`"), (6, 31), "{found:?}");
+    assert_eq!(located(&found, "path `/etc`"), (9, 20), "{found:?}");
+
+    // `paths:` entries, flow and block style.
+    let text = GOOD.replace("paths: [image/, infra/]", "paths: [image/, /var/lib]");
+    let found = problems(&text);
+    assert_eq!(located(&found, "paths `/var/lib`"), (3, 21), "{found:?}");
+    let text = GOOD.replace("paths: [image/, infra/]", "paths:\n      - image/\n      - a/../..");
+    let found = problems(&text);
+    assert_eq!(located(&found, "paths `a/../..`"), (5, 9), "{found:?}");
+
+    // Hooks: absolute and `..` paths.
+    let text = GOOD.replace("reconcile: hooks/reconcile", "reconcile: /bin/sh");
+    let found = problems(&text);
+    assert_eq!(located(&found, "reconcile hook `/bin/sh` must be a relative path"), (9, 39));
+}
+
+#[test]
+fn symlinked_hooks_are_refused() {
+    let text = GOOD.replace("bake: hooks/bake-app", "bake: linked/bake-app");
+    let found = match load(&text, "kiln.yaml", &WithLinks) {
+        Ok(_) => vec![],
+        Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+    };
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(located(&found, "bake hook `linked/bake-app` is a symbolic link"), (7, 61));
+}
+
+#[test]
+fn an_oversized_manifest_is_refused_naming_the_limit() {
+    let limit = usize::try_from(MAX_MANIFEST_BYTES).unwrap();
+    let text = format!("{GOOD}#{}\n", "x".repeat(limit));
+    let error = parse(&text, "kiln.yaml").unwrap_err();
+    let message = error.to_string();
+    assert!(message.starts_with("kiln.yaml:0:0: kiln.yaml is "), "{message}");
+    assert!(
+        message.contains(&format!("over the limit of {MAX_MANIFEST_BYTES} bytes")),
+        "{message}"
+    );
+}
+
+/// `paths: [*s, *s, …]` where `s` is a 64 KiB string: 2,000 aliases expand a 200 KB file to
+/// 128 MiB of strings, well under serde_yaml's own repetition limit.
+fn scalar_alias_bomb() -> String {
+    let big = "x".repeat(64 * 1024);
+    let aliases = vec!["*s"; 2000].join(", ");
+    GOOD.replace("paths: [image/, infra/]", &format!("paths: [&s {big}, {aliases}]"))
+}
+
+/// Three levels of 100 aliases: 1,000,000 values from a 3 KB file.
+fn nested_alias_bomb() -> String {
+    let level = |name: &str, of: &str| format!("{name}: &{name} [{}]\n", vec![of; 100].join(", "));
+    format!("{}{}{}{GOOD}", level("a", "x"), level("b", "*a"), level("c", "*b"))
+}
+
+#[test]
+fn alias_bombs_are_refused_before_they_expand() {
+    let error = parse(&scalar_alias_bomb(), "kiln.yaml").unwrap_err();
+    let message = error.to_string();
+    assert!(message.starts_with("kiln.yaml:3:"), "{message}");
+    assert!(message.contains(&format!("more than {MAX_SCALAR_BYTES} bytes of text")), "{message}");
+
+    // Located where the expansion ran over: inside the innermost anchor, on line 1.
+    let error = parse(&nested_alias_bomb(), "kiln.yaml").unwrap_err();
+    let message = error.to_string();
+    assert!(message.starts_with("kiln.yaml:1:"), "{message}");
+    assert!(message.contains(&format!("more than {MAX_NODES} YAML values")), "{message}");
+
+    // A few aliases for a shared setting stay legal.
+    let shared =
+        GOOD.replace("timeout: 30m", "timeout: &t 30m").replace("timeout: 15m", "timeout: *t");
+    let manifest = load(&shared, "kiln.yaml", &HOOKS).unwrap();
+    assert_eq!(manifest.fleets[0].infra.as_ref().unwrap().timeout, Duration::from_secs(1800));
+}
+
+#[test]
+fn long_lists_are_refused_naming_the_limit() {
+    let paths: Vec<String> = (0..=MAX_PATHS).map(|i| format!("p{i}/")).collect();
+    let text = GOOD.replace("[image/, infra/]", &format!("[{}]", paths.join(", ")));
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(located(&found, &format!("over the limit of {MAX_PATHS} (MAX_PATHS)")), (3, 5));
+
+    let stages: String = (0..=MAX_STAGES)
+        .map(|i| format!("        - {{ name: s{i}, path: image/base, bake: hooks/bake-base }}\n"))
+        .collect();
+    let text = GOOD
+        .replace("        - { name: base, path: image/base, bake: hooks/bake-base }\n", &stages);
+    let found = problems(&text);
+    assert_eq!(located(&found, &format!("over the limit of {MAX_STAGES} (MAX_STAGES)")), (5, 7));
+
+    let fleet = GOOD
+        .trim_start_matches("fleets:\n")
+        .replace("capacity: 3", "capacity: 3\n      loadBalancer: { port: 0 }");
+    let text = format!("fleets:\n{}", fleet.repeat(MAX_FLEETS + 1));
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(located(&found, &format!("over the limit of {MAX_FLEETS} (MAX_FLEETS)")), (1, 1));
+}
+
+#[test]
+fn problems_past_the_bound_are_counted_not_located() {
+    let paths: Vec<String> = (0..MAX_PATHS).map(|i| format!("/abs{i}")).collect();
+    let text = GOOD.replace("[image/, infra/]", &format!("[{}]", paths.join(", ")));
+    let found = problems(&text);
+    assert_eq!(found.len(), MAX_PROBLEMS + 1, "{found:?}");
+    assert!(
+        found[MAX_PROBLEMS]
+            .contains(&format!("{} more problems not shown", MAX_PATHS - MAX_PROBLEMS))
+    );
+}

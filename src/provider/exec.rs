@@ -9,7 +9,7 @@
 //! Exit status: 0 is success, 75 is transient (retry later), anything else is a failure carrying
 //! the tail of the script's stderr.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -120,13 +120,15 @@ impl ExecProvider {
         request: &Request<'_>,
         extra_time: Duration,
     ) -> Result<String, ProviderError> {
-        let relative = Path::new(script);
-        let inside =
-            relative.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-        if script.is_empty() || !inside {
-            return Err(failed(op, format!("script `{script}` must be a path inside the repo")));
-        }
-        let program = self.repo_dir.join(relative);
+        let program = match crate::fsutil::safe_join(&self.repo_dir, script) {
+            Ok(program) if !script.is_empty() => program,
+            _ => {
+                return Err(failed(
+                    op,
+                    format!("script `{script}` must be a path inside the repo"),
+                ));
+            }
+        };
         if !program.is_file() {
             return Err(failed(op, format!("script `{script}` does not exist in the repo")));
         }

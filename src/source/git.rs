@@ -161,6 +161,129 @@ pub fn read_file(
     Ok(Some(blob.content().to_vec()))
 }
 
+/// What [`read_file_capped`] found at a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileAt {
+    /// Nothing there (or a directory, or a submodule).
+    Absent,
+    /// A symbolic link (mode 120000); its target was not followed.
+    Symlink,
+    /// A file larger than the cap, with its size; its content was not read.
+    TooLarge(u64),
+    /// A regular file's content.
+    Content(Vec<u8>),
+}
+
+/// [`read_file`] with a size cap checked from the object header before the content is read,
+/// and symlinks reported rather than taken for absence.
+pub fn read_file_capped(
+    mirror: &Path,
+    revision: &Revision,
+    path: &str,
+    max_bytes: u64,
+) -> Result<FileAt, GitError> {
+    CommitTree::open(mirror, revision)?.read_file_capped(path, max_bytes)
+}
+
+/// Whether `path`, or a directory on the way to it, is a symbolic link at the commit.
+pub fn symlink_in_path(mirror: &Path, revision: &Revision, path: &str) -> Result<bool, GitError> {
+    CommitTree::open(mirror, revision)?.symlink_in_path(path)
+}
+
+/// One commit's tree, opened once for many lookups (the planner reads hundreds of paths per
+/// commit; opening the repository for each cost seconds). Blocking, like everything here: use
+/// it inside one `spawn_blocking` and drop it there.
+pub struct CommitTree {
+    repo: Repository,
+    tree: Oid,
+    revision: Revision,
+}
+
+impl CommitTree {
+    /// Opens the mirror and finds the commit's tree.
+    pub fn open(mirror: &Path, revision: &Revision) -> Result<CommitTree, GitError> {
+        let repo = open(mirror)?;
+        let tree = find_commit(&repo, revision)?.tree_id();
+        Ok(CommitTree { repo, tree, revision: revision.clone() })
+    }
+
+    fn entry(&self, path: &str) -> Result<Option<git2::TreeEntry<'static>>, GitError> {
+        let path = clean_path(path);
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let revision = &self.revision;
+        let tree = self
+            .repo
+            .find_tree(self.tree)
+            .map_err(GitError::git(format!("read the tree of {revision}")))?;
+        match tree.get_path(Path::new(path)) {
+            Ok(entry) => Ok(Some(entry)),
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(GitError::git(format!("look up {path} at {revision}"))(e)),
+        }
+    }
+
+    /// As [`read_file_capped`].
+    pub fn read_file_capped(&self, path: &str, max_bytes: u64) -> Result<FileAt, GitError> {
+        let revision = &self.revision;
+        let Some(entry) = self.entry(path)? else { return Ok(FileAt::Absent) };
+        if entry.kind() != Some(ObjectType::Blob) {
+            return Ok(FileAt::Absent);
+        }
+        if entry.filemode() == MODE_SYMLINK {
+            return Ok(FileAt::Symlink);
+        }
+        let odb = self.repo.odb().map_err(GitError::git("open the object database"))?;
+        let (size, _) = odb
+            .read_header(entry.id())
+            .map_err(GitError::git(format!("read the size of {path} at {revision}")))?;
+        let size = u64::try_from(size).unwrap_or(u64::MAX);
+        if size > max_bytes {
+            return Ok(FileAt::TooLarge(size));
+        }
+        let blob = self
+            .repo
+            .find_blob(entry.id())
+            .map_err(GitError::git(format!("read {path} at {revision}")))?;
+        Ok(FileAt::Content(blob.content().to_vec()))
+    }
+
+    /// As [`symlink_in_path`].
+    pub fn symlink_in_path(&self, path: &str) -> Result<bool, GitError> {
+        let mut prefix = String::new();
+        for part in clean_path(path).split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            match self.entry(&prefix)? {
+                Some(entry) if entry.filemode() == MODE_SYMLINK => return Ok(true),
+                Some(_) => {}
+                None => return Ok(false),
+            }
+        }
+        Ok(false)
+    }
+
+    /// As [`file_mode`].
+    pub fn file_mode(&self, path: &str) -> Result<Option<bool>, GitError> {
+        let Some(entry) = self.entry(path)? else { return Ok(None) };
+        if !is_regular_file(&entry) {
+            return Ok(None);
+        }
+        Ok(Some(entry.filemode() == MODE_EXECUTABLE))
+    }
+
+    /// As [`tree_id`].
+    pub fn tree_id(&self, path: &str) -> Result<Option<String>, GitError> {
+        if clean_path(path).is_empty() {
+            return Ok(Some(self.tree.to_string()));
+        }
+        Ok(self.entry(path)?.map(|entry| entry.id().to_string()))
+    }
+}
+
 /// Whether `path` exists at the commit as a file, and if so whether it is executable.
 pub fn file_mode(mirror: &Path, revision: &Revision, path: &str) -> Result<Option<bool>, GitError> {
     let repo = open(mirror)?;
@@ -693,6 +816,36 @@ mod tests {
 
     fn oid(revision: &Revision) -> Oid {
         Oid::from_str(revision.as_str()).expect("oid")
+    }
+
+    #[test]
+    fn capped_reads_report_symlinks_and_sizes_without_reading() {
+        let work = Work::new();
+        work.write("kiln.yaml", "fleets: []\n", false);
+        work.write("big.yaml", &"x".repeat(4096), false);
+        work.write("real/hooks/bake", "#!/bin/sh\n", true);
+        work.symlink("link.yaml", "/etc/passwd");
+        work.symlink("hooks", "real/hooks");
+        let rev = work.commit("first");
+        let at = |path: &str, max| read_file_capped(&work.path, &rev, path, max).expect("read");
+        assert_eq!(at("kiln.yaml", 100), FileAt::Content(b"fleets: []\n".to_vec()));
+        assert_eq!(at("big.yaml", 4095), FileAt::TooLarge(4096));
+        assert_eq!(at("big.yaml", 4096), FileAt::Content(vec![b'x'; 4096]));
+        assert_eq!(at("link.yaml", 100), FileAt::Symlink);
+        assert_eq!(at("missing.yaml", 100), FileAt::Absent);
+        assert_eq!(at("real", 100), FileAt::Absent);
+
+        let tree = CommitTree::open(&work.path, &rev).expect("open");
+        assert!(tree.symlink_in_path("hooks/bake").expect("lookup"), "under a symlinked dir");
+        assert!(tree.symlink_in_path("./link.yaml").expect("lookup"));
+        assert!(!tree.symlink_in_path("real/hooks/bake").expect("lookup"));
+        assert!(!tree.symlink_in_path("missing/x").expect("lookup"));
+        assert_eq!(tree.file_mode("real/hooks/bake").expect("mode"), Some(true));
+        assert_eq!(tree.file_mode("hooks/bake").expect("mode"), None);
+        assert_eq!(
+            tree.tree_id("real").expect("id"),
+            tree_id(&work.path, &rev, "real").expect("id")
+        );
     }
 
     #[test]
