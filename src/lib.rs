@@ -9,6 +9,7 @@ pub mod bake;
 pub mod cli;
 pub mod daemon;
 pub mod error;
+pub mod gc;
 pub mod hooks;
 pub mod manifest;
 pub mod metrics;
