@@ -294,6 +294,7 @@ fn plan(
         for rollout in &mine {
             let names = rollout_images(rollout);
             if busy(fleet) || !rollout.state.is_terminal() {
+                // Its previous image too: an automatic rollback returns to it.
                 keep.extend(names.iter().cloned());
             } else if rollout.state == RolloutState::Succeeded {
                 if let Some(image) = &rollout.image {
@@ -301,7 +302,11 @@ fn plan(
                         if seen.insert(image.clone()) {
                             kept_successes += 1;
                         }
-                        keep.extend(names.iter().cloned());
+                        // The image and its stages (a later bake layers onto a cached base),
+                        // not the image it replaced: that one is kept only if it is itself
+                        // among the last successes.
+                        keep.insert(image.clone());
+                        keep.extend(rollout.stage_images.values().cloned());
                     }
                 }
             }

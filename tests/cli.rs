@@ -389,6 +389,7 @@ fn commit_log(data: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Waits until `sha`'s entry has an outcome other than `pending`; returns it.
+#[allow(clippy::disallowed_methods)] // A synchronous test polling a child process.
 fn settled(daemon: &support::daemon::Daemon, sha: &str, kind: &str) -> serde_json::Value {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {

@@ -322,10 +322,15 @@ fn du(path: &Path) -> u64 {
     std::fs::read_dir(path).unwrap().flatten().map(|e| du(&e.path())).sum()
 }
 
-fn wait_until(what: &str, cond: impl Fn() -> bool, daemon: &Daemon) {
+fn wait_until(what: &str, cond: impl Fn() -> bool, daemon: &Daemon, seen: impl Fn() -> String) {
     let deadline = Instant::now() + WAIT;
     while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", daemon.logs());
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; saw {}\n{}",
+            seen(),
+            daemon.logs()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -374,10 +379,21 @@ fn the_daemon_keeps_n_images_removes_dead_instances_and_rollback_still_works() {
         .iter()
         .map(|p| Path::new(p).file_name().unwrap().to_string_lossy().into_owned())
         .collect();
-    wait_until("GC to leave the kept images only", || names(&images) == expected, &daemon);
+    let listing = |dir: &Path| format!("{:?}", names(dir));
+    wait_until(
+        "GC to leave the kept images only",
+        || names(&images) == expected,
+        &daemon,
+        || format!("{} (expected {expected:?})", listing(&images)),
+    );
     assert_eq!(std::fs::read_to_string(outside.join("precious")).unwrap(), "keep me");
     // One instance serves; the four it replaced are gone with their directories.
-    wait_until("terminated instance dirs to go", || names(&instances).len() == 1, &daemon);
+    wait_until(
+        "terminated instance dirs to go",
+        || names(&instances).len() == 1,
+        &daemon,
+        || listing(&instances),
+    );
 
     // Every removal is an event with its size, on the fleet's newest rollout at the time.
     let mut removed = Vec::new();
