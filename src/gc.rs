@@ -46,7 +46,7 @@ pub const INTERVAL: Duration = Duration::from_secs(600);
 pub const MAX_REMOVALS: usize = 256;
 
 /// The meta key of deletions decided but maybe not done (a crash mid-run).
-const PENDING_KEY: &str = "gc.pending";
+pub const PENDING_KEY: &str = "gc.pending";
 /// The meta key of the last run's summary.
 pub const LAST_KEY: &str = "gc.last";
 /// The meta key of the running totals.
@@ -572,14 +572,17 @@ impl Roots {
     fn remove(&self, kind: Kind, fleet: &str, path: &Path) -> Result<Option<u64>, String> {
         let parent = self.parent_of(kind, fleet).ok_or("bad fleet name")?;
         let name = path.file_name().and_then(|n| n.to_str()).ok_or("no file name")?;
-        if !single_component(name) || path.parent() != Some(parent.as_path()) {
-            return Err(format!("refused: not an entry of {}", parent.display()));
-        }
         let real_parent = match std::fs::canonicalize(&parent) {
             Ok(real) => real,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.to_string()),
         };
+        // The path may spell the directory differently (a symlinked data dir): compare both.
+        let given = path.parent().ok_or("no parent")?;
+        let same = given == parent || std::fs::canonicalize(given).is_ok_and(|g| g == real_parent);
+        if !single_component(name) || !same {
+            return Err(format!("refused: not an entry of {}", parent.display()));
+        }
         let inside = self.real.as_ref().is_some_and(|root| real_parent.starts_with(root));
         if !inside {
             return Err(format!("refused: {} leads outside the data dir", parent.display()));

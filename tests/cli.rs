@@ -484,6 +484,7 @@ fn log_commits_lists_every_commit_with_what_became_of_it() {
     // The table, through the API and from the store once the daemon is gone.
     let (code, live, err) = kiln(&data, &["log", "--commits"]);
     assert_eq!(code, 0, "{err}");
+    eprintln!("kiln log --commits:\n{live}");
     drop(daemon);
     let (code, offline, err) = kiln(&data, &["log", "--commits", "--limit", "3"]);
     assert_eq!(code, 0, "{err}");

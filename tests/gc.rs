@@ -212,6 +212,25 @@ fn collect_keeps_the_last_n_successes_and_everything_in_use() {
     // Nothing left to do: a second run removes nothing and records nothing.
     let again = kiln::gc::collect(&store, &data, &input).unwrap();
     assert!(again.removed.is_empty(), "{again:#?}");
+
+    // A run killed after dropping a cache entry and before deleting its image left the image
+    // named by nothing but the pending list: the next run finishes it, re-checked.
+    let orphan = image(&data, "web-app-orphan", 10);
+    let kept = &app[4];
+    let pending: Vec<kiln::gc::Removal> = [&orphan, kept]
+        .iter()
+        .map(|p| kiln::gc::Removal {
+            fleet: "web".into(),
+            kind: Kind::Image,
+            path: (*p).clone(),
+            bytes: 0,
+        })
+        .collect();
+    store.set_meta(kiln::gc::PENDING_KEY, &pending).unwrap();
+    let resumed = kiln::gc::collect(&store, &data, &input).unwrap();
+    assert!(!orphan.exists(), "{resumed:#?}");
+    assert!(kept.exists(), "a pending entry that is now retained is not deleted");
+    assert!(store.get_meta::<Vec<kiln::gc::Removal>>(kiln::gc::PENDING_KEY).unwrap().is_none());
 }
 
 #[test]
