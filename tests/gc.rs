@@ -332,6 +332,22 @@ fn kinds(rollout: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// `GET path` on the daemon's API (found through `daemon.json`), as JSON.
+fn api_get(data: &Path, path: &str) -> Value {
+    use std::io::{Read as _, Write as _};
+    let info: Value =
+        serde_json::from_slice(&std::fs::read(data.join("daemon.json")).unwrap()).unwrap();
+    let base = info["api"].as_str().unwrap().trim_start_matches("http://").to_owned();
+    let mut stream = std::net::TcpStream::connect(&base).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {base}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{reply}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
 /// Bytes under `path`, links not followed.
 fn du(path: &Path) -> u64 {
     let Ok(meta) = path.symlink_metadata() else { return 0 };
@@ -362,10 +378,13 @@ fn the_daemon_keeps_n_images_removes_dead_instances_and_rollback_still_works() {
     }
     let repo = TestRepo::new();
     let hook = bake_dir_hook();
+    // 256 KiB of content in the base stage, copied into every app image (as a real image is).
+    let blob = "x".repeat(256 * 1024);
     let first = repo.commit_entries(
         "v1",
         &[
             Entry::File("kiln.yaml", MANIFEST),
+            Entry::File("image/base/blob", &blob),
             Entry::Exec("hooks/bake-dir", &hook),
             Entry::Exec("image/base/run", RUN),
             Entry::File("image/base/app.py", APP),
@@ -437,6 +456,11 @@ fn the_daemon_keeps_n_images_removes_dead_instances_and_rollback_still_works() {
         freed,
         removed.len()
     );
+
+    // The last run's summary over the API.
+    let gc = api_get(&data, "/api/v1/gc");
+    assert!(gc["totals"]["bytes"].as_u64().unwrap() >= freed, "{gc:#}");
+    assert_eq!(gc["last"]["keep_images"], 2, "{gc:#}");
 
     // A rollback to a kept image works.
     let (code, out, err) = kiln(&data, &["rollback", "web", "--to", &shas[3]]);
