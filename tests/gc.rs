@@ -480,3 +480,67 @@ fn the_daemon_keeps_n_images_removes_dead_instances_and_rollback_still_works() {
     assert!(Path::new(entry["image"].as_str().unwrap()).join("run").exists());
     assert!(images.join(Path::new(&base).file_name().unwrap()).exists(), "base kept");
 }
+
+#[test]
+fn the_daemon_removes_exec_repo_copies_of_old_revisions() {
+    let test = "the_daemon_removes_exec_repo_copies_of_old_revisions";
+    if !require_git(test) || !have_python3() {
+        return;
+    }
+    let repo = TestRepo::new();
+    let data = repo.scratch("data");
+    std::fs::create_dir_all(&data).unwrap();
+    // The provider's own state lives in the data dir, so the test's cleanup finds its processes.
+    let state = data.join("exec-state");
+    let ops = ["list", "launch", "attach", "detach", "terminate"];
+    let exec: String =
+        ops.iter().map(|op| format!("        {op}: hooks/provider/local-test/{op}\n")).collect();
+    let manifest = MANIFEST
+        .replace(
+            "      provider: local\n",
+            &format!(
+                "      provider: exec\n      exec:\n{exec}        env: {{ state: {} }}\n",
+                state.display()
+            ),
+        )
+        .replace("      loadBalancer: { port: 0 }\n", "");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/provider/local-test");
+    let scripts: Vec<(String, String)> = std::fs::read_dir(&shipped)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (
+                format!("hooks/provider/local-test/{name}"),
+                std::fs::read_to_string(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    let hook = bake_dir_hook();
+    let mut entries = vec![
+        Entry::File("kiln.yaml", &manifest),
+        Entry::Exec("hooks/bake-dir", &hook),
+        Entry::Exec("image/base/run", RUN),
+        Entry::File("image/base/app.py", APP),
+        Entry::File("image/app/message.txt", "v1\n"),
+    ];
+    entries.extend(scripts.iter().map(|(path, text)| Entry::Exec(path, text)));
+    let mut shas = vec![repo.commit_entries("v1", &entries)];
+    let daemon = Daemon::start(&repo.url(), &data, &["--poll", "1s", "--keep-images", "2"]);
+    wait_state(&daemon, &shas[0], "succeeded");
+    for n in 2..=4 {
+        let sha = repo.commit(&format!("v{n}"), &[("image/app/message.txt", &format!("v{n}\n"))]);
+        // Each rollout runs the provider from a copy of the repo at its own revision, made
+        // after the previous rollout's GC: proof that GC left the copy in use alone.
+        wait_state(&daemon, &sha, "succeeded");
+        shas.push(sha);
+    }
+    let copies = data.join("fleets/web/provider");
+    let last = set(&[shas[3].as_str()]);
+    wait_until(
+        "GC to leave the deployed revision's copy only",
+        || names(&copies) == last,
+        &daemon,
+        || format!("{:?}", names(&copies)),
+    );
+}
