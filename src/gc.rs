@@ -212,6 +212,7 @@ pub fn collect(store: &Store, data_dir: &Path, input: &Input) -> Result<Report, 
     // it; if nothing names that image any more only its pending entry remembers it. Finish
     // those, re-checked under today's rules; everything else was just decided again.
     let pending: Vec<Removal> = store.get_meta(PENDING_KEY)?.unwrap_or_default();
+    let had_pending = !pending.is_empty();
     for removal in pending {
         let image = ImageRef(removal.path.to_string_lossy().into_owned());
         let orphan = removal.kind == Kind::Image
@@ -228,6 +229,9 @@ pub fn collect(store: &Store, data_dir: &Path, input: &Input) -> Result<Report, 
         report.more = true;
     }
     if todo.is_empty() {
+        if had_pending {
+            store.remove_meta(PENDING_KEY)?;
+        }
         return Ok(report);
     }
     store.set_meta(PENDING_KEY, &todo)?;
