@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     pub poll: Duration,
     /// How many rollouts the store keeps (0 = all).
     pub retention: usize,
+    /// Garbage collection keeps the images of this many successful rollouts per fleet.
+    pub keep_images: usize,
     /// Names of daemon environment variables passed through to hooks.
     pub hook_env: Vec<String>,
     /// The kiln executable (the local provider starts `kiln lb` from it).
@@ -263,6 +265,7 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
             data_dir: data_dir.clone(),
             branch: config.branch.clone(),
             kiln_exe: config.kiln_exe.clone(),
+            keep_images: config.keep_images,
         },
         env,
         view.clone(),

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod daemon;
 pub mod error;
 pub mod fsutil;
+pub mod gc;
 pub mod hooks;
 pub mod manifest;
 pub mod metrics;

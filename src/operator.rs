@@ -179,6 +179,8 @@ pub struct OperatorConfig {
     pub branch: String,
     /// The kiln executable (the local provider starts `kiln lb` from it).
     pub kiln_exe: PathBuf,
+    /// Garbage collection keeps the images of this many successful rollouts per fleet.
+    pub keep_images: usize,
 }
 
 /// What occupies a fleet's lane.
@@ -214,6 +216,8 @@ pub struct Operator {
     done_tx: mpsc::UnboundedSender<JobDone>,
     done_rx: mpsc::UnboundedReceiver<JobDone>,
     last_fetch_failure_logged: Option<tokio::time::Instant>,
+    /// When garbage collection runs next (at the first tick, then every `gc::INTERVAL`).
+    next_gc: Option<tokio::time::Instant>,
 }
 
 type OpResult<T> = Result<T, StoreError>;
@@ -232,6 +236,7 @@ impl Operator {
             done_tx,
             done_rx,
             last_fetch_failure_logged: None,
+            next_gc: None,
         }
     }
 
@@ -724,6 +729,7 @@ impl Operator {
         if done.rollout.is_some() {
             // Show the outcome in `kiln status` now rather than at the next tick.
             self.on_tick().await;
+            self.collect_garbage().await;
         }
     }
 
@@ -915,6 +921,41 @@ impl Operator {
         if let Ok(mut view) = self.view.write() {
             *view = statuses;
         }
+        if self.next_gc.is_none_or(|at| tokio::time::Instant::now() >= at) {
+            self.collect_garbage().await;
+        }
+    }
+
+    /// Garbage-collects images, terminated instance dirs and exec repo copies of every fleet
+    /// with no rollout running, queued or paused (see `gc`). It runs inside the event loop, so
+    /// no job can start while it deletes.
+    async fn collect_garbage(&mut self) {
+        let busy = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| {
+                lane.queued.is_some()
+                    || lane.paused.is_some()
+                    || lane.running.as_ref().is_some_and(|job| job.rollout.is_some())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let providers = self
+            .providers
+            .iter()
+            .map(|(fleet, (key, provider))| (fleet.clone(), key.clone(), provider.clone()))
+            .collect();
+        let report = crate::gc::run(
+            self.store().clone(),
+            self.config.data_dir.clone(),
+            self.config.keep_images,
+            busy,
+            providers,
+        )
+        .await;
+        // More due than one run removes: continue soon, not in ten minutes.
+        let wait = if report.is_some_and(|r| r.more) { TICK } else { crate::gc::INTERVAL };
+        self.next_gc = Some(tokio::time::Instant::now() + wait);
     }
 
     /// `image.rebake`: the fleet's image is older than the interval, so bake it again from the

@@ -110,6 +110,7 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         listen: args.listen,
         poll: Duration::from_secs(60),
         retention: 1000,
+        keep_images: crate::gc::DEFAULT_KEEP_IMAGES,
         hook_env: vec![],
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),

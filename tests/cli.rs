@@ -338,3 +338,167 @@ async fn show_follow_streams_until_the_rollout_ends_and_verbs_use_the_token_file
     assert_eq!(verb.as_deref(), Some(r#"Rollback { fleet: "web", to: Some("ff66") }"#));
     shutdown.cancel();
 }
+
+// ---------------------------------------------------------------------------------------------
+// `kiln log --commits` on a real repository through the real daemon.
+// ---------------------------------------------------------------------------------------------
+
+mod support;
+
+/// python3 stdlib: answers 200 everywhere; exits when its working directory disappears.
+const TINY_APP: &str = r#"
+import os, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+WORK = os.getcwd()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "3")
+        self.end_headers()
+        self.wfile.write(b"ok\n")
+def watchdog():
+    while os.path.isdir(WORK):
+        time.sleep(1)
+    os._exit(0)
+threading.Thread(target=watchdog, daemon=True).start()
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+const TINY_MANIFEST: &str = "fleets:
+  - name: web
+    paths: [image/, hooks/]
+    image:
+      stages:
+        - { name: app, path: image/app, bake: hooks/bake-dir }
+    rollout:
+      provider: local
+      capacity: 1
+      healthCheck: { http: /healthz, interval: 200ms, healthyThreshold: 1, timeout: 20s }
+      minHealthy: 100ms
+      drain: 100ms
+      loadBalancer: { port: 0 }
+";
+
+/// `kiln log --commits --json`, parsed.
+fn commit_log(data: &Path) -> Vec<serde_json::Value> {
+    let (code, out, err) = kiln(data, &["log", "--commits", "--json", "--limit", "100"]);
+    assert!(code == 0 || code == 1, "kiln log --commits failed ({code}): {err}");
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+/// Waits until `sha`'s entry has an outcome other than `pending`; returns it.
+#[allow(clippy::disallowed_methods)] // A synchronous test polling a child process.
+fn settled(daemon: &support::daemon::Daemon, sha: &str, kind: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let log = commit_log(&daemon.data_dir);
+        let done = |e: &&serde_json::Value| {
+            e["revision"] == sha
+                && e["kind"] == kind
+                && e["outcome"]["status"] != "pending"
+                && e["outcome"]["rollouts"]
+                    .as_array()
+                    .is_none_or(|r| r.iter().all(|r| r["state"] != "pending" && !running(r)))
+        };
+        if let Some(entry) = log.iter().find(done) {
+            return entry.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {sha}: {log:#?}\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn running(rollout: &serde_json::Value) -> bool {
+    ["scheduled", "baking", "reconciling", "rolling", "paused"]
+        .contains(&rollout["state"].as_str().unwrap_or(""))
+}
+
+#[test]
+fn log_commits_lists_every_commit_with_what_became_of_it() {
+    use support::git::{Entry, TestRepo};
+    let test = "log_commits_lists_every_commit_with_what_became_of_it";
+    if !support::git::require_git(test) || !support::fleet::have_python3() {
+        return;
+    }
+    let repo = TestRepo::new();
+    let hook =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("hooks/bake-dir"))
+            .expect("hooks/bake-dir");
+    let deployed = repo.commit_entries(
+        "deploy the app",
+        &[
+            Entry::File("kiln.yaml", TINY_MANIFEST),
+            Entry::Exec("hooks/bake-dir", &hook),
+            Entry::Exec("image/app/run", "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n"),
+            Entry::File("image/app/app.py", TINY_APP),
+        ],
+    );
+    let data = repo.scratch("data");
+    let daemon = support::daemon::Daemon::start(&repo.url(), &data, &["--poll", "1s"]);
+    let entry = settled(&daemon, &deployed, "initial");
+    assert_eq!(entry["outcome"]["status"], "rollouts", "{entry:#}");
+    assert_eq!(entry["outcome"]["rollouts"][0]["state"], "succeeded", "{entry:#}");
+    assert_eq!(entry["outcome"]["rollouts"][0]["fleet"], "web", "{entry:#}");
+
+    let skipped = repo.commit("docs only", &[("README", "hello\n")]);
+    let entry = settled(&daemon, &skipped, "push");
+    assert_eq!(entry["outcome"]["status"], "skipped", "{entry:#}");
+    assert!(entry["outcome"]["reason"].as_str().unwrap().contains("touches no fleet"), "{entry:#}");
+
+    let broken = repo
+        .commit("break the manifest", &[("kiln.yaml", "fleets:\n  - name: web\n    capacty: 2\n")]);
+    let entry = settled(&daemon, &broken, "push");
+    assert_eq!(entry["outcome"]["status"], "failed", "{entry:#}");
+    assert!(entry["outcome"]["reason"].as_str().unwrap().contains("invalid manifest"), "{entry:#}");
+
+    // Two commits in one push: only the tip is planned; the other is listed, and says why.
+    let batched = repo.commit_local("first of two", &[Entry::File("README", "one\n")]);
+    let tip = repo.commit_local("second of two", &[Entry::File("kiln.yaml", TINY_MANIFEST)]);
+    repo.push();
+    settled(&daemon, &tip, "push");
+    let entry = settled(&daemon, &batched, "push");
+    assert_eq!(entry["outcome"]["status"], "skipped", "{entry:#}");
+    assert!(entry["outcome"]["reason"].as_str().unwrap().contains("not the tip"), "{entry:#}");
+
+    repo.delete_branch();
+    let deleted = settled(&daemon, &tip, "branch_deleted");
+    assert_eq!(deleted["outcome"]["status"], "branch_deleted", "{deleted:#}");
+    // The tip's own entry keeps its own outcome.
+    let own = settled(&daemon, &tip, "push");
+    assert_ne!(own["outcome"]["status"], "branch_deleted", "{own:#}");
+
+    // `kiln log` lists rollouts only; `--commits` lists every commit, newest first.
+    let log = commit_log(&data);
+    let order: Vec<&str> = log.iter().map(|e| e["revision"].as_str().unwrap()).collect();
+    let expected = [&tip, &tip, &batched, &broken, &skipped, &deployed].map(String::as_str);
+    assert_eq!(order, expected, "{log:#?}");
+    let (_, rollouts, _) = kiln(&data, &["log", "--json", "--limit", "100"]);
+    assert!(!rollouts.contains(&batched), "the batched commit has no rollout");
+
+    // The table, through the API and from the store once the daemon is gone.
+    let (code, live, err) = kiln(&data, &["log", "--commits"]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("kiln log --commits:\n{live}");
+    drop(daemon);
+    let (code, offline, err) = kiln(&data, &["log", "--commits", "--limit", "3"]);
+    assert_eq!(code, 0, "{err}");
+    for text in [&live, &offline] {
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("COMMIT") && lines[0].contains("OUTCOME"), "{text}");
+        assert!(lines[1].starts_with(&tip[..8]) && lines[1].contains("branch deleted"), "{text}");
+    }
+    assert!(live.lines().any(|l| l.starts_with(&deployed[..8]) && l.contains("web #")), "{live}");
+    assert!(
+        live.lines().any(|l| l.contains("succeeded") && l.contains("deploy the app")),
+        "{live}"
+    );
+    assert!(live.lines().any(|l| l.starts_with(&broken[..8]) && l.contains("failed")), "{live}");
+    assert!(live.lines().any(|l| l.trim_start().starts_with("invalid manifest")), "{live}");
+    assert_eq!(offline.lines().filter(|l| !l.starts_with(' ')).count(), 1 + 3, "{offline}");
+}

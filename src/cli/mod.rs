@@ -19,7 +19,7 @@ use clap::{Args, Parser, Subcommand};
 pub use client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
 
 use crate::model::RolloutId;
-use crate::server::api::{EventDto, FleetDto, RolloutDto, RolloutPage};
+use crate::server::api::{CommitDto, EventDto, FleetDto, RolloutDto, RolloutPage};
 use crate::server::{Secret, WebhookSecrets};
 use crate::store::RolloutFilter;
 
@@ -46,15 +46,20 @@ pub struct Cli {
 pub enum Command {
     /// Run the daemon: watch the repo, bake, reconcile and roll fleets, serve the API.
     Run(RunArgs),
-    /// Rollouts, newest first (like `git log`).
+    /// Rollouts, newest first (like `git log`); with `--commits`, every commit seen and what
+    /// became of it.
     Log {
         /// Only this fleet.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "commits")]
         fleet: Option<String>,
+        /// List every commit seen (newest first) with its outcome: the rollouts it produced,
+        /// or why it produced none (skipped, failed, branch deleted).
+        #[arg(long)]
+        commits: bool,
         /// At most this many.
         #[arg(long, short = 'n', default_value_t = 20)]
         limit: usize,
-        /// Print one JSON document (an array of rollouts).
+        /// Print one JSON document (an array of rollouts, or of commits with `--commits`).
         #[arg(long)]
         json: bool,
     },
@@ -133,6 +138,10 @@ pub struct RunArgs {
     /// How many rollouts to keep (0 keeps all).
     #[arg(long, default_value_t = 0)]
     pub retention: usize,
+    /// Garbage collection keeps the images of this many successful rollouts per fleet (plus
+    /// every image in use); older images, terminated instance dirs and stale repo copies go.
+    #[arg(long, value_name = "N", default_value_t = crate::gc::DEFAULT_KEEP_IMAGES)]
+    pub keep_images: usize,
     /// Name of a daemon environment variable to pass through to hooks (repeatable).
     #[arg(long = "hook-env", value_name = "NAME")]
     pub hook_env: Vec<String>,
@@ -238,7 +247,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             writeln!(out, "{}", serde_json::to_string_pretty(&schema)?)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Log { fleet, limit, json } => {
+        Command::Log { commits: true, limit, json, .. } => {
+            commit_log(client::connect(api.as_deref(), &data_dir)?, limit, json, out).await
+        }
+        Command::Log { fleet, limit, json, .. } => {
             log(client::connect(api.as_deref(), &data_dir)?, fleet, limit, json, color, out).await
         }
         Command::Show { rollout, json, follow } => {
@@ -303,6 +315,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         listen: args.listen,
         poll: args.poll,
         retention: args.retention,
+        keep_images: args.keep_images,
         hook_env: args.hook_env,
         kiln_exe: kiln_exe()?,
         secrets,
@@ -413,6 +426,29 @@ async fn log(
         render::log_table(out, &rollouts, crate::model::now(), color)?;
     }
     Ok(if rollouts.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `kiln log --commits`: every commit seen, newest first, with what became of it.
+async fn commit_log(
+    target: Target,
+    limit: usize,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let commits = match &target {
+        Target::Api(client) => {
+            client.get::<Vec<CommitDto>>(&format!("/commits?limit={limit}")).await?
+        }
+        Target::Offline(store) => crate::server::api::commit_log(store, limit)?,
+    };
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&commits)?)?;
+    } else if commits.is_empty() {
+        eprintln!("kiln: no commits yet");
+    } else {
+        render::commit_table(out, &commits, crate::model::now())?;
+    }
+    Ok(if commits.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
 /// Percent-encodes a query value (fleet names are simple, but be safe).

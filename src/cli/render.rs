@@ -291,6 +291,80 @@ pub fn status(
     Ok(())
 }
 
+/// `kiln log --commits`: one line per commit (newest first) with its outcome; the reason of a
+/// skipped or failed commit on the line below it. Text from git (summary, author, reasons) has
+/// control characters shown escaped, so a commit message cannot drive the terminal.
+pub fn commit_table(
+    out: &mut dyn Write,
+    commits: &[crate::server::api::CommitDto],
+    now: Timestamp,
+) -> std::io::Result<()> {
+    fn plain(text: &str) -> String {
+        text.chars()
+            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+            .collect()
+    }
+    let rows: Vec<([String; 4], String, Option<String>)> = commits
+        .iter()
+        .map(|c| {
+            let author = c.author.split(" <").next().unwrap_or_default();
+            let (outcome, reason) = match &c.outcome {
+                Some(o) if o.status == "rollouts" => (
+                    o.rollouts
+                        .iter()
+                        .map(|r| format!("{} #{} {}", r.fleet, r.id, r.state))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None,
+                ),
+                Some(o) => (o.status.replace('_', " "), o.reason.clone()),
+                None => ("-".to_owned(), None),
+            };
+            let note = match (c.kind.as_str(), &c.overwrote) {
+                ("force_push", Some(old)) => format!("[force-push over {}] ", short(old)),
+                ("force_push", None) => "[force-push] ".to_owned(),
+                ("branch_created", _) => "[branch recreated] ".to_owned(),
+                _ => String::new(),
+            };
+            (
+                [
+                    short(&c.revision).to_owned(),
+                    age(c.committed_at, now),
+                    plain(if author.is_empty() { "-" } else { author }),
+                    plain(&outcome),
+                ],
+                format!("{note}{}", plain(&c.summary)),
+                reason.map(|r| plain(&r)),
+            )
+        })
+        .collect();
+    let header = ["COMMIT", "WHEN", "AUTHOR", "OUTCOME"];
+    let mut widths = header.map(str::len);
+    for (row, _, _) in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut line = String::new();
+    for (cell, w) in header.iter().zip(widths) {
+        line.push_str(&format!("{cell:<w$}  "));
+    }
+    writeln!(out, "{line}SUMMARY")?;
+    let indent = widths[..3].iter().map(|w| w + 2).sum::<usize>();
+    for (row, summary, reason) in rows {
+        let mut line = String::new();
+        for (cell, w) in row.iter().zip(widths) {
+            line.push_str(&format!("{cell:<w$}  "));
+        }
+        line.push_str(&summary);
+        writeln!(out, "{}", line.trim_end())?;
+        if let Some(reason) = reason {
+            writeln!(out, "{:indent$}{reason}", "")?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,9 @@ use super::{ApiError, Shared};
 use crate::model::{RolloutId, Timestamp};
 use crate::operator::{Command, FleetStatus, InstanceStatus};
 use crate::rollout::state::{ALL_STATES, Origin, Rollout, RolloutState};
-use crate::store::{CommitKind, CommitRecord, Event, InstanceEvent, Level, RolloutFilter};
+use crate::store::{
+    CommitKind, CommitRecord, Event, InstanceEvent, Level, RolloutFilter, StoreError,
+};
 
 /// Default page size of `GET /rollouts`.
 pub const DEFAULT_LIMIT: usize = 50;
@@ -334,6 +336,130 @@ pub struct CommitDto {
     pub trigger: String,
     /// Whether it was the tip of its fetch.
     pub tip: bool,
+    /// What became of it (`GET /commits` fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<CommitOutcomeDto>,
+}
+
+/// What became of a commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitOutcomeDto {
+    /// `rollouts` (it produced the rollouts listed), `skipped`, `failed` (e.g. a broken
+    /// manifest), `branch_deleted` (this entry records the branch's deletion) or `pending`
+    /// (the tip, not planned yet).
+    pub status: String,
+    /// Why, for `skipped`, `failed` and `branch_deleted`.
+    pub reason: Option<String>,
+    /// The fleet rollouts it produced, oldest first.
+    pub rollouts: Vec<CommitRolloutDto>,
+}
+
+/// A rollout a commit produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRolloutDto {
+    /// Rollout id.
+    pub id: u64,
+    /// The fleet.
+    pub fleet: String,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Why it ended as it did.
+    pub reason: Option<String>,
+}
+
+/// Commits seen, newest first, each with what became of it: the rollouts it produced, or the
+/// commit-level record that says why it produced none (skipped, failed), or that it is not
+/// the tip of its fetch (only tips are deployed). Shared by `GET /commits` and the CLI's
+/// offline `kiln log --commits`.
+pub fn commit_log(store: &crate::store::Store, limit: usize) -> Result<Vec<CommitDto>, StoreError> {
+    let commits = store.commits(limit)?;
+    let mut by_revision: BTreeMap<&str, Vec<Rollout>> = BTreeMap::new();
+    let wanted: std::collections::BTreeSet<&str> =
+        commits.iter().map(|c| c.revision.as_str()).collect();
+    for rollout in store.rollouts(&RolloutFilter::default())? {
+        if let Some(key) = wanted.get(rollout.revision.as_str()) {
+            by_revision.entry(key).or_default().push(rollout);
+        }
+    }
+    // Newest first: a branch deletion (recorded after the commit it names) claims the newest
+    // commit-level record of that revision; the commit's own entry gets the rest.
+    let mut claimed: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(commits.len());
+    for commit in &commits {
+        let mut dto = CommitDto::from(commit);
+        let records = by_revision.get(commit.revision.as_str()).map_or(&[][..], Vec::as_slice);
+        let commit_level = |r: &&Rollout| {
+            r.fleet.is_none()
+                && r.origin == Origin::Commit
+                && !claimed.contains(&r.id.0)
+                // A failed fetch is recorded against the tip it could not move past.
+                && !(r.summary == "fetch failed"
+                    && r.reason.as_deref().is_some_and(|w| w.starts_with("fetch failed")))
+        };
+        let outcome = if commit.kind == CommitKind::BranchDeleted {
+            let record =
+                records.iter().find(|r| commit_level(r) && r.state == RolloutState::Skipped);
+            let reason = record.and_then(|r| r.reason.clone());
+            if let Some(record) = record {
+                claimed.insert(record.id.0);
+            }
+            CommitOutcomeDto {
+                status: "branch_deleted".into(),
+                reason: Some(reason.unwrap_or_else(|| "the branch was deleted".into())),
+                rollouts: vec![],
+            }
+        } else {
+            let mut fleets: Vec<CommitRolloutDto> = records
+                .iter()
+                .filter(|r| r.origin == Origin::Commit)
+                .filter_map(|r| {
+                    Some(CommitRolloutDto {
+                        id: r.id.0,
+                        fleet: r.fleet.clone()?,
+                        state: r.state,
+                        reason: r.reason.clone(),
+                    })
+                })
+                .collect();
+            fleets.sort_by_key(|r| r.id);
+            let level = records.iter().find(commit_level);
+            match (fleets.is_empty(), level) {
+                (false, _) => {
+                    CommitOutcomeDto { status: "rollouts".into(), reason: None, rollouts: fleets }
+                }
+                (true, Some(record)) => CommitOutcomeDto {
+                    status: record.state.as_str().to_owned(),
+                    reason: record.reason.clone(),
+                    rollouts: vec![],
+                },
+                (true, None) if !commit.tip => CommitOutcomeDto {
+                    status: "skipped".into(),
+                    reason: Some(
+                        "not the tip of its fetch: a newer commit arrived with it, and only the tip is deployed"
+                            .into(),
+                    ),
+                    rollouts: vec![],
+                },
+                (true, None) => CommitOutcomeDto {
+                    status: "pending".into(),
+                    reason: Some("not planned yet".into()),
+                    rollouts: vec![],
+                },
+            }
+        };
+        dto.outcome = Some(outcome);
+        out.push(dto);
+    }
+    Ok(out)
+}
+
+/// `GET /gc`: the last garbage collection and the running totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcDto {
+    /// The last run that removed something (`null` before the first).
+    pub last: Option<crate::gc::Report>,
+    /// Totals over every run that removed something.
+    pub totals: crate::gc::Totals,
 }
 
 impl From<&CommitRecord> for CommitDto {
@@ -356,6 +482,7 @@ impl From<&CommitRecord> for CommitDto {
             overwrote,
             trigger: commit.trigger.clone(),
             tip: commit.tip,
+            outcome: None,
         }
     }
 }
@@ -388,6 +515,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/rollouts/{id}", get(rollout))
         .route("/rollouts/{id}/events", get(follow))
         .route("/commits", get(commits))
+        .route("/gc", get(gc))
         .route("/trigger", post(trigger))
 }
 
@@ -503,8 +631,15 @@ async fn commits(
     Query(query): Query<CommitQuery>,
 ) -> Result<Json<Vec<CommitDto>>, ApiError> {
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    let found = shared.app.operator.store.commits(limit)?;
-    Ok(Json(found.iter().map(CommitDto::from).collect()))
+    Ok(Json(commit_log(&shared.app.operator.store, limit)?))
+}
+
+async fn gc(State(shared): State<Shared>) -> Result<Json<GcDto>, ApiError> {
+    let store = &shared.app.operator.store;
+    Ok(Json(GcDto {
+        last: store.get_meta(crate::gc::LAST_KEY)?,
+        totals: store.get_meta(crate::gc::TOTALS_KEY)?.unwrap_or_default(),
+    }))
 }
 
 async fn verb(

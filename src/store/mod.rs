@@ -464,6 +464,13 @@ impl Store {
         self.flush()
     }
 
+    /// Drops a cached bake (flushed): the next bake with this key bakes again. Garbage
+    /// collection calls it before it deletes the image the entry names.
+    pub fn remove_bake(&self, key: &str) -> Result<()> {
+        self.bakes.remove(key.as_bytes()).map_err(|e| self.db_err(e))?;
+        self.flush()
+    }
+
     /// Every cached bake, in key order.
     pub fn bakes(&self) -> Result<Vec<BakeRecord>> {
         self.bakes
