@@ -299,11 +299,7 @@ pub fn commit_table(
     commits: &[crate::server::api::CommitDto],
     now: Timestamp,
 ) -> std::io::Result<()> {
-    fn plain(text: &str) -> String {
-        text.chars()
-            .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
-            .collect()
-    }
+    let plain = |text: &str| clean(text).into_owned();
     let rows: Vec<([String; 4], String, Option<String>)> = commits
         .iter()
         .map(|c| {
