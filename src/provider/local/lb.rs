@@ -1265,6 +1265,58 @@ mod tests {
     }
 
     #[test]
+    fn backend_ids_have_the_shape_of_instance_ids() {
+        for good in ["web-0a1b2c3d", "my-fleet-deadbeef", "a.b_c-00000000"] {
+            assert!(valid_backend_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "web",
+            "web-",
+            "-deadbeef",
+            "web-xyz12345",
+            "web-deadbeef0",
+            "../x-deadbeef",
+            "we b-deadbeef",
+        ] {
+            assert!(!valid_backend_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_append_the_peer() {
+        let peer: SocketAddr = "127.0.0.7:5555".parse().expect("addr");
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1, 10.0.0.1"));
+        headers.insert("host", HeaderValue::from_static("shop.example"));
+        set_forwarded(&mut headers, peer);
+        let xff: Vec<&str> =
+            headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(xff, ["203.0.113.9, 198.51.100.1, 10.0.0.1, 127.0.0.7"]);
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn admin_token_is_created_private_and_a_readable_one_is_fixed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let token = ensure_admin_token(tmp.path()).expect("create");
+        assert_eq!(token.len(), 64);
+        let path = tmp.path().join(TOKEN_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(ensure_admin_token(tmp.path()).expect("read"), token, "stable");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(ensure_admin_token(tmp.path()).expect("read"), token);
+        assert_eq!(mode(&path), 0o600, "mode fixed");
+        std::fs::write(&path, "short").expect("write");
+        let error = ensure_admin_token(tmp.path()).expect_err("junk token");
+        assert!(error.to_string().contains("admin-token"), "{error}");
+    }
+
+    #[test]
     fn state_and_backend_files_round_trip() {
         let tmp = tempfile::tempdir().expect("tempdir");
         assert!(read_state(tmp.path()).is_none());
