@@ -772,13 +772,14 @@ impl Body for Tracked {
 struct Timed<B> {
     inner: B,
     timeout: Duration,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// Armed when the source first makes us wait (most bodies never do: no timer at all).
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     what: &'static str,
 }
 
 impl<B> Timed<B> {
     fn new(inner: B, timeout: Duration, what: &'static str) -> Timed<B> {
-        Timed { inner, timeout, deadline: Box::pin(tokio::time::sleep(timeout)), what }
+        Timed { inner, timeout, deadline: None, what }
     }
 }
 
@@ -797,11 +798,17 @@ where
         use std::task::Poll;
         match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + self.timeout;
-                self.deadline.as_mut().reset(next);
+                // The next wait starts counting at its first Pending.
+                self.deadline = None;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+            Poll::Pending => match {
+                let timeout = self.timeout;
+                self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+            }
+            .as_mut()
+            .poll(cx)
+            {
                 Poll::Ready(()) => Poll::Ready(Some(Err(format!(
                     "{} paused longer than {:?}",
                     self.what, self.timeout

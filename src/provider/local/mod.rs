@@ -135,7 +135,11 @@ impl LocalProvider {
                 .map_err(|e| failed("open", format!("cannot create {}: {e}", dir.display())))?;
         }
         let lb_port = match config.lb_port {
-            0 => remembered_port(&lb_dir)?,
+            // A running LB's port wins over a fresh pick when the remembered one is lost.
+            0 => remembered_port(
+                &lb_dir,
+                lb::read_state(&lb_dir).filter(|s| s.process.alive()).map(|s| s.port),
+            )?,
             port => port,
         };
         let base_env = vec![
@@ -460,8 +464,9 @@ impl LocalProvider {
     }
 }
 
-/// The LB port remembered in `lb_dir/port`, or a newly picked free one (then remembered).
-fn remembered_port(lb_dir: &Path) -> Result<u16, ProviderError> {
+/// The LB port remembered in `lb_dir/port`, else `running` (the live LB's), else a newly
+/// picked free one (then remembered).
+fn remembered_port(lb_dir: &Path, running: Option<u16>) -> Result<u16, ProviderError> {
     let path = lb_dir.join("port");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(port) = text.trim().parse::<u16>() {
@@ -470,7 +475,10 @@ fn remembered_port(lb_dir: &Path) -> Result<u16, ProviderError> {
             }
         }
     }
-    let port = free_port().map_err(|e| transient("open", format!("no free port: {e}")))?;
+    let port = match running {
+        Some(port) => port,
+        None => free_port().map_err(|e| transient("open", format!("no free port: {e}")))?,
+    };
     write_json_atomic(&path, &port)
         .map_err(|e| failed("open", format!("cannot write {}: {e}", path.display())))?;
     Ok(port)
