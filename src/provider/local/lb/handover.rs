@@ -117,6 +117,9 @@ pub async fn keep_standby(
         .collect();
     env.sort();
     let log = dir.join("log");
+    // Failures to start one back off (a replaced kiln binary, a full process table), up to a
+    // minute between attempts.
+    let mut backoff = Duration::from_millis(200);
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -124,10 +127,11 @@ pub async fn keep_standby(
         let standby = match process::spawn_detached(&exe, &args, &env, &dir, &log) {
             Ok(standby) => standby,
             Err(error) => {
-                tracing::error!(%error, exe = %exe.display(), "Cannot start a standby.");
-                if pause(&shutdown, Duration::from_secs(1)).await {
+                tracing::error!(%error, exe = %exe.display(), retry_in = ?backoff, "Cannot start a standby.");
+                if pause(&shutdown, backoff).await {
                     return;
                 }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
                 continue;
             }
         };
@@ -139,19 +143,25 @@ pub async fn keep_standby(
             accepted = tokio::time::timeout(Duration::from_secs(10), listener.accept()) => accepted,
         };
         let Ok(Ok((stream, _))) = accepted else {
-            tracing::warn!(pid = standby.pid, "The standby did not connect; replacing it.");
+            tracing::warn!(pid = standby.pid, retry_in = ?backoff, "The standby did not connect; replacing it.");
             process::stop(standby, Duration::from_secs(2)).await;
-            if pause(&shutdown, Duration::from_secs(1)).await {
+            if pause(&shutdown, backoff).await {
                 return;
             }
+            backoff = (backoff * 2).min(Duration::from_secs(60));
             continue;
         };
         if let Err(error) = send_sockets(&stream, &keeper).await {
-            tracing::warn!(%error, "Cannot hand the sockets to the standby; replacing it.");
+            tracing::warn!(%error, retry_in = ?backoff, "Cannot hand the sockets to the standby; replacing it.");
             process::stop(standby, Duration::from_secs(2)).await;
+            if pause(&shutdown, backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(60));
             continue;
         }
         tracing::info!(pid = standby.pid, "Standby ready.");
+        let ready_at = tokio::time::Instant::now();
         on_standby(Some(standby));
         loop {
             tokio::select! {
@@ -182,9 +192,14 @@ pub async fn keep_standby(
             }
         }
         on_standby(None);
-        if pause(&shutdown, Duration::from_millis(200)).await {
+        if ready_at.elapsed() > Duration::from_secs(10) {
+            // It served its time: not a crash loop.
+            backoff = Duration::from_millis(200);
+        }
+        if pause(&shutdown, backoff).await {
             return;
         }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
     }
 }
 
