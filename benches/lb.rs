@@ -124,7 +124,8 @@ async fn main() -> Result<(), BoxError> {
     .await?;
     let admin = provider.admin_endpoint().await?;
     let http = reqwest::Client::builder().no_proxy().build()?;
-    http.put(format!("{admin}/backends/backend-1"))
+    http.put(format!("{admin}/backends/bench-00000001"))
+        .bearer_auth(provider.admin_token())
         .json(&serde_json::json!({ "address": backend.to_string() }))
         .send()
         .await?

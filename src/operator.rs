@@ -218,6 +218,8 @@ pub struct Operator {
     last_fetch_failure_logged: Option<tokio::time::Instant>,
     /// When garbage collection runs next (at the first tick, then every `gc::INTERVAL`).
     next_gc: Option<tokio::time::Instant>,
+    /// Per fleet, the last local-provider open failure recorded in the log (recorded once).
+    provider_failures: BTreeMap<String, String>,
 }
 
 type OpResult<T> = Result<T, StoreError>;
@@ -237,6 +239,7 @@ impl Operator {
             done_rx,
             last_fetch_failure_logged: None,
             next_gc: None,
+            provider_failures: BTreeMap::new(),
         }
     }
 
@@ -658,15 +661,24 @@ impl Operator {
         let fleet_dir =
             crate::fsutil::safe_join(&self.config.data_dir.join("fleets"), &fleet.name)?;
         let provider: SharedProvider = match policy.provider {
-            ProviderKind::Local => Arc::new(
-                crate::provider::local::LocalProvider::open(crate::provider::local::LocalConfig {
-                    fleet: fleet.name.clone(),
-                    dir: fleet_dir,
-                    lb_port: policy.load_balancer.port,
-                    kiln_exe: self.config.kiln_exe.clone(),
-                })
-                .await?,
-            ),
+            ProviderKind::Local => {
+                let opened = crate::provider::local::LocalProvider::open(
+                    crate::provider::local::LocalConfig {
+                        fleet: fleet.name.clone(),
+                        dir: fleet_dir,
+                        lb_port: policy.load_balancer.port,
+                        kiln_exe: self.config.kiln_exe.clone(),
+                    },
+                )
+                .await;
+                match opened {
+                    Ok(provider) => {
+                        self.provider_failures.remove(&fleet.name);
+                        Arc::new(provider)
+                    }
+                    Err(error) => return self.local_provider_failed(fleet, revision, error),
+                }
+            }
             ProviderKind::Exec => {
                 let spec = policy
                     .exec
@@ -693,6 +705,41 @@ impl Operator {
         };
         self.providers.insert(fleet.name.clone(), (key, provider.clone()));
         Ok(provider)
+    }
+
+    /// A local provider could not be opened with the manifest's settings (e.g. the new
+    /// `loadBalancer.port` is busy): the failure is recorded once in the log, and the fleet
+    /// keeps the provider it had, so it goes on serving where it was.
+    fn local_provider_failed(
+        &mut self,
+        fleet: &Fleet,
+        revision: &Revision,
+        error: crate::provider::ProviderError,
+    ) -> anyhow::Result<SharedProvider> {
+        let message = format!("fleet `{}`: {error}", fleet.name);
+        if self.provider_failures.get(&fleet.name) != Some(&message) {
+            tracing::error!(fleet = %fleet.name, error = %message, "Load balancer change failed; the fleet keeps its current one.");
+            let now = crate::model::now();
+            // The change came with the newest commit, not with the deployed one.
+            let tip = self.store().get_meta::<Revision>(TIP_KEY).ok().flatten();
+            let record = CommitRecord {
+                revision: tip.unwrap_or_else(|| revision.clone()),
+                parents: vec![],
+                summary: format!("load balancer change for fleet `{}`", fleet.name),
+                author: String::new(),
+                committed_at: now,
+                seen_at: now,
+                kind: CommitKind::Push,
+                trigger: "provider".to_owned(),
+                tip: false,
+            };
+            self.record_commit_level(&record, RolloutState::Failed, message.clone())?;
+            self.provider_failures.insert(fleet.name.clone(), message);
+        }
+        match self.providers.get(&fleet.name) {
+            Some((key, provider)) if key.starts_with("local:") => Ok(provider.clone()),
+            _ => Err(error.into()),
+        }
     }
 
     async fn on_done(&mut self, done: JobDone) {

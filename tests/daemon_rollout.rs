@@ -343,9 +343,15 @@ fn instance_dirs(instances: &Path) -> BTreeSet<String> {
 
 /// A plain HTTP/1.1 GET on 127.0.0.1 (test side, no runtime): the body, if it answered 200.
 fn http_get(port: u16, path: &str) -> Option<String> {
+    http_get_with(port, path, "")
+}
+
+/// [`http_get`] with extra header lines (each ending in CRLF).
+fn http_get_with(port: u16, path: &str, headers: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{headers}\r\n")
+        .ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     let (head, body) = text.split_once("\r\n\r\n")?;
@@ -354,10 +360,14 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// The LB's backends as its admin endpoint reports them.
 fn lb_backends(data: &Path) -> Option<Vec<Value>> {
-    let state = std::fs::read(data.join("fleets").join(FLEET).join("lb").join("lb.json")).ok()?;
+    let dir = data.join("fleets").join(FLEET).join("lb");
+    let state = std::fs::read(dir.join("lb.json")).ok()?;
     let state: Value = serde_json::from_slice(&state).ok()?;
     let port = u16::try_from(state["admin_port"].as_u64()?).ok()?;
-    let body = http_get(port, "/backends")?;
+    // The admin endpoint wants the bearer token kept next to lb.json.
+    let token = std::fs::read_to_string(dir.join("admin-token")).ok()?;
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    let body = http_get_with(port, "/backends", &auth)?;
     // `Connection: close` answers are not chunked by axum for a JSON body of known length.
     serde_json::from_str::<Value>(&body).ok()?.as_array().cloned()
 }

@@ -197,3 +197,645 @@ async fn killed_backend_is_retried_on_another() {
     tokio::time::timeout(Duration::from_secs(60), test).await.expect("failover test stuck");
     provider.stop_load_balancer().await;
 }
+
+// --- security and robustness of `kiln lb` (issues 9 and 10) ---
+
+use std::io::{Read as _, Write as _};
+
+use kiln::provider::local::lb;
+
+/// A backend in this process that answers every request with its request headers, one
+/// `name: value` line each (repeated headers repeated), so a test sees what the LB forwarded.
+async fn start_echo_backend() -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let address = listener.local_addr().expect("backend address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: hyper::Request<_>| async move {
+                    let mut text = String::new();
+                    for (name, value) in req.headers() {
+                        text.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(
+                        text,
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// Serves an LB with `args` from this process; returns its state once it serves.
+async fn in_process_lb(
+    args: lb::LbArgs,
+    stop: &tokio_util::sync::CancellationToken,
+) -> lb::LbState {
+    let dir = args.state_dir.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move { lb::serve(args, stop).await.expect("in-process lb") });
+    fleet::wait_for("the in-process LB to write lb.json", Duration::from_secs(10), || {
+        let state = lb::read_state(&dir);
+        async move { state }
+    })
+    .await
+}
+
+/// `PUT /backends/{id}` with `token` (None: no Authorization header); returns the status.
+async fn attach_raw(admin_port: u16, token: Option<&str>, id: &str, address: &str) -> u16 {
+    let mut request = http_client()
+        .put(format!("http://127.0.0.1:{admin_port}/backends/{id}"))
+        .json(&serde_json::json!({ "address": address }));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.expect("admin reachable").status().as_u16()
+}
+
+async fn backend_ids(admin_port: u16, token: &str) -> Vec<String> {
+    let reply = http_client()
+        .get(format!("http://127.0.0.1:{admin_port}/backends"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("admin reachable");
+    assert_eq!(reply.status().as_u16(), 200);
+    let views: Vec<lb::BackendView> = reply.json().await.expect("backend list");
+    views.into_iter().map(|b| b.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_refuses_strangers_and_kiln_removes_unknown_backends() {
+    if !fleet::have_python3() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = ImageRef(fleet::write_app_image(tmp.path(), "image-a").display().to_string());
+    let fleet_dir = tmp.path().join("fleet");
+    let provider = open(&fleet_dir).await;
+    let url = format!("{}/", provider.endpoint().expect("endpoint"));
+    let state = lb::read_state(&fleet_dir.join("lb")).expect("lb.json");
+    let token = provider.admin_token().to_owned();
+    // An attacker's backend: a real server on loopback answering "attacker".
+    let attacker = start_echo_backend().await.to_string();
+
+    let test = async {
+        // The token file is the owner's alone.
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(fleet_dir.join("lb").join(lb::TOKEN_FILE))
+                .expect("token")
+                .permissions()
+                .mode()
+        };
+        assert_eq!(mode & 0o777, 0o600, "admin-token mode {mode:o}");
+
+        // Without the token, or with a wrong one, nothing is attached or listed.
+        assert_eq!(attach_raw(state.admin_port, None, "web-0badbeef", &attacker).await, 401);
+        assert_eq!(
+            attach_raw(state.admin_port, Some("guess"), "web-0badbeef", &attacker).await,
+            401
+        );
+        let wrong = "0".repeat(token.len());
+        assert_eq!(
+            attach_raw(state.admin_port, Some(&wrong), "web-0badbeef", &attacker).await,
+            401
+        );
+        let listed = http_client()
+            .get(format!("http://127.0.0.1:{}/backends", state.admin_port))
+            .send()
+            .await
+            .expect("admin reachable");
+        assert_eq!(listed.status().as_u16(), 401, "listing needs the token too");
+        // With the token: only loopback addresses and kiln-shaped ids.
+        assert_eq!(
+            attach_raw(state.admin_port, Some(&token), "web-0badbeef", "10.1.2.3:80").await,
+            400
+        );
+        assert_eq!(
+            attach_raw(state.admin_port, Some(&token), "web-0badbeef", "[2001:db8::1]:80").await,
+            400
+        );
+        assert_eq!(attach_raw(state.admin_port, Some(&token), "../evil", &attacker).await, 404);
+        assert_eq!(attach_raw(state.admin_port, Some(&token), "evil", &attacker).await, 400);
+        assert!(backend_ids(state.admin_port, &token).await.is_empty());
+
+        // kiln's own instance is served.
+        let instance = launch_healthy(&provider, &image, "k1").await;
+        provider.attach(&instance.id).await.expect("attach");
+        // A backend kiln does not know (a stale entry, or one attached by whoever had the
+        // token) is accepted by the LB...
+        assert_eq!(
+            attach_raw(state.admin_port, Some(&token), "web-0badbeef", &attacker).await,
+            200
+        );
+        let mut reached_attacker = false;
+        for _ in 0..6 {
+            let (_, body) = get(&http_client(), &url).await.expect("GET");
+            reached_attacker |= body.contains("x-forwarded-for");
+        }
+        assert!(reached_attacker, "the injected backend got traffic before kiln reconciled");
+        // ...and removed the next time kiln lists the fleet.
+        let listed = provider.list().await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert!(listed[0].attached);
+        assert_eq!(backend_ids(state.admin_port, &token).await, vec![instance.id.to_string()]);
+        for _ in 0..6 {
+            let (status, body) = get(&http_client(), &url).await.expect("GET");
+            assert_eq!(status, 200);
+            assert!(body.contains(instance.id.as_str()), "only kiln's instance answers: {body}");
+        }
+        // A known id at another address is foreign too.
+        assert_eq!(
+            attach_raw(state.admin_port, Some(&token), instance.id.as_str(), &attacker).await,
+            200
+        );
+        let listed = provider.list().await.expect("list");
+        assert!(!listed[0].attached, "the hijacked entry is gone");
+        assert!(backend_ids(state.admin_port, &token).await.is_empty());
+        provider.terminate(&instance.id).await.expect("terminate");
+    };
+    tokio::time::timeout(Duration::from_secs(60), test).await.expect("admin test stuck");
+    provider.stop_load_balancer().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_appends_the_peer_to_what_the_client_sent() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let state = in_process_lb(lb::LbArgs::new(tmp.path().join("lb")), &stop).await;
+    let token = lb::ensure_admin_token(&tmp.path().join("lb")).expect("token");
+    let backend = start_echo_backend().await;
+    assert_eq!(
+        attach_raw(state.admin_port, Some(&token), "web-00000001", &backend.to_string()).await,
+        200
+    );
+    let url = format!("http://127.0.0.1:{}/", state.port);
+
+    let reply = http_client()
+        .get(&url)
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("host", "shop.example")
+        .send()
+        .await
+        .expect("GET");
+    let body = reply.text().await.expect("body");
+    let xff: Vec<&str> = body.lines().filter(|l| l.starts_with("x-forwarded-for:")).collect();
+    assert_eq!(xff, ["x-forwarded-for: 203.0.113.9, 127.0.0.1"], "{body}");
+    assert!(body.lines().any(|l| l == "x-forwarded-proto: http"), "{body}");
+    assert!(body.lines().any(|l| l == "x-forwarded-host: shop.example"), "{body}");
+
+    // Without one, the peer alone; a client's X-Forwarded-Proto is left as it is.
+    let reply =
+        http_client().get(&url).header("x-forwarded-proto", "https").send().await.expect("GET");
+    let body = reply.text().await.expect("body");
+    let xff: Vec<&str> = body.lines().filter(|l| l.starts_with("x-forwarded-for:")).collect();
+    assert_eq!(xff, ["x-forwarded-for: 127.0.0.1"], "{body}");
+    assert!(body.lines().any(|l| l == "x-forwarded-proto: https"), "{body}");
+    stop.cancel();
+}
+
+/// Reads from `stream` until EOF or error; true if the peer closed within `limit` (a bound
+/// against hanging, not a timing assertion).
+fn closed_by_peer(stream: &mut std::net::TcpStream, limit: Duration) -> bool {
+    stream.set_read_timeout(Some(Duration::from_millis(200))).expect("read timeout");
+    let deadline = std::time::Instant::now() + limit;
+    let mut buf = [0u8; 4096];
+    while std::time::Instant::now() < deadline {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The slow clients run on a blocking thread and pace themselves with thread::sleep.
+#[allow(clippy::disallowed_methods)]
+async fn slow_heads_and_stalled_bodies_are_cut() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let args = lb::LbArgs {
+        header_timeout: Duration::from_millis(800),
+        body_timeout: Duration::from_millis(800),
+        ..lb::LbArgs::new(tmp.path().join("lb"))
+    };
+    let state = in_process_lb(args, &stop).await;
+    let token = lb::ensure_admin_token(&tmp.path().join("lb")).expect("token");
+    let backend = start_echo_backend().await;
+    assert_eq!(
+        attach_raw(state.admin_port, Some(&token), "web-00000001", &backend.to_string()).await,
+        200
+    );
+    let port = state.port;
+
+    tokio::task::spawn_blocking(move || {
+        // Slowloris: a header line every 300 ms, never the blank line that ends the head.
+        let mut loris = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        loris.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").expect("write");
+        let mut cut = false;
+        for i in 0..100 {
+            std::thread::sleep(Duration::from_millis(300));
+            if loris.write_all(format!("X-Slow-{i}: y\r\n").as_bytes()).is_err() {
+                cut = true;
+                break;
+            }
+            if closed_by_peer(&mut loris, Duration::from_millis(1)) {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "a request head trickling for 30 s was never cut");
+
+        // An idle connection that never sends anything is closed too.
+        let mut idle = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        assert!(closed_by_peer(&mut idle, Duration::from_secs(20)), "idle connection kept");
+
+        // A body declared as 1 GB that stalls after 10 bytes.
+        let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stalled
+            .write_all(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n0123456789",
+            )
+            .expect("write");
+        assert!(closed_by_peer(&mut stalled, Duration::from_secs(20)), "stalled body kept");
+    })
+    .await
+    .expect("slow clients");
+
+    // The LB still serves.
+    let (status, _) = get(&http_client(), &format!("http://127.0.0.1:{port}/")).await.expect("GET");
+    assert_eq!(status, 200);
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_at_the_cap_make_room_for_a_new_request() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let args = lb::LbArgs { max_connections: 8, ..lb::LbArgs::new(tmp.path().join("lb")) };
+    let state = in_process_lb(args, &stop).await;
+    let token = lb::ensure_admin_token(&tmp.path().join("lb")).expect("token");
+    let backend = start_echo_backend().await;
+    assert_eq!(
+        attach_raw(state.admin_port, Some(&token), "web-00000001", &backend.to_string()).await,
+        200
+    );
+    let port = state.port;
+
+    // Fill the cap with idle connections (connected, silent), oldest first.
+    let mut idle: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..8 {
+        idle.push(std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A real request still gets through, at once rather than after the idle ones time out.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(5),
+        http_client().get(format!("http://127.0.0.1:{port}/")).send(),
+    )
+    .await
+    .expect("the request waited behind idle connections")
+    .expect("GET");
+    assert_eq!(reply.status().as_u16(), 200);
+    // Room was made by closing the oldest idle connection.
+    let oldest_closed = tokio::task::spawn_blocking(move || {
+        let closed = closed_by_peer(&mut idle[0], Duration::from_secs(2));
+        (closed, idle)
+    })
+    .await
+    .expect("check");
+    assert!(oldest_closed.0, "the oldest idle connection was not shed");
+    stop.cancel();
+}
+
+/// What the clients of the kill test saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    /// Requests whose connection broke before the whole answer arrived and that were sent
+    /// again, once, as RFC 9112 §9.3.1 lets a client do for an idempotent request.
+    retried: AtomicU64,
+    /// Connections refused: the LB's port was not listening.
+    refused: AtomicU64,
+    failed: AtomicU64,
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+/// One client: GETs `url` until `stop`, on keep-alive connections or one per request.
+async fn client_loop(url: String, keep_alive: bool, tally: Arc<Tally>, stop: Arc<AtomicBool>) {
+    let new_client = || {
+        if keep_alive {
+            http_client()
+        } else {
+            reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0).build().expect("client")
+        }
+    };
+    let mut client = new_client();
+    let send = |client: &reqwest::Client| {
+        let mut request = client.get(&url).timeout(Duration::from_secs(10));
+        if !keep_alive {
+            request = request.header("connection", "close");
+        }
+        request.send()
+    };
+    // One attempt: Ok(body), or Err((refused, message)).
+    let attempt = |client: reqwest::Client| {
+        let sent = send(&client);
+        async move {
+            match sent.await {
+                Ok(reply) if reply.status().is_success() => {
+                    reply.text().await.map_err(|e| (false, format!("body: {e}")))
+                }
+                Ok(reply) => Err((false, format!("status {}", reply.status()))),
+                Err(e) => {
+                    Err((e.is_connect(), format!("request (keep-alive {keep_alive}): {e:?}")))
+                }
+            }
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let mut result = attempt(client.clone()).await;
+        if let Err((refused, _)) = &result {
+            if *refused {
+                // Nothing listened: no client retries that transparently.
+                tally.refused.fetch_add(1, Ordering::SeqCst);
+            } else {
+                // The connection broke before the whole answer arrived: a GET may be sent again
+                // on a new connection (RFC 9112 §9.3.1), once. The pool's other idle
+                // connections went to the same dead process, so they are dropped with it.
+                tally.retried.fetch_add(1, Ordering::SeqCst);
+                client = new_client();
+                result = attempt(client.clone()).await;
+            }
+        }
+        match result {
+            Ok(_) => {
+                tally.ok.fetch_add(1, Ordering::SeqCst);
+            }
+            Err((_, e)) => {
+                tally.failed.fetch_add(1, Ordering::SeqCst);
+                if let Ok(mut errors) = tally.errors.lock() {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_load_balancer_under_load_fails_no_request() {
+    if !fleet::have_python3() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = ImageRef(fleet::write_app_image(tmp.path(), "image-a").display().to_string());
+    let fleet_dir = tmp.path().join("fleet");
+    let lb_dir = fleet_dir.join("lb");
+    let provider = open(&fleet_dir).await;
+    let url = format!("{}/", provider.endpoint().expect("endpoint"));
+
+    let scenario = async {
+        for key in ["a1", "a2"] {
+            let instance = launch_healthy(&provider, &image, key).await;
+            provider.attach(&instance.id).await.expect("attach");
+        }
+        // The LB runs with a standby holding its sockets.
+        let first = fleet::wait_for("a standby", Duration::from_secs(20), || {
+            let state = lb::read_state(&lb_dir).filter(|s| s.standby.is_some_and(|p| p.alive()));
+            async move { state }
+        })
+        .await;
+
+        let tally = Arc::new(Tally::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = [true, true, false, false]
+            .into_iter()
+            .map(|keep_alive| {
+                tokio::spawn(client_loop(url.clone(), keep_alive, tally.clone(), stop.clone()))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // kill -9 the serving process; its standby takes over on the same sockets.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(first.process.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the LB");
+        // Redundancy comes back by itself: a new serving process with a standby of its own.
+        let second = fleet::wait_for("the standby to take over", Duration::from_secs(20), || {
+            let state = lb::read_state(&lb_dir).filter(|s| {
+                s.process != first.process
+                    && s.process.alive()
+                    && s.standby.is_some_and(|p| p.alive())
+            });
+            async move { state }
+        })
+        .await;
+        assert_eq!(second.process, first.standby.expect("standby"), "the standby took over");
+        assert_eq!(second.port, first.port);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // And again, now killing the standby first, then the server.
+        let standby = second.standby.expect("standby");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(standby.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the standby");
+        let third = fleet::wait_for("a new standby", Duration::from_secs(20), || {
+            let state = lb::read_state(&lb_dir)
+                .filter(|s| s.standby.is_some_and(|p| p != standby && p.alive()));
+            async move { state }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(third.process.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill -9 the LB again");
+        fleet::wait_for("the second takeover", Duration::from_secs(20), || {
+            let state = lb::read_state(&lb_dir).filter(|s| {
+                s.process != third.process
+                    && s.process.alive()
+                    && s.standby.is_some_and(|p| p.alive())
+            });
+            async move { state }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        stop.store(true, Ordering::SeqCst);
+        for client in clients {
+            client.await.expect("client");
+        }
+        // The provider adopts the new process.
+        assert_eq!(provider.list().await.expect("list").iter().filter(|i| i.attached).count(), 2);
+        tally
+    };
+    let tally =
+        tokio::time::timeout(Duration::from_secs(120), scenario).await.expect("kill test stuck");
+    let (ok, retried, refused, failed) = (
+        tally.ok.load(Ordering::SeqCst),
+        tally.retried.load(Ordering::SeqCst),
+        tally.refused.load(Ordering::SeqCst),
+        tally.failed.load(Ordering::SeqCst),
+    );
+    let errors: Vec<String> =
+        tally.errors.lock().map(|e| e.iter().take(5).cloned().collect()).unwrap_or_default();
+    eprintln!(
+        "kill -9 under load: {ok} ok, {retried} retried once, {refused} refused, {failed} failed"
+    );
+    assert_eq!(refused, 0, "connections refused while the LB was killed");
+    assert_eq!(
+        failed,
+        0,
+        "requests failed: {errors:?}\nLB log:\n{}",
+        std::fs::read_to_string(lb_dir.join("log")).unwrap_or_default()
+    );
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    for instance in provider.list().await.expect("list") {
+        provider.terminate(&instance.id).await.expect("cleanup");
+    }
+    provider.stop_load_balancer().await;
+    assert!(
+        fleet::wait_for("the LB and its standby to stop", Duration::from_secs(10), || {
+            let state = lb::read_state(&lb_dir);
+            async move {
+                state
+                    .filter(|s| !s.process.alive() && !s.standby.is_some_and(|p| p.alive()))
+                    .map(|_| true)
+            }
+        })
+        .await
+    );
+}
+
+async fn open_on(
+    dir: &std::path::Path,
+    port: u16,
+) -> Result<LocalProvider, kiln::provider::ProviderError> {
+    LocalProvider::open(LocalConfig {
+        fleet: "web".to_owned(),
+        dir: dir.to_owned(),
+        lb_port: port,
+        kiln_exe: PathBuf::from(env!("CARGO_BIN_EXE_kiln")),
+    })
+    .await
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_change_moves_the_listener_and_a_busy_port_keeps_the_old_one() {
+    if !fleet::have_python3() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let image = ImageRef(fleet::write_app_image(tmp.path(), "image-a").display().to_string());
+    let fleet_dir = tmp.path().join("fleet");
+    let old_port = free_port();
+    let provider = open_on(&fleet_dir, old_port).await.expect("open");
+    let test = async {
+        let instance = launch_healthy(&provider, &image, "k1").await;
+        provider.attach(&instance.id).await.expect("attach");
+        let lb_pid = lb::read_state(&fleet_dir.join("lb")).expect("lb.json").process;
+
+        // The new port is busy: an error naming it, and the fleet serves where it was.
+        let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind busy");
+        let busy_port = busy.local_addr().expect("addr").port();
+        let error = open_on(&fleet_dir, busy_port).await.expect_err("busy port");
+        let message = error.to_string();
+        assert!(
+            message.contains(&busy_port.to_string()) && message.contains("still serving"),
+            "{message}"
+        );
+        let (status, _) =
+            get(&http_client(), &format!("http://127.0.0.1:{old_port}/")).await.expect("old port");
+        assert_eq!(status, 200);
+        assert_eq!(
+            lb::read_state(&fleet_dir.join("lb")).expect("lb.json").process,
+            lb_pid,
+            "no restart"
+        );
+        drop(busy);
+
+        // A free port: the listener moves while clients keep sending; no request finds neither
+        // port serving.
+        let new_port = free_port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let served = Arc::new(AtomicU64::new(0));
+        let clients: Vec<_> = (0..2)
+            .map(|_| {
+                let (stop, failures, served) = (stop.clone(), failures.clone(), served.clone());
+                tokio::spawn(async move {
+                    let client = reqwest::Client::builder()
+                        .no_proxy()
+                        .pool_max_idle_per_host(0)
+                        .build()
+                        .expect("client");
+                    while !stop.load(Ordering::SeqCst) {
+                        let mut ok = false;
+                        for port in [old_port, new_port] {
+                            let url = format!("http://127.0.0.1:{port}/");
+                            if let Ok(reply) =
+                                client.get(&url).timeout(Duration::from_secs(10)).send().await
+                            {
+                                ok = reply.status().is_success();
+                                break;
+                            }
+                        }
+                        if ok {
+                            served.fetch_add(1, Ordering::SeqCst);
+                        } else {
+                            failures.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let moved = open_on(&fleet_dir, new_port).await.expect("move to a free port");
+        assert_eq!(moved.endpoint().expect("endpoint"), format!("http://127.0.0.1:{new_port}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, Ordering::SeqCst);
+        for client in clients {
+            client.await.expect("client");
+        }
+        assert_eq!(failures.load(Ordering::SeqCst), 0, "requests found no port serving");
+        assert!(served.load(Ordering::SeqCst) > 10);
+        let (status, body) =
+            get(&http_client(), &format!("http://127.0.0.1:{new_port}/")).await.expect("new port");
+        assert_eq!(status, 200);
+        assert!(body.contains(instance.id.as_str()));
+        fleet::wait_for("the old port to close", Duration::from_secs(10), || async {
+            std::net::TcpStream::connect(("127.0.0.1", old_port)).is_err().then_some(())
+        })
+        .await;
+        let state = lb::read_state(&fleet_dir.join("lb")).expect("lb.json");
+        assert_eq!(state.port, new_port);
+        assert_eq!(state.process, lb_pid, "the same process serves: moved, not restarted");
+        moved.terminate(&instance.id).await.expect("terminate");
+    };
+    tokio::time::timeout(Duration::from_secs(90), test).await.expect("port change stuck");
+    provider.stop_load_balancer().await;
+}

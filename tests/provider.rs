@@ -24,8 +24,8 @@ struct Subject {
     provider: SharedProvider,
     /// A fresh provider on the same state, as after a daemon restart.
     reopen: Reopen,
-    /// The load balancer in front of the fleet: (traffic URL, admin URL).
-    lb: (String, String),
+    /// The load balancer in front of the fleet: (traffic URL, admin URL, admin token).
+    lb: (String, String, String),
 }
 
 /// Whether the kiln binary knows `kiln lb` (the CLI wires it); if not, the LB runs in-process.
@@ -50,7 +50,7 @@ fn free_port() -> u16 {
 async fn open_local(dir: &Path, port: u16, in_process: &CancellationToken) -> LocalProvider {
     if !kiln_has_lb() && lb::read_state(&dir.join("lb")).is_none() {
         eprintln!("NOTE: `kiln lb` is not wired into the CLI yet; serving the LB in-process");
-        let args = lb::LbArgs { state_dir: dir.join("lb"), port, admin_port: 0 };
+        let args = lb::LbArgs { port, ..lb::LbArgs::new(dir.join("lb")) };
         let token = in_process.clone();
         tokio::spawn(async move { lb::serve(args, token).await.expect("in-process lb") });
         let lb_dir = dir.join("lb");
@@ -69,9 +69,14 @@ async fn open_local(dir: &Path, port: u16, in_process: &CancellationToken) -> Lo
     LocalProvider::open(config).await.expect("open local provider")
 }
 
-async fn backends(admin: &str) -> Vec<BackendView> {
+async fn backends(admin: &str, token: &str) -> Vec<BackendView> {
     let client = http_client();
-    let reply = client.get(format!("{admin}/backends")).send().await.expect("admin reachable");
+    let reply = client
+        .get(format!("{admin}/backends"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("admin reachable");
     reply.json().await.expect("backend list")
 }
 
@@ -83,7 +88,7 @@ async fn pid_of(address: &str) -> i32 {
 
 /// The contract every provider meets.
 async fn contract(subject: Subject, image_a: &ImageRef, image_b: &ImageRef) {
-    let Subject { provider, reopen, lb: (lb_url, admin) } = subject;
+    let Subject { provider, reopen, lb: (lb_url, admin, token) } = subject;
     let client = http_client();
     assert!(provider.list().await.expect("list").is_empty(), "a new fleet has no instances");
 
@@ -146,9 +151,14 @@ async fn contract(subject: Subject, image_a: &ImageRef, image_b: &ImageRef) {
     let first_id = first.id.to_string();
     wait_for("a slow request in flight on the first instance", Duration::from_secs(10), || {
         let admin = admin.clone();
+        let token = token.clone();
         let first_id = first_id.clone();
         async move {
-            backends(&admin).await.iter().any(|b| b.id == first_id && b.in_flight > 0).then_some(())
+            backends(&admin, &token)
+                .await
+                .iter()
+                .any(|b| b.id == first_id && b.in_flight > 0)
+                .then_some(())
         }
     })
     .await;
@@ -168,7 +178,7 @@ async fn contract(subject: Subject, image_a: &ImageRef, image_b: &ImageRef) {
     }
     assert!(drained > 0, "a request was drained from the first instance");
     assert!(
-        backends(&admin).await.iter().all(|b| b.id != first_id),
+        backends(&admin, &token).await.iter().all(|b| b.id != first_id),
         "detached backend left the LB"
     );
     let listed = provider.list().await.expect("list");
@@ -244,6 +254,7 @@ async fn local_provider_meets_the_contract() {
     let endpoint = provider.endpoint().expect("an endpoint");
     assert_eq!(endpoint, format!("http://127.0.0.1:{port}"));
     let admin = provider.admin_endpoint().await.expect("admin");
+    let admin_token = provider.admin_token().to_owned();
     let reopen_dir = dir.clone();
     let reopen_token = in_process.clone();
     let subject = Subject {
@@ -255,7 +266,7 @@ async fn local_provider_meets_the_contract() {
                 async move { Arc::new(open_local(&dir, port, &token).await) as SharedProvider },
             )
         }),
-        lb: (endpoint, admin),
+        lb: (endpoint, admin, admin_token),
     };
     tokio::time::timeout(Duration::from_secs(120), contract(subject, &image_a, &image_b))
         .await
@@ -297,7 +308,13 @@ async fn exec_provider_meets_the_contract() {
     let endpoint = lb_owner.endpoint().expect("endpoint");
     let state = tmp.path().join("exec-state");
     let work = tmp.path().join("exec-work");
-    let spec = exec_spec(&[("state", state.display().to_string()), ("lb_admin", admin.clone())]);
+    let admin_token = lb_owner.admin_token().to_owned();
+    let token_file = tmp.path().join("lb-fleet").join("lb").join(lb::TOKEN_FILE);
+    let spec = exec_spec(&[
+        ("state", state.display().to_string()),
+        ("lb_admin", admin.clone()),
+        ("lb_token_file", token_file.display().to_string()),
+    ]);
     let provider: SharedProvider =
         Arc::new(ExecProvider::new("web", &spec, repo_dir(), work.clone()));
     let subject = Subject {
@@ -309,7 +326,7 @@ async fn exec_provider_meets_the_contract() {
                 Arc::new(ExecProvider::new("web", &spec, repo_dir(), work)) as SharedProvider
             })
         }),
-        lb: (endpoint, admin),
+        lb: (endpoint, admin, admin_token),
     };
     tokio::time::timeout(Duration::from_secs(120), contract(subject, &image_a, &image_b))
         .await

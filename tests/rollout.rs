@@ -167,7 +167,7 @@ async fn open_local(dir: &Path, port: u16, in_process: &CancellationToken) -> Lo
     std::fs::create_dir_all(dir).expect("fleet dir");
     if !kiln_has_lb() && lb::read_state(&dir.join("lb")).is_none() {
         eprintln!("NOTE: `kiln lb` is not wired into the CLI yet; serving the LB in-process");
-        let args = lb::LbArgs { state_dir: dir.join("lb"), port, admin_port: 0 };
+        let args = lb::LbArgs { port, ..lb::LbArgs::new(dir.join("lb")) };
         let token = in_process.clone();
         tokio::spawn(async move { lb::serve(args, token).await.expect("in-process lb") });
         let lb_dir = dir.join("lb");

@@ -5,7 +5,9 @@ Instances are processes started from a directory image (`<image>/run`, with PORT
 KILN_INSTANCE_ID and KILN_IMAGE set) in their own session. State lives in the directory
 named by the setting `state` (env KILN_PROVIDER_STATE). Load balancer membership goes
 through kiln's own load balancer when the setting `lb_admin` (KILN_PROVIDER_LB_ADMIN,
-e.g. http://127.0.0.1:4567) names its admin endpoint; otherwise it is only recorded.
+e.g. http://127.0.0.1:4567) names its admin endpoint; otherwise it is only recorded. The
+admin endpoint wants the bearer token kept in the file the setting `lb_token_file`
+(KILN_PROVIDER_LB_TOKEN_FILE) names (`<fleet dir>/lb/admin-token`).
 
 Test knobs: KILN_PROVIDER_JUNK=<operation> makes that operation print junk;
 KILN_PROVIDER_FAIL=<operation>:<code> makes it exit with <code>.
@@ -58,6 +60,13 @@ def lb(method, path, body=None):
     req = urllib.request.Request(admin + path, data=data, method=method)
     if data is not None:
         req.add_header("Content-Type", "application/json")
+    token_file = os.environ.get("KILN_PROVIDER_LB_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file) as f:
+                req.add_header("Authorization", "Bearer " + f.read().strip())
+        except OSError as e:
+            die("cannot read the load balancer token: %s" % e)
     try:
         with urllib.request.urlopen(req, timeout=600) as reply:
             reply.read()

@@ -5,7 +5,20 @@
 //!  clients ──▶ 127.0.0.1:<port> ──round robin──▶ backend 127.0.0.1:a
 //!                                             └─▶ backend 127.0.0.1:b   (draining: no new requests)
 //!  kiln ──▶ 127.0.0.1:<admin port>  GET /healthz · GET /backends · PUT/DELETE /backends/{id}
+//!                                     PUT /listener (move the traffic port)
 //! ```
+//!
+//! The admin endpoint answers only requests carrying `Authorization: Bearer <token>`, the token
+//! being the content of `admin-token` in the state dir (mode 0600, created by whichever of kiln
+//! and the LB comes first), compared in constant time. It accepts only backends on loopback
+//! addresses whose id has the shape of a kiln instance id; kiln removes any other backend it
+//! finds (see `LocalProvider::list`).
+//!
+//! Every client connection is bounded: a request head must arrive within `--header-timeout`
+//! (which is also how long an idle keep-alive connection is kept), a request body may pause for
+//! at most `--body-timeout` between chunks, a backend gets `--backend-timeout` to start its
+//! answer and between chunks of it, and past `--max-connections` the oldest idle connection is
+//! closed to make room (a busy one never is).
 //!
 //! The process outlives the daemon. Everything a restarted kiln (or a restarted LB) needs is in
 //! the state directory: `lb.json` (pid, start time, ports; written once both ports are bound)
@@ -14,16 +27,18 @@
 //! refused, or the method is idempotent and the body was buffered), so a backend dying between
 //! its health check and a request does not surface as a 502.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, Query, Request as AxumRequest, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::routing::{get, put};
 
 use http_body_util::combinators::BoxBody;
@@ -33,15 +48,19 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+mod handover;
 
 /// The file in the state dir naming the running LB process and its ports.
 pub const STATE_FILE: &str = "lb.json";
 /// The file in the state dir holding the attached backends.
 pub const BACKENDS_FILE: &str = "backends.json";
+/// The file in the state dir holding the admin endpoint's bearer token (mode 0600).
+pub const TOKEN_FILE: &str = "admin-token";
 
 /// Request bodies up to this size are buffered so the request can be retried on another
 /// backend; larger (or unsized, chunked) bodies are streamed through once.
@@ -52,11 +71,15 @@ const MAX_ATTEMPTS: usize = 3;
 /// a dead backend costs one retry, not one per request.
 const EJECT_FOR: Duration = Duration::from_secs(2);
 
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    crate::manifest::parse_duration(text)
+}
+
 /// Arguments of `kiln lb`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LbArgs {
-    /// Directory holding the load balancer's state (`lb.json`, `backends.json`); the process
-    /// exits when it disappears.
+    /// Directory holding the load balancer's state (`lb.json`, `backends.json`, `admin-token`);
+    /// the process exits when it disappears.
     #[arg(long)]
     pub state_dir: PathBuf,
     /// Port to serve traffic on, on 127.0.0.1 (0: pick a free one).
@@ -65,6 +88,59 @@ pub struct LbArgs {
     /// Port of the admin endpoint, on 127.0.0.1 (0: pick a free one; it is written to `lb.json`).
     #[arg(long, default_value_t = 0)]
     pub admin_port: u16,
+    /// How long a client has to send a complete request head, counted from the connection's
+    /// start or the end of its previous response (so also the idle keep-alive timeout).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// The longest pause allowed between two chunks of a request body.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+    /// How long a backend may take to start answering, and the longest pause between two chunks
+    /// of its answer (a long answer that keeps streaming is never cut).
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+    /// Client connections kept open at most; past it the oldest idle one is closed, and new
+    /// connections wait in the kernel's backlog while every connection is busy.
+    #[arg(long, default_value_t = 512)]
+    pub max_connections: usize,
+    /// Run as the standby of the LB serving in `--state-dir`: hold its sockets and take over
+    /// if it dies (started by the LB itself).
+    #[arg(long, hide = true)]
+    pub standby: bool,
+}
+
+impl LbArgs {
+    /// Arguments with the defaults of the command line (in-process use: tests, benchmarks).
+    pub fn new(state_dir: PathBuf) -> LbArgs {
+        LbArgs {
+            state_dir,
+            port: 0,
+            admin_port: 0,
+            header_timeout: Duration::from_secs(15),
+            body_timeout: Duration::from_secs(30),
+            backend_timeout: Duration::from_secs(300),
+            max_connections: 512,
+            standby: false,
+        }
+    }
+
+    /// The arguments a standby of this LB runs with.
+    fn standby_args(&self) -> Vec<String> {
+        vec![
+            "lb".to_owned(),
+            "--standby".to_owned(),
+            "--state-dir".to_owned(),
+            self.state_dir.display().to_string(),
+            "--header-timeout".to_owned(),
+            format!("{}ms", self.header_timeout.as_millis()),
+            "--body-timeout".to_owned(),
+            format!("{}ms", self.body_timeout.as_millis()),
+            "--backend-timeout".to_owned(),
+            format!("{}ms", self.backend_timeout.as_millis()),
+            "--max-connections".to_owned(),
+            self.max_connections.to_string(),
+        ]
+    }
 }
 
 /// What a running LB writes to `lb.json` once it is serving.
@@ -76,6 +152,9 @@ pub struct LbState {
     pub port: u16,
     /// Admin port on 127.0.0.1.
     pub admin_port: u16,
+    /// The standby holding the same sockets, ready to take over (see `handover`).
+    #[serde(default)]
+    pub standby: Option<crate::hooks::process::ProcessRef>,
 }
 
 /// One backend as the admin endpoint reports it.
@@ -100,6 +179,13 @@ pub struct AttachRequest {
     pub address: String,
 }
 
+/// Body of `PUT /listener`: serve traffic on this port instead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerRequest {
+    /// The new traffic port on 127.0.0.1.
+    pub port: u16,
+}
+
 /// Reply of `DELETE /backends/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DetachReply {
@@ -115,6 +201,73 @@ pub fn read_state(state_dir: &Path) -> Option<LbState> {
     serde_json::from_slice(&text).ok()
 }
 
+/// The admin token in `state_dir/admin-token`, created (32 random bytes, hex, mode 0600) if
+/// there is none. A token file others may read has its mode fixed, loudly.
+pub fn ensure_admin_token(state_dir: &Path) -> std::io::Result<String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let path = state_dir.join(TOKEN_FILE);
+    for _ in 0..3 {
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let mode = std::fs::metadata(&path)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "The admin token file was readable by others; setting its mode to 0600.");
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                }
+                let token = text.trim().to_owned();
+                if token.len() < 32 {
+                    return Err(std::io::Error::other(format!(
+                        "{} holds no usable token (remove it to have a new one made)",
+                        path.display()
+                    )));
+                }
+                return Ok(token);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))?;
+        let token = hex::encode(bytes);
+        // Written whole under a temporary name, then linked into place: a concurrent reader
+        // never sees a half-written token, and of two writers racing, the first link wins.
+        let tmp = state_dir.join(format!(".{TOKEN_FILE}.tmp-{}", std::process::id()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(token.as_bytes())?;
+        file.sync_all()?;
+        drop(file);
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => return Ok(token),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(error) => return Err(error),
+        }
+    }
+    Err(std::io::Error::other(format!("cannot settle on a token in {}", path.display())))
+}
+
+/// Whether `id` has the shape of a kiln instance id (`<fleet>-<8 hex digits>`, the fleet a
+/// name of letters, digits, `.`, `_` and `-`).
+pub fn valid_backend_id(id: &str) -> bool {
+    let Some((fleet, suffix)) = id.rsplit_once('-') else {
+        return false;
+    };
+    !fleet.is_empty()
+        && fleet.len() <= 128
+        && fleet.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && fleet.as_bytes()[0].is_ascii_alphanumeric()
+        && suffix.len() == 8
+        && suffix.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// Runs the load balancer until SIGTERM/SIGINT or until its state dir is removed.
 pub async fn run(args: LbArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
@@ -128,22 +281,62 @@ pub async fn run(args: LbArgs) -> anyhow::Result<()> {
         }
         on_signal.cancel();
     });
-    serve(args, shutdown).await
+    let exe = std::env::current_exe().ok();
+    if args.standby {
+        let dir = args.state_dir.clone();
+        let waiting = shutdown.clone();
+        let wake = tokio::task::spawn_blocking(move || handover::wait(&dir, &waiting))
+            .await
+            .context("standby wait failed")?
+            .with_context(|| {
+                format!(
+                    "cannot fetch the sockets from {}",
+                    args.state_dir.join(handover::SOCKET_FILE).display()
+                )
+            })?;
+        let handover::Wake::Promote(sockets) = wake else {
+            return Ok(());
+        };
+        tracing::warn!(dir = %args.state_dir.display(), "The serving load balancer died; the standby takes over.");
+        let (listener, admin) =
+            sockets.into_listeners().context("cannot use the handed-over sockets")?;
+        return serve_on(args, listener, admin, shutdown, exe).await;
+    }
+    let (listener, admin) = bind(&args).await?;
+    serve_on(args, listener, admin, shutdown, exe).await
 }
 
 /// Runs the load balancer until `shutdown` fires or its state dir is removed (in-process use,
-/// e.g. tests and benchmarks).
+/// e.g. tests and benchmarks; without a standby process).
 pub async fn serve(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let dir = args.state_dir.clone();
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("failed to create the state dir {}", dir.display()))?;
-    let backends = load_backends(&dir)?;
+    let (listener, admin) = bind(&args).await?;
+    serve_on(args, listener, admin, shutdown, None).await
+}
+
+async fn bind(args: &LbArgs) -> anyhow::Result<(TcpListener, TcpListener)> {
     let listener = TcpListener::bind(("127.0.0.1", args.port))
         .await
         .with_context(|| format!("failed to listen on 127.0.0.1:{}", args.port))?;
     let admin = TcpListener::bind(("127.0.0.1", args.admin_port))
         .await
         .with_context(|| format!("failed to listen on 127.0.0.1:{} (admin)", args.admin_port))?;
+    Ok((listener, admin))
+}
+
+/// Serves on bound listeners; with `standby_exe`, keeps a standby process (`handover`).
+async fn serve_on(
+    args: LbArgs,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+    standby_exe: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let dir = args.state_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("failed to create the state dir {}", dir.display()))?;
+    let token = ensure_admin_token(&dir)
+        .with_context(|| format!("failed to read or create {}", dir.join(TOKEN_FILE).display()))?;
+    let backends = load_backends(&dir)?;
     let port = listener.local_addr()?.port();
     let admin_port = admin.local_addr()?.port();
 
@@ -159,6 +352,9 @@ pub async fn serve(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<
         dir: dir.clone(),
         persist_lock: tokio::sync::Mutex::new(()),
         client,
+        conns: Conns::new(args.max_connections),
+        body_timeout: args.body_timeout,
+        backend_timeout: args.backend_timeout,
     });
 
     let pid = i32::try_from(std::process::id()).context("pid out of range")?;
@@ -168,16 +364,55 @@ pub async fn serve(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<
         process: crate::hooks::process::ProcessRef { pid, start_ticks },
         port,
         admin_port,
+        standby: None,
     };
     super::write_json_atomic(&dir.join(STATE_FILE), &state)
         .with_context(|| format!("failed to write {}", dir.join(STATE_FILE).display()))?;
     tracing::info!(port, admin_port, "Load balancer serving.");
+    let shared_state = Arc::new(Mutex::new(state));
 
+    let keeper = match &standby_exe {
+        Some(exe) => {
+            let keeper = Arc::new(handover::Keeper {
+                sockets: Mutex::new(
+                    handover::Sockets::dup(&listener, &admin)
+                        .context("cannot duplicate the listening sockets")?,
+                ),
+                changed: tokio::sync::Notify::new(),
+            });
+            let on_standby = {
+                let (state, dir) = (shared_state.clone(), dir.clone());
+                move |standby| {
+                    let Ok(mut state) = state.lock() else { return };
+                    state.standby = standby;
+                    if let Err(error) = super::write_json_atomic(&dir.join(STATE_FILE), &*state) {
+                        tracing::warn!(%error, "Cannot record the standby in lb.json.");
+                    }
+                }
+            };
+            let task = tokio::spawn(handover::keep_standby(
+                dir.clone(),
+                exe.clone(),
+                args.standby_args(),
+                keeper.clone(),
+                shutdown.clone(),
+                on_standby,
+            ));
+            Some((keeper, task))
+        }
+        None => None,
+    };
+
+    let (move_tx, mut move_rx) = tokio::sync::mpsc::channel::<MoveListener>(1);
+    let admin_state =
+        AdminState { lb: lb.clone(), state: shared_state, token: Arc::new(token), move_tx };
     let router = axum::Router::new()
         .route("/healthz", get(admin_health))
         .route("/backends", get(admin_list))
         .route("/backends/{id}", put(admin_attach).delete(admin_detach))
-        .with_state(AdminState { lb: lb.clone(), state });
+        .route("/listener", put(admin_listener))
+        .route_layer(axum::middleware::from_fn_with_state(admin_state.clone(), admin_auth))
+        .with_state(admin_state);
     let admin_shutdown = shutdown.clone();
     tokio::spawn(async move {
         let served = axum::serve(admin, router)
@@ -205,32 +440,232 @@ pub async fn serve(args: LbArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     });
 
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(args.header_timeout);
+    let http = Arc::new(http);
+    let mut listener = listener;
     loop {
+        // At the cap, make room by closing the oldest idle connection; while every connection
+        // is busy, new ones wait in the kernel's backlog instead of costing a descriptor.
+        while lb.conns.len() >= lb.conns.max {
+            let freed = lb.conns.freed.notified();
+            lb.conns.shed_oldest_idle();
+            tokio::select! {
+                _ = shutdown.cancelled() => return stop_standby(keeper).await,
+                _ = freed => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            moved = move_rx.recv() => {
+                let Some(moved) = moved else { continue };
+                // The standby gets the new socket first, so it drops its copy of the old one.
+                if let Some((keeper, _)) = &keeper {
+                    match moved.listener.as_fd_dup() {
+                        Ok(traffic) => {
+                            if let Ok(mut sockets) = keeper.sockets.lock() {
+                                sockets.traffic = traffic;
+                            }
+                            keeper.changed.notify_one();
+                        }
+                        Err(error) => tracing::warn!(%error, "Cannot hand the new socket to the standby."),
+                    }
+                }
+                // Connections already queued on the old port are taken before it closes.
+                while let Ok(Ok((stream, peer))) =
+                    tokio::time::timeout(Duration::ZERO, listener.accept()).await
+                {
+                    spawn_connection(&lb, &http, &shutdown, stream, peer);
+                }
+                let old = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+                listener = moved.listener;
+                tracing::info!(old, port = moved.port, "Traffic listener moved.");
+                let _ = moved.done.send(());
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
+                    // Out of file descriptors and the like: free one and back off instead of
+                    // spinning on an accept that fails at once.
                     tracing::warn!(%error, "Accept failed.");
+                    lb.conns.shed_oldest_idle();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let lb = lb.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| proxy(lb.clone(), peer, req));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
+        spawn_connection(&lb, &http, &shutdown, stream, peer);
+    }
+    stop_standby(keeper).await
+}
+
+/// Waits (briefly) for the standby keeper to tell the standby to quit.
+async fn stop_standby(
+    keeper: Option<(Arc<handover::Keeper>, tokio::task::JoinHandle<()>)>,
+) -> anyhow::Result<()> {
+    if let Some((_, task)) = keeper {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     Ok(())
 }
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+trait DupFd {
+    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd>;
+}
+
+impl DupFd for TcpListener {
+    fn as_fd_dup(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
+        self.as_fd().try_clone_to_owned()
+    }
+}
+
+/// A request from the admin endpoint to move the traffic listener; `done` fires once the
+/// accept loop serves `listener` and the old one is closed.
+struct MoveListener {
+    listener: TcpListener,
+    port: u16,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+fn spawn_connection(
+    lb: &Arc<Lb>,
+    http: &Arc<hyper::server::conn::http1::Builder>,
+    shutdown: &CancellationToken,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let (id, conn) = lb.conns.add();
+    let (lb, http, shutdown) = (lb.clone(), http.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let service_lb = lb.clone();
+        let service_conn = conn.clone();
+        let service = hyper::service::service_fn(move |req| {
+            proxy(service_lb.clone(), peer, Active::new(service_conn.clone()), req)
+        });
+        let served = http.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(served);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                _ = served.as_mut() => break,
+                _ = conn.shed.cancelled(), if !closing => {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+                _ = shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+        }
+        lb.conns.remove(id);
+    });
+}
+
+/// The open client connections, for the connection cap.
+struct Conns {
+    max: usize,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Conn>>>,
+    freed: tokio::sync::Notify,
+    epoch: tokio::time::Instant,
+}
+
+/// One client connection: requests in flight on it, when it was last active, and the signal
+/// that closes it once idle.
+struct Conn {
+    in_flight: AtomicUsize,
+    last_active_ms: AtomicU64,
+    shed: CancellationToken,
+    epoch: tokio::time::Instant,
+}
+
+impl Conn {
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Counts a request against its connection until its response is sent (or dropped).
+struct Active(Arc<Conn>);
+
+impl Active {
+    fn new(conn: Arc<Conn>) -> Active {
+        conn.in_flight.fetch_add(1, Ordering::SeqCst);
+        conn.touch();
+        Active(conn)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Conns {
+    fn new(max: usize) -> Conns {
+        Conns {
+            max: max.max(1),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            freed: tokio::sync::Notify::new(),
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.open.lock().map_or(0, |open| open.len())
+    }
+
+    fn add(&self) -> (u64, Arc<Conn>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            in_flight: AtomicUsize::new(0),
+            last_active_ms: AtomicU64::new(0),
+            shed: CancellationToken::new(),
+            epoch: self.epoch,
+        });
+        conn.touch();
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(id, conn.clone());
+        }
+        (id, conn)
+    }
+
+    fn remove(&self, id: u64) {
+        if let Ok(mut open) = self.open.lock() {
+            open.remove(&id);
+        }
+        self.freed.notify_waiters();
+    }
+
+    /// Asks the least recently active idle connection (no request in flight, not already
+    /// closing) to close. Returns whether there was one.
+    fn shed_oldest_idle(&self) -> bool {
+        let Ok(open) = self.open.lock() else { return false };
+        let oldest = open
+            .values()
+            .filter(|c| c.in_flight.load(Ordering::SeqCst) == 0 && !c.shed.is_cancelled())
+            .min_by_key(|c| c.last_active_ms.load(Ordering::Relaxed));
+        match oldest {
+            Some(conn) => {
+                conn.shed.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
 
 struct Lb {
     backends: RwLock<Vec<Arc<Backend>>>,
@@ -239,6 +674,11 @@ struct Lb {
     /// Serialises rewrites of `backends.json` so the last change always wins on disk.
     persist_lock: tokio::sync::Mutex<()>,
     client: Client<HttpConnector, ProxyBody>,
+    conns: Conns,
+    /// The longest pause between two chunks of a request body.
+    body_timeout: Duration,
+    /// How long a backend may take to start answering, and between chunks of its answer.
+    backend_timeout: Duration,
 }
 
 struct Backend {
@@ -299,21 +739,84 @@ impl Drop for InFlight {
     }
 }
 
-/// A backend's response body, holding the in-flight count until it is fully sent.
+/// A backend's response body, holding the in-flight counts (the backend's, the client
+/// connection's) until it is fully sent.
 struct Tracked {
-    inner: Incoming,
+    inner: Timed<Incoming>,
     _guard: InFlight,
+    _active: Active,
 }
 
 impl Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body that fails when its source pauses longer than `timeout` between two frames (a
+/// stalled upload, a wedged backend), instead of holding the connection forever.
+struct Timed<B> {
+    inner: B,
+    timeout: Duration,
+    /// Armed when the source first makes us wait (most bodies never do: no timer at all).
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    what: &'static str,
+}
+
+impl<B> Timed<B> {
+    fn new(inner: B, timeout: Duration, what: &'static str) -> Timed<B> {
+        Timed { inner, timeout, deadline: None, what }
+    }
+}
+
+impl<B> Body for Timed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // The next wait starts counting at its first Pending.
+                self.deadline = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match {
+                let timeout = self.timeout;
+                self.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)))
+            }
+            .as_mut()
+            .poll(cx)
+            {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "{} paused longer than {:?}",
+                    self.what, self.timeout
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -411,6 +914,36 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Sets the forwarding headers: the peer's address is appended to a client-supplied
+/// `X-Forwarded-For` (`client-supplied, peer`, one header line, so a backend reading the last
+/// entry gets the address kiln saw); `X-Forwarded-Proto` and `X-Forwarded-Host` are set when
+/// absent (a TLS terminator in front may have set them).
+fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let mut chain: Vec<String> = headers
+        .get_all(&xff)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+        .collect();
+    chain.push(peer.ip().to_string());
+    let value = HeaderValue::from_str(&chain.join(", "))
+        .or_else(|_| HeaderValue::from_str(&peer.ip().to_string()));
+    headers.remove(&xff);
+    if let Ok(value) = value {
+        headers.insert(xff, value);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-forwarded-host") {
+        if let Some(host) = headers.get(hyper::header::HOST).cloned() {
+            headers.insert("x-forwarded-host", host);
+        }
+    }
+}
+
 fn local_reply(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let mut response = Response::new(
         Full::new(Bytes::from(format!("{message}\n"))).map_err(|never| match never {}).boxed(),
@@ -425,14 +958,14 @@ fn local_reply(status: StatusCode, message: &str) -> Response<ProxyBody> {
 async fn proxy(
     lb: Arc<Lb>,
     peer: SocketAddr,
+    active: Active,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let (mut parts, body) = req.into_parts();
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     strip_hop_by_hop(&mut parts.headers);
-    if let Ok(value) = HeaderValue::from_str(&peer.ip().to_string()) {
-        parts.headers.append("x-forwarded-for", value);
-    }
+    set_forwarded(&mut parts.headers, peer);
+    let body = Timed::new(body, lb.body_timeout, "the request body");
     let path = parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
 
     // A small body is buffered so the request can be sent again; a large one goes once.
@@ -440,7 +973,14 @@ async fn proxy(
     let (mut streaming, bytes) = if buffered {
         match body.collect().await {
             Ok(collected) => (None, collected.to_bytes()),
-            Err(_) => return Ok(local_reply(StatusCode::BAD_REQUEST, "request body failed")),
+            Err(error) => {
+                let status = if error.to_string().contains("paused longer") {
+                    StatusCode::REQUEST_TIMEOUT
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                return Ok(local_reply(status, "request body failed"));
+            }
         }
     } else {
         (Some(body), Bytes::new())
@@ -465,7 +1005,16 @@ async fn proxy(
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
         *request.headers_mut() = parts.headers.clone();
-        match lb.client.request(request).await {
+        let answer = match tokio::time::timeout(lb.backend_timeout, lb.client.request(request))
+            .await
+        {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::warn!(backend = %backend.id, timeout = ?lb.backend_timeout, "Backend did not answer in time.");
+                return Ok(local_reply(StatusCode::GATEWAY_TIMEOUT, "backend timed out"));
+            }
+        };
+        match answer {
             Ok(response) => {
                 backend.eject(true);
                 let (mut head, body) = response.into_parts();
@@ -473,7 +1022,12 @@ async fn proxy(
                 if let Ok(value) = HeaderValue::from_str(&backend.id) {
                     head.headers.insert("x-kiln-backend", value);
                 }
-                let body = Tracked { inner: body, _guard: guard }.boxed();
+                let body = Tracked {
+                    inner: Timed::new(body, lb.backend_timeout, "the backend's answer"),
+                    _guard: guard,
+                    _active: active,
+                }
+                .boxed();
                 return Ok(Response::from_parts(head, body));
             }
             Err(error) => {
@@ -501,13 +1055,91 @@ async fn proxy(
 #[derive(Clone)]
 struct AdminState {
     lb: Arc<Lb>,
-    state: LbState,
+    state: Arc<Mutex<LbState>>,
+    token: Arc<String>,
+    move_tx: tokio::sync::mpsc::Sender<MoveListener>,
+}
+
+impl AdminState {
+    fn current(&self) -> Result<LbState, AdminError> {
+        self.state.lock().map(|s| *s).map_err(|_| lock_poisoned())
+    }
 }
 
 type AdminError = (StatusCode, String);
 
-async fn admin_health(State(admin): State<AdminState>) -> axum::Json<LbState> {
-    axum::Json(admin.state)
+fn lock_poisoned() -> AdminError {
+    (StatusCode::INTERNAL_SERVER_ERROR, "lock poisoned".to_owned())
+}
+
+/// Lets a request through only with `Authorization: Bearer <admin token>` (constant time).
+async fn admin_auth(
+    State(admin): State<AdminState>,
+    request: AxumRequest,
+    next: Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    use subtle::ConstantTimeEq as _;
+    let presented = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(admin.token.as_bytes())) {
+        next.run(request).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "the admin endpoint needs `Authorization: Bearer` with the token in {TOKEN_FILE}\n"
+            ),
+        )
+            .into_response()
+    }
+}
+
+async fn admin_health(State(admin): State<AdminState>) -> Result<axum::Json<LbState>, AdminError> {
+    Ok(axum::Json(admin.current()?))
+}
+
+/// Moves the traffic listener to another port: the new one is bound first (an error, e.g.
+/// the port is busy, leaves the old one serving), then the accept loop switches over, takes
+/// what is queued on the old port and closes it. Connections open on the old port finish.
+async fn admin_listener(
+    State(admin): State<AdminState>,
+    axum::Json(request): axum::Json<ListenerRequest>,
+) -> Result<axum::Json<LbState>, AdminError> {
+    let current = admin.current()?;
+    if request.port == current.port {
+        return Ok(axum::Json(current));
+    }
+    let listener = TcpListener::bind(("127.0.0.1", request.port)).await.map_err(|error| {
+        tracing::error!(port = request.port, %error, serving = current.port, "Cannot move the traffic listener.");
+        (
+            StatusCode::CONFLICT,
+            format!(
+                "cannot listen on 127.0.0.1:{}: {error}; still serving on 127.0.0.1:{}",
+                request.port, current.port
+            ),
+        )
+    })?;
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(request.port);
+    let (done, moved) = tokio::sync::oneshot::channel();
+    admin
+        .move_tx
+        .send(MoveListener { listener, port, done })
+        .await
+        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned()))?;
+    moved.await.map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "shutting down".to_owned()))?;
+    // Written under the lock, so a concurrent update (a new standby) is never overwritten
+    // with a stale copy.
+    let mut state = admin.state.lock().map_err(|_| lock_poisoned())?;
+    state.port = port;
+    super::write_json_atomic(&admin.lb.dir.join(STATE_FILE), &*state).map_err(|e| {
+        (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to write {STATE_FILE}: {e}"))
+    })?;
+    Ok(axum::Json(*state))
 }
 
 async fn admin_list(State(admin): State<AdminState>) -> axum::Json<Vec<BackendView>> {
@@ -519,11 +1151,29 @@ async fn admin_attach(
     UrlPath(id): UrlPath<String>,
     axum::Json(attach): axum::Json<AttachRequest>,
 ) -> Result<axum::Json<BackendView>, AdminError> {
-    if attach.address.parse::<SocketAddr>().is_err() {
+    if !valid_backend_id(&id) {
         return Err((
             StatusCode::BAD_REQUEST,
-            format!("address `{}` is not an ip:port", attach.address),
+            format!("backend id `{id}` is not a kiln instance id (<fleet>-<8 hex digits>)"),
         ));
+    }
+    match attach.address.parse::<SocketAddr>() {
+        Ok(address) if address.ip().is_loopback() && address.port() != 0 => {}
+        Ok(_) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "address `{}` is not on a loopback interface: kiln lb serves only local instances",
+                    attach.address
+                ),
+            ));
+        }
+        Err(_) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                format!("address `{}` is not an ip:port", attach.address),
+            ));
+        }
     }
     let view = {
         let mut backends = admin
@@ -619,6 +1269,58 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         let names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-request-id"]);
+    }
+
+    #[test]
+    fn backend_ids_have_the_shape_of_instance_ids() {
+        for good in ["web-0a1b2c3d", "my-fleet-deadbeef", "a.b_c-00000000"] {
+            assert!(valid_backend_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            "web",
+            "web-",
+            "-deadbeef",
+            "web-xyz12345",
+            "web-deadbeef0",
+            "../x-deadbeef",
+            "we b-deadbeef",
+        ] {
+            assert!(!valid_backend_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_append_the_peer() {
+        let peer: SocketAddr = "127.0.0.7:5555".parse().expect("addr");
+        let mut headers = HeaderMap::new();
+        headers.append("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        headers.append("x-forwarded-for", HeaderValue::from_static("198.51.100.1, 10.0.0.1"));
+        headers.insert("host", HeaderValue::from_static("shop.example"));
+        set_forwarded(&mut headers, peer);
+        let xff: Vec<&str> =
+            headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+        assert_eq!(xff, ["203.0.113.9, 198.51.100.1, 10.0.0.1, 127.0.0.7"]);
+        assert_eq!(headers["x-forwarded-proto"], "http");
+        assert_eq!(headers["x-forwarded-host"], "shop.example");
+    }
+
+    #[test]
+    fn admin_token_is_created_private_and_a_readable_one_is_fixed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let token = ensure_admin_token(tmp.path()).expect("create");
+        assert_eq!(token.len(), 64);
+        let path = tmp.path().join(TOKEN_FILE);
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(ensure_admin_token(tmp.path()).expect("read"), token, "stable");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_eq!(ensure_admin_token(tmp.path()).expect("read"), token);
+        assert_eq!(mode(&path), 0o600, "mode fixed");
+        std::fs::write(&path, "short").expect("write");
+        let error = ensure_admin_token(tmp.path()).expect_err("junk token");
+        assert!(error.to_string().contains("admin-token"), "{error}");
     }
 
     #[test]

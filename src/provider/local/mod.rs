@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! lb/port              the LB's traffic port, stable across restarts when `lb_port` is 0
+//! lb/admin-token       the bearer token of the LB's admin endpoint (mode 0600)
 //! lb/lb.json           the running LB: pid, start ticks, ports (written by the LB)
 //! lb/backends.json     the attached set (written by the LB)
 //! lb/log               the LB's output
@@ -67,6 +68,8 @@ pub struct LocalProvider {
     /// PATH, HOME and LANG: the only parts of the daemon's environment children see.
     base_env: Vec<(String, String)>,
     http: reqwest::Client,
+    /// Bearer token of the LB's admin endpoint (`lb/admin-token`).
+    admin_token: String,
     /// Serialises launch and terminate within this process, so two launches with one key
     /// cannot both miss the other's record.
     lock: tokio::sync::Mutex<()>,
@@ -143,7 +146,11 @@ impl LocalProvider {
                 .map_err(|e| failed("open", format!("cannot create {}: {e}", dir.display())))?;
         }
         let lb_port = match config.lb_port {
-            0 => remembered_port(&lb_dir)?,
+            // A running LB's port wins over a fresh pick when the remembered one is lost.
+            0 => remembered_port(
+                &lb_dir,
+                lb::read_state(&lb_dir).filter(|s| s.process.alive()).map(|s| s.port),
+            )?,
             port => port,
         };
         let base_env = vec![
@@ -161,11 +168,60 @@ impl LocalProvider {
             .no_proxy()
             .build()
             .map_err(|e| failed("open", format!("cannot build an HTTP client: {e}")))?;
-        let provider =
-            LocalProvider { config, lb_port, base_env, http, lock: tokio::sync::Mutex::new(()) };
-        provider.ensure_lb(true).await?;
+        let admin_token = lb::ensure_admin_token(&lb_dir).map_err(|e| {
+            failed(
+                "open",
+                format!("cannot read or create {}: {e}", lb_dir.join(lb::TOKEN_FILE).display()),
+            )
+        })?;
+        let provider = LocalProvider {
+            config,
+            lb_port,
+            base_env,
+            http,
+            admin_token,
+            lock: tokio::sync::Mutex::new(()),
+        };
+        let state = provider.ensure_lb(true).await?;
+        if state.port != provider.lb_port {
+            provider.move_listener(&state).await?;
+        }
+        // Instances launched before a crash are adopted (or killed when unknown) first, so the
+        // backend reconcile below knows every live instance.
         provider.sweep_instances();
+        // Whatever the LB serves that is not one of this fleet's instances goes.
+        provider.backends().await?;
         Ok(provider)
+    }
+
+    /// An admin request to the running LB, with the bearer token.
+    fn admin_request(&self, method: reqwest::Method, url: String) -> reqwest::RequestBuilder {
+        self.http.request(method, url).bearer_auth(&self.admin_token)
+    }
+
+    /// Moves the running LB's traffic listener to `self.lb_port` (a config change): it binds
+    /// the new port before closing the old one, so a busy port leaves the fleet serving where
+    /// it was, and the error names the port.
+    async fn move_listener(&self, state: &lb::LbState) -> Result<(), ProviderError> {
+        const OP: &str = "move the load balancer";
+        let url = format!("http://127.0.0.1:{}/listener", state.admin_port);
+        let reply = self
+            .admin_request(reqwest::Method::PUT, url)
+            .json(&lb::ListenerRequest { port: self.lb_port })
+            .timeout(ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient(OP, format!("load balancer unreachable: {e}")))?;
+        let status = reply.status();
+        if !status.is_success() {
+            let body = reply.text().await.unwrap_or_default();
+            return Err(failed(
+                OP,
+                format!("from port {} to port {}: {}", state.port, self.lb_port, body.trim()),
+            ));
+        }
+        tracing::info!(fleet = %self.config.fleet, from = state.port, to = self.lb_port, "Load balancer moved to its new port.");
+        Ok(())
     }
 
     fn lb_dir(&self) -> PathBuf {
@@ -177,20 +233,38 @@ impl LocalProvider {
     }
 
     /// The running load balancer, started (or restarted) if it is not. With `probe`, a live
-    /// process must also answer its admin endpoint to be adopted.
+    /// process must also answer its admin endpoint to be adopted. A live LB serving another
+    /// port is adopted as it is: moving it is a planned change ([`Self::move_listener`]), never
+    /// a restart that would drop the fleet if the new port were busy.
     async fn ensure_lb(&self, probe: bool) -> Result<lb::LbState, ProviderError> {
         let dir = self.lb_dir();
-        if let Some(state) = lb::read_state(&dir) {
-            if state.process.alive()
-                && state.port == self.lb_port
-                && (!probe || self.admin_ok(&state).await)
-            {
+        if let Some(mut state) = lb::read_state(&dir) {
+            if !state.process.alive() && state.standby.is_some_and(|s| s.alive()) {
+                // The serving process died and its standby is taking over: wait for it.
+                let deadline = tokio::time::Instant::now() + LB_START_TIMEOUT;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    match lb::read_state(&dir) {
+                        Some(now) if now.process.alive() => {
+                            state = now;
+                            break;
+                        }
+                        _ if !state.standby.is_some_and(|s| s.alive()) => break,
+                        _ => {}
+                    }
+                }
+            }
+            if state.process.alive() && (!probe || self.admin_ok(&state).await) {
                 return Ok(state);
             }
             if state.process.alive() && state.process.pid != own_pid() {
-                // A wedged LB, or one serving another port after a config change.
+                // A wedged LB: it does not answer its admin endpoint.
                 tracing::warn!(fleet = %self.config.fleet, pid = state.process.pid, "Replacing the load balancer.");
                 process::stop(state.process, STOP_GRACE).await;
+            }
+            if let Some(standby) = state.standby {
+                // Its sockets must go too, or the new LB could not bind the port.
+                process::stop(standby, STOP_GRACE).await;
             }
         }
         let args = vec![
@@ -239,7 +313,8 @@ impl LocalProvider {
 
     async fn admin_ok(&self, state: &lb::LbState) -> bool {
         let url = format!("http://127.0.0.1:{}/healthz", state.admin_port);
-        match self.http.get(url).timeout(Duration::from_secs(2)).send().await {
+        let request = self.admin_request(reqwest::Method::GET, url);
+        match request.timeout(Duration::from_secs(2)).send().await {
             Ok(reply) => reply
                 .json::<lb::LbState>()
                 .await
@@ -253,11 +328,35 @@ impl LocalProvider {
         Ok(format!("http://127.0.0.1:{}", state.admin_port))
     }
 
+    /// The LB's backends, after removing every one that is not a live instance of this fleet
+    /// at its recorded address (something else attached it, or a record was lost): the LB
+    /// serves only what kiln launched.
     async fn backends(&self) -> Result<Vec<lb::BackendView>, ProviderError> {
+        let attached = self.attached_backends().await?;
+        // Records are read after the backends: an attach needs its record first, so a backend
+        // attached by kiln is never mistaken for an unknown one.
+        let known: Vec<(String, String)> = self
+            .records()?
+            .into_iter()
+            .filter(|r| r.state != RecordState::Terminated)
+            .map(|r| (r.id, format!("127.0.0.1:{}", r.port)))
+            .collect();
+        let mut kept = Vec::with_capacity(attached.len());
+        for backend in attached {
+            if known.iter().any(|(id, address)| *id == backend.id && *address == backend.address) {
+                kept.push(backend);
+                continue;
+            }
+            tracing::warn!(fleet = %self.config.fleet, backend = %backend.id, address = %backend.address, "Removing a backend kiln did not attach.");
+            self.remove_backend(&backend.id, Duration::ZERO, "list").await?;
+        }
+        Ok(kept)
+    }
+
+    async fn attached_backends(&self) -> Result<Vec<lb::BackendView>, ProviderError> {
         let url = format!("{}/backends", self.admin_url().await?);
         let reply = self
-            .http
-            .get(url)
+            .admin_request(reqwest::Method::GET, url)
             .timeout(ADMIN_TIMEOUT)
             .send()
             .await
@@ -275,8 +374,7 @@ impl LocalProvider {
         let url = format!("{}/backends/{id}", self.admin_url().await?);
         let drain_ms = u64::try_from(drain.as_millis()).unwrap_or(u64::MAX);
         let reply = self
-            .http
-            .delete(url)
+            .admin_request(reqwest::Method::DELETE, url)
             .query(&[("drain_ms", drain_ms)])
             .timeout(drain + ADMIN_TIMEOUT)
             .send()
@@ -436,6 +534,10 @@ impl LocalProvider {
             if state.process.pid != own_pid() {
                 process::stop(state.process, STOP_GRACE).await;
             }
+            // A graceful stop tells the standby to quit; this covers a killed LB's standby.
+            if let Some(standby) = state.standby.filter(|s| s.pid != own_pid()) {
+                process::stop(standby, STOP_GRACE).await;
+            }
         }
     }
 
@@ -443,10 +545,16 @@ impl LocalProvider {
     pub async fn admin_endpoint(&self) -> Result<String, ProviderError> {
         self.admin_url().await
     }
+
+    /// The bearer token of the admin endpoint.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
 }
 
-/// The LB port remembered in `lb_dir/port`, or a newly picked free one (then remembered).
-fn remembered_port(lb_dir: &Path) -> Result<u16, ProviderError> {
+/// The LB port remembered in `lb_dir/port`, else `running` (the live LB's), else a newly
+/// picked free one (then remembered).
+fn remembered_port(lb_dir: &Path, running: Option<u16>) -> Result<u16, ProviderError> {
     let path = lb_dir.join("port");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(port) = text.trim().parse::<u16>() {
@@ -455,7 +563,10 @@ fn remembered_port(lb_dir: &Path) -> Result<u16, ProviderError> {
             }
         }
     }
-    let port = free_port().map_err(|e| transient("open", format!("no free port: {e}")))?;
+    let port = match running {
+        Some(port) => port,
+        None => free_port().map_err(|e| transient("open", format!("no free port: {e}")))?,
+    };
     write_json_atomic(&path, &port)
         .map_err(|e| failed("open", format!("cannot write {}: {e}", path.display())))?;
     Ok(port)
@@ -562,8 +673,7 @@ impl Provider for LocalProvider {
         let url = format!("{}/backends/{id}", self.admin_url().await?);
         let body = lb::AttachRequest { address: format!("127.0.0.1:{}", record.port) };
         let reply = self
-            .http
-            .put(url)
+            .admin_request(reqwest::Method::PUT, url)
             .json(&body)
             .timeout(ADMIN_TIMEOUT)
             .send()
