@@ -32,6 +32,8 @@ pub struct Daemon {
     pub repo: String,
     child: Option<Child>,
     args: Vec<String>,
+    /// Extra environment of the daemon process.
+    env: Vec<(String, String)>,
     log: PathBuf,
 }
 
@@ -39,11 +41,22 @@ impl Daemon {
     /// Starts `kiln run --repo REPO --data-dir DATA_DIR --listen 127.0.0.1:0 EXTRA...` and waits
     /// until its API answers.
     pub fn start(repo: &str, data_dir: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(repo, data_dir, extra, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon.
+    pub fn start_with_env(
+        repo: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Daemon {
         let mut daemon = Daemon {
             data_dir: data_dir.to_owned(),
             repo: repo.to_owned(),
             child: None,
             args: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.to_vec(),
             log: data_dir.with_extension("daemon.log"),
         };
         daemon.spawn();
@@ -61,6 +74,7 @@ impl Daemon {
             .args(&self.args)
             .env("KILN_LOG", "kiln=debug,info")
             .env_remove("KILN_API")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -82,6 +96,13 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The daemon's API base URL (`http://127.0.0.1:PORT`), from `daemon.json`.
+    pub fn api_url(&self) -> Option<String> {
+        let info = std::fs::read(self.data_dir.join("daemon.json")).ok()?;
+        let info: Value = serde_json::from_slice(&info).ok()?;
+        info["api"].as_str().map(str::to_owned)
     }
 
     fn api_ok(&self) -> bool {
