@@ -966,30 +966,39 @@ fn wait_healthz(daemon: &Daemon, what: &str, cond: impl Fn(u16, &str) -> bool) -
 }
 
 /// The store's disk in a daemon test: the database directory (`<data>/db`) on a small tmpfs
-/// that is really filled, or, when this process may not mount one, kiln's injected store
-/// fault switched by a file.
-enum StoreDisk {
-    Tmpfs(support::disk::SmallDisk),
-    Injected(PathBuf),
+/// that is really filled when this process may mount one, and kiln's injected store fault
+/// (switched by a file) in any case.
+struct StoreDisk {
+    tmpfs: Option<support::disk::SmallDisk>,
+    switch: PathBuf,
 }
 
 impl StoreDisk {
+    /// Fills the tmpfs (or, without one, turns the injected fault on).
     fn fill(&self) {
-        match self {
-            StoreDisk::Tmpfs(disk) => {
+        match &self.tmpfs {
+            Some(disk) => {
                 disk.fill();
                 assert!(disk.is_full(), "the tmpfs is full");
             }
-            StoreDisk::Injected(switch) => std::fs::write(switch, "").expect("fault switch"),
+            None => self.fault(true),
         }
     }
 
     fn free(&self) {
-        match self {
-            StoreDisk::Tmpfs(disk) => disk.free(),
-            StoreDisk::Injected(switch) => {
-                let _ = std::fs::remove_file(switch);
-            }
+        match &self.tmpfs {
+            Some(disk) => disk.free(),
+            None => self.fault(false),
+        }
+    }
+
+    /// Turns the injected fault on or off. (A full tmpfs does not always fail sled's next
+    /// write: it reuses space inside its file. The fault does, deterministically.)
+    fn fault(&self, on: bool) {
+        if on {
+            std::fs::write(&self.switch, "").expect("fault switch");
+        } else {
+            let _ = std::fs::remove_file(&self.switch);
         }
     }
 }
@@ -1004,24 +1013,23 @@ fn a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns(
     let test = "a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns";
     let disk = std::cell::RefCell::new(None);
     let Some(fx) = deploy_first_with(test, Policy::quick(), &[("message.txt", "one")], |data| {
-        match support::disk::SmallDisk::mount(16) {
+        let tmpfs = match support::disk::SmallDisk::mount(16) {
             Ok(small) => {
                 let db = small.path().join("db");
                 std::fs::create_dir_all(&db).expect("db dir on the tmpfs");
                 std::os::unix::fs::symlink(&db, data.join("db")).expect("symlink the db");
-                *disk.borrow_mut() = Some(StoreDisk::Tmpfs(small));
-                Vec::new()
+                Some(small)
             }
             Err(why) => {
                 eprintln!("NOTE: cannot mount a tmpfs ({why}); injecting the store fault");
-                let switch = data.with_extension("store-fault");
-                *disk.borrow_mut() = Some(StoreDisk::Injected(switch.clone()));
-                vec![(
-                    kiln::store::WRITE_FAULT_ENV.to_owned(),
-                    switch.to_string_lossy().into_owned(),
-                )]
+                None
             }
-        }
+        };
+        let switch = data.with_extension("store-fault");
+        let env =
+            vec![(kiln::store::WRITE_FAULT_ENV.to_owned(), switch.to_string_lossy().into_owned())];
+        *disk.borrow_mut() = Some(StoreDisk { tmpfs, switch });
+        env
     }) else {
         return;
     };
@@ -1044,12 +1052,12 @@ fn a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns(
     let entry = wait_terminal(&fx.daemon, &two);
     assert_eq!(entry["state"], "succeeded", "the rollout resumed: {entry}\n{}", fx.daemon.logs());
 
-    // 2. A commit pushed while the disk is full is recorded and deployed once space is back.
-    disk.fill();
+    // 2. A commit pushed while the store cannot write is recorded and deployed afterwards.
+    disk.fault(true);
     let three = fx.commit_app("three", &[("message.txt", "three"), ("healthy-after", "0")]);
     let (_, body) = wait_healthz(&fx.daemon, "the store is failing", |status, _| status == 503);
     assert!(body.contains("No space left on device"), "{body}");
-    disk.free();
+    disk.fault(false);
     wait_healthz(&fx.daemon, "ok again", |status, _| status == 200);
     let entry = wait_terminal(&fx.daemon, &three);
     assert_eq!(entry["state"], "succeeded", "{entry}\n{}", fx.daemon.logs());
@@ -1058,8 +1066,6 @@ fn a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns(
         all_on(fleet, &v3, fx.policy.capacity)
     });
     assert_no_orphans(&fx, &fleet);
-    let commits: Vec<u64> = fx.daemon.log().iter().filter_map(|e| e["id"].as_u64()).collect();
-    eprintln!("rollout ids: {commits:?}");
     drop(fx);
     drop(disk);
 }
