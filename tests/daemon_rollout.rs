@@ -685,7 +685,7 @@ fn show_first_base(fx: &Fixture) -> Value {
 
 #[test]
 fn a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests() {
-    let policy = Policy { health_timeout: "3s", ..Policy::quick() };
+    let policy = Policy { health_timeout: "8s", ..Policy::quick() };
     let Some(fx) = deploy_first(
         "a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests",
         policy,
