@@ -50,6 +50,7 @@ pub struct Metrics {
     webhooks: Mutex<BTreeMap<(String, String), u64>>,
     durations: Mutex<BTreeMap<(&'static str, String), Histogram>>,
     instances_replaced: AtomicU64,
+    instances_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -91,6 +92,12 @@ impl Metrics {
         self.instances_replaced.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A new instance failed its health checks (or died before passing them) and was
+    /// terminated.
+    pub fn instance_failed(&self) {
+        self.instances_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn observe(&self, name: &'static str, fleet: &str, seconds: f64) {
         if let Ok(mut map) = self.durations.lock() {
             map.entry((name, fleet.to_owned())).or_default().observe(seconds);
@@ -124,8 +131,14 @@ impl Metrics {
         counter(
             &mut out,
             "kiln_instances_replaced_total",
-            "Instances replaced by rollouts.",
+            "Old instances replaced by rollouts and by the capacity keeper.",
             self.instances_replaced.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "kiln_instances_failed_total",
+            "New instances that failed their health checks and were terminated.",
+            self.instances_failed.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             out,
@@ -170,8 +183,11 @@ mod tests {
         metrics.fetch_error();
         metrics.bake("web", 0.3);
         metrics.webhook("gitlab", "accepted");
+        metrics.instance_failed();
         let text = metrics.render(&BTreeMap::from([("succeeded".to_owned(), 2)]));
         assert!(text.contains("kiln_fetch_errors_total 1"));
+        assert!(text.contains("kiln_instances_failed_total 1"));
+        assert!(text.contains("kiln_instances_replaced_total 0"));
         assert!(text.contains("kiln_rollouts{state=\"succeeded\"} 2"));
         assert!(text.contains("kiln_bake_duration_seconds_bucket{fleet=\"web\",le=\"0.5\"} 1"));
         assert!(text.contains("kiln_bake_duration_seconds_bucket{fleet=\"web\",le=\"0.1\"} 0"));

@@ -220,6 +220,9 @@ pub struct Operator {
     next_gc: Option<tokio::time::Instant>,
     /// Per fleet, the last local-provider open failure recorded in the log (recorded once).
     provider_failures: BTreeMap<String, String>,
+    /// Source events the store could not record yet (a full disk), oldest first. The watcher
+    /// has moved on and will not send them again, so they are retried on every tick.
+    unrecorded: std::collections::VecDeque<SourceEvent>,
 }
 
 type OpResult<T> = Result<T, StoreError>;
@@ -240,6 +243,7 @@ impl Operator {
             last_fetch_failure_logged: None,
             next_gc: None,
             provider_failures: BTreeMap::new(),
+            unrecorded: std::collections::VecDeque::new(),
         }
     }
 
@@ -266,9 +270,8 @@ impl Operator {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(event) = source_events.recv() => {
-                    if let Err(error) = self.on_source(event).await {
-                        tracing::error!(error = %format!("{error:#}"), "Could not record a source event.");
-                    }
+                    self.unrecorded.push_back(event);
+                    self.record_source_events().await;
                 }
                 Some(request) = commands.recv() => {
                     let res = self.on_command(request.command).await;
@@ -323,6 +326,39 @@ impl Operator {
     }
 
     // --- source events ---
+
+    /// Handles the source events not recorded yet, in order. One that fails because the store
+    /// cannot write stays queued (with those after it) for the next tick; recording is
+    /// idempotent (commits are deduplicated, a planned tip is not planned again).
+    async fn record_source_events(&mut self) {
+        /// Bound on queued events while the store fails (each holds a fetch's new commits).
+        const MAX_UNRECORDED: usize = 1024;
+        while let Some(event) = self.unrecorded.pop_front() {
+            let keep = match &event {
+                SourceEvent::Commits(_) | SourceEvent::BranchDeleted(_) => Some(event.clone()),
+                // A fetch failure is reported again by the next failing fetch.
+                SourceEvent::FetchFailed { .. } => None,
+            };
+            let Err(error) = self.on_source(event).await else { continue };
+            let store_failed = error
+                .chain()
+                .any(|cause| cause.downcast_ref::<StoreError>().is_some_and(StoreError::is_io));
+            match keep {
+                Some(event) if store_failed => {
+                    tracing::warn!(error = %format!("{error:#}"), "Could not record a source event; retrying when the store works again.");
+                    self.unrecorded.push_front(event);
+                    if self.unrecorded.len() > MAX_UNRECORDED {
+                        self.unrecorded.pop_front();
+                        tracing::error!("Dropped the oldest unrecorded source event.");
+                    }
+                    return;
+                }
+                _ => {
+                    tracing::error!(error = %format!("{error:#}"), "Could not record a source event.")
+                }
+            }
+        }
+    }
 
     async fn on_source(&mut self, event: SourceEvent) -> anyhow::Result<()> {
         match event {
@@ -839,6 +875,7 @@ impl Operator {
             }
             Command::Rollback { to, .. } => {
                 let id = self.rollback(&fleet, to.as_deref()).map_err(|e| match e {
+                    RollbackError::BadPrefix(message) => CommandError { status: 400, message },
                     RollbackError::Refused(message) => conflict(message),
                     RollbackError::Store(e) => internal(&e),
                 })?;
@@ -850,6 +887,21 @@ impl Operator {
 
     fn rollback(&self, fleet: &str, to: Option<&str>) -> Result<RolloutId, RollbackError> {
         let deployed = self.store().deployed(fleet)?;
+        // `--to` names one commit unambiguously among the fleet's rollouts.
+        let to = match to {
+            Some(prefix) => {
+                let prefix = check_prefix(prefix).map_err(RollbackError::BadPrefix)?;
+                let known = self.store().rollouts(&RolloutFilter {
+                    fleet: Some(fleet.to_owned()),
+                    commit: Some(prefix.clone()),
+                    ..RolloutFilter::default()
+                })?;
+                let revisions = known.iter().map(|r| (&r.revision, r.summary.as_str()));
+                Some(unambiguous(&prefix, revisions).map_err(RollbackError::BadPrefix)?)
+            }
+            None => None,
+        };
+        let to = to.as_deref();
         let succeeded = self.store().rollouts(&RolloutFilter {
             fleet: Some(fleet.to_owned()),
             state: Some(RolloutState::Succeeded),
@@ -901,6 +953,13 @@ impl Operator {
     // --- periodic work ---
 
     async fn on_tick(&mut self) {
+        // A failing store is probed so it recovers (and `/healthz` turns ok) even when idle.
+        if let Err(error) = self.store().heal() {
+            tracing::debug!(error = %crate::error::chain(&error), "The store still fails.");
+        }
+        if !self.unrecorded.is_empty() {
+            self.record_source_events().await;
+        }
         let names: Vec<String> = self.fleets.keys().cloned().collect();
         let mut statuses = Vec::new();
         for name in names {
@@ -1081,6 +1140,9 @@ impl Operator {
 
 #[derive(Debug, thiserror::Error)]
 enum RollbackError {
+    /// The `--to` prefix is too short, not a commit id, or names several commits.
+    #[error("{0}")]
+    BadPrefix(String),
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
@@ -1089,3 +1151,74 @@ enum RollbackError {
 
 /// The meta key of the last tip the operator acknowledged.
 pub const TIP_KEY: &str = "source.tip";
+
+/// The shortest commit prefix `rollback --to` accepts (git's default abbreviation).
+pub const MIN_COMMIT_PREFIX: usize = 7;
+
+/// Checks a commit prefix given to `rollback --to`: at least [`MIN_COMMIT_PREFIX`] hex digits.
+/// Returns it lowercased.
+fn check_prefix(prefix: &str) -> Result<String, String> {
+    let prefix = prefix.trim();
+    if !prefix.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(format!("`{prefix}` is not a commit id: use the hex digits of a commit"));
+    }
+    if prefix.len() < MIN_COMMIT_PREFIX {
+        return Err(format!(
+            "commit prefix `{prefix}` is too short: give at least {MIN_COMMIT_PREFIX} characters of the commit id"
+        ));
+    }
+    Ok(prefix.to_ascii_lowercase())
+}
+
+/// The one revision among `known` (revision, summary) that `prefix` names, or `prefix` itself
+/// when it names none (the caller reports that). Several revisions are an error listing them.
+fn unambiguous<'a>(
+    prefix: &str,
+    known: impl Iterator<Item = (&'a Revision, &'a str)>,
+) -> Result<String, String> {
+    let mut matches: Vec<(&Revision, &str)> = Vec::new();
+    for (revision, summary) in known {
+        if revision.0.starts_with(prefix) && !matches.iter().any(|(r, _)| *r == revision) {
+            matches.push((revision, summary));
+        }
+    }
+    match matches.as_slice() {
+        [] => Ok(prefix.to_owned()),
+        [(only, _)] => Ok(only.0.clone()),
+        several => {
+            let listed: Vec<String> = several
+                .iter()
+                .map(|(r, summary)| format!("{} ({summary})", r.0.get(..12).unwrap_or(&r.0)))
+                .collect();
+            Err(format!(
+                "commit prefix `{prefix}` is ambiguous: it matches {}; give more characters",
+                listed.join(", ")
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollback_prefixes_must_be_long_and_unambiguous() {
+        let error = check_prefix("a").unwrap_err();
+        assert!(error.contains("too short") && error.contains("at least 7"), "{error}");
+        assert!(check_prefix("abc12e").unwrap_err().contains("too short"));
+        assert!(check_prefix("main~1x").unwrap_err().contains("not a commit id"));
+        assert_eq!(check_prefix("ABC12EF").as_deref(), Ok("abc12ef"));
+
+        let a = Revision("abc12ef0000000000000000000000000000000aa".into());
+        let b = Revision("abc12ef9999999999999999999999999999999bb".into());
+        let known = [(&a, "first"), (&b, "second"), (&a, "first again")];
+        let error = unambiguous("abc12ef", known.iter().copied()).unwrap_err();
+        assert!(error.contains("ambiguous"), "{error}");
+        assert!(error.contains(a.short()) && error.contains(b.short()), "{error}");
+        assert!(error.contains("first") && error.contains("second"), "{error}");
+        assert_eq!(unambiguous("abc12ef0", known.iter().copied()), Ok(a.0.clone()));
+        assert_eq!(unambiguous("abc12ef9", known.iter().copied()), Ok(b.0.clone()));
+        assert_eq!(unambiguous("fedcba9", known.iter().copied()), Ok("fedcba9".to_owned()));
+    }
+}

@@ -185,6 +185,17 @@ struct Fixture {
 /// daemon and waits until the first commit runs `capacity` instances behind the LB. `None` when
 /// git or python3 is missing (a loud SKIP; a failure under CI=true).
 fn deploy_first(test: &str, policy: Policy, app_files: &[(&str, &str)]) -> Option<Fixture> {
+    deploy_first_with(test, policy, app_files, |_| Vec::new())
+}
+
+/// [`deploy_first`], with `setup` preparing the data dir before the daemon starts and
+/// returning extra environment for it.
+fn deploy_first_with(
+    test: &str,
+    policy: Policy,
+    app_files: &[(&str, &str)],
+    setup: impl FnOnce(&Path) -> Vec<(String, String)>,
+) -> Option<Fixture> {
     if !require_git(test) || !have_python3() {
         return None;
     }
@@ -202,7 +213,10 @@ fn deploy_first(test: &str, policy: Policy, app_files: &[(&str, &str)]) -> Optio
     entries.extend(app.iter().map(|(path, text)| Entry::File(path, text)));
     let sha = repo.commit_entries("first image", &entries);
     let data = repo.scratch("data");
-    let daemon = Daemon::start(&repo.url(), &data, &["--poll", "1s"]);
+    std::fs::create_dir_all(&data).expect("data dir");
+    let env = setup(&data);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let daemon = Daemon::start_with_env(&repo.url(), &data, &["--poll", "1s"], &env);
     let entry = wait_terminal(&daemon, &sha);
     assert_eq!(entry["state"], "succeeded", "first deploy: {entry}\n{}", daemon.logs());
     let v1 = entry["image"].as_str().expect("first rollout has an image").to_owned();
@@ -682,7 +696,7 @@ fn show_first_base(fx: &Fixture) -> Value {
 
 #[test]
 fn a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests() {
-    let policy = Policy { health_timeout: "3s", ..Policy::quick() };
+    let policy = Policy { health_timeout: "8s", ..Policy::quick() };
     let Some(fx) = deploy_first(
         "a_new_image_failing_its_health_check_is_rolled_back_without_failed_requests",
         policy,
@@ -926,4 +940,193 @@ fn a_git_lock_left_by_a_killed_daemon_does_not_wedge_the_source() {
     let failed: Vec<&Value> = log.iter().filter(|e| e["state"] == "failed").collect();
     assert!(failed.is_empty(), "a fetch failed after the restart: {failed:#?}");
     assert!(!lock.exists(), "the stale lock was removed");
+}
+
+/// `GET {api}{path}` on the daemon: (status, body).
+fn api_get(daemon: &Daemon, path: &str) -> Option<(u16, String)> {
+    let api = daemon.api_url()?;
+    let port: u16 = api.rsplit(':').next()?.parse().ok()?;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Polls `/healthz` until `cond` holds for (status, body); returns them.
+fn wait_healthz(daemon: &Daemon, what: &str, cond: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    loop {
+        if let Some((status, body)) = api_get(daemon, "/healthz") {
+            if cond(status, &body) {
+                return (status, body);
+            }
+            last = Some((status, body));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for /healthz to say {what}; last: {last:?}\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The store's disk in a daemon test: the database directory (`<data>/db`) on a small tmpfs
+/// that is really filled when this process may mount one, and kiln's injected store fault
+/// (switched by a file) in any case.
+struct StoreDisk {
+    tmpfs: Option<support::disk::SmallDisk>,
+    switch: PathBuf,
+}
+
+impl StoreDisk {
+    /// Fills the tmpfs (or, without one, turns the injected fault on).
+    fn fill(&self) {
+        match &self.tmpfs {
+            Some(disk) => {
+                disk.fill();
+                assert!(disk.is_full(), "the tmpfs is full");
+            }
+            None => self.fault(true),
+        }
+    }
+
+    fn free(&self) {
+        match &self.tmpfs {
+            Some(disk) => disk.free(),
+            None => self.fault(false),
+        }
+    }
+
+    /// Turns the injected fault on or off. (A full tmpfs does not always fail sled's next
+    /// write: it reuses space inside its file. The fault does, deterministically.)
+    fn fault(&self, on: bool) {
+        if on {
+            std::fs::write(&self.switch, "").expect("fault switch");
+        } else {
+            let _ = std::fs::remove_file(&self.switch);
+        }
+    }
+}
+
+/// Issue 10: on a 64 MiB tmpfs, once the store hit "No space left on device" the error stuck
+/// after space was freed: the rollout stopped in `rolling` forever, a later commit was never
+/// recorded, and `/healthz` said ok throughout. Now `/healthz` answers 503 naming the store
+/// while writes fail, the rollout resumes and a commit pushed meanwhile is recorded and rolled
+/// out once space is back.
+#[test]
+fn a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns() {
+    let test = "a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns";
+    let disk = std::cell::RefCell::new(None);
+    let Some(fx) = deploy_first_with(test, Policy::quick(), &[("message.txt", "one")], |data| {
+        let tmpfs = match support::disk::SmallDisk::mount(16) {
+            Ok(small) => {
+                let db = small.path().join("db");
+                std::fs::create_dir_all(&db).expect("db dir on the tmpfs");
+                std::os::unix::fs::symlink(&db, data.join("db")).expect("symlink the db");
+                Some(small)
+            }
+            Err(why) => {
+                eprintln!("NOTE: cannot mount a tmpfs ({why}); injecting the store fault");
+                None
+            }
+        };
+        let switch = data.with_extension("store-fault");
+        let env =
+            vec![(kiln::store::WRITE_FAULT_ENV.to_owned(), switch.to_string_lossy().into_owned())];
+        *disk.borrow_mut() = Some(StoreDisk { tmpfs, switch });
+        env
+    }) else {
+        return;
+    };
+    let disk = disk.into_inner().expect("a store disk");
+    let (status, _) = wait_healthz(&fx.daemon, "ok", |status, _| status == 200);
+    assert_eq!(status, 200);
+
+    // 1. The disk fills while a rollout is rolling (new instances warm up for 2 s each).
+    let two = fx.commit_app("two", &[("message.txt", "two"), ("healthy-after", "2")]);
+    fx.daemon.wait_log("the rollout of two to be rolling", WAIT, |log| {
+        fleet_entry(log, &two).is_some_and(|e| e["state"] == "rolling")
+    });
+    disk.fill();
+    let (_, body) = wait_healthz(&fx.daemon, "the store is failing", |status, _| status == 503);
+    eprintln!("/healthz while the disk is full: {body}");
+    assert!(body.contains("store failing"), "{body}");
+    assert!(body.contains("No space left on device"), "the reason is named: {body}");
+    disk.free();
+    wait_healthz(&fx.daemon, "ok again", |status, _| status == 200);
+    let entry = wait_terminal(&fx.daemon, &two);
+    assert_eq!(entry["state"], "succeeded", "the rollout resumed: {entry}\n{}", fx.daemon.logs());
+
+    // 2. A commit pushed while the store cannot write is recorded and deployed afterwards.
+    disk.fault(true);
+    let three = fx.commit_app("three", &[("message.txt", "three"), ("healthy-after", "0")]);
+    let (_, body) = wait_healthz(&fx.daemon, "the store is failing", |status, _| status == 503);
+    assert!(body.contains("No space left on device"), "{body}");
+    disk.fault(false);
+    wait_healthz(&fx.daemon, "ok again", |status, _| status == 200);
+    let entry = wait_terminal(&fx.daemon, &three);
+    assert_eq!(entry["state"], "succeeded", "{entry}\n{}", fx.daemon.logs());
+    let v3 = entry["image"].as_str().expect("image").to_owned();
+    let fleet = wait_fleet(&fx.daemon, "every instance on three", |fleet| {
+        all_on(fleet, &v3, fx.policy.capacity)
+    });
+    assert_no_orphans(&fx, &fleet);
+    drop(fx);
+    drop(disk);
+}
+
+/// Issue 10: a fix pushed while the broken canary was still being health-checked waited out the
+/// whole `healthCheck.timeout`. A newer commit supersedes a rollout whose only new instances
+/// are unproven at once. (The health timeout here is 10 minutes: the old behaviour times out.)
+/// Issue 9: `kiln rollback --to` with a one-character prefix was accepted.
+#[test]
+fn a_fix_pushed_while_the_broken_canary_is_checked_supersedes_it_at_once() {
+    let test = "a_fix_pushed_while_the_broken_canary_is_checked_supersedes_it_at_once";
+    let policy = Policy { health_timeout: "10m", ..Policy::quick() };
+    let Some(fx) = deploy_first(test, policy, &[("message.txt", "one")]) else { return };
+    let broken = fx.commit_app("broken", &[("message.txt", "two"), ("unhealthy", "yes")]);
+    let id = rollout_id(&fx.daemon, &broken);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let probed = show(&fx.data, id)
+            .is_some_and(|r| events(&r).iter().any(|e| e["kind"] == "instance.launched"));
+        if probed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the canary never launched\n{}", fx.daemon.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fix = fx.repo.remove("image/app/unhealthy");
+    let entry = wait_terminal(&fx.daemon, &broken);
+    assert_eq!(entry["state"], "superseded", "{entry}\n{}", fx.daemon.logs());
+    let reason = entry["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("unproven new instance(s) terminated"), "{reason}");
+    assert!(!reason.contains("failed its health check"), "it did not wait: {reason}");
+    let entry = wait_terminal(&fx.daemon, &fix);
+    assert_eq!(entry["state"], "succeeded", "{entry}\n{}", fx.daemon.logs());
+    let v3 = entry["image"].as_str().expect("image").to_owned();
+    let fleet = wait_fleet(&fx.daemon, "every instance on the fix", |fleet| {
+        all_on(fleet, &v3, fx.policy.capacity)
+    });
+    assert_no_orphans(&fx, &fleet);
+
+    // Rollback prefixes: too short is refused, naming the problem; 7 characters are enough.
+    let first = fx
+        .daemon
+        .log()
+        .iter()
+        .rfind(|e| e["image"] == fx.v1.as_str())
+        .and_then(|e| e["commit"].as_str().map(str::to_owned))
+        .expect("the first rollout's commit");
+    let (code, out, err) = kiln(&fx.data, &["rollback", FLEET, "--to", &first[..1]]);
+    assert_ne!(code, 0, "a one-character prefix is refused: {out}");
+    assert!(err.contains("too short") && err.contains("at least 7"), "{err}");
+    let (code, out, err) = kiln(&fx.data, &["rollback", FLEET, "--to", &first[..7]]);
+    assert_eq!(code, 0, "a 7-character prefix names the commit: {out}{err}");
 }

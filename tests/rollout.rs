@@ -34,7 +34,7 @@ fleets:
       capacity: 3
       maxSurge: 1
       maxUnavailable: 0
-      healthCheck: { http: /healthz, interval: 200ms, healthyThreshold: 2, timeout: 6s }
+      healthCheck: { http: /healthz, interval: 200ms, healthyThreshold: 2, timeout: 15s }
       minHealthy: 200ms
       drain: 300ms
       onFailure: rollback
@@ -77,10 +77,15 @@ struct World {
 
 impl World {
     async fn new() -> World {
+        World::with_fleet(fleet(), None).await
+    }
+
+    /// A world for `fleet`, with the store in `store_dir` (default: the data dir).
+    async fn with_fleet(fleet: Fleet, store_dir: Option<&Path>) -> World {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data = tmp.path().join("data");
         std::fs::create_dir_all(&data).expect("data dir");
-        let store = Store::open(&data, 0).expect("store opens");
+        let store = Store::open(store_dir.unwrap_or(&data), 0).expect("store opens");
         let env = DriverEnv {
             store,
             mirror: data.join("mirror.git"),
@@ -94,7 +99,7 @@ impl World {
         let in_process_lb = CancellationToken::new();
         let provider = Arc::new(open_local(&fleet_dir, port, &in_process_lb).await);
         let images = tmp.path().join("images");
-        World { _tmp: tmp, fleet_dir, port, env, fleet: fleet(), provider, in_process_lb, images }
+        World { _tmp: tmp, fleet_dir, port, env, fleet, provider, in_process_lb, images }
     }
 
     fn image(&self, name: &str, kind: AppKind) -> ImageRef {
@@ -136,10 +141,15 @@ impl World {
         let (_tx, rx) = watch::channel(Control::Run);
         let trees = BTreeMap::from([("image/".to_owned(), "tree".to_owned())]);
         let drive = drive(&self.env, &self.fleet, self.shared(), id, trees, rx);
-        tokio::time::timeout(ROLLOUT_TIMEOUT, drive)
+        let state = tokio::time::timeout(ROLLOUT_TIMEOUT, drive)
             .await
             .unwrap_or_else(|_| panic!("rollout #{id} did not finish within {ROLLOUT_TIMEOUT:?}"))
-            .expect("drive succeeds")
+            .expect("drive succeeds");
+        if state == RolloutState::Failed {
+            let reason = self.env.store.rollout(id).ok().and_then(|r| r.reason);
+            eprintln!("rollout #{id} failed: {reason:?}");
+        }
+        state
     }
 
     /// Images of the running instances, and whether all are attached.
@@ -491,6 +501,278 @@ async fn pause_resume_and_supersede_stop_at_safe_points() {
     assert!(record.finished_at.is_some());
     let (images, attached) = world.fleet_images().await;
     assert_eq!(images.len(), 3, "{images:?}");
+    assert!(attached);
+    world.shutdown().await;
+}
+
+/// Where a full-disk test keeps its store: a small tmpfs that is really filled, or (when this
+/// process may not mount one) a temp dir with kiln's injected write fault.
+enum Disk {
+    Tmpfs(support::disk::SmallDisk),
+    Injected(tempfile::TempDir),
+}
+
+impl Disk {
+    fn new() -> Disk {
+        match support::disk::SmallDisk::mount(8) {
+            Ok(disk) => Disk::Tmpfs(disk),
+            Err(why) => {
+                eprintln!("NOTE: cannot mount a tmpfs ({why}); injecting the store fault instead");
+                Disk::Injected(tempfile::tempdir().expect("temp dir"))
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Disk::Tmpfs(disk) => disk.path(),
+            Disk::Injected(dir) => dir.path(),
+        }
+    }
+
+    fn fill(&self, store: &Store) {
+        match self {
+            Disk::Tmpfs(disk) => {
+                let filled = disk.fill();
+                assert!(disk.is_full(), "the disk is full after {filled} bytes of filler");
+            }
+            Disk::Injected(_) => store.inject_write_fault(true),
+        }
+    }
+
+    fn free(&self, store: &Store) {
+        match self {
+            Disk::Tmpfs(disk) => disk.free(),
+            Disk::Injected(_) => store.inject_write_fault(false),
+        }
+    }
+}
+
+/// Issue 10: on a full disk the store's error stuck after space was freed (sled refuses all IO
+/// once it saw an IO error). A failed write is reported (`Store::failure`, what `/healthz`
+/// shows) and the store works again once space returns, keeping everything written before.
+#[test]
+fn a_store_on_a_full_disk_reports_the_failure_and_recovers() {
+    let disk = Disk::new();
+    let store = Store::open(disk.path(), 0).expect("store opens on the small disk");
+    let record = |n: usize| Rollout {
+        summary: "x".repeat(4096),
+        ..Rollout::new(
+            Some("web".into()),
+            Revision(format!("{n:040}")),
+            String::new(),
+            "test".into(),
+            Origin::Commit,
+            kiln::model::now(),
+        )
+    };
+    let before: Vec<RolloutId> =
+        (0..3).map(|n| store.create_rollout(record(n)).expect("write before full").id).collect();
+    disk.fill(&store);
+    let mut error = None;
+    for n in 3..2000 {
+        if let Err(e) = store.create_rollout(record(n)) {
+            error = Some(e);
+            break;
+        }
+    }
+    let error = error.expect("a write fails on a full disk");
+    eprintln!("write on the full disk: {}", kiln::error::chain(&error));
+    let failure = store.failure().expect("the store reports the failure");
+    assert!(failure.error.contains("No space left on device"), "{failure:?}");
+    // Still failing while the disk is full.
+    assert!(store.heal().is_err());
+    assert!(store.failure().is_some());
+
+    disk.free(&store);
+    store.heal().expect("the store writes again once space is back");
+    assert!(store.failure().is_none());
+    let after = store.create_rollout(record(9999)).expect("a write after recovery").id;
+    drop(store);
+    let store = Store::open(disk.path(), 0).expect("reopens");
+    for id in before.iter().chain([&after]) {
+        store.rollout(*id).unwrap_or_else(|e| panic!("rollout #{id} kept: {e}"));
+    }
+}
+
+/// Drives `id` in a task; returns its handle.
+fn spawn_drive(
+    world: &World,
+    id: RolloutId,
+    rx: watch::Receiver<Control>,
+) -> tokio::task::JoinHandle<Result<RolloutState, kiln::rollout::driver::DriveError>> {
+    let env = world.env.clone();
+    let fleet = world.fleet.clone();
+    let provider = world.shared();
+    tokio::spawn(async move { drive(&env, &fleet, provider, id, BTreeMap::new(), rx).await })
+}
+
+/// Journal entries of `rollout` with `action`.
+fn journaled(
+    world: &World,
+    rollout: RolloutId,
+    action: InstanceAction,
+) -> Vec<kiln::store::InstanceEvent> {
+    let journal = world.env.store.instance_journal("web").expect("journal");
+    journal.into_iter().filter(|e| e.rollout == Some(rollout) && e.action == action).collect()
+}
+
+/// Issue 10: once the store hit "No space left on device" mid-rollout, the driver stopped for
+/// good and the rollout stayed `rolling` forever. Now the driver retries with backoff, the
+/// store reports the failure meanwhile, and the rollout completes once space is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_resumes_after_the_store_fails_mid_way() {
+    if !have_python3() {
+        return;
+    }
+    let disk = Disk::new();
+    let world = World::with_fleet(fleet(), Some(disk.path())).await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Healthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+
+    let id = world.rollout(&b, Some(&a));
+    let (_tx, rx) = watch::channel(Control::Run);
+    let task = spawn_drive(&world, id, rx);
+    wait_for("a B instance to launch", ROLLOUT_TIMEOUT, || async {
+        (!journaled(&world, id, InstanceAction::Launched).is_empty()).then_some(())
+    })
+    .await;
+    disk.fill(&world.env.store);
+    let failure = wait_for("the store to report the failure", ROLLOUT_TIMEOUT, || async {
+        world.env.store.failure()
+    })
+    .await;
+    eprintln!("store failing: {failure:?}");
+    // Nothing moves while the store cannot record it: the driver keeps retrying.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!task.is_finished(), "the driver gave up on a failing store: {:?}", task.await);
+    assert!(world.env.store.failure().is_some(), "still failing while the disk is full");
+    disk.free(&world.env.store);
+
+    let state = tokio::time::timeout(ROLLOUT_TIMEOUT, task)
+        .await
+        .expect("the rollout finishes once the store works again")
+        .expect("the driver task does not panic")
+        .expect("drive succeeds");
+    assert_eq!(state, RolloutState::Succeeded);
+    assert!(world.env.store.failure().is_none(), "the failure cleared");
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![b.0.clone(); 3]);
+    assert!(attached);
+    let deployed = world.env.store.deployed("web").expect("read").expect("deployed");
+    assert_eq!(deployed.rollout, id, "the deployment was recorded");
+    // Exactly one launch per slot: no side effect was repeated without its record.
+    let launched: std::collections::BTreeSet<String> =
+        journaled(&world, id, InstanceAction::Launched)
+            .iter()
+            .map(|e| e.instance.0.clone())
+            .collect();
+    assert_eq!(launched.len(), 3, "{launched:?}");
+    world.shutdown().await;
+}
+
+/// Issue 10: an instance that failed its health checks was journaled `terminated: replaced`
+/// and counted in `kiln_instances_replaced_total`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_failing_its_checks_is_journaled_unhealthy_and_counted_failed() {
+    if !have_python3() {
+        return;
+    }
+    let world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Unhealthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+    let metrics_before = world.env.metrics.render(&BTreeMap::new());
+    let bad = world.rollout(&b, Some(&a));
+    assert_eq!(world.drive(bad).await, RolloutState::RolledBack);
+
+    let unhealthy = journaled(&world, bad, InstanceAction::Unhealthy);
+    assert!(!unhealthy.is_empty(), "a failed instance is journaled unhealthy");
+    for entry in &unhealthy {
+        assert_eq!(entry.image.as_ref(), Some(&b));
+        let reason = entry.reason.clone().unwrap_or_default();
+        assert!(reason.starts_with("GET /healthz on 127.0.0.1:"), "the failed probe: {reason}");
+        assert!(reason.ends_with(": 500"), "with its status: {reason}");
+    }
+    let terminated = journaled(&world, bad, InstanceAction::Terminated);
+    for entry in terminated.iter().filter(|e| e.image.as_ref() == Some(&b)) {
+        assert_eq!(entry.reason.as_deref(), Some("unhealthy"), "{entry:?}");
+    }
+    let metrics = world.env.metrics.render(&BTreeMap::new());
+    let value = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    };
+    assert_eq!(
+        value(&metrics, "kiln_instances_failed_total"),
+        unhealthy.len() as u64,
+        "every failed instance counted"
+    );
+    assert_eq!(
+        value(&metrics, "kiln_instances_replaced_total"),
+        value(&metrics_before, "kiln_instances_replaced_total"),
+        "no instance was replaced: the old ones never left"
+    );
+    world.shutdown().await;
+}
+
+/// Issue 9: `abort` was ignored while a new instance waited out a long `minHealthy`; the
+/// rollout ran on to its progress deadline. Verbs act at the next step: the unproven instance
+/// is terminated and the rollout ends `aborted`, long before minHealthy (10 min) is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_during_a_long_min_healthy_ends_the_rollout_promptly() {
+    if !have_python3() {
+        return;
+    }
+    let long = MANIFEST
+        .replace("minHealthy: 200ms", "minHealthy: 10m")
+        .replace("onFailure: rollback", "onFailure: rollback\n      progressDeadline: 30m");
+    let manifest = kiln::manifest::parse(&long, "kiln.yaml").expect("test manifest parses");
+    let slow = manifest.fleets.into_iter().next().expect("one fleet");
+    assert_eq!(slow.rollout.min_healthy, Duration::from_secs(600));
+    // The first deploy (onto an empty fleet) uses the quick policy.
+    let mut world = World::new().await;
+    let a = world.image("a", AppKind::Healthy);
+    let b = world.image("b", AppKind::Healthy);
+    let first = world.rollout(&a, None);
+    assert_eq!(world.drive(first).await, RolloutState::Succeeded);
+    world.fleet = slow;
+
+    let id = world.rollout(&b, Some(&a));
+    let (tx, rx) = watch::channel(Control::Run);
+    let task = spawn_drive(&world, id, rx);
+    wait_for(
+        "a new instance to pass its checks and wait out minHealthy",
+        ROLLOUT_TIMEOUT,
+        || async {
+            let rollout = world.env.store.rollout(id).expect("rollout");
+            let rolling = rollout.rolling?;
+            rolling.probes.values().any(|p| p.healthy_since.is_some()).then_some(())
+        },
+    )
+    .await;
+    tx.send(Control::Abort).expect("the driver listens");
+    let state = tokio::time::timeout(ROLLOUT_TIMEOUT, task)
+        .await
+        .expect("the abort ends the rollout without waiting out minHealthy (10m)")
+        .expect("the driver task does not panic")
+        .expect("drive succeeds");
+    assert_eq!(state, RolloutState::Aborted);
+    let record = world.env.store.rollout(id).expect("rollout");
+    let reason = record.reason.unwrap_or_default();
+    assert!(reason.contains("aborted by operator"), "{reason}");
+    assert!(reason.contains("terminated without waiting"), "{reason}");
+    assert!(journaled(&world, id, InstanceAction::Attached).is_empty(), "nothing attached");
+    let terminated = journaled(&world, id, InstanceAction::Terminated);
+    assert_eq!(terminated.len(), 1, "the unproven instance was terminated: {terminated:?}");
+    assert_eq!(terminated[0].image.as_ref(), Some(&b));
+    let (images, attached) = world.fleet_images().await;
+    assert_eq!(images, vec![a.0.clone(); 3], "the fleet is left on A");
     assert!(attached);
     world.shutdown().await;
 }

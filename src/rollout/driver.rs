@@ -35,7 +35,7 @@ use crate::model::{Clock, ImageRef, InstanceId, RolloutId, Timestamp};
 use crate::pipeline::StepContext;
 use crate::provider::{Health, Instance, Provider, ProviderError, SharedProvider};
 use crate::rollout::state::{Action, Rollout, RolloutState};
-use crate::store::{Deployed, InstanceAction, InstanceEvent, Level, Store, StoreError};
+use crate::store::{Deployed, Event, InstanceAction, InstanceEvent, Level, Store, StoreError};
 
 /// Everything the driver needs besides the fleet and its provider.
 #[derive(Debug, Clone)]
@@ -243,8 +243,6 @@ fn commit(
     Ok(())
 }
 
-/// Writes the per-instance journal and the matching rollout event (`instance.launched`, ...).
-#[allow(clippy::too_many_arguments)]
 /// Where instance journal entries go: the fleet, and the rollout that caused them (if any).
 struct Journal<'a> {
     store: &'a Store,
@@ -253,30 +251,30 @@ struct Journal<'a> {
     rollout: Option<RolloutId>,
 }
 
+/// One per-instance journal entry and, for a rollout, the matching timeline event.
+type JournalEntry = (InstanceEvent, Option<Event>);
+
 impl Journal<'_> {
-    /// Appends to the per-instance journal and, for a rollout, to its timeline.
-    fn record(
+    /// A journal entry and, for a rollout, its timeline event (`instance.launched`, ...).
+    fn entry(
         &self,
         instance: &InstanceId,
         image: Option<&ImageRef>,
         action: InstanceAction,
         reason: Option<String>,
-    ) -> Result<(), DriveError> {
-        let Journal { store, clock, fleet, rollout } = *self;
+    ) -> JournalEntry {
+        let at = self.clock.now();
         let entry = InstanceEvent {
             seq: 0,
-            fleet: fleet.to_owned(),
+            fleet: self.fleet.to_owned(),
             instance: instance.clone(),
             image: image.cloned(),
-            rollout,
+            rollout: self.rollout,
             action,
-            at: clock.now(),
+            at,
             reason: reason.clone(),
         };
-        store
-            .record_instance(entry)
-            .map_err(|source| DriveError::Journal { fleet: fleet.to_owned(), source })?;
-        if let Some(id) = rollout {
+        let event = self.rollout.map(|id| {
             let name = serde_json::to_value(action)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
@@ -287,17 +285,45 @@ impl Journal<'_> {
                 InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
                 _ => Level::Info,
             };
-            let data = serde_json::json!({ "instance": instance, "image": image });
-            event(
-                store,
-                id,
+            Event {
+                seq: 0,
+                rollout: id,
+                at,
                 level,
-                &format!("instance.{name}"),
-                format!("{instance}{image_text} {name}{why}"),
-                Some(data),
-            );
-        }
-        Ok(())
+                kind: format!("instance.{name}"),
+                message: format!("{instance}{image_text} {name}{why}"),
+                data: Some(serde_json::json!({ "instance": instance, "image": image })),
+            }
+        });
+        (entry, event)
+    }
+
+    fn journal_err(&self, source: StoreError) -> DriveError {
+        DriveError::Journal { fleet: self.fleet.to_owned(), source }
+    }
+
+    /// Appends one entry to the per-instance journal (outside a rollout: no timeline).
+    fn record(
+        &self,
+        instance: &InstanceId,
+        image: Option<&ImageRef>,
+        action: InstanceAction,
+        reason: Option<String>,
+    ) -> Result<(), DriveError> {
+        let (entry, _) = self.entry(instance, image, action, reason);
+        self.store.record_instance(entry).map(drop).map_err(|e| self.journal_err(e))
+    }
+
+    /// Writes `rollout` with `entries` (journal and timeline) in one transaction, so a kill
+    /// between them cannot keep one and lose the other.
+    fn record_step(&self, rollout: &Rollout, entries: Vec<JournalEntry>) -> Result<(), DriveError> {
+        let (journal, events): (Vec<InstanceEvent>, Vec<Option<Event>>) =
+            entries.into_iter().unzip();
+        let events: Vec<Event> = events.into_iter().flatten().collect();
+        self.store
+            .record_step(rollout, journal, events)
+            .map(drop)
+            .map_err(|source| DriveError::Store { id: rollout.id, source })
     }
 }
 
@@ -337,6 +363,10 @@ async fn nap(
 /// or paused. Resumes correctly from any persisted state (after a crash). Driving a paused
 /// rollout with `Control::Run` resumes it (promoting a manual canary); with `Control::Pause`
 /// it returns `Paused` at once.
+///
+/// A store that fails to write (a full disk) does not end the drive: the turn is retried with
+/// backoff until the store works again, re-reading the record each time (every decision is in
+/// the store, so a retried turn is a resumed one). A verb still wakes the wait.
 #[instrument(skip_all, fields(rollout = %id, fleet = %fleet.name))]
 pub async fn drive(
     env: &DriverEnv,
@@ -345,6 +375,55 @@ pub async fn drive(
     id: RolloutId,
     trees: BTreeMap<String, String>,
     mut control: watch::Receiver<Control>,
+) -> Result<RolloutState, DriveError> {
+    let mut attempt = 0u32;
+    let mut streak = None;
+    loop {
+        let res = drive_turns(env, fleet, provider.clone(), id, &trees, &mut control).await;
+        match res {
+            Err(error) if error.is_store_io() => {
+                // A new failure streak starts the backoff over.
+                let since = env.store.failure().map(|f| f.since);
+                if since != streak {
+                    streak = since;
+                    attempt = 0;
+                }
+                let wait = crate::retry::nth_delay(&STORE_RETRY, attempt);
+                attempt = attempt.saturating_add(1);
+                warn!(error = %chain(&error), attempt, ?wait, "The store failed; retrying.");
+                let until = step::add(env.clock.now(), wait);
+                nap(env.clock.as_ref(), &mut control, until, wait).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Backoff between turns retried after a store failure: quick at first, at most 5 s apart, for
+/// as long as it takes.
+const STORE_RETRY: crate::retry::RetryPolicy = crate::retry::RetryPolicy {
+    initial: Duration::from_millis(200),
+    max_interval: Duration::from_secs(5),
+    max_elapsed: None,
+};
+
+impl DriveError {
+    /// True when the store failed to read or write (retried, not the rollout's failure).
+    fn is_store_io(&self) -> bool {
+        match self {
+            DriveError::Store { source, .. } | DriveError::Journal { source, .. } => source.is_io(),
+            _ => false,
+        }
+    }
+}
+
+async fn drive_turns(
+    env: &DriverEnv,
+    fleet: &Fleet,
+    provider: SharedProvider,
+    id: RolloutId,
+    trees: &BTreeMap<String, String>,
+    control: &mut watch::Receiver<Control>,
 ) -> Result<RolloutState, DriveError> {
     let store = &env.store;
     let policy = &fleet.rollout;
@@ -375,7 +454,7 @@ pub async fn drive(
                     let next = retry_or_fail(&rollout, transient, &text, delay, now);
                     commit(store, &rollout, &next, &text)?;
                     if let Some(until) = next.not_before {
-                        nap(env.clock.as_ref(), &mut control, until, MAX_NAP).await;
+                        nap(env.clock.as_ref(), control, until, MAX_NAP).await;
                     }
                     continue;
                 }
@@ -386,15 +465,27 @@ pub async fn drive(
         let now = env.clock.now();
         let observed = Observed { instances: &instances, has_infra: fleet.infra.is_some() };
         match step::step(&rollout, policy, &observed, &ctl, now) {
-            Next::Done(state) => return Ok(state),
+            Next::Done(state) => {
+                // A store failure between recording success and recording the deployment
+                // leaves a succeeded rollout that is not deployed: finish that here.
+                if state == RolloutState::Succeeded && rollout.plan.roll {
+                    let recorded = store
+                        .deployed(&fleet.name)
+                        .map_err(|source| DriveError::Store { id, source })?;
+                    if recorded.is_none_or(|d| d.rollout < id) {
+                        deployed(env, fleet, &rollout, trees)?;
+                    }
+                }
+                return Ok(state);
+            }
             Next::Record { rollout: next, message } => {
                 commit(store, &rollout, &next, &message)?;
                 if next.state == RolloutState::Succeeded {
-                    deployed(env, fleet, &next, &trees)?;
+                    deployed(env, fleet, &next, trees)?;
                 }
             }
             Next::Bake | Next::Reconcile => {
-                run_hook(env, fleet, &rollout, &cancel, &mut control).await?;
+                run_hook(env, fleet, &rollout, &cancel, control).await?;
             }
             Next::Act(action) => {
                 act(env, fleet, provider.as_ref(), &rollout, &instances, action).await?;
@@ -428,7 +519,7 @@ pub async fn drive(
             Next::Sleep { until, why } => {
                 debug!(%until, %why, "Waiting.");
                 let cap = if needs_fleet { MAX_NAP } else { Duration::from_secs(3600) };
-                nap(env.clock.as_ref(), &mut control, until, cap).await;
+                nap(env.clock.as_ref(), control, until, cap).await;
             }
         }
     }
@@ -514,6 +605,11 @@ async fn run_hook(
                 deployed(env, fleet, &next, &BTreeMap::new())?;
             }
         }
+        // The store failed under the hook's bookkeeping (a full disk): not the rollout's
+        // fault, so no attempt is spent; the driver retries once the store works again.
+        Err(crate::pipeline::StepError::Store(source)) if source.is_io() => {
+            return Err(DriveError::Store { id: rollout.id, source });
+        }
         Err(error) => {
             let text = chain(&error);
             let next = match error.class() {
@@ -581,19 +677,25 @@ async fn act(
     match res {
         Ok(launched) => {
             let done = complete(&begun, &action, launched.as_ref(), now);
-            save(store, &done)?;
             let log = Journal { store, clock, fleet: &fleet.name, rollout: Some(rollout.id) };
+            let mut entries = Vec::new();
+            let mut failed = false;
             match &action {
                 Action::Launch { image, .. } => {
                     if let Some(instance) = &launched {
                         let reason = instance.address.as_ref().map(|a| format!("at {a}"));
-                        log.record(&instance.id, Some(image), InstanceAction::Launched, reason)?;
+                        entries.push(log.entry(
+                            &instance.id,
+                            Some(image),
+                            InstanceAction::Launched,
+                            reason,
+                        ));
                     }
                 }
                 Action::Attach { id } => {
                     let image = image_of(id);
-                    log.record(id, image.as_ref(), InstanceAction::Healthy, None)?;
-                    log.record(id, image.as_ref(), InstanceAction::Attached, None)?;
+                    entries.push(log.entry(id, image.as_ref(), InstanceAction::Healthy, None));
+                    entries.push(log.entry(id, image.as_ref(), InstanceAction::Attached, None));
                 }
                 Action::Detach { id } => {
                     // The drain ends early once no request is in flight, so name the bound,
@@ -602,24 +704,41 @@ async fn act(
                         "out of the load balancer; drain up to {}",
                         crate::manifest::format_duration(fleet.rollout.drain)
                     ));
-                    log.record(id, image_of(id).as_ref(), InstanceAction::Drained, reason)?;
+                    entries.push(log.entry(
+                        id,
+                        image_of(id).as_ref(),
+                        InstanceAction::Drained,
+                        reason,
+                    ));
                 }
                 Action::Terminate { id, why } => {
                     let image = image_of(id);
-                    if let Some(ending) = begun.rolling.as_ref().and_then(|r| r.ending.as_ref()) {
-                        if image.as_ref() == target.as_ref() {
-                            log.record(
-                                id,
-                                image.as_ref(),
-                                InstanceAction::Unhealthy,
-                                Some(ending.reason.clone()),
-                            )?;
-                        }
+                    // A new instance that failed its checks: journal the check that failed.
+                    let check = begun.rolling.as_ref().and_then(|r| r.failed.get(id.as_str()));
+                    if let Some(check) = check {
+                        failed = true;
+                        entries.push(log.entry(
+                            id,
+                            image.as_ref(),
+                            InstanceAction::Unhealthy,
+                            Some(check.clone()),
+                        ));
                     }
-                    log.record(id, image.as_ref(), InstanceAction::Terminated, Some(why.clone()))?;
-                    if why == "replaced" {
-                        env.metrics.instance_replaced();
-                    }
+                    entries.push(log.entry(
+                        id,
+                        image.as_ref(),
+                        InstanceAction::Terminated,
+                        Some(why.clone()),
+                    ));
+                }
+            }
+            // The result, the journal and the timeline in one write.
+            log.record_step(&done, entries)?;
+            if let Action::Terminate { why, .. } = &action {
+                if failed {
+                    env.metrics.instance_failed();
+                } else if why == "replaced" {
+                    env.metrics.instance_replaced();
                 }
             }
         }
@@ -745,6 +864,7 @@ async fn bring_in(
                 InstanceAction::Terminated,
                 Some("unhealthy".into()),
             )?;
+            env.metrics.instance_failed();
             return Err(DriveError::Unhealthy {
                 fleet: name.to_owned(),
                 instance: instance.id.clone(),

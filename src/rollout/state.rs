@@ -239,6 +239,11 @@ pub struct Rolling {
     /// Last time the rollout made progress (progress deadline counts from here).
     #[serde(default)]
     pub last_progress: Option<Timestamp>,
+    /// New instances that failed their health checks (or died before passing them), by id,
+    /// with the failed check (`GET /healthz on 127.0.0.1:41234: 500`). Their termination is
+    /// journaled `unhealthy` and counted as failed, not as replaced.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed: BTreeMap<String, String>,
 }
 
 /// How the rolling phase ends once its cleanup is done.

@@ -392,12 +392,13 @@ fn step_rolling(
             .filter(|i| i.image == target && !i.attached)
             .min_by(|a, b| a.id.cmp(&b.id));
         if let Some(instance) = leftover {
-            return Next::Act(Action::Terminate {
-                id: instance.id.clone(),
-                why: "new instance not in service when the rollout stopped".into(),
-            });
+            return terminate(
+                rolling,
+                instance,
+                "new instance not in service when the rollout stopped",
+            );
         }
-        let reason = if ending.state == S::Aborted {
+        let reason = if ending.state == S::Aborted || ending.state == S::Superseded {
             format!("{}; fleet left as is: {}", ending.reason, image_mix(observed.instances))
         } else {
             ending.reason.clone()
@@ -408,7 +409,9 @@ fn step_rolling(
     let stopping = stop_of(control);
 
     // Failures: a new instance that died or stayed unhealthy too long, or no progress at all.
+    // `failed` collects the new instances that failed, with the check that failed.
     let mut failure: Option<String> = None;
+    let mut failed: Vec<(InstanceId, String)> = Vec::new();
     for instance in &view.dead {
         if instance.image == target
             && !instance.attached
@@ -418,8 +421,13 @@ fn step_rolling(
             failure = Some(format!(
                 "instance {} on {target} stopped running before it became healthy{}",
                 instance.id,
-                last.map(|e| format!(" (last check: {e})")).unwrap_or_default()
+                last.as_ref().map(|e| format!(" (last check: {e})")).unwrap_or_default()
             ));
+            let why = last.map_or_else(
+                || "stopped running before it became healthy".to_owned(),
+                |e| format!("stopped running before it became healthy; last check: {e}"),
+            );
+            failed.push((instance.id.clone(), why));
             break;
         }
     }
@@ -428,13 +436,25 @@ fn step_rolling(
             let Some(probe) = rolling.probes.get(instance.id.as_str()) else { continue };
             if probe.healthy_since.is_none() && now >= add(probe.since, policy.health_check.timeout)
             {
+                let check = probe.last_error.as_deref().unwrap_or("never became healthy");
                 failure = Some(format!(
-                    "instance {} on {target} failed its health check for {}: {}",
+                    "instance {} on {target} failed its health check for {}: {check}",
                     instance.id,
                     crate::manifest::format_duration(policy.health_check.timeout),
-                    probe.last_error.as_deref().unwrap_or("never became healthy")
                 ));
+                failed.push((instance.id.clone(), check.to_owned()));
                 break;
+            }
+        }
+    }
+    if failure.is_some() {
+        // The rest of the batch goes too; those whose last check failed failed as well.
+        for instance in &view.pending {
+            let Some(probe) = rolling.probes.get(instance.id.as_str()) else { continue };
+            if let (None, Some(error)) = (probe.healthy_since, &probe.last_error) {
+                if !failed.iter().any(|(id, _)| id == &instance.id) {
+                    failed.push((instance.id.clone(), error.clone()));
+                }
             }
         }
     }
@@ -452,7 +472,12 @@ fn step_rolling(
         }
     }
     if let Some(reason) = failure {
-        return on_failure(rollout, rolling, policy, stopping, &target, reason, now);
+        let mut r = rollout.clone();
+        if let Some(rr) = r.rolling.as_mut() {
+            rr.failed.extend(failed.into_iter().map(|(id, why)| (id.0, why)));
+        }
+        let Some(rolling) = r.rolling.clone() else { return Next::Done(rollout.state) };
+        return on_failure(&r, &rolling, policy, stopping, &target, reason, now);
     }
     // Backoff after a transient provider error applies to every action.
     if let Some(until) = rollout.not_before.filter(|t| *t > now && rollout.attempt > 0) {
@@ -461,7 +486,7 @@ fn step_rolling(
 
     // Dead instances take no traffic and hold no capacity worth keeping.
     if let Some(instance) = view.dead.first() {
-        return Next::Act(Action::Terminate { id: instance.id.clone(), why: "not running".into() });
+        return terminate(rolling, instance, "not running");
     }
 
     // Converged: nothing old left, every new instance serving.
@@ -488,7 +513,7 @@ fn step_rolling(
         return Next::Act(Action::Attach { id: instance.id.clone() });
     }
     if let Some(instance) = view.old_detached.first() {
-        return Next::Act(Action::Terminate { id: instance.id.clone(), why: "replaced".into() });
+        return terminate(rolling, instance, "replaced");
     }
     if let Some(instance) = view.old_attached.first() {
         if view.serving() > capacity && view.serving() > min_serving {
@@ -505,8 +530,28 @@ fn step_rolling(
     };
 
     if let Some((state, reason)) = stopping {
+        // An abort, or a newer commit while no new instance serves yet, does not wait for
+        // unproven new instances: a broken image would hold the stop for the whole health
+        // timeout, a healthy one for its minHealthy. They are terminated (they take no
+        // traffic) and the rollout ends; a slot emptied under maxUnavailable is left to the
+        // next rollout or the capacity keeper.
+        let at_once = match control {
+            Control::Abort => true,
+            Control::Supersede(_) => view.new_attached.is_empty(),
+            Control::Pause | Control::Run => false,
+        };
+        if at_once && !view.pending.is_empty() {
+            let mut r = rollout.clone();
+            let Some(rr) = r.rolling.as_mut() else { return Next::Done(rollout.state) };
+            let n = view.pending.len();
+            let why = format!(
+                "{reason}; {n} unproven new instance(s) terminated without waiting for their health checks"
+            );
+            rr.ending = Some(Ending { state, reason: why.clone() });
+            return record(r, why);
+        }
         // A slot emptied under maxUnavailable is owed its new instance.
-        if running < capacity && new_total < capacity && running < capacity + surge {
+        if !at_once && running < capacity && new_total < capacity && running < capacity + surge {
             return launch();
         }
         if view.pending.is_empty() {
@@ -602,6 +647,13 @@ fn step_rolling(
         }
     }
     probe_or_sleep(rollout, rolling, policy, &view, now)
+}
+
+/// Terminates `instance`; one that failed its health checks is terminated as `unhealthy`,
+/// whatever else `why` says (it was not replaced: it never served).
+fn terminate(rolling: &Rolling, instance: &Instance, why: &str) -> Next {
+    let why = if rolling.failed.contains_key(instance.id.as_str()) { "unhealthy" } else { why };
+    Next::Act(Action::Terminate { id: instance.id.clone(), why: why.to_owned() })
 }
 
 fn on_failure(

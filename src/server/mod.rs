@@ -165,7 +165,7 @@ pub fn router(state: AppState) -> axum::Router {
     };
     axum::Router::new()
         .route("/", get(dashboard::page))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(api::metrics))
         .route("/hooks/gitlab", post(webhooks::gitlab))
         .route("/hooks/github", post(webhooks::github))
@@ -175,6 +175,20 @@ pub fn router(state: AppState) -> axum::Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(MAX_API_BODY))
         .with_state(shared)
+}
+
+/// `GET /healthz`: `200 ok` while the daemon works; `503` naming the reason while the store
+/// cannot write (a full disk), so a supervisor or load balancer sees a daemon that is up but
+/// unable to record anything.
+async fn healthz(axum::extract::State(shared): axum::extract::State<Shared>) -> Response {
+    match shared.app.operator.store.failure() {
+        None => "ok\n".into_response(),
+        Some(failure) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store failing since {}: {}\n", failure.since, failure.error),
+        )
+            .into_response(),
+    }
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` fires, with the timeouts and caps of

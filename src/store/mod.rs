@@ -16,23 +16,41 @@
 //! Every value is wrapped in a versioned envelope (`{"v":1,"r":...}`). Every write that
 //! acknowledges a state change is flushed before it returns, so a `kill -9` right after never
 //! loses it.
+//!
+//! Ids are dense and start at 1, one counter per record kind (`meta` keys `seq.commits`,
+//! `seq.rollouts`, `seq.events`, `seq.instances`), bumped in the same transaction as the record
+//! they number. A data dir written before the counters existed continues after its highest id.
+//!
+//! A failed write (a full disk) is not the end: sled refuses all further IO once it saw an IO
+//! error, so the store marks itself failing (see [`Store::failure`], shown by `/healthz`),
+//! and the next operation reopens the database, which recovers exactly what was flushed, as a
+//! restart would. Callers retry with backoff; [`Store::heal`] probes a failing store.
 
 mod records;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Serialize, de::DeserializeOwned};
+use sled::Transactional as _;
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::broadcast;
 
 pub use records::{
     BakeRecord, CommitKind, CommitRecord, Deployed, Event, InstanceAction, InstanceEvent, Level,
 };
 
-use crate::model::{Revision, RolloutId};
+use crate::model::{Revision, RolloutId, Timestamp};
 use crate::rollout::state::{Rollout, RolloutState};
 
 /// The on-disk schema this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// Test-only fault injection: while the file this environment variable names exists, every
+/// store write fails as a full disk would (`No space left on device`). Used by the full-disk
+/// tests where a small tmpfs cannot be mounted; unset, it costs nothing.
+pub const WRITE_FAULT_ENV: &str = "KILN_TEST_STORE_WRITE_FAULT";
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +89,46 @@ pub enum StoreError {
         /// Its id.
         id: String,
     },
+    /// The database is closed after a failure and could not be reopened yet.
+    #[error("database in {path} is closed after a failure ({reason}); retrying")]
+    Closed {
+        /// The data dir.
+        path: PathBuf,
+        /// The last failure.
+        reason: String,
+    },
+}
+
+impl crate::error::Classify for StoreError {
+    fn class(&self) -> crate::error::ErrorClass {
+        match self {
+            // IO (a full disk, a lost lock) recovers: the store reopens itself.
+            StoreError::Db { .. } | StoreError::Closed { .. } => {
+                crate::error::ErrorClass::Transient
+            }
+            _ => crate::error::ErrorClass::Stalled,
+        }
+    }
+}
+
+impl StoreError {
+    /// True for failures of the database itself (IO), which a retry may cure, as opposed to a
+    /// missing or unreadable record.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Db { .. } | StoreError::Closed { .. })
+    }
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
+
+/// Why the store is failing, as `/healthz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StoreFailure {
+    /// When the first failure of the current streak happened.
+    pub since: Timestamp,
+    /// The last error, with its causes (`database error in …: No space left on device`).
+    pub error: String,
+}
 
 /// Filter for listing rollouts.
 #[derive(Debug, Clone, Default)]
@@ -90,10 +145,33 @@ pub struct RolloutFilter {
     pub limit: Option<usize>,
 }
 
-/// The store handle. Cheap to clone; all clones share one database.
-#[derive(Clone)]
-pub struct Store {
-    path: PathBuf,
+/// Record kinds with their own dense id counter.
+#[derive(Debug, Clone, Copy)]
+enum Counter {
+    Commits,
+    Rollouts,
+    Events,
+    Instances,
+}
+
+impl Counter {
+    const ALL: [Counter; 4] =
+        [Counter::Commits, Counter::Rollouts, Counter::Events, Counter::Instances];
+
+    /// The `meta` key holding the last id handed out.
+    fn key(self) -> &'static str {
+        match self {
+            Counter::Commits => "seq.commits",
+            Counter::Rollouts => "seq.rollouts",
+            Counter::Events => "seq.events",
+            Counter::Instances => "seq.instances",
+        }
+    }
+}
+
+/// The open database and its trees. Only the store holds these, so dropping them closes sled
+/// (and releases its lock) for a reopen.
+struct Trees {
     db: sled::Db,
     meta: sled::Tree,
     commits: sled::Tree,
@@ -103,13 +181,56 @@ pub struct Store {
     instances: sled::Tree,
     bakes: sled::Tree,
     deployed: sled::Tree,
+}
+
+impl Trees {
+    fn open(path: &Path) -> std::result::Result<Trees, sled::Error> {
+        let db = sled::Config::new()
+            .path(path)
+            .mode(sled::Mode::LowSpace)
+            // The working set is small (recent rollouts); a large page cache only costs RSS.
+            .cache_capacity(8 * 1024 * 1024)
+            .open()?;
+        Ok(Trees {
+            meta: db.open_tree("meta")?,
+            commits: db.open_tree("commits")?,
+            commit_ix: db.open_tree("commit_ix")?,
+            rollouts: db.open_tree("rollouts")?,
+            events: db.open_tree("events")?,
+            instances: db.open_tree("instances")?,
+            bakes: db.open_tree("bakes")?,
+            deployed: db.open_tree("deployed")?,
+            db,
+        })
+    }
+}
+
+struct Inner {
+    /// The data dir (the database lives in `dir/db`).
+    dir: PathBuf,
     retention: usize,
     feed: broadcast::Sender<Event>,
+    /// `None` while closed after a failed reopen.
+    trees: RwLock<Option<Trees>>,
+    /// Set by a failed operation: sled refuses all IO after an IO error, so the next operation
+    /// reopens the database first.
+    needs_reopen: AtomicBool,
+    /// The current failure streak, cleared by the next successful write.
+    failure: Mutex<Option<StoreFailure>>,
+    /// Test-only switches that make writes fail (see [`WRITE_FAULT_ENV`]).
+    fault_on: AtomicBool,
+    fault_file: Option<PathBuf>,
+}
+
+/// The store handle. Cheap to clone; all clones share one database.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("Store").field("path", &self.inner.dir).finish_non_exhaustive()
     }
 }
 
@@ -125,53 +246,121 @@ struct EnvelopeIn<T> {
     r: T,
 }
 
+type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
+
+fn abort(error: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(error)
+}
+
+/// Hands out the next id of `counter` inside a transaction that also writes the record.
+fn next_in(meta: &TransactionalTree, counter: Counter) -> TxResult<u64> {
+    let last = match meta.get(counter.key())? {
+        Some(bytes) => Store::decode::<u64>("meta", &bytes).map_err(abort)?,
+        None => 0,
+    };
+    let next = last + 1;
+    meta.insert(counter.key(), Store::encode("meta", &next).map_err(abort)?)?;
+    Ok(next)
+}
+
+/// The sequence number at the end of a key (`… ++ seq`, big-endian).
+fn seq_suffix(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|at| <[u8; 8]>::try_from(&key[at..]).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn instance_key(event: &InstanceEvent) -> Vec<u8> {
+    let mut key = event.fleet.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(&event.seq.to_be_bytes());
+    key
+}
+
+fn event_key(event: &Event) -> Vec<u8> {
+    let mut key = event.rollout.0.to_be_bytes().to_vec();
+    key.extend_from_slice(&event.seq.to_be_bytes());
+    key
+}
+
 impl Store {
     /// Opens (or creates) the database under `dir/db`. `retention` is how many rollouts are
     /// kept; older ones and their events are pruned as new ones arrive (0 keeps everything).
     pub fn open(dir: &Path, retention: usize) -> Result<Store> {
         let path = dir.join("db");
-        let db_err = |source| StoreError::Db { path: path.clone(), source };
-        let db = sled::Config::new()
-            .path(&path)
-            .mode(sled::Mode::LowSpace)
-            // The working set is small (recent rollouts); a large page cache only costs RSS.
-            .cache_capacity(8 * 1024 * 1024)
-            .open()
-            .map_err(db_err)?;
-        let tree = |name: &str| db.open_tree(name).map_err(db_err);
+        let trees =
+            Trees::open(&path).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+        let fault_file = std::env::var_os(WRITE_FAULT_ENV).map(PathBuf::from);
         let store = Store {
-            meta: tree("meta")?,
-            commits: tree("commits")?,
-            commit_ix: tree("commit_ix")?,
-            rollouts: tree("rollouts")?,
-            events: tree("events")?,
-            instances: tree("instances")?,
-            bakes: tree("bakes")?,
-            deployed: tree("deployed")?,
-            db,
-            path: dir.to_owned(),
-            retention,
-            feed: broadcast::channel(4096).0,
+            inner: Arc::new(Inner {
+                dir: dir.to_owned(),
+                retention,
+                feed: broadcast::channel(4096).0,
+                trees: RwLock::new(Some(trees)),
+                needs_reopen: AtomicBool::new(false),
+                failure: Mutex::new(None),
+                fault_on: AtomicBool::new(false),
+                fault_file,
+            }),
         };
         match store.get_meta::<u32>("schema_version")? {
             Some(found) if found > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found }),
             // Older versions would be migrated here, next to the types.
             Some(_) => {}
-            None => {
-                store.set_meta("schema_version", &SCHEMA_VERSION)?;
-                store.flush()?;
-            }
+            None => store.set_meta("schema_version", &SCHEMA_VERSION)?,
         }
+        store.init_counters()?;
         Ok(store)
+    }
+
+    /// Starts the id counters of a data dir written before they existed after its highest id.
+    fn init_counters(&self) -> Result<()> {
+        self.write(|t| {
+            let mut missing = false;
+            for counter in Counter::ALL {
+                if t.meta.contains_key(counter.key()).map_err(|e| self.db_err(e))? {
+                    continue;
+                }
+                missing = true;
+                let keys = |tree: &sled::Tree| -> Result<u64> {
+                    let mut highest = 0;
+                    for key in tree.iter().keys() {
+                        highest = highest.max(seq_suffix(&key.map_err(|e| self.db_err(e))?));
+                    }
+                    Ok(highest)
+                };
+                let last = |tree: &sled::Tree| -> Result<u64> {
+                    Ok(tree.last().map_err(|e| self.db_err(e))?.map_or(0, |(k, _)| seq_suffix(&k)))
+                };
+                let highest = match counter {
+                    Counter::Commits => last(&t.commits)?,
+                    Counter::Rollouts => last(&t.rollouts)?,
+                    Counter::Events => keys(&t.events)?,
+                    Counter::Instances => keys(&t.instances)?,
+                };
+                t.meta
+                    .insert(counter.key(), Self::encode("meta", &highest)?)
+                    .map_err(|e| self.db_err(e))?;
+            }
+            if missing { self.flush_trees(t) } else { Ok(()) }
+        })
     }
 
     /// The data dir this store lives in.
     pub fn dir(&self) -> &Path {
-        &self.path
+        &self.inner.dir
     }
 
     fn db_err(&self, source: sled::Error) -> StoreError {
-        StoreError::Db { path: self.path.clone(), source }
+        StoreError::Db { path: self.inner.dir.clone(), source }
+    }
+
+    fn tx_err(&self, error: TransactionError<StoreError>) -> StoreError {
+        match error {
+            TransactionError::Abort(error) => error,
+            TransactionError::Storage(source) => self.db_err(source),
+        }
     }
 
     fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>> {
@@ -188,36 +377,152 @@ impl Store {
         Ok(envelope.r)
     }
 
-    /// Makes everything written so far durable. Called before acknowledging a state change.
-    pub fn flush(&self) -> Result<()> {
-        self.db.flush().map(drop).map_err(|e| self.db_err(e))
+    // --- failure handling ---
+
+    /// Why the store is failing, or `None` when its last write succeeded.
+    pub fn failure(&self) -> Option<StoreFailure> {
+        self.inner.failure.lock().map(|f| f.clone()).unwrap_or_else(|e| e.into_inner().clone())
     }
 
-    /// A fresh store-wide monotonic id (crash-safe: never reused after a restart).
-    pub fn next_id(&self) -> Result<u64> {
-        self.db.generate_id().map(|id| id + 1).map_err(|e| self.db_err(e))
+    /// Tries a write when the store is failing (a flushed probe in `meta`); a success clears the
+    /// failure. Called periodically so the store recovers even when nothing else writes.
+    pub fn heal(&self) -> Result<()> {
+        if self.failure().is_none() {
+            return Ok(());
+        }
+        self.set_meta("store.probe", &crate::model::now())
+    }
+
+    /// Makes every write fail (or not) as a full disk would. For tests of the recovery path.
+    #[doc(hidden)]
+    pub fn inject_write_fault(&self, on: bool) {
+        self.inner.fault_on.store(on, Ordering::SeqCst);
+    }
+
+    fn injected_fault(&self) -> Option<StoreError> {
+        let on = self.inner.fault_on.load(Ordering::SeqCst)
+            || self.inner.fault_file.as_deref().is_some_and(Path::exists);
+        on.then(|| {
+            let io = std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "No space left on device (injected fault)",
+            );
+            self.db_err(sled::Error::Io(io))
+        })
+    }
+
+    fn record_failure(&self, error: &StoreError) {
+        let text = crate::error::chain(error);
+        let mut failure = self.inner.failure.lock().unwrap_or_else(|e| e.into_inner());
+        let first = failure.is_none();
+        let since = failure.as_ref().map_or_else(crate::model::now, |f| f.since);
+        *failure = Some(StoreFailure { since, error: text.clone() });
+        drop(failure);
+        if first {
+            tracing::error!(error = %text, "Store write failed; retrying until it works again.");
+        }
+    }
+
+    fn clear_failure(&self) {
+        let mut failure = self.inner.failure.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = failure.take() {
+            tracing::info!(since = %old.since, "Store writes work again.");
+        }
+    }
+
+    /// Drops the database and opens it again (what a restart does): sled recovers everything
+    /// flushed and forgets the error that stopped it.
+    fn reopen(&self) -> Result<()> {
+        let mut trees = self.inner.trees.write().unwrap_or_else(|e| e.into_inner());
+        if !self.inner.needs_reopen.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Close first: sled holds an exclusive lock on its files until every handle is gone.
+        *trees = None;
+        let path = self.inner.dir.join("db");
+        match Trees::open(&path) {
+            Ok(opened) => {
+                *trees = Some(opened);
+                self.inner.needs_reopen.store(false, Ordering::SeqCst);
+                tracing::warn!(path = %path.display(), "Reopened the store after a failure.");
+                Ok(())
+            }
+            Err(source) => Err(self.db_err(source)),
+        }
+    }
+
+    /// Runs `op` on the open trees, reopening them first after a failure.
+    fn with<T>(&self, op: impl FnOnce(&Trees) -> Result<T>) -> Result<T> {
+        if self.inner.needs_reopen.load(Ordering::SeqCst) {
+            if let Err(error) = self.reopen() {
+                self.record_failure(&error);
+                return Err(error);
+            }
+        }
+        let res = {
+            let guard = self.inner.trees.read().unwrap_or_else(|e| e.into_inner());
+            match guard.as_ref() {
+                Some(trees) => op(trees),
+                None => Err(StoreError::Closed {
+                    path: self.inner.dir.clone(),
+                    reason: self.failure().map(|f| f.error).unwrap_or_default(),
+                }),
+            }
+        };
+        if let Err(error) = &res {
+            if error.is_io() {
+                self.inner.needs_reopen.store(true, Ordering::SeqCst);
+                self.record_failure(error);
+            }
+        }
+        res
+    }
+
+    /// [`with`](Self::with) for an operation that writes (and flushes): refused by an injected
+    /// fault, and a success ends a failure streak.
+    fn write<T>(&self, op: impl FnOnce(&Trees) -> Result<T>) -> Result<T> {
+        if let Some(error) = self.injected_fault() {
+            self.inner.needs_reopen.store(true, Ordering::SeqCst);
+            self.record_failure(&error);
+            return Err(error);
+        }
+        let res = self.with(op)?;
+        self.clear_failure();
+        Ok(res)
+    }
+
+    fn flush_trees(&self, t: &Trees) -> Result<()> {
+        t.db.flush().map(drop).map_err(|e| self.db_err(e))
+    }
+
+    /// Makes everything written so far durable. Called before acknowledging a state change.
+    pub fn flush(&self) -> Result<()> {
+        self.write(|t| self.flush_trees(t))
     }
 
     // --- meta ---
 
     /// Reads a named value.
     pub fn get_meta<T: DeserializeOwned>(&self, name: &str) -> Result<Option<T>> {
-        match self.meta.get(name).map_err(|e| self.db_err(e))? {
-            Some(bytes) => Self::decode("meta", &bytes).map(Some),
-            None => Ok(None),
-        }
+        let bytes = self.with(|t| t.meta.get(name).map_err(|e| self.db_err(e)))?;
+        bytes.map(|b| Self::decode("meta", &b)).transpose()
     }
 
     /// Writes a named value (flushed).
     pub fn set_meta<T: Serialize>(&self, name: &str, value: &T) -> Result<()> {
-        self.meta.insert(name, Self::encode("meta", value)?).map_err(|e| self.db_err(e))?;
-        self.flush()
+        let bytes = Self::encode("meta", value)?;
+        self.write(|t| {
+            t.meta.insert(name, bytes).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     /// Removes a named value (flushed).
     pub fn remove_meta(&self, name: &str) -> Result<()> {
-        self.meta.remove(name).map_err(|e| self.db_err(e))?;
-        self.flush()
+        self.write(|t| {
+            t.meta.remove(name).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     // --- commits ---
@@ -229,66 +534,138 @@ impl Store {
             CommitKind::BranchDeleted => format!("deleted:{}", commit.revision),
             _ => commit.revision.0.clone(),
         };
-        if self.commit_ix.contains_key(&ix_key).map_err(|e| self.db_err(e))? {
-            return Ok(false);
-        }
-        let seq = self.next_id()?;
-        self.commits
-            .insert(seq.to_be_bytes(), Self::encode("commits", commit)?)
-            .map_err(|e| self.db_err(e))?;
-        self.commit_ix.insert(ix_key, &seq.to_be_bytes()).map_err(|e| self.db_err(e))?;
-        self.flush()?;
-        Ok(true)
+        let value = Self::encode("commits", commit)?;
+        self.write(|t| {
+            let new = (&t.meta, &t.commits, &t.commit_ix)
+                .transaction(|(meta, commits, commit_ix)| {
+                    if commit_ix.get(ix_key.as_bytes())?.is_some() {
+                        return Ok(false);
+                    }
+                    let seq = next_in(meta, Counter::Commits)?;
+                    commits.insert(&seq.to_be_bytes(), value.clone())?;
+                    commit_ix.insert(ix_key.as_bytes(), &seq.to_be_bytes())?;
+                    Ok(true)
+                })
+                .map_err(|e| self.tx_err(e))?;
+            if new {
+                self.flush_trees(t)?;
+            }
+            Ok(new)
+        })
     }
 
     /// The record of a commit, if seen.
     pub fn commit(&self, revision: &Revision) -> Result<Option<CommitRecord>> {
-        let Some(seq) = self.commit_ix.get(&revision.0).map_err(|e| self.db_err(e))? else {
-            return Ok(None);
-        };
-        match self.commits.get(seq).map_err(|e| self.db_err(e))? {
-            Some(bytes) => Self::decode("commits", &bytes).map(Some),
-            None => Ok(None),
-        }
+        let bytes = self.with(|t| {
+            let Some(seq) = t.commit_ix.get(&revision.0).map_err(|e| self.db_err(e))? else {
+                return Ok(None);
+            };
+            t.commits.get(seq).map_err(|e| self.db_err(e))
+        })?;
+        bytes.map(|b| Self::decode("commits", &b)).transpose()
     }
 
     /// Commits seen, newest first.
     pub fn commits(&self, limit: usize) -> Result<Vec<CommitRecord>> {
-        self.commits
-            .iter()
-            .rev()
-            .take(limit)
-            .map(|kv| {
-                let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                Self::decode("commits", &v)
-            })
-            .collect()
+        self.with(|t| {
+            t.commits
+                .iter()
+                .rev()
+                .take(limit)
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("commits", &v)
+                })
+                .collect()
+        })
     }
 
     // --- rollouts ---
 
     /// Inserts or updates a rollout (flushed), pruning beyond the retention on insert.
     pub fn put_rollout(&self, rollout: &Rollout) -> Result<()> {
-        let previous = self
-            .rollouts
-            .insert(rollout.id.0.to_be_bytes(), Self::encode("rollouts", rollout)?)
-            .map_err(|e| self.db_err(e))?;
-        if previous.is_none() {
-            self.prune()?;
-        }
-        self.flush()
+        let value = Self::encode("rollouts", rollout)?;
+        self.write(|t| {
+            let previous =
+                t.rollouts.insert(rollout.id.0.to_be_bytes(), value).map_err(|e| self.db_err(e))?;
+            if previous.is_none() {
+                self.prune(t)?;
+            }
+            self.flush_trees(t)
+        })
     }
 
-    /// Creates a rollout with a fresh id from a template whose id is ignored.
+    /// Creates a rollout with a fresh id (the next of the rollout counter) from a template
+    /// whose id is ignored.
     pub fn create_rollout(&self, mut rollout: Rollout) -> Result<Rollout> {
-        rollout.id = RolloutId(self.next_id()?);
-        self.put_rollout(&rollout)?;
+        let created = self.write(|t| {
+            let created = (&t.meta, &t.rollouts)
+                .transaction(|(meta, rollouts)| {
+                    let mut record = rollout.clone();
+                    record.id = RolloutId(next_in(meta, Counter::Rollouts)?);
+                    let value = Self::encode("rollouts", &record).map_err(abort)?;
+                    rollouts.insert(&record.id.0.to_be_bytes(), value)?;
+                    Ok(record)
+                })
+                .map_err(|e| self.tx_err(e))?;
+            self.prune(t)?;
+            self.flush_trees(t)?;
+            Ok(created)
+        })?;
+        rollout.id = created.id;
         Ok(rollout)
+    }
+
+    /// Writes a rollout together with instance journal entries and timeline events, in one
+    /// transaction (flushed): after a crash either all of them are on disk or none is. Returns
+    /// the journal entries and events with their sequence numbers; events are published to
+    /// followers.
+    pub fn record_step(
+        &self,
+        rollout: &Rollout,
+        journal: Vec<InstanceEvent>,
+        events: Vec<Event>,
+    ) -> Result<(Vec<InstanceEvent>, Vec<Event>)> {
+        let value = Self::encode("rollouts", rollout)?;
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|mut e| {
+                e.message = crate::error::redact(&e.message);
+                e
+            })
+            .collect();
+        let written = self.write(|t| {
+            let written = (&t.meta, &t.rollouts, &t.instances, &t.events)
+                .transaction(|(meta, rollouts, instances, events_tree)| {
+                    rollouts.insert(&rollout.id.0.to_be_bytes(), value.clone())?;
+                    let mut journal = journal.clone();
+                    for entry in &mut journal {
+                        entry.seq = next_in(meta, Counter::Instances)?;
+                        let bytes = Self::encode("instances", entry).map_err(abort)?;
+                        instances.insert(instance_key(entry), bytes)?;
+                    }
+                    let mut events = events.clone();
+                    for event in &mut events {
+                        event.seq = next_in(meta, Counter::Events)?;
+                        let bytes = Self::encode("events", event).map_err(abort)?;
+                        events_tree.insert(event_key(event), bytes)?;
+                    }
+                    Ok((journal, events))
+                })
+                .map_err(|e| self.tx_err(e))?;
+            self.flush_trees(t)?;
+            Ok(written)
+        })?;
+        for event in &written.1 {
+            // Nobody following is fine.
+            let _ = self.inner.feed.send(event.clone());
+        }
+        Ok(written)
     }
 
     /// One rollout.
     pub fn rollout(&self, id: RolloutId) -> Result<Rollout> {
-        match self.rollouts.get(id.0.to_be_bytes()).map_err(|e| self.db_err(e))? {
+        match self.with(|t| t.rollouts.get(id.0.to_be_bytes()).map_err(|e| self.db_err(e)))? {
             Some(bytes) => Self::decode("rollouts", &bytes),
             None => Err(StoreError::NotFound { what: "rollout", id: id.to_string() }),
         }
@@ -297,25 +674,27 @@ impl Store {
     /// Rollouts matching `filter`, newest first.
     pub fn rollouts(&self, filter: &RolloutFilter) -> Result<Vec<Rollout>> {
         let upper = filter.before.map_or(u64::MAX, |id| id.0);
-        let mut out = Vec::new();
-        for kv in self.rollouts.range(..upper.to_be_bytes()).rev() {
-            let (_, v) = kv.map_err(|e| self.db_err(e))?;
-            let rollout: Rollout = Self::decode("rollouts", &v)?;
-            if filter.fleet.as_ref().is_some_and(|f| rollout.fleet.as_ref() != Some(f))
-                || filter.state.is_some_and(|s| rollout.state != s)
-                || filter
-                    .commit
-                    .as_ref()
-                    .is_some_and(|c| !rollout.revision.0.starts_with(c.as_str()))
-            {
-                continue;
+        self.with(|t| {
+            let mut out = Vec::new();
+            for kv in t.rollouts.range(..upper.to_be_bytes()).rev() {
+                let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                let rollout: Rollout = Self::decode("rollouts", &v)?;
+                if filter.fleet.as_ref().is_some_and(|f| rollout.fleet.as_ref() != Some(f))
+                    || filter.state.is_some_and(|s| rollout.state != s)
+                    || filter
+                        .commit
+                        .as_ref()
+                        .is_some_and(|c| !rollout.revision.0.starts_with(c.as_str()))
+                {
+                    continue;
+                }
+                out.push(rollout);
+                if filter.limit.is_some_and(|limit| out.len() >= limit) {
+                    break;
+                }
             }
-            out.push(rollout);
-            if filter.limit.is_some_and(|limit| out.len() >= limit) {
-                break;
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Rollouts not yet in a terminal state, oldest first (what a restart resumes).
@@ -329,13 +708,14 @@ impl Store {
         Ok(out)
     }
 
-    fn prune(&self) -> Result<()> {
-        if self.retention == 0 || self.rollouts.len() <= self.retention {
+    fn prune(&self, t: &Trees) -> Result<()> {
+        let retention = self.inner.retention;
+        if retention == 0 || t.rollouts.len() <= retention {
             return Ok(());
         }
-        let excess = self.rollouts.len() - self.retention;
+        let excess = t.rollouts.len() - retention;
         let mut removed = 0;
-        for kv in self.rollouts.iter() {
+        for kv in t.rollouts.iter() {
             if removed >= excess {
                 break;
             }
@@ -345,10 +725,10 @@ impl Store {
             if !rollout.state.is_terminal() {
                 continue;
             }
-            self.rollouts.remove(&key).map_err(|e| self.db_err(e))?;
-            for ev in self.events.scan_prefix(&key) {
+            t.rollouts.remove(&key).map_err(|e| self.db_err(e))?;
+            for ev in t.events.scan_prefix(&key) {
                 let (ek, _) = ev.map_err(|e| self.db_err(e))?;
-                self.events.remove(ek).map_err(|e| self.db_err(e))?;
+                t.events.remove(ek).map_err(|e| self.db_err(e))?;
             }
             removed += 1;
         }
@@ -366,35 +746,43 @@ impl Store {
         message: impl Into<String>,
         data: Option<serde_json::Value>,
     ) -> Result<Event> {
-        let event = Event {
-            seq: self.next_id()?,
+        let mut events = [Event {
+            seq: 0,
             rollout,
             at: crate::model::now(),
             level,
             kind: kind.to_owned(),
             message: crate::error::redact(&message.into()),
             data,
-        };
-        self.insert_event(&event)?;
-        self.flush()?;
+        }];
+        self.append_events(&mut events)?;
+        let [event] = events;
         Ok(event)
     }
 
-    /// Appends many events with one flush (hook output lines arrive in bursts).
+    /// Appends many events in one transaction and one flush (hook output lines arrive in
+    /// bursts); assigns their sequence numbers.
     pub fn append_events(&self, events: &mut [Event]) -> Result<()> {
-        for event in events.iter_mut() {
-            event.seq = self.next_id()?;
-            self.insert_event(event)?;
+        let numbered = self.write(|t| {
+            let numbered = (&t.meta, &t.events)
+                .transaction(|(meta, tree)| {
+                    let mut numbered = events.to_vec();
+                    for event in &mut numbered {
+                        event.seq = next_in(meta, Counter::Events)?;
+                        let bytes = Self::encode("events", event).map_err(abort)?;
+                        tree.insert(event_key(event), bytes)?;
+                    }
+                    Ok(numbered)
+                })
+                .map_err(|e| self.tx_err(e))?;
+            self.flush_trees(t)?;
+            Ok(numbered)
+        })?;
+        for (event, numbered) in events.iter_mut().zip(numbered) {
+            *event = numbered;
+            // Nobody following is fine.
+            let _ = self.inner.feed.send(event.clone());
         }
-        self.flush()
-    }
-
-    fn insert_event(&self, event: &Event) -> Result<()> {
-        let mut key = event.rollout.0.to_be_bytes().to_vec();
-        key.extend_from_slice(&event.seq.to_be_bytes());
-        self.events.insert(key, Self::encode("events", event)?).map_err(|e| self.db_err(e))?;
-        // Nobody following is fine.
-        let _ = self.feed.send(event.clone());
         Ok(())
     }
 
@@ -404,100 +792,122 @@ impl Store {
         from.extend_from_slice(&after.saturating_add(1).to_be_bytes());
         let mut to = rollout.0.to_be_bytes().to_vec();
         to.extend_from_slice(&u64::MAX.to_be_bytes());
-        self.events
-            .range(from..=to)
-            .map(|kv| {
-                let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                Self::decode("events", &v)
-            })
-            .collect()
+        self.with(|t| {
+            t.events
+                .range(from..=to)
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("events", &v)
+                })
+                .collect()
+        })
     }
 
     /// Live feed of every event appended from now on (for SSE followers).
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.feed.subscribe()
+        self.inner.feed.subscribe()
     }
 
     // --- instances ---
 
     /// Appends to the per-instance journal (flushed).
-    pub fn record_instance(&self, mut event: InstanceEvent) -> Result<InstanceEvent> {
-        event.seq = self.next_id()?;
-        let mut key = event.fleet.as_bytes().to_vec();
-        key.push(0);
-        key.extend_from_slice(&event.seq.to_be_bytes());
-        self.instances
-            .insert(key, Self::encode("instances", &event)?)
-            .map_err(|e| self.db_err(e))?;
-        self.flush()?;
-        Ok(event)
+    pub fn record_instance(&self, event: InstanceEvent) -> Result<InstanceEvent> {
+        let mut written = self.record_instances(vec![event])?;
+        written.pop().ok_or_else(|| StoreError::NotFound {
+            what: "journal entry",
+            id: "just written".into(),
+        })
+    }
+
+    /// Appends several entries to the per-instance journal in one transaction (flushed): all of
+    /// them are recorded or none is.
+    pub fn record_instances(&self, entries: Vec<InstanceEvent>) -> Result<Vec<InstanceEvent>> {
+        self.write(|t| {
+            let written = (&t.meta, &t.instances)
+                .transaction(|(meta, instances)| {
+                    let mut entries = entries.clone();
+                    for entry in &mut entries {
+                        entry.seq = next_in(meta, Counter::Instances)?;
+                        let bytes = Self::encode("instances", entry).map_err(abort)?;
+                        instances.insert(instance_key(entry), bytes)?;
+                    }
+                    Ok(entries)
+                })
+                .map_err(|e| self.tx_err(e))?;
+            self.flush_trees(t)?;
+            Ok(written)
+        })
     }
 
     /// A fleet's instance journal, oldest first.
     pub fn instance_journal(&self, fleet: &str) -> Result<Vec<InstanceEvent>> {
         let mut prefix = fleet.as_bytes().to_vec();
         prefix.push(0);
-        self.instances
-            .scan_prefix(prefix)
-            .map(|kv| {
-                let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                Self::decode("instances", &v)
-            })
-            .collect()
+        self.with(|t| {
+            t.instances
+                .scan_prefix(prefix)
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("instances", &v)
+                })
+                .collect()
+        })
     }
 
     // --- bakes ---
 
     /// A cached bake.
     pub fn bake(&self, key: &str) -> Result<Option<BakeRecord>> {
-        match self.bakes.get(key).map_err(|e| self.db_err(e))? {
-            Some(bytes) => Self::decode("bakes", &bytes).map(Some),
-            None => Ok(None),
-        }
+        let bytes = self.with(|t| t.bakes.get(key).map_err(|e| self.db_err(e)))?;
+        bytes.map(|b| Self::decode("bakes", &b)).transpose()
     }
 
     /// Caches a bake (flushed).
     pub fn put_bake(&self, record: &BakeRecord) -> Result<()> {
-        self.bakes
-            .insert(record.key.as_bytes(), Self::encode("bakes", record)?)
-            .map_err(|e| self.db_err(e))?;
-        self.flush()
+        let value = Self::encode("bakes", record)?;
+        self.write(|t| {
+            t.bakes.insert(record.key.as_bytes(), value).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     /// Drops a cached bake (flushed): the next bake with this key bakes again. Garbage
     /// collection calls it before it deletes the image the entry names.
     pub fn remove_bake(&self, key: &str) -> Result<()> {
-        self.bakes.remove(key.as_bytes()).map_err(|e| self.db_err(e))?;
-        self.flush()
+        self.write(|t| {
+            t.bakes.remove(key.as_bytes()).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     /// Every cached bake, in key order.
     pub fn bakes(&self) -> Result<Vec<BakeRecord>> {
-        self.bakes
-            .iter()
-            .map(|kv| {
-                let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                Self::decode("bakes", &v)
-            })
-            .collect()
+        self.with(|t| {
+            t.bakes
+                .iter()
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("bakes", &v)
+                })
+                .collect()
+        })
     }
 
     // --- deployed ---
 
     /// What a fleet runs now.
     pub fn deployed(&self, fleet: &str) -> Result<Option<Deployed>> {
-        match self.deployed.get(fleet).map_err(|e| self.db_err(e))? {
-            Some(bytes) => Self::decode("deployed", &bytes).map(Some),
-            None => Ok(None),
-        }
+        let bytes = self.with(|t| t.deployed.get(fleet).map_err(|e| self.db_err(e)))?;
+        bytes.map(|b| Self::decode("deployed", &b)).transpose()
     }
 
     /// Records what a fleet runs now (flushed).
     pub fn set_deployed(&self, deployed: &Deployed) -> Result<()> {
-        self.deployed
-            .insert(deployed.fleet.as_bytes(), Self::encode("deployed", deployed)?)
-            .map_err(|e| self.db_err(e))?;
-        self.flush()
+        let value = Self::encode("deployed", deployed)?;
+        self.write(|t| {
+            t.deployed.insert(deployed.fleet.as_bytes(), value).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 }
 

@@ -184,3 +184,145 @@ fn envelope_format_is_stable() {
     let bytes = Store::encode("meta", &serde_json::json!({"a": 1})).unwrap();
     assert_eq!(String::from_utf8(bytes).unwrap(), r#"{"v":1,"r":{"a":1}}"#);
 }
+
+fn instance_event(fleet: &str, instance: &str) -> InstanceEvent {
+    InstanceEvent {
+        seq: 0,
+        fleet: fleet.into(),
+        instance: crate::model::InstanceId(instance.into()),
+        image: Some(ImageRef("img".into())),
+        rollout: None,
+        action: InstanceAction::Launched,
+        at: now(),
+        reason: None,
+    }
+}
+
+#[test]
+fn ids_are_dense_per_kind_and_survive_restarts() {
+    // Issue 10: sled's generate_id reserves blocks, so ids jumped by ~2,000,000 per start.
+    let dir = tempfile::tempdir().unwrap();
+    let mut rollouts = Vec::new();
+    let mut events = Vec::new();
+    let mut commits = Vec::new();
+    let mut journal = Vec::new();
+    for start in 0..4 {
+        let store = Store::open(dir.path(), 0).unwrap();
+        for n in 0..2 {
+            let id = store
+                .create_rollout(rollout("web", &format!("{start}{n}"), RolloutState::Succeeded))
+                .unwrap()
+                .id;
+            rollouts.push(id.0);
+            events.push(store.append_event(id, Level::Info, "state", "x", None).unwrap().seq);
+        }
+        assert!(store.record_commit(&commit(&format!("c{start}"), CommitKind::Push)).unwrap());
+        commits.push(store.commits(1).unwrap().len());
+        journal.push(store.record_instance(instance_event("web", "i")).unwrap().seq);
+    }
+    assert_eq!(rollouts, (1..=8).collect::<Vec<u64>>(), "rollout ids are dense from 1");
+    assert_eq!(events, (1..=8).collect::<Vec<u64>>(), "event seqs have their own counter");
+    assert_eq!(journal, (1..=4).collect::<Vec<u64>>(), "journal seqs have their own counter");
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.rollout(RolloutId(1)).unwrap().revision.0, "00", "`kiln show 1` finds it");
+    assert_eq!(store.commits(10).unwrap().len(), 4);
+    assert_eq!(store.get_meta::<u64>("seq.commits").unwrap(), Some(4));
+}
+
+#[test]
+fn a_data_dir_without_counters_continues_after_its_highest_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        // What an older kiln left: ids from sled's generate_id, far apart.
+        let mut old = rollout("web", "aaaa", RolloutState::Succeeded);
+        old.id = RolloutId(2_000_002);
+        store.put_rollout(&old).unwrap();
+        store.append_event(old.id, Level::Info, "state", "x", None).unwrap();
+        store.record_instance(instance_event("web", "i")).unwrap();
+        store.record_instance(instance_event("api", "j")).unwrap();
+        store.record_commit(&commit("abc", CommitKind::Push)).unwrap();
+        for key in ["seq.commits", "seq.rollouts", "seq.events", "seq.instances"] {
+            store.remove_meta(key).unwrap();
+        }
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    let next = store.create_rollout(rollout("web", "bbbb", RolloutState::Pending)).unwrap();
+    assert_eq!(next.id, RolloutId(2_000_003));
+    assert_eq!(store.append_event(next.id, Level::Info, "state", "y", None).unwrap().seq, 2);
+    assert_eq!(store.record_instance(instance_event("web", "k")).unwrap().seq, 3);
+    assert!(store.record_commit(&commit("def", CommitKind::Push)).unwrap());
+    assert_eq!(store.get_meta::<u64>("seq.commits").unwrap(), Some(2));
+}
+
+#[test]
+fn a_step_records_the_rollout_journal_and_events_in_one_write() {
+    // Issue 10: a kill between two writes lost the `launched` journal entry. One call writes the
+    // rollout record, the journal entries and the timeline events together, or nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let created = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap();
+    let mut feed = store.subscribe();
+    let event = |kind: &str| Event {
+        seq: 0,
+        rollout: created.id,
+        at: now(),
+        level: Level::Info,
+        kind: kind.into(),
+        message: format!("{kind} via https://u:pw@host/x"),
+        data: None,
+    };
+    let mut launched = created.clone();
+    launched.reason = Some("launched one".into());
+
+    // Refused as a whole: nothing of it is visible, before or after a restart.
+    store.inject_write_fault(true);
+    let entries = vec![instance_event("web", "i-1")];
+    assert!(
+        store.record_step(&launched, entries.clone(), vec![event("instance.launched")]).is_err()
+    );
+    store.inject_write_fault(false);
+    assert_eq!(store.rollout(created.id).unwrap().reason, None);
+    assert!(store.instance_journal("web").unwrap().is_empty());
+    assert!(store.events(created.id, 0).unwrap().is_empty());
+
+    let mut with_rollout = entries.clone();
+    with_rollout[0].rollout = Some(created.id);
+    let (journal, events) = store
+        .record_step(&launched, with_rollout, vec![event("instance.launched"), event("other")])
+        .unwrap();
+    assert_eq!(journal.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(feed.try_recv().unwrap().kind, "instance.launched", "published to followers");
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.rollout(created.id).unwrap().reason.as_deref(), Some("launched one"));
+    let journal = store.instance_journal("web").unwrap();
+    assert_eq!(journal.len(), 1);
+    assert_eq!(journal[0].rollout, Some(created.id));
+    let events = store.events(created.id, 0).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].message, "instance.launched via https://***@host/x", "redacted");
+}
+
+#[test]
+fn a_failing_store_says_so_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let id = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap().id;
+    assert!(store.failure().is_none());
+    store.inject_write_fault(true);
+    let error = store.put_rollout(&rollout("web", "bbbb", RolloutState::Rolling)).unwrap_err();
+    assert!(error.is_io(), "{error:?}");
+    let failure = store.failure().expect("the store reports the failure");
+    assert!(failure.error.contains("No space left on device"), "{failure:?}");
+    assert!(store.heal().is_err(), "still failing");
+    assert_eq!(store.failure().map(|f| f.since), Some(failure.since), "one streak");
+    // Reads keep working meanwhile (the database is reopened first).
+    assert_eq!(store.rollout(id).unwrap().revision.0, "aaaa");
+    store.inject_write_fault(false);
+    store.heal().unwrap();
+    assert!(store.failure().is_none(), "a successful write ends the failure");
+    let next = store.create_rollout(rollout("web", "cccc", RolloutState::Pending)).unwrap();
+    assert_eq!(next.id, RolloutId(2), "the failed write took no id");
+}

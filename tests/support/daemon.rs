@@ -98,6 +98,13 @@ impl Daemon {
         }
     }
 
+    /// The daemon's API base URL (`http://127.0.0.1:PORT`), from `daemon.json`.
+    pub fn api_url(&self) -> Option<String> {
+        let info = std::fs::read(self.data_dir.join("daemon.json")).ok()?;
+        let info: Value = serde_json::from_slice(&info).ok()?;
+        info["api"].as_str().map(str::to_owned)
+    }
+
     fn api_ok(&self) -> bool {
         kiln(&self.data_dir, &["log", "--json", "--limit", "1"]).0 != 2
     }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
 pub mod daemon;
+pub mod disk;
 pub mod fleet;
 pub mod git;
 pub mod hooks;

@@ -464,7 +464,14 @@ fn pause_abort_supersede_stop_at_safe_points() {
                 "half-done replacement left: {:?}",
                 sim.instances
             );
-            assert_eq!(sim.running(), 4, "capacity kept: {:?}", sim.log);
+            if want == S::Paused {
+                assert_eq!(sim.running(), 4, "capacity kept: {:?}", sim.log);
+            } else {
+                // Unproven new instances are terminated at once; a slot emptied under
+                // maxUnavailable is refilled by the next rollout or the capacity keeper.
+                assert!(sim.running() >= sim.floor, "serving floor kept: {:?}", sim.log);
+                assert!(sim.instances.iter().all(|i| i.running), "{:?}", sim.instances);
+            }
             if want == S::Aborted || want == S::Superseded {
                 let reason = sim.rollout.reason.clone().unwrap_or_default();
                 assert!(reason.contains("fleet left as is"), "{reason}");
@@ -478,6 +485,126 @@ fn pause_abort_supersede_stop_at_safe_points() {
             }
         }
     }
+}
+
+/// Steps until some new instance passed `healthyThreshold` and waits out `minHealthy`.
+fn run_until_healthy_pending(sim: &mut Sim) -> Timestamp {
+    for _ in 0..10_000 {
+        let since = sim
+            .rollout
+            .rolling
+            .as_ref()
+            .and_then(|r| r.probes.values().find_map(|p| p.healthy_since));
+        if let Some(since) = since {
+            return since;
+        }
+        assert!(sim.apply().is_none(), "ended before a new instance was healthy: {:#?}", sim.log);
+    }
+    panic!("no new instance became healthy: {:#?}", sim.log);
+}
+
+#[test]
+fn abort_does_not_wait_out_min_healthy() {
+    // Issue 9: an abort sent while a new instance waits out a long minHealthy was ignored until
+    // the progress deadline. Verbs act at the next step.
+    for unavailable in [N(0), N(1)] {
+        let mut p = policy(3, N(1), unavailable);
+        p.min_healthy = secs(3600);
+        p.progress_deadline = secs(7200);
+        let mut sim = Sim::new(p.clone(), 3);
+        let healthy_since = run_until_healthy_pending(&mut sim);
+        let asked = sim.now;
+        sim.control = Control::Abort;
+        assert_eq!(sim.run(), S::Aborted, "{:#?}", sim.log);
+        assert!(
+            sim.now < add(healthy_since, p.min_healthy),
+            "the abort waited for minHealthy: asked at {asked}, ended at {}",
+            sim.now
+        );
+        assert!(sim.instances.iter().all(|i| i.image.as_str() == A), "{:?}", sim.instances);
+        assert!(sim.instances.iter().all(|i| i.attached), "{:?}", sim.instances);
+        let reason = sim.rollout.reason.clone().unwrap_or_default();
+        assert!(reason.contains("aborted by operator"), "{reason}");
+        assert!(reason.contains("terminated without waiting"), "{reason}");
+        assert!(reason.contains("fleet left as is"), "{reason}");
+        let log = sim.log.join("\n");
+        assert!(!log.contains("Attach"), "nothing was attached after the abort:\n{log}");
+    }
+}
+
+#[test]
+fn a_newer_commit_supersedes_an_unproven_canary_at_once() {
+    // Issue 10: a fix pushed while the broken canary was still being checked waited out the
+    // whole healthCheck.timeout.
+    let mut p = policy(3, N(1), N(0));
+    p.health_check.timeout = secs(3600);
+    p.progress_deadline = secs(7200);
+    p.canary = Some(Canary { count: 1, pause: None, manual: false });
+    let mut sim = Sim::new(p.clone(), 3);
+    sim.bad.insert(B.into());
+    // Run until the canary failed a few checks.
+    while !sim.rollout.rolling.as_ref().is_some_and(|r| {
+        r.probes.values().any(|probe| {
+            probe.last_error.is_some() && probe.last_at > Some(add(probe.since, secs(3)))
+        })
+    }) {
+        assert!(sim.apply().is_none(), "{:#?}", sim.log);
+    }
+    let launched_at =
+        sim.rollout.rolling.as_ref().and_then(|r| r.probes.values().next().map(|p| p.since));
+    sim.control = Control::Supersede(RolloutId(8));
+    assert_eq!(sim.run(), S::Superseded, "{:#?}", sim.log);
+    let launched_at = launched_at.expect("a probed canary");
+    assert!(sim.now < add(launched_at, p.health_check.timeout), "waited for the health timeout");
+    assert!(
+        sim.instances.iter().all(|i| i.image.as_str() == A && i.attached),
+        "{:?}",
+        sim.instances
+    );
+    assert_eq!(sim.running(), 3);
+    let reason = sim.rollout.reason.clone().unwrap_or_default();
+    assert!(reason.contains("superseded by rollout #8"), "{reason}");
+    assert!(reason.contains("1 unproven new instance(s) terminated"), "{reason}");
+
+    // Once a new instance serves, a supersede still lets the replacement in flight finish.
+    let mut p = policy(3, N(1), N(0));
+    p.min_healthy = secs(60);
+    let mut sim = Sim::new(p, 3);
+    while sim.instances.iter().filter(|i| i.image.as_str() == B && i.attached).count() < 1
+        || !sim.instances.iter().any(|i| i.image.as_str() == B && !i.attached)
+    {
+        assert!(sim.apply().is_none(), "{:#?}", sim.log);
+    }
+    sim.control = Control::Supersede(RolloutId(8));
+    assert_eq!(sim.run(), S::Superseded);
+    assert!(sim.instances.iter().all(|i| i.attached), "{:?}", sim.instances);
+    assert_eq!(sim.images().iter().filter(|i| *i == B).count(), 2, "{:#?}", sim.log);
+}
+
+#[test]
+fn instances_failing_their_checks_are_terminated_as_unhealthy() {
+    // Issue 10: an instance that failed its health checks was terminated as `replaced`.
+    let sim = check(policy(3, N(1), N(0)), 3, &[B], done(S::RolledBack, A));
+    let failed = sim.rollout.rolling.as_ref().map(|r| r.failed.clone()).unwrap_or_default();
+    let check = failed.get("new1").unwrap_or_else(|| panic!("new1 recorded failed: {failed:?}"));
+    assert!(check.starts_with("GET /healthz on 127.0.0.1:") && check.ends_with(": 500"), "{check}");
+    let terminations: Vec<&String> =
+        sim.log.iter().filter(|l| l.starts_with("Terminate { id: InstanceId(\"new")).collect();
+    assert!(!terminations.is_empty(), "{:#?}", sim.log);
+    assert!(
+        terminations.iter().all(|l| l.contains("why: \"unhealthy\"")),
+        "failed new instances are terminated as unhealthy: {terminations:#?}"
+    );
+    // Old instances replaced on the way back are still `replaced`... there are none here: the
+    // olds never left. A dead new instance is a failure too.
+    let mut sim = Sim::new(policy(2, N(1), N(0)), 2);
+    sim.run_acts(1);
+    for i in sim.instances.iter_mut().filter(|i| i.image.as_str() == B) {
+        i.running = false;
+    }
+    assert_eq!(sim.run(), S::RolledBack);
+    let failed = sim.rollout.rolling.as_ref().map(|r| r.failed.clone()).unwrap_or_default();
+    assert!(failed.get("new1").is_some_and(|why| why.contains("stopped running")), "{failed:?}");
 }
 
 #[test]
