@@ -8,3 +8,4 @@ pub mod daemon;
 pub mod fleet;
 pub mod git;
 pub mod hooks;
+pub mod metrics;
