@@ -375,8 +375,8 @@ impl Operator {
                 Ok(())
             }
             SourceEvent::FetchFailed { message, trigger } => {
-                // The watcher counts fetch errors in the metrics itself.
-                tracing::warn!(trigger = %trigger, error = %message, "Fetch failed; retrying with backoff.");
+                // The watcher counts fetch errors in the metrics and logs them (deduplicated).
+                tracing::debug!(trigger = %trigger, error = %message, "Fetch failed.");
                 let due = self
                     .last_fetch_failure_logged
                     .is_none_or(|at| at.elapsed() >= FETCH_FAILURE_LOG_INTERVAL);

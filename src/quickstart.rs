@@ -108,7 +108,8 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         branch: "main".into(),
         data_dir: data.clone(),
         listen: args.listen,
-        poll: Duration::from_secs(60),
+        // A local path: notify sees pushes at once, the poll is a slow safety net.
+        poll: crate::source::default_poll(&bare.to_string_lossy()),
         retention: 1000,
         keep_images: crate::gc::DEFAULT_KEEP_IMAGES,
         hook_env: vec![],

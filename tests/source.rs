@@ -431,3 +431,86 @@ fn support_servers_serve_the_git_cli() {
     }
     assert!(http.requests() >= 2, "the clone went through the http bridge");
 }
+
+/// Issue 10 major 1: kiln's own fetch opens the local remote's ref files, and notify reported
+/// the opens, so every check triggered the next (hundreds a second). An idle watcher on a
+/// local repository makes no check after the initial one; a push costs one (or two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_watcher_on_a_local_repo_does_not_check() {
+    if !require_git("an_idle_watcher_on_a_local_repo_does_not_check") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("first", &[("kiln.yaml", "fleets: []\n")]);
+    let mut watch = start(&repo, repo.url(), Duration::from_secs(60), None);
+    watch.commits("the initial tip").await;
+    let after_start = watch.handle.checks();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = watch.handle.checks() - after_start;
+    assert_eq!(idle, 0, "{idle} checks in 2 s of idleness");
+
+    let c2 = repo.commit("second", &[("app.txt", "v2\n")]);
+    let pushed = watch.commits("the pushed commit").await;
+    assert_eq!(revisions(&pushed), vec![c2]);
+    assert_eq!(pushed[0].trigger, "notify");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let for_push = watch.handle.checks() - after_start;
+    assert!((1..=2).contains(&for_push), "a push cost {for_push} checks");
+}
+
+/// Issue 10 major 1, failing half: a local remote whose fetches fail (its objects are gone,
+/// its refs intact) was retried on every notify event the failed fetch itself caused. It is
+/// retried with backoff: a handful of attempts in a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_local_remote_is_retried_with_backoff() {
+    if !require_git("a_failing_local_remote_is_retried_with_backoff") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("first", &[("kiln.yaml", "fleets: []\n")]);
+    let objects = repo.bare_path().join("objects");
+    for entry in std::fs::read_dir(&objects).expect("objects").flatten() {
+        if entry.file_name() != "info" {
+            std::fs::remove_dir_all(entry.path()).expect("remove objects");
+        }
+    }
+    let mut watch = start(&repo, repo.url(), Duration::from_secs(60), None);
+    match watch.next("the first failure").await {
+        SourceEvent::FetchFailed { trigger, .. } => assert_eq!(trigger, "startup"),
+        other => panic!("expected a fetch failure, got {other:?}"),
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Backoff 0.5 s, 1 s, 2 s (±20%) after the first: at most 4 attempts in ~3 s.
+    let attempts = watch.handle.checks();
+    assert!((2..=5).contains(&attempts), "{attempts} attempts in ~3 s");
+}
+
+/// Issue 10 minor: a local remote that does not exist was an "unsupported URL protocol".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_local_remote_is_named_as_missing() {
+    if !require_git("a_missing_local_remote_is_named_as_missing") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let missing = repo.scratch("gone.git");
+    let url = missing.to_string_lossy().into_owned();
+    let mut watch = start(&repo, url.clone(), Duration::from_secs(60), None);
+    match watch.next("the failure").await {
+        SourceEvent::FetchFailed { message, .. } => {
+            assert!(
+                message.contains(&format!("the local repository {url} does not exist")),
+                "{message}"
+            );
+            assert!(!message.contains("unsupported URL protocol"), "{message}");
+        }
+        other => panic!("expected a fetch failure, got {other:?}"),
+    }
+    // Once it exists, the watcher finds it.
+    let other = TestRepo::new();
+    let c1 = other.commit("first", &[("kiln.yaml", "fleets: []\n")]);
+    std::fs::rename(other.bare_path(), &missing).expect("move the repository into place");
+    let records = watch.commits_after_failures("the repository appearing").await;
+    assert_eq!(revisions(&records), vec![c1]);
+    drop(other);
+    watch.stop().await;
+}

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::daemon::{Daemon, for_commit};
 use support::git::{TestRepo, require_git};
+use support::metrics;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -243,4 +244,157 @@ fn a_broken_manifest_is_recorded_and_the_next_good_commit_proceeds() {
         "the failing hook is named: {rollout}"
     );
     assert_eq!(entry_state(&log, &bad), ["failed"]);
+}
+
+/// Issue 10 major 1: an idle daemon on a local repository fetched 370–1,100 times a second,
+/// because its own fetch opened the watched ref files and notify reported the opens. Only a
+/// change of the branch's ref is a trigger now, and the poll of a local remote is a slow
+/// safety net: after the initial fetch an idle daemon does not fetch at all.
+#[test]
+fn an_idle_daemon_on_a_local_repo_does_not_fetch() {
+    if !require_git("an_idle_daemon_on_a_local_repo_does_not_fetch") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let first = repo.commit("readme", &[("README", "hello\n")]);
+    // No --poll: the default for a local path.
+    let daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &[]);
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &first).is_empty());
+    let data = &daemon.data_dir;
+    let at_start = metrics::counter(data, "kiln_fetches_total");
+    assert!(at_start >= 1, "the initial fetch is counted");
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = metrics::counter(data, "kiln_fetches_total") - at_start;
+    let errors = metrics::counter(data, "kiln_fetch_errors_total");
+    assert_eq!(idle, 0, "an idle daemon fetched {idle} times in 3 s\n{}", daemon.logs());
+    assert_eq!(errors, 0, "{}", daemon.logs());
+
+    // A push is still noticed at once, through notify, with one fetch (or two, when the ref's
+    // rename and the reflog land on both sides of the first one), never a storm.
+    let before_push = metrics::counter(data, "kiln_fetches_total");
+    let second = repo.commit("second", &[("README", "hello again\n")]);
+    let log =
+        daemon.wait_log("the pushed commit", WAIT, |log| !for_commit(log, &second).is_empty());
+    assert_eq!(for_commit(&log, &second)[0]["trigger"], "notify");
+    std::thread::sleep(Duration::from_secs(1));
+    let for_push = metrics::counter(data, "kiln_fetches_total") - before_push;
+    assert!((1..=3).contains(&for_push), "a push cost {for_push} fetches\n{}", daemon.logs());
+}
+
+/// Warnings about fetch failures in the daemon's log.
+fn fetch_warnings(daemon: &Daemon) -> usize {
+    daemon.logs().lines().filter(|l| l.contains("WARN") && l.contains("Fetch")).count()
+}
+
+/// Issue 10 major 1, the failing half: a local remote whose fetch fails (its objects are gone)
+/// was retried on every notify event its own fetch caused (~18,000 warnings in 20 s). Now it
+/// backs off exponentially and says so once.
+#[test]
+fn a_failing_local_remote_backs_off_and_warns_once() {
+    if !require_git("a_failing_local_remote_backs_off_and_warns_once") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("readme", &[("README", "hello\n")]);
+    // The refs are intact (so listing them works and touches the watched files) but the
+    // objects they name are gone: every fetch fails after reading the refs.
+    let objects = repo.bare_path().join("objects");
+    for entry in std::fs::read_dir(&objects).unwrap().flatten() {
+        let name = entry.file_name();
+        if name != "info" {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    let daemon = Daemon::start(&repo.url(), &repo.scratch("data"), &[]);
+    let data = &daemon.data_dir;
+    daemon.wait_log("a fetch failure entry", WAIT, |log| {
+        log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.starts_with("fetch failed")))
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let attempts = metrics::counter(data, "kiln_fetch_errors_total");
+    // Backoff 0.5 s, 1 s, 2 s, 4 s (±20%): about five attempts in these ~4 s.
+    assert!((1..=8).contains(&attempts), "{attempts} failed fetches in ~4 s\n{}", daemon.logs());
+    assert_eq!(metrics::counter(data, "kiln_fetches_total"), 0);
+    let warnings = fetch_warnings(&daemon);
+    assert_eq!(warnings, 1, "one warning while the error stays the same\n{}", daemon.logs());
+}
+
+/// Issue 10 minor: a local remote that does not exist was reported as "unsupported URL
+/// protocol". The entry names the missing path.
+#[test]
+fn a_missing_local_remote_is_named() {
+    if !require_git("a_missing_local_remote_is_named") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let missing = repo.scratch("no-such-repo.git");
+    let missing = missing.to_str().unwrap();
+    let daemon = Daemon::start(missing, &repo.scratch("data"), &[]);
+    let log = daemon.wait_log("a fetch failure entry", WAIT, |log| {
+        log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.starts_with("fetch failed")))
+    });
+    let reason = log
+        .iter()
+        .find_map(|e| e["reason"].as_str().filter(|r| r.starts_with("fetch failed")))
+        .unwrap();
+    assert!(reason.contains(&format!("the local repository {missing} does not exist")), "{reason}");
+    assert!(!reason.contains("unsupported URL protocol"), "{reason}");
+}
+
+/// Issue 9 major 6: the remote URL's password (here with a quote, an `@` and a %-escape) is
+/// shown nowhere (dashboard, daemon log, `kiln log`), and the mirror's config, which must hold
+/// it, is readable by its owner only.
+#[test]
+fn credentials_in_the_remote_url_stay_secret() {
+    if !require_git("credentials_in_the_remote_url_stay_secret") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let repo = TestRepo::new();
+    let first = repo.commit("readme", &[("README", "hello\n")]);
+    let server = repo.serve_http();
+    let plain = server.url("repo.git");
+    let url = plain.replacen("http://", "http://deploy:o'ne%40il'x@", 1);
+    let daemon = Daemon::start(&url, &repo.scratch("data"), &["--poll", "300ms"]);
+    daemon.wait_log("the initial tip", WAIT, |log| !for_commit(log, &first).is_empty());
+    let data = &daemon.data_dir;
+    let leaks = |what: &str, text: &str| {
+        for secret in ["o'ne", "ne%40il", "ne@il", "ne&#39;", "o&#x27;ne", "il'x"] {
+            assert!(!text.contains(secret), "{what} shows the password ({secret}):\n{text}");
+        }
+    };
+    let (status, page) = metrics::get(data, "/");
+    assert_eq!(status, 200);
+    assert!(page.contains("***@127.0.0.1"), "the dashboard names the remote, redacted:\n{page}");
+    leaks("the dashboard", &page);
+    let (_, out, _) = support::daemon::kiln(data, &["log", "--json"]);
+    leaks("kiln log", &out);
+
+    // A fetch failure message names the remote too.
+    drop(server);
+    daemon.wait_log("a fetch failure entry", WAIT, |log| {
+        log.iter().any(|e| e["reason"].as_str().is_some_and(|r| r.starts_with("fetch failed")))
+    });
+    let (_, out, _) = support::daemon::kiln(data, &["log", "--json"]);
+    assert!(out.contains("***@127.0.0.1"), "the failure names the remote, redacted:\n{out}");
+    leaks("kiln log", &out);
+    leaks("the daemon log", &daemon.logs());
+
+    let mirror = data.join("mirror.git");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&mirror.join("config")), 0o600, "the mirror's config holds the password");
+    assert_eq!(mode(&mirror), 0o700);
+    // No other file of the mirror repeats it.
+    let mut stack = vec![mirror.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path != mirror.join("config") {
+                let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+                assert!(!text.contains("ne%40il"), "{} holds the password", path.display());
+            }
+        }
+    }
 }

@@ -132,9 +132,11 @@ pub struct RunArgs {
     /// API and webhook listen address.
     #[arg(long, default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
-    /// Poll interval (`30s`, `5m`), jittered ±10%.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub poll: Duration,
+    /// Poll interval (`30s`, `5m`), jittered ±10%. Default: 60s for a network remote; 5m for a
+    /// local path, whose ref changes are seen at once through inotify (the poll is a safety
+    /// net; set it shorter for a path on NFS).
+    #[arg(long, value_parser = parse_duration)]
+    pub poll: Option<Duration>,
     /// How many rollouts to keep (0 keeps all).
     #[arg(long, default_value_t = 0)]
     pub retention: usize,
@@ -308,12 +310,13 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         gitea: read_secret(args.gitea_secret_file.as_deref(), "KILN_GITEA_SECRET")?,
         generic: read_secret(args.generic_secret_file.as_deref(), "KILN_GENERIC_SECRET")?,
     };
+    let poll = args.poll.unwrap_or_else(|| crate::source::default_poll(&args.repo));
     let config = crate::daemon::DaemonConfig {
         repo: args.repo,
         branch: args.branch,
         data_dir,
         listen: args.listen,
-        poll: args.poll,
+        poll,
         retention: args.retention,
         keep_images: args.keep_images,
         hook_env: args.hook_env,

@@ -565,7 +565,31 @@ pub fn ensure_mirror(mirror: &Path, url: &str, branch: &str) -> Result<(), GitEr
     }
     // HEAD names the tracked branch so `git log` in the mirror shows it.
     repo.set_head(&format!("refs/heads/{branch}")).map_err(GitError::git(action()))?;
+    protect(mirror)
+}
+
+/// Keeps the mirror private: its `config` holds the remote URL, credentials included, so it is
+/// 0600 (libgit2 writes it 0644 less the umask, on every change), and the mirror directory is
+/// 0700 so nothing else in it (packs, refs, a future `FETCH_HEAD`) is readable by other users.
+fn protect(mirror: &Path) -> Result<(), GitError> {
+    for (path, mode) in [(mirror.to_path_buf(), 0o700), (mirror.join("config"), 0o600)] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .map_err(GitError::io(format!("restrict the permissions of {}", path.display())))?;
+    }
     Ok(())
+}
+
+/// A local remote (a path) that does not exist: libgit2 would call it an "unsupported URL
+/// protocol", since only an existing path selects its local transport.
+fn missing_local_remote(url: &str) -> Option<std::io::Error> {
+    let path = super::local_path(url)?;
+    if path.exists() {
+        return None;
+    }
+    Some(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("the local repository {} does not exist", path.display()),
+    ))
 }
 
 /// `user:password@` from a URL, for HTTP remotes that carry a token.
@@ -676,6 +700,9 @@ pub fn fetch_observed(
     let repo = open(mirror)?;
     let mut remote = repo.find_remote(REMOTE).map_err(GitError::git("find the remote origin"))?;
     let shown = redact(remote.url().unwrap_or(REMOTE));
+    if let Some(error) = remote.url().and_then(missing_local_remote) {
+        return Err(GitError::Io { action: format!("fetch {branch} from {shown}"), source: error });
+    }
     let mut options = FetchOptions::new();
     options.remote_callbacks(callbacks(progress));
     options.download_tags(AutotagOption::None);
@@ -1029,6 +1056,40 @@ mod tests {
 
         ensure_mirror(&mirror, "/nonexistent/repo", "main").expect("repoint");
         let err = fetch(&mirror, "main").expect_err("remote gone");
-        assert!(crate::error::chain(&err).contains("fetch main from /nonexistent/repo"), "{err}");
+        let chain = crate::error::chain(&err);
+        assert!(chain.contains("fetch main from /nonexistent/repo"), "{chain}");
+        // Named as a missing path, not as libgit2's "unsupported URL protocol".
+        assert!(chain.contains("the local repository /nonexistent/repo does not exist"), "{chain}");
+        assert!(!chain.contains("unsupported URL protocol"), "{chain}");
+        assert_eq!(err.class(), ErrorClass::Transient, "the path may come back");
+    }
+
+    #[test]
+    fn the_mirror_keeps_the_remote_url_private() {
+        let work = Work::new();
+        work.write("kiln.yaml", "a", false);
+        let c1 = work.commit("one");
+        let data = tempfile::tempdir().expect("temp dir");
+        let mirror = data.path().join("mirror.git");
+        let mode = |path: &Path| fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+        let url = work.path.to_str().expect("utf-8 path");
+
+        ensure_mirror(&mirror, url, "main").expect("create mirror");
+        assert_eq!(mode(&mirror.join("config")), 0o600, "config after creation");
+        assert_eq!(mode(&mirror), 0o700, "the mirror directory");
+        assert_eq!(fetch(&mirror, "main").expect("fetch"), Some(c1));
+        assert_eq!(mode(&mirror.join("config")), 0o600, "config after a fetch");
+
+        // A mirror made by an older kiln (0644) is fixed the next time it is opened, and a
+        // change of remote (libgit2 rewrites the config) keeps it private.
+        fs::set_permissions(mirror.join("config"), fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        fs::set_permissions(&mirror, fs::Permissions::from_mode(0o755)).expect("chmod");
+        ensure_mirror(&mirror, "https://u:pa'ss@example.invalid/r.git", "main").expect("repoint");
+        assert_eq!(mode(&mirror.join("config")), 0o600, "config after a change of remote");
+        assert_eq!(mode(&mirror), 0o700);
+        // FETCH_HEAD (which would repeat the URL) is left empty (libgit2 creates it anyway).
+        let fetch_head = fs::read_to_string(mirror.join("FETCH_HEAD")).unwrap_or_default();
+        assert!(!fetch_head.contains(url), "FETCH_HEAD names the remote: {fetch_head}");
     }
 }

@@ -12,12 +12,22 @@
 //! meanwhile cost at most one more check. Triggers are only hints; the poll always runs, so a
 //! lost webhook or notify event delays a commit by at most one poll interval.
 //!
+//! Only a change of the tracked branch's ref (its loose ref file created, written, renamed
+//! into place or removed, or `packed-refs` replaced) is a notify hint: opens and reads are not,
+//! since kiln's own fetch opens those files. An idle daemon therefore fetches only on the poll,
+//! which for a local remote is a slow safety net ([`default_poll`]).
+//!
+//! A failing remote is retried with exponential backoff (capped by the poll interval); notify
+//! hints never cut the backoff short, and other triggers not sooner than a second after the
+//! last attempt. The failure is logged as a warning when it starts or its error changes, then
+//! every ten minutes while it lasts; the recovery is logged once.
+//!
 //! OWNER: source helper. Signatures are the contract.
 
 pub mod git;
 mod watch;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,6 +38,40 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::model::Revision;
 use crate::store::CommitRecord;
+
+/// The poll interval when none is configured, for a network remote (`git://`, `http(s)://`,
+/// `ssh://`, scp-like): the only way to notice a push without a webhook.
+pub const NETWORK_POLL: Duration = Duration::from_secs(60);
+
+/// The poll interval when none is configured, for a local remote (a path): its refs are
+/// watched through inotify, which notices a push within milliseconds, so the poll is only a
+/// safety net (for an event lost to a full inotify queue, or a remote mounted over NFS, where
+/// inotify sees no changes made by other hosts: set `--poll` explicitly there).
+pub const LOCAL_POLL: Duration = Duration::from_secs(5 * 60);
+
+/// The default poll interval for `url`: [`LOCAL_POLL`] for a local path, else
+/// [`NETWORK_POLL`].
+pub fn default_poll(url: &str) -> Duration {
+    if local_path(url).is_some() { LOCAL_POLL } else { NETWORK_POLL }
+}
+
+/// The repository path if `url` names a local repository (a path or a `file://` URL), `None`
+/// for network remotes (`git://`, `http(s)://`, `ssh://`, `user@host:path`).
+pub fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(path));
+    }
+    if url.contains("://") {
+        return None;
+    }
+    let path = Path::new(url);
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    // scp-like syntax: a colon before any slash.
+    let scp_like = url.split_once(':').is_some_and(|(host, _)| !host.contains('/'));
+    if scp_like { None } else { Some(path.to_path_buf()) }
+}
 
 /// How to watch.
 #[derive(Debug, Clone)]
@@ -50,7 +94,8 @@ pub enum SourceEvent {
     Commits(Vec<CommitRecord>),
     /// The branch disappeared from the remote; the record carries the last known tip.
     BranchDeleted(CommitRecord),
-    /// A fetch failed (it is retried with backoff).
+    /// A fetch failed (it is retried with backoff; sent for every failed attempt, and logged by
+    /// the watcher itself, deduplicated).
     FetchFailed {
         /// The redacted error chain.
         message: String,
@@ -134,4 +179,28 @@ pub fn spawn_with_metrics(
     );
     tokio::spawn(watcher.run());
     SourceHandle { hints, config, checks }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_path_tells_paths_from_network_remotes() {
+        assert_eq!(local_path("/srv/git/infra.git"), Some(PathBuf::from("/srv/git/infra.git")));
+        assert_eq!(local_path("file:///srv/infra.git"), Some(PathBuf::from("/srv/infra.git")));
+        assert_eq!(local_path("../infra"), Some(PathBuf::from("../infra")));
+        assert_eq!(local_path("git://127.0.0.1:9418/r.git"), None);
+        assert_eq!(local_path("https://gitlab.example/x.git"), None);
+        assert_eq!(local_path("ssh://git@host/x.git"), None);
+        assert_eq!(local_path("git@gitlab.example:group/x.git"), None);
+    }
+
+    #[test]
+    fn a_local_remote_is_polled_slowly_by_default() {
+        assert_eq!(default_poll("/srv/git/infra.git"), LOCAL_POLL);
+        assert_eq!(default_poll("file:///srv/infra.git"), LOCAL_POLL);
+        assert_eq!(default_poll("https://gitlab.example/x.git"), NETWORK_POLL);
+        assert_eq!(default_poll("git@gitlab.example:group/x.git"), NETWORK_POLL);
+    }
 }

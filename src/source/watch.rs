@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::git::{self, GitError};
-use super::{SourceConfig, SourceEvent};
+use super::{SourceConfig, SourceEvent, local_path};
 use crate::metrics::Metrics;
 use crate::model::Revision;
 use crate::retry::{RetryPolicy, nth_delay};
@@ -22,12 +22,36 @@ use crate::store::{CommitKind, CommitRecord};
 /// while they prepare a pack, so a slow but healthy fetch keeps ticking.
 const STALL_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
-/// Backoff between failed checks; capped by the poll interval as well (see `next_wait`).
+/// Backoff between failed checks; capped by the poll interval as well.
 const BACKOFF: RetryPolicy = RetryPolicy {
     initial: Duration::from_millis(500),
     max_interval: Duration::from_secs(5 * 60),
     max_elapsed: None,
 };
+
+/// While the remote fails, an explicit trigger (webhook, CLI) may cut the backoff short, but
+/// never starts a check sooner than this after the last one: a flood of triggers cannot turn
+/// a failing remote into a hot loop.
+const FAILING_MIN_GAP: Duration = Duration::from_secs(1);
+
+/// While the remote keeps failing with the same error, it is logged again this often (every
+/// attempt in between is logged at debug level only).
+const FAILURE_REMINDER: Duration = Duration::from_secs(10 * 60);
+
+/// The trigger name of hints from the notify watcher.
+const NOTIFY: &str = "notify";
+
+/// A remote that is failing: what the log said about it last.
+struct Failing {
+    /// The last error (a different one is news).
+    message: String,
+    /// When the first failure of this run happened.
+    since: tokio::time::Instant,
+    /// Failed attempts so far.
+    attempts: u32,
+    /// When the failure was last logged as a warning.
+    warned_at: tokio::time::Instant,
+}
 
 /// What one check needs, moved into the blocking task.
 struct Check {
@@ -65,8 +89,6 @@ pub(super) struct Watcher {
     deleted: bool,
     /// The mirror has been created and its remote configured.
     mirror_ready: bool,
-    /// Consecutive failed checks (drives the backoff).
-    failures: u32,
     hints_tx: mpsc::Sender<String>,
     hints: mpsc::Receiver<String>,
     events: mpsc::Sender<SourceEvent>,
@@ -90,7 +112,6 @@ impl Watcher {
             last_tip,
             deleted: false,
             mirror_ready: false,
-            failures: 0,
             hints_tx,
             hints,
             events,
@@ -103,20 +124,9 @@ impl Watcher {
     pub(super) async fn run(mut self) {
         let url = remote_url(&self.config.url);
         // Kept alive for the task's lifetime; dropping it stops the notify thread.
-        let _notify = match local_repo(&url) {
-            Some(path) => match watch_refs(&path, self.hints_tx.clone()) {
-                Ok(watcher) => Some(watcher),
-                Err(error) => {
-                    tracing::warn!(
-                        path = %path.display(), %error,
-                        "Cannot watch the local remote's refs; relying on the poll."
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let mut notify = self.watch_local(&url, true);
         let mut trigger = "startup".to_owned();
+        let mut failing: Option<Failing> = None;
         loop {
             // Hints queued before this check starts are answered by it.
             while self.hints.try_recv().is_ok() {}
@@ -125,7 +135,17 @@ impl Watcher {
                     if let Some(metrics) = &self.metrics {
                         metrics.fetch();
                     }
-                    self.failures = 0;
+                    if let Some(failed) = failing.take() {
+                        tracing::info!(
+                            failed_attempts = failed.attempts,
+                            failing_for = ?failed.since.elapsed(),
+                            "The remote answers again."
+                        );
+                    }
+                    if notify.is_none() {
+                        // A local remote that was missing at startup exists now.
+                        notify = self.watch_local(&url, false);
+                    }
                     self.jittered_poll()
                 }
                 Ok(false) => return,
@@ -133,21 +153,71 @@ impl Watcher {
                     if let Some(metrics) = &self.metrics {
                         metrics.fetch_error();
                     }
-                    tracing::warn!(trigger = %trigger, error = %message, "Fetch failed; retrying.");
+                    let attempts = failing.as_ref().map_or(0, |f| f.attempts);
+                    let wait = nth_delay(&BACKOFF, attempts).min(self.jittered_poll());
+                    log_failure(&mut failing, &message, &trigger, wait);
                     let event = SourceEvent::FetchFailed { message, trigger: trigger.clone() };
                     if !self.send(event).await {
                         return;
                     }
-                    let backoff = nth_delay(&BACKOFF, self.failures);
-                    self.failures = self.failures.saturating_add(1);
-                    backoff.min(self.jittered_poll())
+                    wait
                 }
             };
+            match self.wait(wait, failing.is_some()).await {
+                Some(next) => trigger = next,
+                None => return,
+            }
+        }
+    }
+
+    /// Watches a local remote's refs (`None` for a network remote, or when the watch cannot be
+    /// set up: then only the poll notices pushes, which is logged when `loud`).
+    fn watch_local(&self, url: &str, loud: bool) -> Option<notify::RecommendedWatcher> {
+        let path = local_path(url)?;
+        match watch_refs(&path, &self.config.branch, self.hints_tx.clone()) {
+            Ok(watcher) => {
+                tracing::debug!(path = %path.display(), poll = ?self.config.poll, "Watching the local remote's refs.");
+                Some(watcher)
+            }
+            Err(error) if loud => {
+                tracing::warn!(
+                    path = %path.display(), %error, poll = ?self.config.poll,
+                    "Cannot watch the local remote's refs; relying on the poll."
+                );
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Waits `wait` (the poll, or the backoff while `failing`) or until a hint arrives, and
+    /// returns the trigger of the next check (`None`: stop). While the remote fails, notify
+    /// hints never cut the backoff short (a failing local remote must not be retried on every
+    /// file event) and other hints no sooner than [`FAILING_MIN_GAP`] after the last check.
+    async fn wait(&mut self, wait: Duration, failing: bool) -> Option<String> {
+        let now = tokio::time::Instant::now();
+        let mut deadline = now + wait;
+        let gate = now + FAILING_MIN_GAP;
+        let mut pending: Option<String> = None;
+        loop {
             tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = self.events.closed() => return,
-                hint = self.hints.recv() => trigger = hint.unwrap_or_else(|| "poll".to_owned()),
-                () = tokio::time::sleep(wait) => trigger = "poll".to_owned(),
+                () = self.shutdown.cancelled() => return None,
+                () = self.events.closed() => return None,
+                hint = self.hints.recv() => {
+                    let hint = hint.unwrap_or_else(|| "poll".to_owned());
+                    if !failing {
+                        return Some(hint);
+                    }
+                    if hint != NOTIFY {
+                        deadline = deadline.min(gate.max(tokio::time::Instant::now()));
+                        pending = Some(hint);
+                    } else {
+                        pending.get_or_insert(hint);
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Some(pending.unwrap_or_else(|| "poll".to_owned()));
+                }
             }
         }
     }
@@ -278,6 +348,44 @@ async fn stalled(progress: &AtomicU64, limit: Duration) {
     }
 }
 
+/// Logs a failed check: a warning when the remote starts failing or the error changes, and a
+/// reminder every [`FAILURE_REMINDER`] while it stays down; each attempt in between at debug
+/// level. (The operator records failures in the rollout log, rate-limited on its side.)
+fn log_failure(failing: &mut Option<Failing>, message: &str, trigger: &str, retry_in: Duration) {
+    let now = tokio::time::Instant::now();
+    match failing {
+        None => {
+            tracing::warn!(%trigger, error = %message, ?retry_in, "Fetch failed; retrying with backoff.");
+            *failing = Some(Failing {
+                message: message.to_owned(),
+                since: now,
+                attempts: 1,
+                warned_at: now,
+            });
+        }
+        Some(failed) => {
+            failed.attempts = failed.attempts.saturating_add(1);
+            if failed.message != message {
+                tracing::warn!(
+                    %trigger, error = %message, attempts = failed.attempts, ?retry_in,
+                    "Fetch still failing, with a different error."
+                );
+                failed.message = message.to_owned();
+                failed.warned_at = now;
+            } else if now.duration_since(failed.warned_at) >= FAILURE_REMINDER {
+                tracing::warn!(
+                    error = %message, attempts = failed.attempts,
+                    failing_for = ?now.duration_since(failed.since), ?retry_in,
+                    "Fetch still failing."
+                );
+                failed.warned_at = now;
+            } else {
+                tracing::debug!(%trigger, error = %message, attempts = failed.attempts, ?retry_in, "Fetch failed again.");
+            }
+        }
+    }
+}
+
 /// A record for a commit the mirror does not have (only its id is known).
 fn bare_record(revision: Revision) -> CommitRecord {
     let now = crate::model::now();
@@ -297,7 +405,7 @@ fn bare_record(revision: Revision) -> CommitRecord {
 /// The URL handed to git: local paths are made absolute (the mirror's config outlives the
 /// current directory), everything else is left alone.
 fn remote_url(url: &str) -> String {
-    match local_repo(url) {
+    match local_path(url) {
         Some(path) if !url.starts_with("file://") => std::path::absolute(&path)
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_else(|_| url.to_owned()),
@@ -305,48 +413,46 @@ fn remote_url(url: &str) -> String {
     }
 }
 
-/// The repository path if `url` names a local repository (a path or a `file://` URL), `None`
-/// for network remotes (`git://`, `http(s)://`, `ssh://`, `user@host:path`).
-fn local_repo(url: &str) -> Option<PathBuf> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Some(PathBuf::from(path));
-    }
-    if url.contains("://") {
-        return None;
-    }
-    let path = Path::new(url);
-    if path.exists() {
-        return Some(path.to_path_buf());
-    }
-    // scp-like syntax: a colon before any slash.
-    let scp_like = url.split_once(':').is_some_and(|(host, _)| !host.contains('/'));
-    if scp_like { None } else { Some(path.to_path_buf()) }
+/// Whether a file event in a watched repository can mean that the tracked branch moved: a ref
+/// file of the branch (or `packed-refs`) was created, written, renamed into place or removed.
+/// Opens, reads, closes and metadata changes never count: kiln's own fetch opens these very
+/// files, and counting that would make every fetch trigger the next one.
+fn is_ref_change(event: &notify::Event, branch_ref: &Path, packed_refs: &Path) -> bool {
+    use notify::EventKind;
+    use notify::event::ModifyKind;
+    let kind_counts = match event.kind {
+        EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any) => true,
+        EventKind::Modify(_) | EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    };
+    // git writes `<ref>.lock` and renames it into place; the rename is the change.
+    kind_counts && event.paths.iter().any(|path| path == branch_ref || path == packed_refs)
 }
 
-/// Watches a local repository's branch refs (loose refs and `packed-refs`) and sends a
-/// `notify` hint on every change, so a push is noticed within milliseconds.
+/// Watches a local repository's ref of `branch` (its loose ref file and `packed-refs`) and
+/// sends a `notify` hint when it changes, so a push is noticed within milliseconds.
 fn watch_refs(
     repo: &Path,
+    branch: &str,
     hints: mpsc::Sender<String>,
 ) -> Result<notify::RecommendedWatcher, notify::Error> {
     use notify::Watcher as _;
 
     let git_dir = if repo.join(".git").is_dir() { repo.join(".git") } else { repo.to_path_buf() };
+    // Canonical paths: inotify reports paths under the watched path as given, and the events'
+    // paths are compared with these.
+    let git_dir = std::fs::canonicalize(&git_dir).unwrap_or(git_dir);
     let heads = git_dir.join("refs").join("heads");
+    let branch_ref = heads.join(branch);
     let packed = git_dir.join("packed-refs");
-    let (watch_heads, watch_packed) = (heads.clone(), packed.clone());
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
-        // git writes `<ref>.lock` and renames it into place; the rename is the change.
-        let relevant = event.paths.iter().any(|path| {
-            let is_lock = path.extension().is_some_and(|ext| ext == "lock");
-            !is_lock && (path.starts_with(&watch_heads) || *path == watch_packed)
-        });
-        if relevant {
+        if is_ref_change(&event, &branch_ref, &packed) {
             // A full channel means a check is already pending: this hint is part of it.
-            let _ = hints.try_send("notify".to_owned());
+            let _ = hints.try_send(NOTIFY.to_owned());
         }
     })?;
+    // Recursive: a branch named `team/x` lives in a subdirectory, created on its first push.
     watcher.watch(&heads, notify::RecursiveMode::Recursive)?;
     // Non-recursive: sees `packed-refs` being replaced without the churn under `objects/`.
     watcher.watch(&git_dir, notify::RecursiveMode::NonRecursive)?;
@@ -358,14 +464,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn local_repo_tells_paths_from_network_remotes() {
-        assert_eq!(local_repo("/srv/git/infra.git"), Some(PathBuf::from("/srv/git/infra.git")));
-        assert_eq!(local_repo("file:///srv/infra.git"), Some(PathBuf::from("/srv/infra.git")));
-        assert_eq!(local_repo("../infra"), Some(PathBuf::from("../infra")));
-        assert_eq!(local_repo("git://127.0.0.1:9418/r.git"), None);
-        assert_eq!(local_repo("https://gitlab.example/x.git"), None);
-        assert_eq!(local_repo("ssh://git@host/x.git"), None);
-        assert_eq!(local_repo("git@gitlab.example:group/x.git"), None);
+    fn only_changes_of_the_branch_ref_count() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, MetadataKind, ModifyKind,
+            RemoveKind, RenameMode,
+        };
+        let git = Path::new("/r.git");
+        let (main, packed) = (git.join("refs/heads/main"), git.join("packed-refs"));
+        let event = |kind: EventKind, path: &Path| notify::Event::new(kind).add_path(path.into());
+        let counts =
+            |kind: EventKind, path: &Path| is_ref_change(&event(kind, path), &main, &packed);
+        // What a push (or `git gc`) does to the refs.
+        assert!(counts(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &main));
+        assert!(counts(EventKind::Modify(ModifyKind::Name(RenameMode::To)), &packed));
+        assert!(counts(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &main));
+        assert!(counts(EventKind::Create(CreateKind::File), &main));
+        assert!(counts(EventKind::Remove(RemoveKind::File), &main));
+        let both = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path(git.join("refs/heads/main.lock"))
+            .add_path(main.clone());
+        assert!(is_ref_change(&both, &main, &packed));
+        // What a fetch (kiln's own included) does: opens and reads. Never a trigger.
+        assert!(!counts(EventKind::Access(AccessKind::Open(AccessMode::Any)), &main));
+        assert!(!counts(EventKind::Access(AccessKind::Close(AccessMode::Read)), &packed));
+        assert!(!counts(
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            &git.join("refs/heads")
+        ));
+        assert!(!counts(EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)), &main));
+        // Other files and other branches.
+        assert!(!counts(
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            &git.join("refs/heads/main.lock")
+        ));
+        assert!(!counts(EventKind::Create(CreateKind::File), &git.join("refs/heads/other")));
+        assert!(!counts(EventKind::Modify(ModifyKind::Data(DataChange::Any)), &git.join("config")));
+        assert!(!counts(EventKind::Other, &main));
     }
 
     #[tokio::test]

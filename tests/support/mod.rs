@@ -9,3 +9,4 @@ pub mod disk;
 pub mod fleet;
 pub mod git;
 pub mod hooks;
+pub mod metrics;
