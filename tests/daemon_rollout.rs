@@ -5,7 +5,9 @@
 //! `kiln lb` process. A client hammers the load balancer through each rollout and must see only
 //! 2xx; a sampler watches the processes and the load balancer's backends to check the surge and
 //! availability bounds; the restart tests `kill -9` the daemon in each phase of a replacement and
-//! check the rollout still completes with no orphaned instance.
+//! check the rollout still completes with no orphaned instance; the chaos test deals seeded
+//! random `kill -9`s to the daemon (crashes in the launch window among them) and to `kiln lb`
+//! through several rollouts under load (`KILN_CHAOS_SEED=N` replays a run).
 
 // The tests are synchronous: they block between polls of real processes, never in a runtime.
 #![allow(clippy::disallowed_methods)]
@@ -981,6 +983,8 @@ fn a_git_lock_left_by_a_killed_daemon_does_not_wedge_the_source() {
 enum Blow {
     /// `kill -9` of the daemon 0–1.5 s after it started (or after the commit).
     Daemon,
+    /// [`Blow::Daemon`], then a restart with [`LAUNCH_FAULT`]: a crash in the next launch.
+    DaemonThenLaunchWindow,
     /// `kill -9` of the serving `kiln lb` process (its standby takes over) 0–1.5 s on.
     LoadBalancer,
 }
@@ -991,6 +995,8 @@ struct Kills {
     /// Daemons that aborted themselves right after spawning an instance, before its record
     /// said running (`KILN_FAULT=launch-after-spawn`).
     launch_window: u32,
+    /// Restarts with the launch fault that found no launch left: the rollout ended first.
+    launch_window_missed: u32,
     /// `kill -9`s of the daemon at a random point.
     daemon: u32,
     /// Of those, the ones that landed while the commit's rollout had not ended.
@@ -1016,29 +1022,29 @@ fn rollout_state(data: &Path, sha: &str) -> Option<String> {
     fleet_entry(&log, sha)?["state"].as_str().map(str::to_owned)
 }
 
-/// Starts the (stopped) daemon with `KILN_FAULT=launch-after-spawn`, commits `files`, and waits
-/// until the daemon aborts in the launch window of the rollout's first new instance. Returns
-/// the commit. Then starts the daemon again without the fault.
-fn commit_with_a_launch_window_crash(fx: &mut Fixture, files: &[(&str, &str)]) -> String {
-    fx.daemon.start_again_with_env(&[("KILN_FAULT", "launch-after-spawn")]);
-    let sha = fx.commit_app("chaos", files);
+/// The daemon's environment that makes it abort right after spawning an instance, before the
+/// instance's record says running.
+const LAUNCH_FAULT: (&str, &str) = ("KILN_FAULT", "launch-after-spawn");
+
+/// Waits until the daemon, started with [`LAUNCH_FAULT`], aborts at its next launch (true), or
+/// the commit's rollout ends with no launch left (false; the daemon is stopped); then starts it
+/// again without the fault.
+fn crash_in_the_next_launch(fx: &mut Fixture, sha: &str) -> bool {
     let deadline = Instant::now() + WAIT;
-    let status = loop {
+    let fired = loop {
         if let Some(status) = fx.daemon.try_exited() {
-            break status;
+            assert!(!status.success(), "the daemon aborted in the launch window: {status}");
+            break true;
         }
-        let state = rollout_state(&fx.data, &sha);
-        assert!(
-            !state.as_deref().is_some_and(|s| TERMINAL.contains(&s)),
-            "the rollout ended ({state:?}) with no launch\n{}",
-            fx.daemon.logs()
-        );
+        if rollout_state(&fx.data, sha).is_some_and(|s| TERMINAL.contains(&s.as_str())) {
+            fx.daemon.stop();
+            break false;
+        }
         assert!(Instant::now() < deadline, "the launch fault never fired\n{}", fx.daemon.logs());
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(!status.success(), "the daemon aborted in the launch window: {status}");
     fx.daemon.start_again();
-    sha
+    fired
 }
 
 /// `kill -9` of the fleet's serving LB process once it has a standby; waits for the takeover.
@@ -1126,7 +1132,7 @@ fn chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load() {
     let Some(mut fx) = deploy_first(
         "chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load",
         Policy::quick(),
-        &[("message.txt", "v1")],
+        &[("message.txt", "v1"), ("healthy-after", "1"), ("term-delay", "0.5")],
     ) else {
         return;
     };
@@ -1137,25 +1143,45 @@ fn chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load() {
     for round in 2..ROLLOUTS + 2 {
         // The first blow: a crash in the launch window of the rollout's first new instance.
         fx.daemon.stop();
+        fx.daemon.start_again_with_env(&[LAUNCH_FAULT]);
+        // Each new instance warms up for 1 s and each old one takes 0.5 s to exit: kills land
+        // in every phase of a replacement.
         let message = format!("v{round}");
-        let sha = commit_with_a_launch_window_crash(&mut fx, &[("message.txt", &message)]);
+        let files =
+            [("message.txt", message.as_str()), ("healthy-after", "1"), ("term-delay", "0.5")];
+        let sha = fx.commit_app("chaos", &files);
+        assert!(
+            crash_in_the_next_launch(&mut fx, &sha),
+            "the first launch crashed\n{}",
+            fx.daemon.logs()
+        );
         kills.launch_window += 1;
-        // Then kill -9s of the daemon and of the LB at random points, in a random order.
+        // Then kill -9s of the daemon (one followed by a crash in the next launch, if any is
+        // left) and of the LB at random points, in a random order.
         let mut blows = vec![Blow::Daemon; 4];
-        blows.push(Blow::LoadBalancer);
+        blows.extend([Blow::DaemonThenLaunchWindow, Blow::LoadBalancer]);
         rng.shuffle(&mut blows);
         eprintln!("rollout {round}: launch window, then {blows:?}");
         for blow in blows {
             std::thread::sleep(Duration::from_millis(rng.u64(0..=1500)));
             match blow {
-                Blow::Daemon => {
+                Blow::Daemon | Blow::DaemonThenLaunchWindow => {
                     let state = rollout_state(&fx.data, &sha);
                     fx.daemon.kill9();
                     kills.daemon += 1;
                     if !state.as_deref().is_some_and(|s| TERMINAL.contains(&s)) {
                         kills.daemon_mid_rollout += 1;
                     }
-                    fx.daemon.start_again();
+                    if blow == Blow::DaemonThenLaunchWindow {
+                        fx.daemon.start_again_with_env(&[LAUNCH_FAULT]);
+                        if crash_in_the_next_launch(&mut fx, &sha) {
+                            kills.launch_window += 1;
+                        } else {
+                            kills.launch_window_missed += 1;
+                        }
+                    } else {
+                        fx.daemon.start_again();
+                    }
                 }
                 Blow::LoadBalancer => {
                     kill_9_the_load_balancer(&fx);
