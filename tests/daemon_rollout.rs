@@ -5,7 +5,9 @@
 //! `kiln lb` process. A client hammers the load balancer through each rollout and must see only
 //! 2xx; a sampler watches the processes and the load balancer's backends to check the surge and
 //! availability bounds; the restart tests `kill -9` the daemon in each phase of a replacement and
-//! check the rollout still completes with no orphaned instance.
+//! check the rollout still completes with no orphaned instance; the chaos test deals seeded
+//! random `kill -9`s to the daemon (crashes in the launch window among them) and to `kiln lb`
+//! through several rollouts under load (`KILN_CHAOS_SEED=N` replays a run).
 
 // The tests are synchronous: they block between polls of real processes, never in a runtime.
 #![allow(clippy::disallowed_methods)]
@@ -252,11 +254,14 @@ fn fleet_entry(log: &[Value], sha: &str) -> Option<Value> {
     for_commit(log, sha).into_iter().find(|e| e["fleet"] == FLEET).cloned()
 }
 
+/// The states a rollout ends in.
+const TERMINAL: [&str; 6] =
+    ["succeeded", "failed", "rolled_back", "superseded", "aborted", "skipped"];
+
 /// Waits until the commit's rollout is terminal; returns its `kiln log` entry.
 fn wait_terminal(daemon: &Daemon, sha: &str) -> Value {
-    let terminal = ["succeeded", "failed", "rolled_back", "superseded", "aborted", "skipped"];
     let log = daemon.wait_log(&format!("the rollout of {sha} to end"), WAIT, |log| {
-        fleet_entry(log, sha).is_some_and(|e| terminal.contains(&e["state"].as_str().unwrap_or("")))
+        fleet_entry(log, sha).is_some_and(|e| TERMINAL.contains(&e["state"].as_str().unwrap_or("")))
     });
     fleet_entry(&log, sha).expect("the fleet's rollout")
 }
@@ -391,10 +396,29 @@ fn lb_backends(data: &Path) -> Option<Vec<Value>> {
 struct LoadReport {
     ok: u64,
     failed: u64,
+    /// Requests sent again once after their connection broke (only with retries enabled).
+    retried: u64,
     /// The first failures, described.
     errors: Vec<String>,
     /// Per image named in answers: (answers, first seen, last seen).
     images: BTreeMap<String, (u64, Instant, Instant)>,
+}
+
+/// One `GET url`: the body of a 2xx answer, or (whether the connection broke, so that the GET
+/// may be sent again on a new one, what went wrong).
+async fn get_once(client: &reqwest::Client, url: &str) -> Result<String, (bool, String)> {
+    // A broken connection, not a refused one (nothing listened) nor a timeout (it hung).
+    let broke = |e: &reqwest::Error| !e.is_timeout() && !e.is_connect();
+    match client.get(url).timeout(Duration::from_secs(10)).send().await {
+        Ok(reply) if reply.status().is_success() => {
+            reply.text().await.map_err(|e| (broke(&e), format!("body: {e:?}")))
+        }
+        Ok(reply) => Err((
+            false,
+            format!("{}: {}", reply.status(), reply.text().await.unwrap_or_default().trim()),
+        )),
+        Err(e) => Err((broke(&e), format!("{e:?}"))),
+    }
 }
 
 /// Clients hammering the load balancer from their own thread and runtime until stopped.
@@ -413,6 +437,25 @@ impl Load {
 
     /// Like [`Load::start`], for `GET endpoint{path}`.
     fn start_path(endpoint: &str, path: &str, clients: usize, pause: Duration) -> Load {
+        Load::start_with(endpoint, path, clients, pause, false)
+    }
+
+    /// Like [`Load::start`], but a request whose connection broke (reset, closed before the
+    /// whole answer: what a `kill -9` of the serving LB process does to the requests it had
+    /// accepted) is sent again once, on a new connection, as RFC 9112 §9.3.1 lets a client do
+    /// for an idempotent GET. Counted in `retried`; a retry that fails again is a failure. HTTP
+    /// error statuses, refused connections and timeouts are never retried.
+    fn start_retrying(endpoint: &str, clients: usize, pause: Duration) -> Load {
+        Load::start_with(endpoint, "/", clients, pause, true)
+    }
+
+    fn start_with(
+        endpoint: &str,
+        path: &str,
+        clients: usize,
+        pause: Duration,
+        retry_once: bool,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let report = Arc::new(Mutex::new(LoadReport::default()));
         let url = format!("{endpoint}{path}");
@@ -426,29 +469,23 @@ impl Load {
                 let client = support::fleet::http_client();
                 let mut tasks = tokio::task::JoinSet::new();
                 for _ in 0..clients {
-                    let (client, url, stop, report) =
+                    let (mut client, url, stop, report) =
                         (client.clone(), url.clone(), stop2.clone(), report2.clone());
                     tasks.spawn(async move {
                         while !stop.load(Ordering::SeqCst) {
-                            let res =
-                                client.get(&url).timeout(Duration::from_secs(10)).send().await;
-                            let outcome = match res {
-                                Ok(reply) if reply.status().is_success() => {
-                                    match reply.text().await {
-                                        Ok(body) => Ok(body),
-                                        Err(e) => Err(format!("body: {e}")),
-                                    }
-                                }
-                                Ok(reply) => Err(format!(
-                                    "{}: {}",
-                                    reply.status(),
-                                    reply.text().await.unwrap_or_default().trim()
-                                )),
-                                Err(e) => Err(format!("{e:?}")),
-                            };
+                            let mut outcome = get_once(&client, &url).await;
+                            let mut retried = false;
+                            if retry_once && matches!(outcome, Err((true, _))) {
+                                // The pool's other idle connections went to the same dead
+                                // process: a new client, a new connection.
+                                retried = true;
+                                client = support::fleet::http_client();
+                                outcome = get_once(&client, &url).await;
+                            }
                             let now = Instant::now();
                             {
                                 let mut report = report.lock().expect("report lock");
+                                report.retried += u64::from(retried);
                                 match outcome {
                                     Ok(body) => {
                                         report.ok += 1;
@@ -462,9 +499,14 @@ impl Load {
                                         seen.0 += 1;
                                         seen.2 = now;
                                     }
-                                    Err(error) => {
+                                    Err((_, error)) => {
                                         report.failed += 1;
                                         if report.errors.len() < 10 {
+                                            let error = if retried {
+                                                format!("after a retry: {error}")
+                                            } else {
+                                                error
+                                            };
                                             report.errors.push(error);
                                         }
                                     }
@@ -510,6 +552,8 @@ struct Bounds {
     max_running: usize,
     /// Fewest attached, non-draining backends the LB reported.
     min_serving: Option<usize>,
+    /// Samples in which the LB's admin endpoint answered.
+    lb_samples: u64,
 }
 
 /// Samples the fleet's instance processes and the LB's backends every 50 ms until stopped.
@@ -529,6 +573,7 @@ impl Sampler {
                 bounds.samples += 1;
                 bounds.max_running = bounds.max_running.max(instance_processes(&instances).len());
                 if let Some(backends) = lb_backends(&data) {
+                    bounds.lb_samples += 1;
                     let serving = backends.iter().filter(|b| b["draining"] != true).count();
                     bounds.min_serving =
                         Some(bounds.min_serving.map_or(serving, |m| m.min(serving)));
@@ -580,10 +625,9 @@ fn assert_bounds(bounds: &Bounds, policy: &Policy) {
     );
 }
 
-/// No instance process runs that `kiln status` does not list, and exactly the listed running
-/// instances have processes.
-fn assert_no_orphans(fx: &Fixture, fleet: &Value) {
-    let listed: BTreeSet<String> = fleet["instances"]
+/// The ids of the instances `kiln status` lists as running.
+fn listed_running(fleet: &Value) -> BTreeSet<String> {
+    fleet["instances"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -591,7 +635,13 @@ fn assert_no_orphans(fx: &Fixture, fleet: &Value) {
                 .filter_map(|i| i["id"].as_str().map(str::to_owned))
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// No instance process runs that `kiln status` does not list, and exactly the listed running
+/// instances have processes.
+fn assert_no_orphans(fx: &Fixture, fleet: &Value) {
+    let listed = listed_running(fleet);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let running: BTreeSet<String> =
@@ -1129,4 +1179,270 @@ fn a_fix_pushed_while_the_broken_canary_is_checked_supersedes_it_at_once() {
     assert!(err.contains("too short") && err.contains("at least 7"), "{err}");
     let (code, out, err) = kiln(&fx.data, &["rollback", FLEET, "--to", &first[..7]]);
     assert_eq!(code, 0, "a 7-character prefix names the commit: {out}{err}");
+}
+
+/// One blow the chaos test deals during a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blow {
+    /// `kill -9` of the daemon 0–1.5 s after it started (or after the commit).
+    Daemon,
+    /// [`Blow::Daemon`], then a restart with [`LAUNCH_FAULT`]: a crash in the next launch.
+    DaemonThenLaunchWindow,
+    /// `kill -9` of the serving `kiln lb` process (its standby takes over) 0–1.5 s on.
+    LoadBalancer,
+}
+
+/// What the chaos test did, by kind.
+#[derive(Debug, Default)]
+struct Kills {
+    /// Daemons that aborted themselves right after spawning an instance, before its record
+    /// said running (`KILN_FAULT=launch-after-spawn`).
+    launch_window: u32,
+    /// Restarts with the launch fault that found no launch left: the rollout ended first.
+    launch_window_missed: u32,
+    /// `kill -9`s of the daemon at a random point.
+    daemon: u32,
+    /// Of those, the ones that landed while the commit's rollout had not ended.
+    daemon_mid_rollout: u32,
+    /// `kill -9`s of the serving load balancer process.
+    load_balancer: u32,
+}
+
+impl Kills {
+    fn total(&self) -> u32 {
+        self.launch_window + self.daemon + self.load_balancer
+    }
+}
+
+/// The state of the commit's rollout, if the daemon answers and it has one (never panics: the
+/// daemon may be dead or starting).
+fn rollout_state(data: &Path, sha: &str) -> Option<String> {
+    let (code, out, _) = kiln(data, &["log", "--json", "--limit", "1000"]);
+    if code != 0 && code != 1 {
+        return None;
+    }
+    let log = serde_json::from_str::<Value>(&out).ok()?.as_array()?.clone();
+    fleet_entry(&log, sha)?["state"].as_str().map(str::to_owned)
+}
+
+/// The daemon's environment that makes it abort right after spawning an instance, before the
+/// instance's record says running.
+const LAUNCH_FAULT: (&str, &str) = ("KILN_FAULT", "launch-after-spawn");
+
+/// Waits until the daemon, started with [`LAUNCH_FAULT`], aborts at its next launch (true), or
+/// the commit's rollout ends with no launch left (false; the daemon is stopped); then starts it
+/// again without the fault.
+fn crash_in_the_next_launch(fx: &mut Fixture, sha: &str) -> bool {
+    let deadline = Instant::now() + WAIT;
+    let fired = loop {
+        if let Some(status) = fx.daemon.try_exited() {
+            assert!(!status.success(), "the daemon aborted in the launch window: {status}");
+            break true;
+        }
+        if rollout_state(&fx.data, sha).is_some_and(|s| TERMINAL.contains(&s.as_str())) {
+            fx.daemon.stop();
+            break false;
+        }
+        assert!(Instant::now() < deadline, "the launch fault never fired\n{}", fx.daemon.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    fx.daemon.start_again();
+    fired
+}
+
+/// `kill -9` of the fleet's serving LB process once it has a standby; waits for the takeover.
+fn kill_9_the_load_balancer(fx: &Fixture) {
+    use kiln::provider::local::lb::read_state;
+    let dir = fx.data.join("fleets").join(FLEET).join("lb");
+    let deadline = Instant::now() + WAIT;
+    let serving = loop {
+        // Killing it while its standby is still starting is a double fault, not this test.
+        if let Some(state) = read_state(&dir).filter(|s| s.standby.is_some_and(|p| p.alive())) {
+            break state.process;
+        }
+        assert!(Instant::now() < deadline, "the LB has no standby\n{}", fx.daemon.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serving.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the LB");
+    while !read_state(&dir).is_some_and(|s| s.process != serving && s.process.alive()) {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not take over\nLB log:\n{}",
+            std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every process started under the data dir is one kiln knows: the daemon, the LB and its
+/// standby as `lb.json` names them, and the instances `kiln status` lists as running.
+fn assert_only_known_processes(fx: &Fixture, fleet: &Value) {
+    let listed = listed_running(fleet);
+    let lb_dir = fx.data.join("fleets").join(FLEET).join("lb");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut known: BTreeSet<u32> = BTreeSet::new();
+        known.extend(u32::try_from(fx.daemon.pid()));
+        if let Some(lb) = kiln::provider::local::lb::read_state(&lb_dir) {
+            known.extend(u32::try_from(lb.process.pid));
+            known.extend(lb.standby.and_then(|p| u32::try_from(p.pid).ok()));
+        }
+        for (id, pids) in instance_processes(&fx.instances_dir()) {
+            if listed.contains(&id) {
+                known.extend(pids);
+            }
+        }
+        let unknown: Vec<(u32, String)> =
+            support::daemon::leftover_pids(&fx.data.to_string_lossy())
+                .into_iter()
+                .filter(|pid| !known.contains(pid))
+                .map(|pid| {
+                    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    (pid, String::from_utf8_lossy(&cmdline).replace('\0', " "))
+                })
+                .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes kiln does not know run: {unknown:#?}\nlisted instances: {listed:?}\ndaemon:\n{}",
+            fx.daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Issue 10, "done when": kills of the daemon at random points, the launch window among them,
+/// and of `kiln lb`, under load, through several rollouts. Every rollout succeeds, each new
+/// instance is launched once, no process runs that kiln does not know, the surge and
+/// availability bounds hold at every 50 ms sample, and no client request fails (a GET whose
+/// connection the killed LB process had accepted is sent again once, as HTTP lets a client).
+/// `KILN_CHAOS_SEED=N` replays a run.
+#[test]
+fn chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load() {
+    const ROLLOUTS: usize = 4;
+    let seed = std::env::var("KILN_CHAOS_SEED")
+        .ok()
+        .map(|s| s.trim().parse::<u64>().expect("KILN_CHAOS_SEED is a number"))
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("chaos seed {seed} (replay with KILN_CHAOS_SEED={seed})");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let Some(mut fx) = deploy_first(
+        "chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load",
+        Policy::quick(),
+        &[("message.txt", "v1"), ("healthy-after", "1"), ("term-delay", "0.5")],
+    ) else {
+        return;
+    };
+    let load = Load::start_retrying(&fx.endpoint, 4, Duration::from_millis(5));
+    let sampler = Sampler::start(&fx.data);
+    let mut kills = Kills::default();
+    let mut image = fx.v1.clone();
+    for round in 2..ROLLOUTS + 2 {
+        // The first blow: a crash in the launch window of the rollout's first new instance.
+        fx.daemon.stop();
+        fx.daemon.start_again_with_env(&[LAUNCH_FAULT]);
+        // Each new instance warms up for 1 s and each old one takes 0.5 s to exit: kills land
+        // in every phase of a replacement.
+        let message = format!("v{round}");
+        let files =
+            [("message.txt", message.as_str()), ("healthy-after", "1"), ("term-delay", "0.5")];
+        let sha = fx.commit_app("chaos", &files);
+        assert!(
+            crash_in_the_next_launch(&mut fx, &sha),
+            "the first launch crashed\n{}",
+            fx.daemon.logs()
+        );
+        kills.launch_window += 1;
+        // Then kill -9s of the daemon (one followed by a crash in the next launch, if any is
+        // left) and of the LB at random points, in a random order.
+        let mut blows = vec![Blow::Daemon; 4];
+        blows.extend([Blow::DaemonThenLaunchWindow, Blow::LoadBalancer]);
+        rng.shuffle(&mut blows);
+        eprintln!("rollout {round}: launch window, then {blows:?}");
+        for blow in blows {
+            std::thread::sleep(Duration::from_millis(rng.u64(0..=1500)));
+            match blow {
+                Blow::Daemon | Blow::DaemonThenLaunchWindow => {
+                    let state = rollout_state(&fx.data, &sha);
+                    fx.daemon.kill9();
+                    kills.daemon += 1;
+                    if !state.as_deref().is_some_and(|s| TERMINAL.contains(&s)) {
+                        kills.daemon_mid_rollout += 1;
+                    }
+                    if blow == Blow::DaemonThenLaunchWindow {
+                        fx.daemon.start_again_with_env(&[LAUNCH_FAULT]);
+                        if crash_in_the_next_launch(&mut fx, &sha) {
+                            kills.launch_window += 1;
+                        } else {
+                            kills.launch_window_missed += 1;
+                        }
+                    } else {
+                        fx.daemon.start_again();
+                    }
+                }
+                Blow::LoadBalancer => {
+                    kill_9_the_load_balancer(&fx);
+                    kills.load_balancer += 1;
+                }
+            }
+        }
+        let entry = wait_terminal(&fx.daemon, &sha);
+        assert_eq!(entry["state"], "succeeded", "seed {seed}: {entry}\n{}", fx.daemon.logs());
+        let new = entry["image"].as_str().expect("image").to_owned();
+        assert_ne!(new, image, "rollout {round} deployed a new image");
+        let fleet = wait_fleet(&fx.daemon, "every instance on the new image", |fleet| {
+            all_on(fleet, &new, fx.policy.capacity)
+        });
+        // Each new instance was launched once: `capacity` launches, no instance twice.
+        let shown = show(&fx.data, entry["id"].as_u64().expect("id")).expect("kiln show");
+        let launches: Vec<String> = instance_events(&events(&shown), "instance.launched", &new)
+            .iter()
+            .filter_map(|e| e["data"]["instance"].as_str().map(str::to_owned))
+            .collect();
+        let distinct: BTreeSet<&String> = launches.iter().collect();
+        assert_eq!(
+            (launches.len(), distinct.len()),
+            (fx.policy.capacity as usize, fx.policy.capacity as usize),
+            "seed {seed}: each of {} new instances launched once: {launches:?}",
+            fx.policy.capacity
+        );
+        assert_no_orphans(&fx, &fleet);
+        assert_only_known_processes(&fx, &fleet);
+        image = new;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let bounds = sampler.finish();
+    let report = load.finish();
+    let log = fx.daemon.log();
+    let rollouts: Vec<(u64, String)> = log
+        .iter()
+        .filter(|e| e["fleet"] == FLEET)
+        .map(|e| (e["id"].as_u64().unwrap_or(0), e["state"].as_str().unwrap_or("?").to_owned()))
+        .collect();
+    eprintln!(
+        "chaos seed {seed}: {} kills ({kills:?}); requests {} ok, {} retried once, {} failed; \
+         {} samples ({} of the LB), at most {} instance processes, at least {:?} serving; \
+         rollouts {rollouts:?}",
+        kills.total(),
+        report.ok,
+        report.retried,
+        report.failed,
+        bounds.samples,
+        bounds.lb_samples,
+        bounds.max_running,
+        bounds.min_serving,
+    );
+    assert!(kills.total() >= 10, "at least 10 kills: {kills:?}");
+    // Every rollout, the first deploy's included, succeeded: none failed, none rolled back.
+    assert_eq!(rollouts.len(), ROLLOUTS + 1, "one rollout per commit: {rollouts:?}");
+    assert!(rollouts.iter().all(|(_, s)| s == "succeeded"), "seed {seed}: {rollouts:?}");
+    assert_no_failed_requests(&report, &format!("the chaos run with seed {seed}"));
+    assert_bounds(&bounds, &fx.policy);
+    assert_all_answers_from(&fx.endpoint, &image);
 }

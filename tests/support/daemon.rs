@@ -63,7 +63,8 @@ impl Daemon {
         daemon
     }
 
-    fn spawn(&mut self) {
+    /// Starts the `kiln run` child with `extra_env` added for this run only; does not wait.
+    fn spawn_child(&mut self, extra_env: &[(&str, &str)]) {
         std::fs::create_dir_all(&self.data_dir).unwrap();
         let _ = std::fs::remove_file(self.data_dir.join("daemon.json"));
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
@@ -75,12 +76,33 @@ impl Daemon {
             .env("KILN_LOG", "kiln=debug,info")
             .env_remove("KILN_API")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start kiln run");
         self.child = Some(child);
+    }
+
+    /// Starts it again after a `kill9` with `env` added for this run only (e.g. a `KILN_FAULT`
+    /// that makes it abort itself), without waiting for its API: it may die before that.
+    /// [`Daemon::try_exited`] tells when it did.
+    pub fn start_again_with_env(&mut self, env: &[(&str, &str)]) {
+        assert!(self.child.is_none());
+        self.spawn_child(env);
+    }
+
+    /// The exit status of the daemon if it exited by itself (it is reaped, and may be started
+    /// again), `None` while it runs.
+    pub fn try_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().unwrap()?;
+        self.child = None;
+        Some(status)
+    }
+
+    fn spawn(&mut self) {
+        self.spawn_child(&[]);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.data_dir.join("daemon.json").exists() && self.api_ok() {
