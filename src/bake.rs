@@ -282,9 +282,17 @@ async fn image_id(name: &str, outcome: &HookOutcome, tree: &Path) -> Result<Imag
     if let Some(manifest) = outcome.outputs.get(abi::OUTPUT_MANIFEST) {
         let path = crate::fsutil::safe_join(tree, manifest.trim())
             .map_err(|e| bad(format!("named a Packer manifest outside the work tree ({e})")))?;
-        let bytes = tokio::fs::read(&path).await.map_err(|e| {
-            bad(format!("named a Packer manifest `{manifest}` that cannot be read ({e})"))
-        })?;
+        let bytes = match crate::hooks::output::read_hook_file(&path).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => {
+                return Err(bad(format!(
+                    "named a Packer manifest `{manifest}` that does not exist"
+                )));
+            }
+            Err(why) => {
+                return Err(bad(format!("named a Packer manifest `{manifest}` that {why}")));
+            }
+        };
         return packer::manifest_artifact_id(&bytes)
             .map(ImageRef::from)
             .map_err(|why| bad(format!("named a Packer manifest `{manifest}` that {why}")));
@@ -293,10 +301,14 @@ async fn image_id(name: &str, outcome: &HookOutcome, tree: &Path) -> Result<Imag
         return Ok(ImageRef::from(id));
     }
     let manifest = tree.join(abi::PACKER_MANIFEST_FILE);
-    if let Ok(bytes) = tokio::fs::read(&manifest).await {
-        return packer::manifest_artifact_id(&bytes)
-            .map(ImageRef::from)
-            .map_err(|why| bad(format!("left a {} that {why}", abi::PACKER_MANIFEST_FILE)));
+    match crate::hooks::output::read_hook_file(&manifest).await {
+        Ok(None) => {}
+        Ok(Some(bytes)) => {
+            return packer::manifest_artifact_id(&bytes)
+                .map(ImageRef::from)
+                .map_err(|why| bad(format!("left a {} that {why}", abi::PACKER_MANIFEST_FILE)));
+        }
+        Err(why) => return Err(bad(format!("left a {} that {why}", abi::PACKER_MANIFEST_FILE))),
     }
     Err(bad(format!(
         "reported no image id: write `image=<id>` to $KILN_OUTPUT, print Packer \

@@ -108,7 +108,17 @@ pub async fn reconcile_fleet(
                 workspace.out.join(abi::TERRAFORM_OUTPUTS_FILE),
                 infra_dir.join(abi::TERRAFORM_OUTPUTS_FILE),
             ] {
-                let Ok(bytes) = tokio::fs::read(&file).await else { continue };
+                let bytes = match output::read_hook_file(&file).await {
+                    Ok(Some(bytes)) => bytes,
+                    Ok(None) => continue,
+                    Err(why) => {
+                        return Err(HookError::BadOutput {
+                            name: spec.name.clone(),
+                            message: format!("left a {} that {why}", abi::TERRAFORM_OUTPUTS_FILE),
+                        }
+                        .into());
+                    }
+                };
                 let flat = serde_json::from_slice(&bytes)
                     .ok()
                     .and_then(|value| output::flatten_terraform(&value))

@@ -237,6 +237,35 @@ async fn no_image_id_is_a_clear_error_naming_the_hook() {
     assert!(h.work_leftovers().is_empty(), "work trees left: {:?}", h.work_leftovers());
 }
 
+/// Issue 9: files a hook leaves for kiln to parse are read with a bound, like `$KILN_OUTPUT`: a
+/// Packer manifest past `HOOK_FILE_CAP` is an error naming the limit, not read whole.
+#[tokio::test]
+async fn an_oversized_packer_manifest_is_refused_naming_the_limit() {
+    if !require_git("an_oversized_packer_manifest_is_refused_naming_the_limit") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("image", &[("image/file", "x\n")]);
+    // 17 MiB of JSON whitespace after a valid-looking start: parsing it would need it whole.
+    let hook = "#!/bin/sh\n{ printf '{\"builds\": ['; head -c 17825792 /dev/zero | tr '\\0' ' '; printf ']}'; } > big-manifest.json\necho 'manifest=big-manifest.json' > \"$KILN_OUTPUT\"\n";
+    let sha = repo.commit_exec("hook", &[("hooks/bake", hook)]);
+    let fleet = fleet_from_yaml(
+        "fleets:\n  - name: web\n    image:\n      stages:\n        - { name: base, path: image, bake: hooks/bake }\n",
+    );
+    let h = Harness::new();
+    let rev = Revision::from(sha.as_str());
+    let err = bake_fleet(&h.cx(&fleet, &rev, repo.bare_path())).await.expect_err("too big");
+    let text = kiln::error::chain(&err);
+    assert!(matches!(err, StepError::Hook(kiln::hooks::HookError::BadOutput { .. })), "{err:?}");
+    let limit = kiln::hooks::contract::HOOK_FILE_CAP;
+    assert!(
+        text.contains("named a Packer manifest `big-manifest.json` that is 17825806 bytes")
+            && text.contains(&format!("more than the limit of {limit} bytes")),
+        "{text}"
+    );
+    assert!(h.store.bakes().unwrap().is_empty(), "a failed bake is not cached");
+}
+
 #[tokio::test]
 async fn a_failing_hook_fails_the_bake_with_its_stderr() {
     if !require_git("a_failing_hook_fails_the_bake_with_its_stderr") {

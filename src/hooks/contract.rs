@@ -60,6 +60,9 @@ pub const KILN_HOOK_RUN: &str = "KILN_HOOK_RUN";
 
 /// Most bytes of `$KILN_OUTPUT` kiln reads: a larger file fails the hook with a clear error.
 pub const OUTPUT_FILE_CAP: u64 = 1024 * 1024;
+/// The most kiln reads of any other file a hook leaves for it to parse (a Packer manifest,
+/// `terraform output -json`): larger files are an error naming this limit, never read whole.
+pub const HOOK_FILE_CAP: u64 = 16 * 1024 * 1024;
 
 /// Output key: the image id a bake produced.
 pub const OUTPUT_IMAGE: &str = "image";

@@ -25,6 +25,22 @@ pub async fn read_output_file(path: &std::path::Path) -> Result<String, String> 
     String::from_utf8(bytes).map_err(|_| "wrote $KILN_OUTPUT that is not UTF-8".to_owned())
 }
 
+/// Reads a file a hook left for kiln to parse, at most [`HOOK_FILE_CAP`] bytes: `Ok(None)` when
+/// it does not exist, an error naming the limit when it is larger.
+///
+/// [`HOOK_FILE_CAP`]: super::contract::HOOK_FILE_CAP
+pub async fn read_hook_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
+    let cap = super::contract::HOOK_FILE_CAP;
+    match read_capped(path, cap).await {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(Capped::Missing) => Ok(None),
+        Err(Capped::TooBig(size)) => {
+            Err(format!("is {size} bytes, more than the limit of {cap} bytes kiln reads"))
+        }
+        Err(Capped::Io(e)) => Err(format!("cannot be read ({e})")),
+    }
+}
+
 /// Why [`read_capped`] returned no bytes.
 #[derive(Debug)]
 pub enum Capped {
