@@ -644,6 +644,16 @@ impl Operator {
         }
         let Some(id) = lane.queued.take() else { return };
         if let Err(error) = self.start(fleet, id).await {
+            if is_transient(&error) {
+                // A load balancer taking over from a killed one, a cloud API hiccup: the rollout
+                // stays queued and the next tick starts it, it is not failed for a blip.
+                tracing::warn!(rollout = %id, fleet = %fleet, error = %format!("{error:#}"), "Rollout could not start yet; retrying at the next tick.");
+                let lane = self.lanes.entry(fleet.to_owned()).or_default();
+                if lane.queued.is_none() {
+                    lane.queued = Some(id);
+                }
+                return;
+            }
             let reason = format!("could not start: {error:#}");
             tracing::error!(rollout = %id, fleet = %fleet, error = %reason, "Rollout could not start.");
             let _ = self.finish_outside_driver(id, RolloutState::Failed, reason);
@@ -753,7 +763,9 @@ impl Operator {
         error: crate::provider::ProviderError,
     ) -> anyhow::Result<SharedProvider> {
         let message = format!("fleet `{}`: {error}", fleet.name);
-        if self.provider_failures.get(&fleet.name) != Some(&message) {
+        let transient = matches!(error, crate::provider::ProviderError::Transient { .. });
+        // A transient failure (the load balancer restarting) is retried, not a failed change.
+        if !transient && self.provider_failures.get(&fleet.name) != Some(&message) {
             tracing::error!(fleet = %fleet.name, error = %message, "Load balancer change failed; the fleet keeps its current one.");
             let now = crate::model::now();
             // The change came with the newest commit, not with the deployed one.
@@ -959,6 +971,16 @@ impl Operator {
         }
         if !self.unrecorded.is_empty() {
             self.record_source_events().await;
+        }
+        // Rollouts whose start failed transiently are queued on an idle lane: start them now.
+        let waiting: Vec<String> = self
+            .lanes
+            .iter()
+            .filter(|(_, lane)| lane.running.is_none() && lane.queued.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for fleet in waiting {
+            self.start_next(&fleet).await;
         }
         let names: Vec<String> = self.fleets.keys().cloned().collect();
         let mut statuses = Vec::new();
@@ -1198,6 +1220,17 @@ fn unambiguous<'a>(
     }
 }
 
+/// Whether a rollout's start failed for a reason worth retrying (a provider that could not be
+/// reached), rather than one that will fail again (a fleet missing from the manifest).
+fn is_transient(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<crate::provider::ProviderError>(),
+            Some(crate::provider::ProviderError::Transient { .. })
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1220,5 +1253,20 @@ mod tests {
         assert_eq!(unambiguous("abc12ef0", known.iter().copied()), Ok(a.0.clone()));
         assert_eq!(unambiguous("abc12ef9", known.iter().copied()), Ok(b.0.clone()));
         assert_eq!(unambiguous("fedcba9", known.iter().copied()), Ok("fedcba9".to_owned()));
+    }
+
+    #[test]
+    fn only_transient_provider_errors_keep_a_rollout_queued() {
+        use crate::provider::ProviderError;
+        let blip = ProviderError::Transient {
+            provider: "local",
+            op: "list",
+            message: "load balancer unreachable".into(),
+        };
+        assert!(is_transient(&anyhow::Error::new(blip).context("could not start")));
+        let refused =
+            ProviderError::Failed { provider: "local", op: "open", message: "port busy".into() };
+        assert!(!is_transient(&anyhow::Error::new(refused)));
+        assert!(!is_transient(&anyhow::anyhow!("fleet `web` is not in the manifest")));
     }
 }
