@@ -2,6 +2,8 @@
 //! fleet out (newest commit wins).
 //!
 
+pub mod decide;
+
 use crate::manifest::{Fleet, ProviderKind};
 use crate::model::{ImageRef, Revision};
 use crate::planner::{self, CommitPlan};
