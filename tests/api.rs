@@ -328,7 +328,7 @@ async fn fleets_instances_metrics_health_and_dashboard() {
         attached: true,
         healthy: Some(true),
     };
-    *api.fleets.write().unwrap() = vec![FleetStatus {
+    let web = FleetStatus {
         name: "web".into(),
         provider: "local".into(),
         capacity: 1,
@@ -336,7 +336,8 @@ async fn fleets_instances_metrics_health_and_dashboard() {
         active_rollout: Some(ids[4]),
         active_state: Some(RolloutState::Rolling),
         ..FleetStatus::default()
-    }];
+    };
+    *api.fleets.write().unwrap() = [("web".to_owned(), web)].into_iter().collect();
     api.store
         .record_instance(InstanceEvent {
             seq: 0,

@@ -14,7 +14,7 @@ use kiln::metrics::Metrics;
 use kiln::model::{ImageRef, Revision, RolloutId, SystemClock};
 use kiln::provider::local::{LocalConfig, LocalProvider, lb};
 use kiln::provider::{Provider as _, SharedProvider};
-use kiln::rollout::driver::{Control, DriverEnv, drive, keep_capacity};
+use kiln::rollout::driver::{Control, DriverEnv, drive};
 use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use kiln::store::{InstanceAction, Store};
 use support::fleet::{AppKind, get, have_python3, http_client, wait_for, write_app_image_kind};
@@ -313,17 +313,18 @@ async fn rolls_a_fleet_onto_a_new_image_without_dropping_requests() {
     let journal = world.env.store.instance_journal("web").expect("journal");
     assert!(journal.iter().all(|e| e.rollout != Some(again)), "no instance touched");
 
-    // An instance that dies outside a rollout is replaced.
+    // An instance lost outside a rollout is replaced by a repair rollout onto the same image,
+    // driven by the same machine as a deploy.
     let victim = world.provider.list().await.expect("list")[0].clone();
     world.provider.terminate(&victim.id).await.expect("terminate");
-    let replaced = tokio::time::timeout(
-        ROLLOUT_TIMEOUT,
-        keep_capacity(&world.env, &world.fleet, world.shared(), &b),
-    )
-    .await
-    .expect("keep_capacity finishes")
-    .expect("keep_capacity succeeds");
-    assert_eq!(replaced, 1);
+    let repair = world.rollout(&b, Some(&b));
+    assert_eq!(world.drive(repair).await, RolloutState::Succeeded);
+    let journal = world.env.store.instance_journal("web").expect("journal");
+    let by_repair =
+        |action| journal.iter().filter(|e| e.rollout == Some(repair) && e.action == action).count();
+    assert_eq!(by_repair(InstanceAction::Launched), 1, "one replacement: {journal:?}");
+    assert_eq!(by_repair(InstanceAction::Attached), 1);
+    assert_eq!(by_repair(InstanceAction::Terminated), 0, "no healthy instance touched");
     let (images, attached) = world.fleet_images().await;
     assert_eq!(images, vec![b.0.clone(); 3]);
     assert!(attached);

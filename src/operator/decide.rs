@@ -299,7 +299,9 @@ fn start_queued(lane: &mut Lane, effects: &mut Vec<Effect>, now: Timestamp) {
 fn on_verb(lane: &mut Lane, effects: &mut Vec<Effect>, verb: Verb, fleet: &str) {
     match verb {
         Verb::Pause => match lane.running.as_mut() {
-            Some(running) if running.control == Control::Run || running.control == Control::Pause => {
+            Some(running)
+                if running.control == Control::Run || running.control == Control::Pause =>
+            {
                 running.control = Control::Pause;
                 effects.push(Effect::Signal(Control::Pause));
                 effects.push(Effect::Reply(Ok(running.rollout)));

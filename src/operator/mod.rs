@@ -1,23 +1,31 @@
-//! The daemon's event loop: source events, operator commands and timers in, one serial lane per
-//! fleet out (newest commit wins).
+//! The operator: a router in front of one reconciler per fleet.
 //!
+//! ```text
+//!  source events ──▶ recorder task: record commits, plan the tip (git, off the loop), create rollouts
+//!                                   │ Planned
+//!  verbs (API) ──────▶ router ◀─────┘  ──FleetMsg──▶ fleet reconciler (one task per fleet, `fleet.rs`)
+//!                        │ gc (a task, between jobs)          decide(lane, input, now) → effects
+//! ```
+//!
+//! The router only moves messages: nothing it does waits on git, a hook or a provider, so a verb
+//! or a webhook is recorded at once whatever a provider does. Policy is in [`decide`] (pure);
+//! everything slow runs in a fleet's own tasks (`fleet.rs`) or the recorder.
 
 pub mod decide;
+pub mod fleet;
+mod recorder;
 
-use crate::manifest::{Fleet, ProviderKind};
-use crate::model::{ImageRef, Revision};
-use crate::planner::{self, CommitPlan};
-use crate::provider::SharedProvider;
-use crate::rollout::driver::{self, DriverEnv};
+use crate::manifest::Fleet;
+use crate::model::Revision;
+use crate::planner;
+use crate::rollout::driver::DriverEnv;
 use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
-use crate::rollout::step::Control;
 use crate::source::SourceEvent;
-use crate::store::{CommitKind, CommitRecord, Level, RolloutFilter, StoreError};
+use crate::store::{CommitRecord, Level, RolloutFilter, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -104,7 +112,7 @@ pub struct OperatorHandle {
 impl OperatorHandle {
     /// A snapshot of every fleet's status.
     pub fn fleet_status(&self) -> Vec<FleetStatus> {
-        self.fleets.read().map(|v| v.clone()).unwrap_or_default()
+        self.fleets.read().map(|v| v.values().cloned().collect()).unwrap_or_default()
     }
 }
 
@@ -160,17 +168,18 @@ pub struct InstanceStatus {
     pub healthy: Option<bool>,
 }
 
-/// The shared, operator-maintained view of every fleet.
-pub type FleetView = std::sync::Arc<std::sync::RwLock<Vec<FleetStatus>>>;
+/// The shared, operator-maintained view of every fleet, by name (each fleet's reconciler keeps
+/// its own entry current).
+pub type FleetView = std::sync::Arc<std::sync::RwLock<BTreeMap<String, FleetStatus>>>;
 
 // ---------------------------------------------------------------------------------------------
-// The event loop.
+// The router.
 // ---------------------------------------------------------------------------------------------
 
-/// How often fleet status is refreshed and idle fleets are checked for capacity.
-const TICK: Duration = Duration::from_secs(2);
-/// At most one "fetch failed" entry in the log per this interval while the remote stays down.
-const FETCH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(600);
+/// How often a failing store is probed so it recovers (and `/healthz` turns ok) even when idle.
+const HEAL_EVERY: Duration = Duration::from_secs(2);
+/// Garbage collection runs this long after a job ended (several ending together: one run).
+const GC_AFTER_JOB: Duration = Duration::from_secs(1);
 
 /// Settings of the operator (resolved by the daemon).
 #[derive(Debug, Clone)]
@@ -185,985 +194,390 @@ pub struct OperatorConfig {
     pub keep_images: usize,
 }
 
-/// What occupies a fleet's lane.
-struct Job {
-    /// The rollout driven, or `None` for a capacity check.
-    rollout: Option<RolloutId>,
-    control: watch::Sender<Control>,
-    task: JoinHandle<()>,
+struct FleetEntry {
+    tx: mpsc::Sender<fleet::FleetMsg>,
+    shared: Arc<fleet::Shared>,
 }
 
-#[derive(Default)]
-struct Lane {
-    running: Option<Job>,
-    queued: Option<RolloutId>,
-    paused: Option<RolloutId>,
-}
-
-/// A lane's job finished.
-struct JobDone {
-    fleet: String,
-    rollout: Option<RolloutId>,
-    result: Result<RolloutState, String>,
-}
-
-/// The operator: owns the lanes; everything it knows that matters is in the store.
+/// The operator: routes source events, verbs and timers to one reconciler per fleet.
+/// Everything it knows that matters is in the store.
 pub struct Operator {
-    config: OperatorConfig,
-    env: Arc<DriverEnv>,
-    fleets: BTreeMap<String, Fleet>,
-    lanes: BTreeMap<String, Lane>,
-    providers: BTreeMap<String, (String, SharedProvider)>,
-    view: FleetView,
-    done_tx: mpsc::UnboundedSender<JobDone>,
-    done_rx: mpsc::UnboundedReceiver<JobDone>,
-    last_fetch_failure_logged: Option<tokio::time::Instant>,
-    /// When garbage collection runs next (at the first tick, then every `gc::INTERVAL`).
-    next_gc: Option<tokio::time::Instant>,
-    /// Per fleet, the last local-provider open failure recorded in the log (recorded once).
-    provider_failures: BTreeMap<String, String>,
-    /// Source events the store could not record yet (a full disk), oldest first. The watcher
-    /// has moved on and will not send them again, so they are retried on every tick.
-    unrecorded: std::collections::VecDeque<SourceEvent>,
+    cx: fleet::Context,
+    jobs_ended: mpsc::UnboundedReceiver<String>,
+    fleets: BTreeMap<String, FleetEntry>,
+    tasks: Vec<JoinHandle<()>>,
 }
-
-type OpResult<T> = Result<T, StoreError>;
 
 impl Operator {
     /// Creates the operator; `view` is shared with the API.
     pub fn new(config: OperatorConfig, env: DriverEnv, view: FleetView) -> Operator {
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (jobs_ended_tx, jobs_ended) = mpsc::unbounded_channel();
         Operator {
-            config,
-            env: Arc::new(env),
+            cx: fleet::Context {
+                env: Arc::new(env),
+                config: Arc::new(config),
+                view,
+                jobs_ended: jobs_ended_tx,
+            },
+            jobs_ended,
             fleets: BTreeMap::new(),
-            lanes: BTreeMap::new(),
-            providers: BTreeMap::new(),
-            view,
-            done_tx,
-            done_rx,
-            last_fetch_failure_logged: None,
-            next_gc: None,
-            provider_failures: BTreeMap::new(),
-            unrecorded: std::collections::VecDeque::new(),
+            tasks: Vec::new(),
         }
     }
 
     fn store(&self) -> &Store {
-        &self.env.store
+        &self.cx.env.store
     }
 
     /// Runs until `shutdown` fires. Resumes the rollouts a previous run left in motion first.
     pub async fn run(
         mut self,
-        mut source_events: mpsc::Receiver<SourceEvent>,
+        source_events: mpsc::Receiver<SourceEvent>,
         mut commands: mpsc::Receiver<CommandRequest>,
         shutdown: CancellationToken,
     ) {
-        if let Err(error) = self.load_fleets_at_tip().await {
-            tracing::warn!(error = %format!("{error:#}"), "Could not read the manifest at the recorded tip.");
+        let fleets = match self.fleets_at_tip().await {
+            Ok(fleets) => fleets,
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "Could not read the manifest at the recorded tip.");
+                Vec::new()
+            }
+        };
+        let mut active: BTreeMap<String, Vec<(RolloutId, RolloutState)>> = BTreeMap::new();
+        match self.store().active_rollouts() {
+            Ok(rollouts) => {
+                for rollout in rollouts {
+                    if let Some(fleet) = rollout.fleet {
+                        active.entry(fleet).or_default().push((rollout.id, rollout.state));
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::error!(error = %crate::error::chain(&error), "Could not resume rollouts from the store.")
+            }
         }
-        if let Err(error) = self.resume_active().await {
-            tracing::error!(error = %crate::error::chain(&error), "Could not resume rollouts from the store.");
+        for fleet in fleets {
+            let name = fleet.name.clone();
+            let recovered = active.remove(&name).unwrap_or_default();
+            self.spawn_fleet(&name, Some(fleet), recovered, &shutdown);
         }
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for (name, recovered) in active {
+            // Unfinished rollouts of a fleet the tip no longer has: finished all the same.
+            self.spawn_fleet(&name, None, recovered, &shutdown);
+        }
+
+        let (planned_tx, mut planned_rx) = mpsc::unbounded_channel();
+        let recorder = recorder::Recorder::new(
+            self.store().clone(),
+            self.cx.env.mirror.clone(),
+            self.cx.config.branch.clone(),
+            self.cx.env.metrics.clone(),
+            planned_tx,
+        );
+        self.tasks.push(tokio::spawn(recorder.run(source_events, shutdown.clone())));
+
+        let mut heal = tokio::time::interval(HEAL_EVERY);
+        heal.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first collection runs soon after start, then every `gc::INTERVAL` or after jobs.
+        let mut gc_due = Some(tokio::time::Instant::now() + HEAL_EVERY);
+        let mut gc_task: Option<JoinHandle<Option<crate::gc::Report>>> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(event) = source_events.recv() => {
-                    self.unrecorded.push_back(event);
-                    self.record_source_events().await;
+                Some(planned) = planned_rx.recv() => self.on_planned(planned, &shutdown).await,
+                Some(request) = commands.recv() => self.on_command(request),
+                Some(_fleet) = self.jobs_ended.recv() => {
+                    let soon = tokio::time::Instant::now() + GC_AFTER_JOB;
+                    gc_due = Some(gc_due.map_or(soon, |at| at.min(soon)));
                 }
-                Some(request) = commands.recv() => {
-                    let res = self.on_command(request.command).await;
-                    let _ = request.reply.send(res);
+                () = sleep_until(gc_due), if gc_task.is_none() => {
+                    gc_due = None;
+                    gc_task = Some(tokio::spawn(collect_garbage(self.cx.clone(), self.shared())));
                 }
-                Some(done) = self.done_rx.recv() => self.on_done(done).await,
-                _ = tick.tick() => self.on_tick().await,
+                report = join(&mut gc_task) => {
+                    gc_task = None;
+                    // More due than one run removes: continue soon, not in ten minutes.
+                    let wait = if report.flatten().is_some_and(|r| r.more) { HEAL_EVERY } else { crate::gc::INTERVAL };
+                    let next = tokio::time::Instant::now() + wait;
+                    gc_due = Some(gc_due.map_or(next, |at| at.min(next)));
+                }
+                _ = heal.tick() => {
+                    if let Err(error) = self.store().heal() {
+                        tracing::debug!(error = %crate::error::chain(&error), "The store still fails.");
+                    }
+                }
             }
         }
-        for lane in self.lanes.values_mut() {
-            if let Some(job) = lane.running.take() {
-                // Every step is persisted before it is taken: the next start resumes from here.
-                job.task.abort();
-            }
+        if let Some(task) = gc_task {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
         }
     }
 
-    async fn load_fleets_at_tip(&mut self) -> anyhow::Result<()> {
+    async fn fleets_at_tip(&self) -> anyhow::Result<Vec<Fleet>> {
         let Some(tip) = self.store().get_meta::<Revision>(TIP_KEY)? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        let mirror = self.env.mirror.clone();
+        let mirror = self.cx.env.mirror.clone();
         let manifest =
             tokio::task::spawn_blocking(move || planner::manifest_at(&mirror, &tip)).await??;
-        if let Some(Ok(manifest)) = manifest {
-            self.fleets = manifest.fleets.into_iter().map(|f| (f.name.clone(), f)).collect();
-        }
-        Ok(())
-    }
-
-    async fn resume_active(&mut self) -> OpResult<()> {
-        for rollout in self.store().active_rollouts()? {
-            let Some(fleet) = rollout.fleet.clone() else { continue };
-            if rollout.state == RolloutState::Paused {
-                let lane = self.lanes.entry(fleet).or_default();
-                if let Some(older) = lane.paused.replace(rollout.id) {
-                    self.supersede(older, rollout.id)?;
-                }
-                continue;
-            }
-            tracing::info!(rollout = %rollout.id, fleet = %fleet, state = %rollout.state, "Resuming rollout.");
-            self.store().append_event(
-                rollout.id,
-                Level::Info,
-                "resume",
-                "daemon restarted; resuming from the recorded state",
-                None,
-            )?;
-            self.enqueue(&fleet, rollout.id).await?;
-        }
-        Ok(())
-    }
-
-    // --- source events ---
-
-    /// Handles the source events not recorded yet, in order. One that fails because the store
-    /// cannot write stays queued (with those after it) for the next tick; recording is
-    /// idempotent (commits are deduplicated, a planned tip is not planned again).
-    async fn record_source_events(&mut self) {
-        /// Bound on queued events while the store fails (each holds a fetch's new commits).
-        const MAX_UNRECORDED: usize = 1024;
-        while let Some(event) = self.unrecorded.pop_front() {
-            let keep = match &event {
-                SourceEvent::Commits(_) | SourceEvent::BranchDeleted(_) => Some(event.clone()),
-                // A fetch failure is reported again by the next failing fetch.
-                SourceEvent::FetchFailed { .. } => None,
-            };
-            let Err(error) = self.on_source(event).await else { continue };
-            let store_failed = error
-                .chain()
-                .any(|cause| cause.downcast_ref::<StoreError>().is_some_and(StoreError::is_io));
-            match keep {
-                Some(event) if store_failed => {
-                    tracing::warn!(error = %format!("{error:#}"), "Could not record a source event; retrying when the store works again.");
-                    self.unrecorded.push_front(event);
-                    if self.unrecorded.len() > MAX_UNRECORDED {
-                        self.unrecorded.pop_front();
-                        tracing::error!("Dropped the oldest unrecorded source event.");
-                    }
-                    return;
-                }
-                _ => {
-                    tracing::error!(error = %format!("{error:#}"), "Could not record a source event.")
-                }
-            }
-        }
-    }
-
-    async fn on_source(&mut self, event: SourceEvent) -> anyhow::Result<()> {
-        match event {
-            SourceEvent::Commits(commits) => self.on_commits(commits).await,
-            SourceEvent::BranchDeleted(record) => {
-                if self.store().record_commit(&record)? {
-                    let reason = format!(
-                        "branch `{}` was deleted on the remote; fleets keep running as they are",
-                        self.config.branch
-                    );
-                    tracing::warn!(revision = %record.revision, "{reason}");
-                    self.record_commit_level(&record, RolloutState::Skipped, reason)?;
-                }
-                Ok(())
-            }
-            SourceEvent::FetchFailed { message, trigger } => {
-                // The watcher counts fetch errors in the metrics and logs them (deduplicated).
-                tracing::debug!(trigger = %trigger, error = %message, "Fetch failed.");
-                let due = self
-                    .last_fetch_failure_logged
-                    .is_none_or(|at| at.elapsed() >= FETCH_FAILURE_LOG_INTERVAL);
-                if due {
-                    self.last_fetch_failure_logged = Some(tokio::time::Instant::now());
-                    let tip = self
-                        .store()
-                        .get_meta::<Revision>(TIP_KEY)?
-                        .unwrap_or_else(|| Revision(String::new()));
-                    let record = CommitRecord {
-                        revision: tip,
-                        parents: vec![],
-                        summary: "fetch failed".into(),
-                        author: String::new(),
-                        committed_at: crate::model::now(),
-                        seen_at: crate::model::now(),
-                        kind: CommitKind::Push,
-                        trigger,
-                        tip: false,
-                    };
-                    self.record_commit_level(
-                        &record,
-                        RolloutState::Failed,
-                        format!("fetch failed: {message}"),
-                    )?;
-                }
-                self.store().set_meta("source.last_error", &message)?;
-                Ok(())
-            }
-        }
-    }
-
-    /// A record in the log for a commit that concerns no single fleet.
-    fn record_commit_level(
-        &self,
-        commit: &CommitRecord,
-        state: RolloutState,
-        reason: String,
-    ) -> OpResult<Rollout> {
-        let now = crate::model::now();
-        let mut record = Rollout::new(
-            None,
-            commit.revision.clone(),
-            commit.summary.clone(),
-            commit.trigger.clone(),
-            Origin::Commit,
-            now,
-        );
-        record.state = state;
-        record.plan = Plan { reason: reason.clone(), ..Plan::default() };
-        record.reason = Some(reason.clone());
-        record.finished_at = Some(now);
-        let rollout = self.store().create_rollout(record)?;
-        let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
-        self.store().append_event(
-            rollout.id,
-            level,
-            "state",
-            format!("{state}: {reason}"),
-            None,
-        )?;
-        Ok(rollout)
-    }
-
-    async fn on_commits(&mut self, commits: Vec<CommitRecord>) -> anyhow::Result<()> {
-        for commit in &commits {
-            if self.store().record_commit(commit)? {
-                self.env.metrics.commit_seen();
-                tracing::info!(revision = %commit.revision.short(), kind = ?commit.kind, trigger = %commit.trigger, "Commit recorded.");
-            }
-        }
-        let Some(tip) = commits.iter().rev().find(|c| c.tip).or(commits.last()).cloned() else {
-            return Ok(());
-        };
-        // A crash between planning and acknowledging re-sends the tip: plan it once only. A
-        // force push or a recreated branch pointing at an older commit changes what should be
-        // deployed, so it is planned again even though that commit was planned before.
-        let acknowledged =
-            self.store().get_meta::<Revision>(TIP_KEY)?.as_ref() == Some(&tip.revision);
-        let moved_back =
-            matches!(tip.kind, CommitKind::ForcePush { .. } | CommitKind::BranchCreated);
-        let planned = acknowledged
-            || (!moved_back
-                && !self
-                    .store()
-                    .rollouts(&RolloutFilter {
-                        commit: Some(tip.revision.0.clone()),
-                        limit: Some(1),
-                        ..RolloutFilter::default()
-                    })?
-                    .is_empty());
-        if !planned {
-            self.plan_tip(&tip).await?;
-        }
-        self.store().set_meta(TIP_KEY, &tip.revision)?;
-        Ok(())
-    }
-
-    async fn plan_tip(&mut self, tip: &CommitRecord) -> anyhow::Result<()> {
-        let mirror = self.env.mirror.clone();
-        let revision = tip.revision.clone();
-        let store = self.store().clone();
-        let deployed = move |fleet: &str| store.deployed(fleet).ok().flatten();
-        let plan = tokio::task::spawn_blocking(move || {
-            planner::plan_commit(&mirror, &revision, &deployed)
+        Ok(match manifest {
+            Some(Ok(manifest)) => manifest.fleets,
+            _ => Vec::new(),
         })
-        .await?;
-        let note = match &tip.kind {
-            CommitKind::ForcePush { previous } => {
-                Some(format!("force-push: history rewritten (previous tip {})", previous.short()))
-            }
-            CommitKind::BranchCreated => Some(format!("branch `{}` recreated", self.config.branch)),
-            _ => None,
-        };
-        let with_note = |reason: String| match &note {
-            Some(note) => format!("{note}; {reason}"),
-            None => reason,
-        };
-        let plans = match plan {
-            Err(error) => {
-                let reason = format!("could not read the commit: {}", crate::error::chain(&error));
-                self.record_commit_level(tip, RolloutState::Failed, with_note(reason))?;
-                return Ok(());
-            }
-            Ok(CommitPlan::NoManifest) => {
-                let reason = format!(
-                    "no {} at the repo root; nothing to deploy",
-                    crate::manifest::MANIFEST_FILE
-                );
-                self.record_commit_level(tip, RolloutState::Skipped, with_note(reason))?;
-                return Ok(());
-            }
-            Ok(CommitPlan::Invalid(error)) => {
-                let reason = format!("invalid manifest, fleets left as they are: {error}");
-                let rollout =
-                    self.record_commit_level(tip, RolloutState::Failed, with_note(reason))?;
-                for problem in &error.problems {
-                    self.store().append_event(
-                        rollout.id,
-                        Level::Error,
-                        "manifest",
-                        problem.to_string(),
-                        None,
-                    )?;
+    }
+
+    fn shared(&self) -> Vec<(String, Arc<fleet::Shared>)> {
+        self.fleets.iter().map(|(name, entry)| (name.clone(), entry.shared.clone())).collect()
+    }
+
+    fn spawn_fleet(
+        &mut self,
+        name: &str,
+        spec: Option<Fleet>,
+        active: Vec<(RolloutId, RolloutState)>,
+        shutdown: &CancellationToken,
+    ) -> mpsc::Sender<fleet::FleetMsg> {
+        let shared = Arc::new(fleet::Shared::default());
+        let (tx, task) = fleet::spawn(
+            name.to_owned(),
+            self.cx.clone(),
+            shared.clone(),
+            spec,
+            active,
+            shutdown.clone(),
+        );
+        self.tasks.push(task);
+        self.fleets.insert(name.to_owned(), FleetEntry { tx: tx.clone(), shared });
+        tx
+    }
+
+    async fn on_planned(&mut self, planned: recorder::Planned, shutdown: &CancellationToken) {
+        for spec in planned.fleets.into_iter().flatten() {
+            let name = spec.name.clone();
+            match self.fleets.get(&name) {
+                Some(entry) => {
+                    let _ = entry.tx.send(fleet::FleetMsg::Manifest(Box::new(spec))).await;
                 }
-                tracing::error!(revision = %tip.revision.short(), error = %error, "Invalid manifest.");
-                return Ok(());
-            }
-            Ok(CommitPlan::Fleets(plans)) => plans,
-        };
-        self.fleets = plans.iter().map(|p| (p.fleet.name.clone(), p.fleet.clone())).collect();
-        let mut skipped = Vec::new();
-        for fleet_plan in plans {
-            if fleet_plan.is_noop() {
-                skipped.push(format!("{}: {}", fleet_plan.fleet.name, fleet_plan.plan.reason));
-                continue;
-            }
-            let name = fleet_plan.fleet.name.clone();
-            let previous_image = self.store().deployed(&name)?.map(|d| d.image);
-            let now = crate::model::now();
-            let mut record = Rollout::new(
-                Some(name.clone()),
-                tip.revision.clone(),
-                tip.summary.clone(),
-                tip.trigger.clone(),
-                Origin::Commit,
-                now,
-            );
-            record.plan = fleet_plan.plan.clone();
-            record.previous_image = previous_image;
-            let rollout = self.store().create_rollout(record)?;
-            if let Some(note) = &note {
-                self.store().append_event(rollout.id, Level::Warn, "source", note.clone(), None)?;
-            }
-            self.store().append_event(
-                rollout.id,
-                Level::Info,
-                "plan",
-                format!(
-                    "{} (bake: [{}], reconcile: {}, roll: {})",
-                    fleet_plan.plan.reason,
-                    fleet_plan.plan.bake.join(", "),
-                    fleet_plan.plan.reconcile,
-                    fleet_plan.plan.roll
-                ),
-                Some(serde_json::json!({ "trees": fleet_plan.trees })),
-            )?;
-            tracing::info!(rollout = %rollout.id, fleet = %name, revision = %tip.revision.short(), "Rollout planned.");
-            self.enqueue(&name, rollout.id).await?;
-        }
-        if !skipped.is_empty() && self.fleets.len() == skipped.len() {
-            let reason = format!("touches no fleet's paths ({})", skipped.join("; "));
-            self.record_commit_level(tip, RolloutState::Skipped, with_note(reason))?;
-        }
-        Ok(())
-    }
-
-    // --- lanes ---
-
-    fn supersede(&self, id: RolloutId, by: RolloutId) -> OpResult<()> {
-        self.finish_outside_driver(
-            id,
-            RolloutState::Superseded,
-            format!("superseded by rollout #{by}"),
-        )
-    }
-
-    /// Ends a rollout no driver is running (queued, paused).
-    fn finish_outside_driver(
-        &self,
-        id: RolloutId,
-        state: RolloutState,
-        reason: String,
-    ) -> OpResult<()> {
-        let mut rollout = self.store().rollout(id)?;
-        if rollout.state.is_terminal() {
-            return Ok(());
-        }
-        let from = rollout.state;
-        rollout.state = state;
-        rollout.reason = Some(reason.clone());
-        rollout.finished_at = Some(crate::model::now());
-        self.store().put_rollout(&rollout)?;
-        self.store().append_event(
-            id,
-            Level::Warn,
-            "state",
-            format!("{from} → {state}: {reason}"),
-            None,
-        )?;
-        Ok(())
-    }
-
-    async fn enqueue(&mut self, fleet: &str, id: RolloutId) -> OpResult<()> {
-        let lane = self.lanes.entry(fleet.to_owned()).or_default();
-        let paused = lane.paused.take();
-        let queued = lane.queued.replace(id);
-        let mut supersede_running = None;
-        let mut abort_keeper = None;
-        if let Some(job) = &lane.running {
-            match job.rollout {
-                Some(_) => supersede_running = Some(job.control.clone()),
-                None => abort_keeper = lane.running.take(),
+                None => {
+                    self.spawn_fleet(&name, Some(spec), Vec::new(), shutdown);
+                }
             }
         }
-        for older in paused.into_iter().chain(queued) {
-            self.supersede(older, id)?;
+        for (id, prepared) in planned.rollouts {
+            let name = prepared.fleet.name.clone();
+            let tx = match self.fleets.get(&name) {
+                Some(entry) => entry.tx.clone(),
+                None => self.spawn_fleet(&name, Some(prepared.fleet.clone()), Vec::new(), shutdown),
+            };
+            let msg = fleet::FleetMsg::Planned { id, prepared: Some(Box::new(prepared)) };
+            let _ = tx.send(msg).await;
         }
-        if let Some(control) = supersede_running {
-            // It stops at its next safe point; `on_done` then starts the queued one.
-            let _ = control.send(Control::Supersede(id));
-            return Ok(());
-        }
-        if let Some(keeper) = abort_keeper {
-            keeper.task.abort();
-        }
-        self.start_next(fleet).await;
-        Ok(())
     }
 
-    async fn start_next(&mut self, fleet: &str) {
-        let Some(lane) = self.lanes.get_mut(fleet) else { return };
-        if lane.running.is_some() {
+    fn on_command(&mut self, request: CommandRequest) {
+        let name = request.command.fleet().to_owned();
+        let Some(entry) = self.fleets.get(&name) else {
+            let message = format!("no fleet `{name}`");
+            let _ = request.reply.send(Err(CommandError { status: 404, message }));
             return;
-        }
-        let Some(id) = lane.queued.take() else { return };
-        if let Err(error) = self.start(fleet, id).await {
-            if is_transient(&error) {
-                // A load balancer taking over from a killed one, a cloud API hiccup: the rollout
-                // stays queued and the next tick starts it, it is not failed for a blip.
-                tracing::warn!(rollout = %id, fleet = %fleet, error = %format!("{error:#}"), "Rollout could not start yet; retrying at the next tick.");
-                let lane = self.lanes.entry(fleet.to_owned()).or_default();
-                if lane.queued.is_none() {
-                    lane.queued = Some(id);
-                }
-                return;
-            }
-            let reason = format!("could not start: {error:#}");
-            tracing::error!(rollout = %id, fleet = %fleet, error = %reason, "Rollout could not start.");
-            let _ = self.finish_outside_driver(id, RolloutState::Failed, reason);
-        }
-    }
-
-    async fn start(&mut self, fleet_name: &str, id: RolloutId) -> anyhow::Result<()> {
-        let rollout = self.store().rollout(id)?;
-        let mirror = self.env.mirror.clone();
-        let revision = rollout.revision.clone();
-        let name = fleet_name.to_owned();
-        let (fleet, trees) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let fleet = planner::fleet_at(&mirror, &revision, &name)?.ok_or_else(|| {
-                anyhow::anyhow!("fleet `{name}` is not in the manifest at {}", revision.short())
-            })?;
-            let trees = planner::fleet_trees(&mirror, &revision, &fleet)?;
-            Ok((fleet, trees))
-        })
-        .await??;
-        let provider = self.provider(&fleet, &rollout.revision).await?;
-        let (control, control_rx) = watch::channel(Control::Run);
-        let env = self.env.clone();
-        let done = self.done_tx.clone();
-        let fleet_name = fleet.name.clone();
-        let task = tokio::spawn(async move {
-            let result = driver::drive(&env, &fleet, provider, id, trees, control_rx)
-                .await
-                .map_err(|e| crate::error::chain(&e));
-            let _ = done.send(JobDone { fleet: fleet.name.clone(), rollout: Some(id), result });
-        });
-        self.lanes.entry(fleet_name).or_default().running =
-            Some(Job { rollout: Some(id), control, task });
-        Ok(())
-    }
-
-    async fn provider(
-        &mut self,
-        fleet: &Fleet,
-        revision: &Revision,
-    ) -> anyhow::Result<SharedProvider> {
-        let policy = &fleet.rollout;
-        let key = match policy.provider {
-            ProviderKind::Local => format!("local:{}", policy.load_balancer.port),
-            ProviderKind::Exec => format!("exec:{revision}"),
         };
-        if let Some((existing, provider)) = self.providers.get(&fleet.name) {
-            if *existing == key {
-                return Ok(provider.clone());
-            }
-        }
-        let fleet_dir =
-            crate::fsutil::safe_join(&self.config.data_dir.join("fleets"), &fleet.name)?;
-        let provider: SharedProvider = match policy.provider {
-            ProviderKind::Local => {
-                let opened = crate::provider::local::LocalProvider::open(
-                    crate::provider::local::LocalConfig {
-                        fleet: fleet.name.clone(),
-                        dir: fleet_dir,
-                        lb_port: policy.load_balancer.port,
-                        kiln_exe: self.config.kiln_exe.clone(),
-                    },
-                )
-                .await;
-                match opened {
-                    Ok(provider) => {
-                        self.provider_failures.remove(&fleet.name);
-                        Arc::new(provider)
-                    }
-                    Err(error) => return self.local_provider_failed(fleet, revision, error),
+        if let Err(error) = entry.tx.try_send(fleet::FleetMsg::Verb(request.command, request.reply))
+        {
+            let (reply, message) = match error {
+                mpsc::error::TrySendError::Full(fleet::FleetMsg::Verb(_, reply)) => {
+                    (Some(reply), format!("fleet `{name}` is busy; try again"))
                 }
-            }
-            ProviderKind::Exec => {
-                let spec = policy
-                    .exec
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("provider exec without an exec section"))?;
-                let repo_dir =
-                    crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())?;
-                if !repo_dir.exists() {
-                    let mirror = self.env.mirror.clone();
-                    let revision = revision.clone();
-                    let dest = repo_dir.clone();
-                    tokio::task::spawn_blocking(move || {
-                        crate::source::git::export(&mirror, &revision, &dest)
-                    })
-                    .await??;
+                mpsc::error::TrySendError::Closed(fleet::FleetMsg::Verb(_, reply)) => {
+                    (Some(reply), "the operator is shutting down".to_owned())
                 }
-                Arc::new(crate::provider::exec::ExecProvider::new(
-                    &fleet.name,
-                    &spec,
-                    repo_dir,
-                    fleet_dir.join("exec"),
-                ))
-            }
-        };
-        self.providers.insert(fleet.name.clone(), (key, provider.clone()));
-        Ok(provider)
-    }
-
-    /// A local provider could not be opened with the manifest's settings (e.g. the new
-    /// `loadBalancer.port` is busy): the failure is recorded once in the log, and the fleet
-    /// keeps the provider it had, so it goes on serving where it was.
-    fn local_provider_failed(
-        &mut self,
-        fleet: &Fleet,
-        revision: &Revision,
-        error: crate::provider::ProviderError,
-    ) -> anyhow::Result<SharedProvider> {
-        let message = format!("fleet `{}`: {error}", fleet.name);
-        let transient = matches!(error, crate::provider::ProviderError::Transient { .. });
-        // A transient failure (the load balancer restarting) is retried, not a failed change.
-        if !transient && self.provider_failures.get(&fleet.name) != Some(&message) {
-            tracing::error!(fleet = %fleet.name, error = %message, "Load balancer change failed; the fleet keeps its current one.");
-            let now = crate::model::now();
-            // The change came with the newest commit, not with the deployed one.
-            let tip = self.store().get_meta::<Revision>(TIP_KEY).ok().flatten();
-            let record = CommitRecord {
-                revision: tip.unwrap_or_else(|| revision.clone()),
-                parents: vec![],
-                summary: format!("load balancer change for fleet `{}`", fleet.name),
-                author: String::new(),
-                committed_at: now,
-                seen_at: now,
-                kind: CommitKind::Push,
-                trigger: "provider".to_owned(),
-                tip: false,
+                _ => (None, String::new()),
             };
-            self.record_commit_level(&record, RolloutState::Failed, message.clone())?;
-            self.provider_failures.insert(fleet.name.clone(), message);
-        }
-        match self.providers.get(&fleet.name) {
-            Some((key, provider)) if key.starts_with("local:") => Ok(provider.clone()),
-            _ => Err(error.into()),
-        }
-    }
-
-    async fn on_done(&mut self, done: JobDone) {
-        let lane = self.lanes.entry(done.fleet.clone()).or_default();
-        // A lane may have been restarted meanwhile (a keeper aborted): only clear our own job.
-        if lane.running.as_ref().is_some_and(|job| job.rollout == done.rollout) {
-            lane.running = None;
-        }
-        match (&done.rollout, &done.result) {
-            (Some(id), Ok(RolloutState::Paused)) => {
-                lane.paused = Some(*id);
-                tracing::info!(rollout = %id, fleet = %done.fleet, "Rollout paused.");
-            }
-            (Some(id), Ok(state)) => {
-                tracing::info!(rollout = %id, fleet = %done.fleet, state = %state, "Rollout ended.")
-            }
-            (Some(id), Err(error)) => {
-                tracing::error!(rollout = %id, fleet = %done.fleet, error = %error, "Rollout driver failed.");
-                let _ = self.store().append_event(
-                    *id,
-                    Level::Error,
-                    "driver",
-                    format!("driver stopped: {error}"),
-                    None,
-                );
-            }
-            (None, Ok(_)) => {}
-            (None, Err(error)) => {
-                tracing::warn!(fleet = %done.fleet, error = %error, "Capacity check failed.")
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(CommandError { status: 503, message }));
             }
         }
-        let fleet = done.fleet.clone();
-        self.start_next(&fleet).await;
-        if done.rollout.is_some() {
-            // Show the outcome in `kiln status` now rather than at the next tick.
-            self.on_tick().await;
-            self.collect_garbage().await;
-        }
-    }
-
-    // --- commands ---
-
-    async fn on_command(&mut self, command: Command) -> Result<RolloutId, CommandError> {
-        let fleet = command.fleet().to_owned();
-        let conflict = |message: String| CommandError { status: 409, message };
-        let internal =
-            |e: &dyn std::fmt::Display| CommandError { status: 500, message: e.to_string() };
-        if !self.fleets.contains_key(&fleet) && !self.lanes.contains_key(&fleet) {
-            return Err(CommandError { status: 404, message: format!("no fleet `{fleet}`") });
-        }
-        let lane = self.lanes.entry(fleet.clone()).or_default();
-        let running =
-            lane.running.as_ref().and_then(|job| job.rollout.map(|id| (id, job.control.clone())));
-        match command {
-            Command::Pause { .. } => match running {
-                Some((id, control)) => {
-                    let _ = control.send(Control::Pause);
-                    Ok(id)
-                }
-                None => Err(conflict(format!("fleet `{fleet}` has no rollout in progress"))),
-            },
-            Command::Abort { .. } => {
-                if let Some((id, control)) = running {
-                    let _ = control.send(Control::Abort);
-                    return Ok(id);
-                }
-                let lane = self.lanes.entry(fleet.clone()).or_default();
-                let Some(id) = lane.paused.take().or_else(|| lane.queued.take()) else {
-                    return Err(conflict(format!("fleet `{fleet}` has no rollout to abort")));
-                };
-                self.finish_outside_driver(
-                    id,
-                    RolloutState::Aborted,
-                    "aborted by an operator".into(),
-                )
-                .map_err(|e| internal(&e))?;
-                Ok(id)
-            }
-            Command::Resume { .. } => {
-                let lane = self.lanes.entry(fleet.clone()).or_default();
-                let Some(id) = lane.paused.take() else {
-                    return Err(conflict(format!("fleet `{fleet}` has no paused rollout")));
-                };
-                if lane.running.is_some() {
-                    lane.paused = Some(id);
-                    return Err(conflict(format!("fleet `{fleet}` is busy")));
-                }
-                let _ = self.store().append_event(
-                    id,
-                    Level::Info,
-                    "command",
-                    "resumed by an operator",
-                    None,
-                );
-                self.start(&fleet, id).await.map_err(|e| internal(&format!("{e:#}")))?;
-                Ok(id)
-            }
-            Command::Rollback { to, .. } => {
-                let id = self.rollback(&fleet, to.as_deref()).map_err(|e| match e {
-                    RollbackError::BadPrefix(message) => CommandError { status: 400, message },
-                    RollbackError::Refused(message) => conflict(message),
-                    RollbackError::Store(e) => internal(&e),
-                })?;
-                self.enqueue(&fleet, id).await.map_err(|e| internal(&e))?;
-                Ok(id)
-            }
-        }
-    }
-
-    fn rollback(&self, fleet: &str, to: Option<&str>) -> Result<RolloutId, RollbackError> {
-        let deployed = self.store().deployed(fleet)?;
-        // `--to` names one commit unambiguously among the fleet's rollouts.
-        let to = match to {
-            Some(prefix) => {
-                let prefix = check_prefix(prefix).map_err(RollbackError::BadPrefix)?;
-                let known = self.store().rollouts(&RolloutFilter {
-                    fleet: Some(fleet.to_owned()),
-                    commit: Some(prefix.clone()),
-                    ..RolloutFilter::default()
-                })?;
-                let revisions = known.iter().map(|r| (&r.revision, r.summary.as_str()));
-                Some(unambiguous(&prefix, revisions).map_err(RollbackError::BadPrefix)?)
-            }
-            None => None,
-        };
-        let to = to.as_deref();
-        let succeeded = self.store().rollouts(&RolloutFilter {
-            fleet: Some(fleet.to_owned()),
-            state: Some(RolloutState::Succeeded),
-            commit: to.map(str::to_owned),
-            ..RolloutFilter::default()
-        })?;
-        let current = deployed.as_ref().map(|d| d.image.clone());
-        let target = succeeded
-            .into_iter()
-            .filter(|r| r.image.is_some())
-            .find(|r| to.is_some() || r.image != current)
-            .ok_or_else(|| {
-                RollbackError::Refused(match to {
-                    Some(to) => format!("no succeeded rollout of fleet `{fleet}` at commit `{to}`"),
-                    None => format!("fleet `{fleet}` has no earlier image to roll back to"),
-                })
-            })?;
-        let image: Option<ImageRef> = target.image.clone();
-        let now = crate::model::now();
-        let mut record = Rollout::new(
-            Some(fleet.to_owned()),
-            target.revision.clone(),
-            format!("rollback to {} ({})", target.revision.short(), target.summary),
-            "command".into(),
-            Origin::Rollback { from: Some(target.id) },
-            now,
-        );
-        record.plan = Plan {
-            bake: vec![],
-            reconcile: false,
-            roll: true,
-            reason: format!("manual rollback to the image of rollout #{}", target.id),
-        };
-        record.image = image;
-        record.stage_images = target.stage_images.clone();
-        record.previous_image = current;
-        record.outputs = target.outputs.clone();
-        let rollout = self.store().create_rollout(record)?;
-        self.store().append_event(
-            rollout.id,
-            Level::Info,
-            "command",
-            "rollback requested by an operator",
-            None,
-        )?;
-        Ok(rollout.id)
-    }
-
-    // --- periodic work ---
-
-    async fn on_tick(&mut self) {
-        // A failing store is probed so it recovers (and `/healthz` turns ok) even when idle.
-        if let Err(error) = self.store().heal() {
-            tracing::debug!(error = %crate::error::chain(&error), "The store still fails.");
-        }
-        if !self.unrecorded.is_empty() {
-            self.record_source_events().await;
-        }
-        // Rollouts whose start failed transiently are queued on an idle lane: start them now.
-        let waiting: Vec<String> = self
-            .lanes
-            .iter()
-            .filter(|(_, lane)| lane.running.is_none() && lane.queued.is_some())
-            .map(|(name, _)| name.clone())
-            .collect();
-        for fleet in waiting {
-            self.start_next(&fleet).await;
-        }
-        let names: Vec<String> = self.fleets.keys().cloned().collect();
-        let mut statuses = Vec::new();
-        for name in names {
-            let Some(fleet) = self.fleets.get(&name).cloned() else { continue };
-            let deployed = self.store().deployed(&name).ok().flatten();
-            let lane = self.lanes.entry(name.clone()).or_default();
-            let active =
-                lane.running.as_ref().and_then(|j| j.rollout).or(lane.paused).or(lane.queued);
-            let idle = lane.running.is_none() && lane.paused.is_none() && lane.queued.is_none();
-            let mut status = FleetStatus {
-                name: name.clone(),
-                provider: format!("{:?}", fleet.rollout.provider).to_lowercase(),
-                revision: deployed.as_ref().map(|d| d.revision.clone()),
-                image: deployed.as_ref().map(|d| d.image.clone()),
-                capacity: fleet.rollout.capacity,
-                active_rollout: active,
-                active_state: active
-                    .and_then(|id| self.env.store.rollout(id).ok())
-                    .map(|r| r.state),
-                observed_at: Some(crate::model::now()),
-                ..FleetStatus::default()
-            };
-            // Fleets never deployed have no provider yet; opening one would start a load balancer.
-            if let Some(deployed) = &deployed {
-                match self.provider(&fleet, &deployed.revision).await {
-                    Ok(provider) => {
-                        status.endpoint = provider.endpoint();
-                        if let Ok(instances) = provider.list().await {
-                            let health = driver::check_health(
-                                provider.clone(),
-                                &fleet.rollout.health_check.http,
-                                &instances,
-                            )
-                            .await;
-                            status.instances = instances
-                                .into_iter()
-                                .zip(health)
-                                .map(|(i, healthy)| InstanceStatus {
-                                    id: i.id,
-                                    image: i.image,
-                                    address: i.address,
-                                    running: i.running,
-                                    attached: i.attached,
-                                    healthy,
-                                })
-                                .collect();
-                        }
-                        if idle
-                            && crate::bake::rebake_due(self.store(), &fleet, crate::model::now())
-                        {
-                            if let Err(error) = self.schedule_rebake(&fleet, deployed).await {
-                                tracing::error!(fleet = %name, error = %crate::error::chain(&error), "Could not schedule a rebake.");
-                            }
-                        } else if idle {
-                            self.spawn_keeper(&fleet, provider, deployed.image.clone());
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(fleet = %name, error = %format!("{error:#}"), "Provider unavailable.")
-                    }
-                }
-            }
-            statuses.push(status);
-        }
-        if let Ok(mut view) = self.view.write() {
-            *view = statuses;
-        }
-        if self.next_gc.is_none_or(|at| tokio::time::Instant::now() >= at) {
-            self.collect_garbage().await;
-        }
-    }
-
-    /// Garbage-collects images, terminated instance dirs and exec repo copies of every fleet
-    /// with no rollout running, queued or paused (see `gc`). It runs inside the event loop, so
-    /// no job can start while it deletes.
-    async fn collect_garbage(&mut self) {
-        let busy = self
-            .lanes
-            .iter()
-            .filter(|(_, lane)| {
-                lane.queued.is_some()
-                    || lane.paused.is_some()
-                    || lane.running.as_ref().is_some_and(|job| job.rollout.is_some())
-            })
-            .map(|(name, _)| name.clone())
-            .collect();
-        let providers = self
-            .providers
-            .iter()
-            .map(|(fleet, (key, provider))| (fleet.clone(), key.clone(), provider.clone()))
-            .collect();
-        let report = crate::gc::run(
-            self.store().clone(),
-            self.config.data_dir.clone(),
-            self.config.keep_images,
-            busy,
-            providers,
-        )
-        .await;
-        // More due than one run removes: continue soon, not in ten minutes.
-        let wait = if report.is_some_and(|r| r.more) { TICK } else { crate::gc::INTERVAL };
-        self.next_gc = Some(tokio::time::Instant::now() + wait);
-    }
-
-    /// `image.rebake`: the fleet's image is older than the interval, so bake it again from the
-    /// deployed commit without the cache (security updates of the base), reconcile and roll.
-    async fn schedule_rebake(
-        &mut self,
-        fleet: &Fleet,
-        deployed: &crate::store::Deployed,
-    ) -> OpResult<()> {
-        let Some(every) = fleet.image.rebake else { return Ok(()) };
-        // One attempt per interval: a rebake that failed is not retried on every tick.
-        let recent = self
-            .store()
-            .rollouts(&RolloutFilter {
-                fleet: Some(fleet.name.clone()),
-                limit: Some(50),
-                ..RolloutFilter::default()
-            })?
-            .into_iter()
-            .find(|r| r.origin == Origin::Rebake)
-            .is_some_and(|r| {
-                crate::model::now()
-                    .signed_duration_since(r.created_at)
-                    .to_std()
-                    .is_ok_and(|age| age < every)
-            });
-        if recent {
-            return Ok(());
-        }
-        let interval = crate::manifest::format_duration(every);
-        let mut record = Rollout::new(
-            Some(fleet.name.clone()),
-            deployed.revision.clone(),
-            format!("scheduled rebake (every {interval})"),
-            "schedule".into(),
-            Origin::Rebake,
-            crate::model::now(),
-        );
-        record.plan = Plan {
-            bake: fleet.image.stages.iter().map(|s| s.name.clone()).collect(),
-            reconcile: fleet.infra.is_some(),
-            roll: true,
-            reason: format!(
-                "image older than image.rebake ({interval}): rebaking without the cache"
-            ),
-        };
-        record.previous_image = Some(deployed.image.clone());
-        let rollout = self.store().create_rollout(record)?;
-        tracing::info!(rollout = %rollout.id, fleet = %fleet.name, "Scheduled rebake.");
-        self.store().append_event(
-            rollout.id,
-            Level::Info,
-            "plan",
-            rollout.plan.reason.clone(),
-            None,
-        )?;
-        self.enqueue(&fleet.name, rollout.id).await
-    }
-
-    fn spawn_keeper(&mut self, fleet: &Fleet, provider: SharedProvider, image: ImageRef) {
-        let env = self.env.clone();
-        let done = self.done_tx.clone();
-        let fleet = fleet.clone();
-        let name = fleet.name.clone();
-        let (control, _) = watch::channel(Control::Run);
-        let task = tokio::spawn(async move {
-            let result = driver::keep_capacity(&env, &fleet, provider, &image)
-                .await
-                .map(|_| RolloutState::Succeeded)
-                .map_err(|e| crate::error::chain(&e));
-            let _ = done.send(JobDone { fleet: fleet.name.clone(), rollout: None, result });
-        });
-        self.lanes.entry(name).or_default().running = Some(Job { rollout: None, control, task });
     }
 }
 
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Option<T> {
+    match task {
+        Some(handle) => handle.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Garbage-collects images, terminated instance dirs and exec repo copies of every fleet with
+/// no rollout running, queued or paused (see `gc`). Each idle fleet's gate is held while it
+/// runs, so no job of those fleets can start under it.
+async fn collect_garbage(
+    cx: fleet::Context,
+    fleets: Vec<(String, Arc<fleet::Shared>)>,
+) -> Option<crate::gc::Report> {
+    let mut guards = Vec::new();
+    let mut busy = std::collections::BTreeSet::new();
+    let mut providers = Vec::new();
+    for (name, shared) in fleets {
+        if shared.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            busy.insert(name);
+            continue;
+        }
+        match shared.gate.clone().try_write_owned() {
+            Ok(guard) => guards.push(guard),
+            Err(_) => {
+                busy.insert(name);
+                continue;
+            }
+        }
+        if let Ok(slot) = shared.provider.try_lock() {
+            if let Some((key, provider)) = &slot.current {
+                providers.push((name.clone(), key.clone(), provider.clone()));
+            }
+        }
+    }
+    let report = crate::gc::run(
+        cx.env.store.clone(),
+        cx.config.data_dir.clone(),
+        cx.config.keep_images,
+        busy,
+        providers,
+    )
+    .await;
+    drop(guards);
+    report
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records the reconcilers and the recorder share.
+// ---------------------------------------------------------------------------------------------
+
+/// A record in the log for a commit that concerns no single fleet.
+pub(crate) fn record_commit_level(
+    store: &Store,
+    commit: &CommitRecord,
+    state: RolloutState,
+    reason: String,
+) -> Result<Rollout, StoreError> {
+    let now = crate::model::now();
+    let mut record = Rollout::new(
+        None,
+        commit.revision.clone(),
+        commit.summary.clone(),
+        commit.trigger.clone(),
+        Origin::Commit,
+        now,
+    );
+    record.state = state;
+    record.plan = Plan { reason: reason.clone(), ..Plan::default() };
+    record.reason = Some(reason.clone());
+    record.finished_at = Some(now);
+    let rollout = store.create_rollout(record)?;
+    let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
+    store.append_event(rollout.id, level, "state", format!("{state}: {reason}"), None)?;
+    Ok(rollout)
+}
+
+/// Ends a rollout no driver is running (queued, paused).
+pub(crate) fn finish_outside_driver(
+    store: &Store,
+    id: RolloutId,
+    state: RolloutState,
+    reason: String,
+) -> Result<(), StoreError> {
+    let mut rollout = store.rollout(id)?;
+    if rollout.state.is_terminal() {
+        return Ok(());
+    }
+    let from = rollout.state;
+    rollout.state = state;
+    rollout.reason = Some(reason.clone());
+    rollout.finished_at = Some(crate::model::now());
+    store.put_rollout(&rollout)?;
+    store.append_event(id, Level::Warn, "state", format!("{from} → {state}: {reason}"), None)?;
+    Ok(())
+}
+
+/// `kiln rollback [--to COMMIT]`: records a rollout that puts `fleet` back on the image of an
+/// earlier successful rollout (the one before the current image, or `to`'s).
+pub(crate) fn create_rollback(
+    store: &Store,
+    fleet: &str,
+    to: Option<&str>,
+) -> Result<RolloutId, RollbackError> {
+    let deployed = store.deployed(fleet)?;
+    // `--to` names one commit unambiguously among the fleet's rollouts.
+    let to = match to {
+        Some(prefix) => {
+            let prefix = check_prefix(prefix).map_err(RollbackError::BadPrefix)?;
+            let known = store.rollouts(&RolloutFilter {
+                fleet: Some(fleet.to_owned()),
+                commit: Some(prefix.clone()),
+                ..RolloutFilter::default()
+            })?;
+            let revisions = known.iter().map(|r| (&r.revision, r.summary.as_str()));
+            Some(unambiguous(&prefix, revisions).map_err(RollbackError::BadPrefix)?)
+        }
+        None => None,
+    };
+    let to = to.as_deref();
+    let succeeded = store.rollouts(&RolloutFilter {
+        fleet: Some(fleet.to_owned()),
+        state: Some(RolloutState::Succeeded),
+        commit: to.map(str::to_owned),
+        ..RolloutFilter::default()
+    })?;
+    let current = deployed.as_ref().map(|d| d.image.clone());
+    let target = succeeded
+        .into_iter()
+        .filter(|r| r.image.is_some())
+        .find(|r| to.is_some() || r.image != current)
+        .ok_or_else(|| {
+            RollbackError::Refused(match to {
+                Some(to) => format!("no succeeded rollout of fleet `{fleet}` at commit `{to}`"),
+                None => format!("fleet `{fleet}` has no earlier image to roll back to"),
+            })
+        })?;
+    let now = crate::model::now();
+    let mut record = Rollout::new(
+        Some(fleet.to_owned()),
+        target.revision.clone(),
+        format!("rollback to {} ({})", target.revision.short(), target.summary),
+        "command".into(),
+        Origin::Rollback { from: Some(target.id) },
+        now,
+    );
+    record.plan = Plan {
+        bake: vec![],
+        reconcile: false,
+        roll: true,
+        reason: format!("manual rollback to the image of rollout #{}", target.id),
+    };
+    record.image = target.image.clone();
+    record.stage_images = target.stage_images.clone();
+    record.previous_image = current;
+    record.outputs = target.outputs.clone();
+    let rollout = store.create_rollout(record)?;
+    store.append_event(
+        rollout.id,
+        Level::Info,
+        "command",
+        "rollback requested by an operator",
+        None,
+    )?;
+    Ok(rollout.id)
+}
+
 #[derive(Debug, thiserror::Error)]
-enum RollbackError {
+pub(crate) enum RollbackError {
     /// The `--to` prefix is too short, not a commit id, or names several commits.
     #[error("{0}")]
     BadPrefix(String),
@@ -1222,17 +636,6 @@ fn unambiguous<'a>(
     }
 }
 
-/// Whether a rollout's start failed for a reason worth retrying (a provider that could not be
-/// reached), rather than one that will fail again (a fleet missing from the manifest).
-fn is_transient(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<crate::provider::ProviderError>(),
-            Some(crate::provider::ProviderError::Transient { .. })
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1255,20 +658,5 @@ mod tests {
         assert_eq!(unambiguous("abc12ef0", known.iter().copied()), Ok(a.0.clone()));
         assert_eq!(unambiguous("abc12ef9", known.iter().copied()), Ok(b.0.clone()));
         assert_eq!(unambiguous("fedcba9", known.iter().copied()), Ok("fedcba9".to_owned()));
-    }
-
-    #[test]
-    fn only_transient_provider_errors_keep_a_rollout_queued() {
-        use crate::provider::ProviderError;
-        let blip = ProviderError::Transient {
-            provider: "local",
-            op: "list",
-            message: "load balancer unreachable".into(),
-        };
-        assert!(is_transient(&anyhow::Error::new(blip).context("could not start")));
-        let refused =
-            ProviderError::Failed { provider: "local", op: "open", message: "port busy".into() };
-        assert!(!is_transient(&anyhow::Error::new(refused)));
-        assert!(!is_transient(&anyhow::anyhow!("fleet `web` is not in the manifest")));
     }
 }

@@ -121,3 +121,95 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
 /// A shared provider handle.
 pub type SharedProvider = Arc<dyn Provider>;
+
+/// What [`open`] needs besides the fleet.
+#[derive(Debug, Clone)]
+pub struct OpenContext {
+    /// `<data-dir>/fleets`: each fleet's provider state lives in `<fleets>/<fleet>/`.
+    pub fleets_dir: std::path::PathBuf,
+    /// The bare mirror (the exec provider runs its scripts from an export of the commit).
+    pub mirror: std::path::PathBuf,
+    /// The kiln executable (the local provider starts `kiln lb` from it).
+    pub kiln_exe: std::path::PathBuf,
+}
+
+/// Why a provider could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The provider itself failed (a busy load balancer port, an unreachable backend).
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// The fleet's settings or data dir are unusable.
+    #[error("fleet `{fleet}`: {message}")]
+    Setup {
+        /// The fleet.
+        fleet: String,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+impl OpenError {
+    /// Worth retrying later (the backend may come back), rather than a setup that will fail again.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, OpenError::Provider(ProviderError::Transient { .. }))
+    }
+}
+
+/// Identifies the provider a fleet needs at `revision`: an open provider with the same key is
+/// reused. The local provider depends on its load balancer port, the exec provider on the
+/// commit its scripts come from.
+pub fn open_key(fleet: &crate::manifest::Fleet, revision: &crate::model::Revision) -> String {
+    match fleet.rollout.provider {
+        crate::manifest::ProviderKind::Local => {
+            format!("local:{}", fleet.rollout.load_balancer.port)
+        }
+        crate::manifest::ProviderKind::Exec => format!("exec:{revision}"),
+    }
+}
+
+/// The provider factory: opens the provider `fleet` names in its manifest at `revision`.
+/// May be slow (the local provider starts or adopts its load balancer, the exec provider exports
+/// the commit's scripts): callers run it off any shared loop.
+pub async fn open(
+    fleet: &crate::manifest::Fleet,
+    revision: &crate::model::Revision,
+    cx: &OpenContext,
+) -> Result<SharedProvider, OpenError> {
+    let setup = |message: String| OpenError::Setup { fleet: fleet.name.clone(), message };
+    let fleet_dir =
+        crate::fsutil::safe_join(&cx.fleets_dir, &fleet.name).map_err(|e| setup(e.to_string()))?;
+    let policy = &fleet.rollout;
+    Ok(match policy.provider {
+        crate::manifest::ProviderKind::Local => Arc::new(
+            local::LocalProvider::open(local::LocalConfig {
+                fleet: fleet.name.clone(),
+                dir: fleet_dir,
+                lb_port: policy.load_balancer.port,
+                kiln_exe: cx.kiln_exe.clone(),
+            })
+            .await?,
+        ),
+        crate::manifest::ProviderKind::Exec => {
+            let spec = policy
+                .exec
+                .clone()
+                .ok_or_else(|| setup("provider exec without an exec section".into()))?;
+            let repo_dir = crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())
+                .map_err(|e| setup(e.to_string()))?;
+            if !repo_dir.exists() {
+                let (mirror, revision, dest) =
+                    (cx.mirror.clone(), revision.clone(), repo_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    crate::source::git::export(&mirror, &revision, &dest)
+                })
+                .await
+                .map_err(|e| setup(format!("exporting the provider scripts: {e}")))?
+                .map_err(|e| {
+                    setup(format!("exporting the provider scripts: {}", crate::error::chain(&e)))
+                })?;
+            }
+            Arc::new(exec::ExecProvider::new(&fleet.name, &spec, repo_dir, fleet_dir.join("exec")))
+        }
+    })
+}

@@ -54,7 +54,7 @@ pub struct DriverEnv {
     pub clock: Arc<dyn Clock>,
 }
 
-/// Why driving a rollout (or keeping capacity) stopped with an error. Failures of the rollout
+/// Why driving a rollout stopped with an error. Failures of the rollout
 /// itself are not errors: they end the rollout in `failed` / `rolled_back` with a reason.
 #[derive(Debug, thiserror::Error)]
 pub enum DriveError {
@@ -77,42 +77,12 @@ pub enum DriveError {
         /// The fleet on record.
         found: Option<String>,
     },
-    /// The provider failed while keeping an idle fleet at capacity.
-    #[error("failed to keep fleet `{fleet}` at capacity")]
-    Provider {
-        /// The fleet.
-        fleet: String,
-        /// The cause.
-        #[source]
-        source: ProviderError,
-    },
-    /// A replacement launched to keep capacity never became healthy (it was terminated).
-    #[error("replacement {instance} in fleet `{fleet}` did not become healthy: {reason}")]
-    Unhealthy {
-        /// The fleet.
-        fleet: String,
-        /// The instance.
-        instance: InstanceId,
-        /// The last failed check.
-        reason: String,
-    },
-    /// The instance journal could not be written.
-    #[error("failed to record the instance journal of fleet `{fleet}`")]
-    Journal {
-        /// The fleet.
-        fleet: String,
-        /// The cause.
-        #[source]
-        source: StoreError,
-    },
 }
 
 impl Classify for DriveError {
     fn class(&self) -> ErrorClass {
         match self {
-            DriveError::Store { .. } | DriveError::Journal { .. } => ErrorClass::Transient,
-            DriveError::Provider { source, .. } => source.class(),
-            DriveError::Unhealthy { .. } => ErrorClass::Transient,
+            DriveError::Store { .. } => ErrorClass::Transient,
             DriveError::WrongFleet { .. } => ErrorClass::Stalled,
         }
     }
@@ -298,22 +268,6 @@ impl Journal<'_> {
         (entry, event)
     }
 
-    fn journal_err(&self, source: StoreError) -> DriveError {
-        DriveError::Journal { fleet: self.fleet.to_owned(), source }
-    }
-
-    /// Appends one entry to the per-instance journal (outside a rollout: no timeline).
-    fn record(
-        &self,
-        instance: &InstanceId,
-        image: Option<&ImageRef>,
-        action: InstanceAction,
-        reason: Option<String>,
-    ) -> Result<(), DriveError> {
-        let (entry, _) = self.entry(instance, image, action, reason);
-        self.store.record_instance(entry).map(drop).map_err(|e| self.journal_err(e))
-    }
-
     /// Writes `rollout` with `entries` (journal and timeline) in one transaction, so a kill
     /// between them cannot keep one and lose the other.
     fn record_step(&self, rollout: &Rollout, entries: Vec<JournalEntry>) -> Result<(), DriveError> {
@@ -411,7 +365,7 @@ impl DriveError {
     /// True when the store failed to read or write (retried, not the rollout's failure).
     fn is_store_io(&self) -> bool {
         match self {
-            DriveError::Store { source, .. } | DriveError::Journal { source, .. } => source.is_io(),
+            DriveError::Store { source, .. } => source.is_io(),
             _ => false,
         }
     }
@@ -446,12 +400,9 @@ async fn drive_turns(
             match provider.list().await {
                 Ok(instances) => instances,
                 Err(error) => {
-                    let now = env.clock.now();
-                    let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
-                    let transient = error.class() != ErrorClass::Stalled;
                     let text = format!("listing instances: {}", chain(&error));
                     warn!(error = %text, "Provider failed; retrying.");
-                    let next = retry_or_fail(&rollout, transient, &text, delay, now);
+                    let next = on_error(&rollout, error.class(), &text, env.clock.now());
                     commit(store, &rollout, &next, &text)?;
                     if let Some(until) = next.not_before {
                         nap(env.clock.as_ref(), control, until, MAX_NAP).await;
@@ -522,6 +473,58 @@ async fn drive_turns(
                 nap(env.clock.as_ref(), control, until, cap).await;
             }
         }
+    }
+}
+
+/// The one retry rule for a failed side effect (a provider call, a hook): an error that is
+/// waiting on something (a lock, a busy backend) waits 5 s without spending an attempt; a
+/// transient one is retried with backoff until the rollout's attempts run out; any other fails
+/// the rollout.
+fn on_error(rollout: &Rollout, class: ErrorClass, text: &str, now: Timestamp) -> Rollout {
+    match class {
+        ErrorClass::Waiting => {
+            let mut next = rollout.clone();
+            next.not_before = Some(step::add(now, WAITING_RETRY));
+            next
+        }
+        class => {
+            let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
+            retry_or_fail(rollout, class == ErrorClass::Transient, text, delay, now)
+        }
+    }
+}
+
+/// How long a step waiting on something (not failing) waits before it is tried again.
+const WAITING_RETRY: Duration = Duration::from_secs(5);
+
+/// Ends a rollout that has not started rolling when a stop (pause, abort, supersede) arrives
+/// before its driver could start (its provider is slow to open). Returns the state it ended in,
+/// or `None` when the rollout is rolling (then only a driver with its provider may stop it).
+pub fn stop_before_rolling(
+    env: &DriverEnv,
+    id: RolloutId,
+    control: Control,
+) -> Result<Option<RolloutState>, DriveError> {
+    let rollout = load(&env.store, id)?;
+    if rollout.rolling.is_some() || rollout.state == RolloutState::Rolling {
+        return Ok(None);
+    }
+    let observed = Observed { instances: &[], has_infra: false };
+    match step::step(
+        &rollout,
+        &crate::manifest::RolloutPolicy::default(),
+        &observed,
+        &control,
+        env.clock.now(),
+    ) {
+        Next::Record { rollout: next, message }
+            if next.state.is_terminal() || next.state == RolloutState::Paused =>
+        {
+            commit(&env.store, &rollout, &next, &message)?;
+            Ok(Some(next.state))
+        }
+        Next::Done(state) => Ok(Some(state)),
+        _ => Ok(None),
     }
 }
 
@@ -612,17 +615,7 @@ async fn run_hook(
         }
         Err(error) => {
             let text = chain(&error);
-            let next = match error.class() {
-                ErrorClass::Waiting => {
-                    let mut next = rollout.clone();
-                    next.not_before = Some(step::add(now, Duration::from_secs(5)));
-                    next
-                }
-                class => {
-                    let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
-                    retry_or_fail(rollout, class == ErrorClass::Transient, &text, delay, now)
-                }
-            };
+            let next = on_error(rollout, error.class(), &text, now);
             if next.state == RolloutState::Failed {
                 commit(store, rollout, &next, &text)?;
             } else {
@@ -744,140 +737,10 @@ async fn act(
         }
         Err(error) => {
             let text = chain(&error);
-            let delay = crate::retry::nth_delay(&Default::default(), begun.attempt);
-            let transient = error.class() == ErrorClass::Transient;
-            let next = retry_or_fail(&begun, transient, &text, delay, now);
+            let next = on_error(&begun, error.class(), &text, now);
             warn!(error = %text, ?action, "Provider action failed.");
             commit(store, &begun, &next, &format!("{action:?} failed: {text}"))?;
         }
     }
-    Ok(())
-}
-
-/// Keeps an idle fleet at capacity on `image`: an instance that died outside a rollout is
-/// replaced (journal: Died, Launched, Healthy, Attached). Run by the operator every few seconds
-/// while no rollout is active. Returns how many instances were launched.
-#[instrument(skip_all, fields(fleet = %fleet.name, image = %image))]
-pub async fn keep_capacity(
-    env: &DriverEnv,
-    fleet: &Fleet,
-    provider: SharedProvider,
-    image: &ImageRef,
-) -> Result<usize, DriveError> {
-    let store = &env.store;
-    let clock = env.clock.as_ref();
-    let name = fleet.name.as_str();
-    let log = Journal { store, clock, fleet: name, rollout: None };
-    let provider_err = |source| DriveError::Provider { fleet: name.to_owned(), source };
-    let instances = provider.list().await.map_err(provider_err)?;
-    for dead in instances.iter().filter(|i| !i.running) {
-        warn!(instance = %dead.id, "Instance died; replacing it.");
-        log.record(&dead.id, Some(&dead.image), InstanceAction::Died, None)?;
-        match provider.terminate(&dead.id).await {
-            Ok(()) | Err(ProviderError::NotFound(_)) => {}
-            Err(error) => return Err(provider_err(error)),
-        }
-        log.record(&dead.id, Some(&dead.image), InstanceAction::Terminated, Some("died".into()))?;
-    }
-    let http = http_client();
-    // Replacements launched before a crash are found again and finished.
-    let mut running = 0u32;
-    for instance in instances.iter().filter(|i| i.running) {
-        running += 1;
-        if &instance.image == image && !instance.attached {
-            bring_in(env, fleet, provider.as_ref(), http.as_ref(), instance).await?;
-        }
-    }
-    let mut launched = 0;
-    while running < fleet.rollout.capacity {
-        let meta = format!("keep_slot/{name}");
-        let slot = store
-            .get_meta::<u64>(&meta)
-            .and_then(|slot| {
-                let slot = slot.unwrap_or(0) + 1;
-                store.set_meta(&meta, &slot).map(|()| slot)
-            })
-            .map_err(|source| DriveError::Journal { fleet: name.to_owned(), source })?;
-        let key = format!("keep-{name}-{slot}");
-        let instance = provider.launch(image, &key).await.map_err(provider_err)?;
-        let at = instance.address.as_ref().map(|a| format!("at {a}"));
-        log.record(&instance.id, Some(image), InstanceAction::Launched, at)?;
-        bring_in(env, fleet, provider.as_ref(), http.as_ref(), &instance).await?;
-        env.metrics.instance_replaced();
-        running += 1;
-        launched += 1;
-    }
-    Ok(launched)
-}
-
-/// Health-checks a new instance until it is healthy (then attaches it) or its timeout passes
-/// (then terminates it).
-async fn bring_in(
-    env: &DriverEnv,
-    fleet: &Fleet,
-    provider: &dyn Provider,
-    http: Option<&reqwest::Client>,
-    instance: &Instance,
-) -> Result<(), DriveError> {
-    let store = &env.store;
-    let clock = env.clock.as_ref();
-    let name = fleet.name.as_str();
-    let log = Journal { store, clock, fleet: name, rollout: None };
-    let check = &fleet.rollout.health_check;
-    let target = ProbeTarget { id: instance.id.clone(), address: instance.address.clone() };
-    let started = clock.now();
-    let mut streak = 0;
-    let mut healthy_since: Option<Timestamp> = None;
-    let mut last_error = String::from("never checked");
-    loop {
-        match probe(provider, http, &check.http, &target).await {
-            Ok(()) => {
-                streak += 1;
-                if streak >= check.healthy_threshold.max(1) {
-                    let since = *healthy_since.get_or_insert_with(|| clock.now());
-                    if step::add(since, fleet.rollout.min_healthy) <= clock.now() {
-                        break;
-                    }
-                }
-            }
-            Err(error) => {
-                streak = 0;
-                healthy_since = None;
-                last_error = error;
-            }
-        }
-        if clock.now() >= step::add(started, check.timeout) {
-            let reason = format!("failed its health check: {last_error}");
-            log.record(
-                &instance.id,
-                Some(&instance.image),
-                InstanceAction::Unhealthy,
-                Some(reason),
-            )?;
-            match provider.terminate(&instance.id).await {
-                Ok(()) | Err(ProviderError::NotFound(_)) => {}
-                Err(source) => return Err(DriveError::Provider { fleet: name.to_owned(), source }),
-            }
-            log.record(
-                &instance.id,
-                Some(&instance.image),
-                InstanceAction::Terminated,
-                Some("unhealthy".into()),
-            )?;
-            env.metrics.instance_failed();
-            return Err(DriveError::Unhealthy {
-                fleet: name.to_owned(),
-                instance: instance.id.clone(),
-                reason: last_error,
-            });
-        }
-        tokio::time::sleep(check.interval.max(Duration::from_millis(50))).await;
-    }
-    log.record(&instance.id, Some(&instance.image), InstanceAction::Healthy, None)?;
-    provider
-        .attach(&instance.id)
-        .await
-        .map_err(|source| DriveError::Provider { fleet: name.to_owned(), source })?;
-    log.record(&instance.id, Some(&instance.image), InstanceAction::Attached, None)?;
     Ok(())
 }

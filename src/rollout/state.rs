@@ -131,6 +131,9 @@ pub enum Origin {
     },
     /// A scheduled rebake (security updates) without a commit.
     Rebake,
+    /// Put a fleet back to what it should run: an instance died, went missing or (drift mode
+    /// `repair`) runs another image. Rolls the deployed image, with a deploy's guarantees.
+    Repair,
 }
 
 /// One commit's journey for one fleet. Stored under `rollouts/<id>`; history is append-only.

@@ -108,6 +108,7 @@ impl RolloutDto {
             Origin::Rollback { .. } => "rollback",
             Origin::AutoRollback { .. } => "auto_rollback",
             Origin::Rebake => "rebake",
+            Origin::Repair => "repair",
         };
         let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
             replaced: rolling.done.len(),

@@ -32,11 +32,8 @@ fn a_planned_rollout_starts_on_an_idle_lane_and_supersedes_on_a_busy_one() {
     assert_eq!(effects, vec![superseded(id(2), id(3)), Effect::Signal(Control::Supersede(id(3)))]);
     assert_eq!(lane.queued, Some(id(3)));
 
-    let ended = Input::JobEnded {
-        rollout: id(1),
-        repair: false,
-        outcome: Outcome::Ended(S::Superseded),
-    };
+    let ended =
+        Input::JobEnded { rollout: id(1), repair: false, outcome: Outcome::Ended(S::Superseded) };
     let (lane, effects) = run(&lane, ended, t(3));
     assert_eq!(effects, vec![Effect::Start(id(3))]);
     assert_eq!(lane.queued, None);
@@ -137,7 +134,8 @@ fn an_idle_deployed_fleet_short_of_instances_gets_a_repair_that_backs_off_when_i
 
     let (lane, _) = run(&idle, Input::Planned(id(2)), t(0));
     assert!(run(&lane, Input::Observed(obs(lane.generation, 0)), t(0)).1.is_empty(), "busy");
-    let failed = Input::JobEnded { rollout: id(2), repair: true, outcome: Outcome::Ended(S::Failed) };
+    let failed =
+        Input::JobEnded { rollout: id(2), repair: true, outcome: Outcome::Ended(S::Failed) };
     let (lane, effects) = run(&lane, failed, t(10));
     assert_eq!(effects, vec![Effect::Observe]);
     assert_eq!(lane.repair_after, Some(t(40)));
@@ -157,7 +155,8 @@ fn an_idle_deployed_fleet_short_of_instances_gets_a_repair_that_backs_off_when_i
 
 #[test]
 fn recovery_resumes_the_newest_and_keeps_the_newest_paused() {
-    let active = vec![(id(3), S::Paused), (id(5), S::Paused), (id(6), S::Rolling), (id(7), S::Pending)];
+    let active =
+        vec![(id(3), S::Paused), (id(5), S::Paused), (id(6), S::Rolling), (id(7), S::Pending)];
     let (lane, effects) = run(&Lane::default(), Input::Recovered(active), t(0));
     assert_eq!(
         effects,
@@ -271,7 +270,11 @@ impl World {
         for (id, rec) in &self.store {
             let open = !matches!(rec, Rec::Done(_));
             let count = tracked.iter().filter(|t| *t == id).count();
-            assert_eq!(count, usize::from(open), "rollout {id} ({rec:?}) lost or doubled: {log:#?}");
+            assert_eq!(
+                count,
+                usize::from(open),
+                "rollout {id} ({rec:?}) lost or doubled: {log:#?}"
+            );
         }
         if let (Some(running), Some(queued)) = (self.lane.running, self.lane.queued) {
             assert!(queued > running.rollout, "queued behind a newer job: {log:#?}");
