@@ -30,74 +30,7 @@ use serde_json::Value;
 use support::daemon::{Daemon, kiln};
 use support::git::{Entry, TestRepo, require_git};
 
-const CLOUD: &str = r#"#!/usr/bin/env python3
-# A fake cloud for the benchmark: instances are JSON records, every call takes DELAY seconds.
-import json, os, sys, time
-time.sleep(float(os.environ.get("DELAY", "0")))
-req = json.load(sys.stdin)
-op, fleet = req["operation"], req["fleet"]
-path = os.path.join(os.environ["STATE"], fleet + ".json")
-try:
-    with open(path) as f:
-        state = json.load(f)
-except OSError:
-    state = {"next": 1, "instances": {}}
-def save():
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
-inst = state["instances"]
-if op == "list":
-    print(json.dumps({"instances": list(inst.values())}))
-elif op == "launch":
-    for i in inst.values():
-        if i.get("launch_key") == req["key"]:
-            print(json.dumps(i)); sys.exit(0)
-    iid = "i-%s-%d" % (fleet, state["next"])
-    state["next"] += 1
-    inst[iid] = {"id": iid, "image": req["image"], "running": True, "attached": False, "launch_key": req["key"]}
-    save()
-    print(json.dumps(inst[iid]))
-elif op in ("attach", "detach"):
-    if req["id"] in inst:
-        inst[req["id"]]["attached"] = op == "attach"
-        save()
-elif op == "terminate":
-    inst.pop(req["id"], None)
-    save()
-elif op == "health":
-    print(json.dumps({"health": "healthy"}))
-"#;
-
-const BAKE: &str = "#!/bin/sh\necho \"image=img-$KILN_TREE_ID\" >> \"$KILN_OUTPUT\"\n";
-
-fn fleet_yaml(name: &str, delay: f64, state: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    paths: [{name}/]
-    image:
-      stages:
-        - {{ name: app, path: {name}/, bake: hooks/bake }}
-    rollout:
-      provider: exec
-      exec:
-        list: hooks/cloud
-        launch: hooks/cloud
-        attach: hooks/cloud
-        detach: hooks/cloud
-        terminate: hooks/cloud
-        health: hooks/cloud
-        timeout: 10m
-        env: {{ DELAY: "{delay}", STATE: "{state}" }}
-      capacity: 2
-      maxSurge: 1
-      healthCheck: {{ interval: 100ms, healthyThreshold: 1, timeout: 30m }}
-      drain: 0s
-      progressDeadline: 2h
-"#
-    )
-}
+use support::cloud::{BAKE, CLOUD, fleet_yaml};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -225,8 +158,8 @@ fn slow(repo: &TestRepo, data: &std::path::Path) {
     let state = state.display().to_string();
     let manifest = format!(
         "fleets:\n{}{}",
-        fleet_yaml("slow", delay, &state),
-        fleet_yaml("fast", 0.0, &state)
+        fleet_yaml("slow", 2, delay, &state),
+        fleet_yaml("fast", 2, 0.0, &state)
     );
     repo.commit_entries(
         "fleets",
@@ -310,7 +243,7 @@ fn fleets(repo: &TestRepo, data: &std::path::Path) {
     let mut manifest = String::from("fleets:\n");
     let mut files = Vec::new();
     for i in 0..n {
-        manifest.push_str(&fleet_yaml(&format!("f{i}"), 0.0, &state));
+        manifest.push_str(&fleet_yaml(&format!("f{i}"), 2, 0.0, &state));
         files.push((format!("f{i}/version"), "0\n".to_owned()));
     }
     let mut entries = vec![

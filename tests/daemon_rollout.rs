@@ -1446,3 +1446,51 @@ fn chaos_kill_9_of_the_daemon_and_the_load_balancer_under_load() {
     assert_bounds(&bounds, &fx.policy);
     assert_all_answers_from(&fx.endpoint, &image);
 }
+
+/// Issue 11: an instance that dies while no rollout runs is replaced by a `repair` rollout onto
+/// the deployed image, driven by the same machine as a deploy: it shows in `kiln log` with its
+/// reason, journals the new instance, and the fleet ends at capacity on the same image.
+#[test]
+fn a_killed_instance_is_replaced_by_a_repair_rollout_in_the_log() {
+    let Some(fx) = deploy_first(
+        "a_killed_instance_is_replaced_by_a_repair_rollout_in_the_log",
+        Policy::quick(),
+        &[("version", "1\n")],
+    ) else {
+        return;
+    };
+    let before = instance_processes(&fx.instances_dir());
+    assert_eq!(before.len(), fx.policy.capacity as usize, "{before:?}");
+    let (victim, pids) = before.iter().next().map(|(id, p)| (id.clone(), p.clone())).expect("one");
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let log = fx.daemon.wait_log("a repair rollout that succeeded", WAIT, |log| {
+        log.iter().any(|e| e["origin"] == "repair" && e["state"] == "succeeded")
+    });
+    let repair = log.iter().find(|e| e["origin"] == "repair").expect("repair entry").clone();
+    assert_eq!(repair["fleet"], FLEET);
+    assert_eq!(repair["image"], fx.v1.as_str(), "repairs roll the deployed image: {repair}");
+    let repairs = log.iter().filter(|e| e["origin"] == "repair").count();
+    assert_eq!(repairs, 1, "one death, one repair: {log:#?}");
+    let id = repair["id"].as_u64().expect("id");
+    let shown = show(&fx.data, id).expect("kiln show");
+    let events = events(&shown);
+    let plan = events.iter().find(|e| e["kind"] == "plan").expect("plan event");
+    assert!(
+        plan["message"].as_str().unwrap_or("").contains("not running")
+            || plan["message"].as_str().unwrap_or("").contains("of 3"),
+        "the repair says why: {plan}"
+    );
+    assert_eq!(instance_events(&events, "instance.launched", &fx.v1).len(), 1, "{events:#?}");
+    assert_eq!(instance_events(&events, "instance.attached", &fx.v1).len(), 1, "{events:#?}");
+    wait_fleet(&fx.daemon, "the fleet back at capacity", |fleet| {
+        all_on(fleet, &fx.v1, fx.policy.capacity)
+    });
+    let after = instance_processes(&fx.instances_dir());
+    assert!(!after.contains_key(&victim), "the dead instance is gone: {after:?}");
+    assert_eq!(after.len(), fx.policy.capacity as usize, "{after:?}");
+}

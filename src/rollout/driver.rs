@@ -434,6 +434,10 @@ async fn drive_turns(
                 if next.state == RolloutState::Succeeded {
                     deployed(env, fleet, &next, trees)?;
                 }
+                // Ended or paused: return now, not after another look at a (slow) provider.
+                if next.state.is_terminal() || next.state == RolloutState::Paused {
+                    return Ok(next.state);
+                }
             }
             Next::Bake | Next::Reconcile => {
                 run_hook(env, fleet, &rollout, &cancel, control).await?;

@@ -4,6 +4,7 @@
 // Test support may unwrap (a failure is a test failure) and block: the tests are synchronous.
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
+pub mod cloud;
 pub mod daemon;
 pub mod disk;
 pub mod fleet;
