@@ -156,15 +156,17 @@ fn slow(repo: &TestRepo, data: &std::path::Path) {
     let state = data.with_extension("cloud");
     std::fs::create_dir_all(&state).expect("cloud state dir");
     let state = state.display().to_string();
-    let manifest = format!(
-        "fleets:\n{}{}",
-        fleet_yaml("slow", 2, delay, &state),
-        fleet_yaml("fast", 2, 0.0, &state)
-    );
-    repo.commit_entries(
+    let manifest = |slow_delay: f64| {
+        format!(
+            "fleets:\n{}{}",
+            fleet_yaml("slow", 2, slow_delay, &state),
+            fleet_yaml("fast", 2, 0.0, &state)
+        )
+    };
+    let first = repo.commit_entries(
         "fleets",
         &[
-            Entry::File("kiln.yaml", &manifest),
+            Entry::File("kiln.yaml", &manifest(0.0)),
             Entry::Exec("hooks/cloud", CLOUD),
             Entry::Exec("hooks/bake", BAKE),
             Entry::File("slow/version", "0\n"),
@@ -173,22 +175,24 @@ fn slow(repo: &TestRepo, data: &std::path::Path) {
     );
     let daemon = Daemon::start(&repo.url(), data, &["--poll", "1h"]);
     let api = Api::new(&daemon);
-    // The first deployment of both fleets (the slow one takes a while: every call is slow).
-    let first = repo.head();
-    let first_sha = first.clone();
-    println!("slow: provider delay {delay} s per call; deploying both fleets first");
-    let baseline = rollout_duration(&api, &first_sha, "fast");
-    println!(
-        "slow: fast fleet's first rollout: {:.2} s (slow fleet rolling at the same time)",
-        baseline.as_secs_f64()
-    );
-    wait("the slow fleet's first rollout", Duration::from_secs(3600), || {
-        let r = api.rollouts_for(&first_sha, Some("slow"));
-        r.first().map(state_of).filter(|s| terminal(s))
-    });
+    // The first deployment of both fleets, on a quick cloud.
+    let baseline = rollout_duration(&api, &first, "fast");
+    println!("slow: fast fleet's first rollout: {:.2} s", baseline.as_secs_f64());
+    rollout_duration(&api, &first, "slow");
 
-    // The slow fleet starts a rollout; its provider calls take `delay` each.
-    let (slow_sha, slow_recorded) = push_and_time(repo, &api, "slow", 1);
+    // The slow fleet's cloud turns slow: every call takes `delay`.
+    println!("slow: provider delay {delay} s per call from now on");
+    let sha = repo.commit_local(
+        "slow cloud",
+        &[Entry::File("kiln.yaml", &manifest(delay)), Entry::File("slow/version", "1\n")],
+    );
+    let started = Instant::now();
+    repo.push();
+    wait("the slow rollout record", Duration::from_secs(120), || {
+        (!api.rollouts_for(&sha, Some("slow")).is_empty()).then_some(())
+    });
+    let slow_recorded = started.elapsed();
+    let slow_sha = sha;
     println!(
         "slow: push → slow fleet's rollout recorded: {:.1} ms",
         slow_recorded.as_secs_f64() * 1e3
@@ -206,10 +210,13 @@ fn slow(repo: &TestRepo, data: &std::path::Path) {
     // Meanwhile the fast fleet is pushed to: recorded and rolled as if the slow one were idle.
     let mut recorded = Vec::new();
     let mut durations = Vec::new();
+    // Each push also gives the slow fleet (behind the tip) a rollout superseding the last one.
+    let mut last = slow_sha.clone();
     for n in 1..=10 {
         let (sha, took) = push_and_time(repo, &api, "fast", n);
         recorded.push(took.as_secs_f64() * 1e3);
         durations.push(rollout_duration(&api, &sha, "fast").as_secs_f64());
+        last = sha;
     }
     let (status, took) = api.verb("slow", "abort");
     *statuses.entry(format!("abort {status}")).or_default() += 1;
@@ -225,7 +232,7 @@ fn slow(repo: &TestRepo, data: &std::path::Path) {
     );
     let aborted_at = Instant::now();
     let ended = wait("the slow rollout to end", Duration::from_secs(3600), || {
-        api.rollouts_for(&slow_sha, Some("slow")).first().map(state_of).filter(|s| terminal(s))
+        api.rollouts_for(&last, Some("slow")).first().map(state_of).filter(|s| terminal(s))
     });
     println!(
         "slow: abort took effect after {:.1} s (next safe point: the provider call in flight), state {ended}",
