@@ -96,7 +96,13 @@ pub struct Context {
     pub view: FleetView,
     /// Told when a job ends (garbage collection runs soon after).
     pub jobs_ended: mpsc::UnboundedSender<String>,
+    /// Bounds the observations running at once (a thousand fleets starting together must not
+    /// start a thousand provider calls together).
+    pub observe_slots: Arc<tokio::sync::Semaphore>,
 }
+
+/// Observations that may run at once, across all fleets.
+pub const MAX_OBSERVATIONS: usize = 16;
 
 /// Starts the reconciler of fleet `name`. `active` are its unfinished rollouts in the store.
 pub fn spawn(
@@ -407,6 +413,7 @@ impl Reconciler {
         let tx = self.observed_tx.clone();
         let busy = self.lane.running.is_some();
         self.observing = Some(tokio::spawn(async move {
+            let _slot = cx.observe_slots.clone().acquire_owned().await;
             let result = tokio::time::timeout(
                 OBSERVE_DEADLINE,
                 observe(&cx, &shared, &fleet, generation, busy),

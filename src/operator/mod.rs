@@ -218,6 +218,7 @@ impl Operator {
                 config: Arc::new(config),
                 view,
                 jobs_ended: jobs_ended_tx,
+                observe_slots: Arc::new(tokio::sync::Semaphore::new(fleet::MAX_OBSERVATIONS)),
             },
             jobs_ended,
             fleets: BTreeMap::new(),
