@@ -996,7 +996,7 @@ impl Operator {
                 provider: format!("{:?}", fleet.rollout.provider).to_lowercase(),
                 revision: deployed.as_ref().map(|d| d.revision.clone()),
                 image: deployed.as_ref().map(|d| d.image.clone()),
-                capacity: fleet.rollout.capacity,
+                capacity: fleet.rollout.capacity.min(),
                 active_rollout: active,
                 active_state: active
                     .and_then(|id| self.env.store.rollout(id).ok())

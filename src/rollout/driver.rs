@@ -442,9 +442,9 @@ async fn drive_turns(
         let ctl = *control.borrow_and_update();
         let needs_fleet = rollout.state == RolloutState::Rolling
             || (rollout.rolling.is_some() && rollout.state == RolloutState::Paused);
-        let instances = if needs_fleet {
-            match provider.list().await {
-                Ok(instances) => instances,
+        let observation = if needs_fleet {
+            match provider.observe().await {
+                Ok(observation) => observation,
                 Err(error) => {
                     let now = env.clock.now();
                     let delay = crate::retry::nth_delay(&Default::default(), rollout.attempt);
@@ -460,10 +460,14 @@ async fn drive_turns(
                 }
             }
         } else {
-            Vec::new()
+            Default::default()
         };
         let now = env.clock.now();
-        let observed = Observed { instances: &instances, has_infra: fleet.infra.is_some() };
+        let observed = Observed {
+            instances: &observation.instances,
+            has_infra: fleet.infra.is_some(),
+            desired: observation.desired,
+        };
         match step::step(&rollout, policy, &observed, &ctl, now) {
             Next::Done(state) => {
                 // A store failure between recording success and recording the deployment
@@ -488,7 +492,8 @@ async fn drive_turns(
                 run_hook(env, fleet, &rollout, &cancel, control).await?;
             }
             Next::Act(action) => {
-                act(env, fleet, provider.as_ref(), &rollout, &instances, action).await?;
+                act(env, fleet, provider.as_ref(), &rollout, &observation.instances, action)
+                    .await?;
             }
             Next::Probe(targets) => {
                 let mut set = tokio::task::JoinSet::new();
@@ -789,7 +794,7 @@ pub async fn keep_capacity(
         }
     }
     let mut launched = 0;
-    while running < fleet.rollout.capacity {
+    while running < fleet.rollout.capacity.min() {
         let meta = format!("keep_slot/{name}");
         let slot = store
             .get_meta::<u64>(&meta)
