@@ -223,6 +223,96 @@ impl IntOrPercent {
     }
 }
 
+/// The most instances a fleet may have (`capacity`, its `max`, and a provider's desired count).
+pub const MAX_CAPACITY: u32 = 10_000;
+
+/// How many instances a fleet runs: a number (`3`), or a range (`{min: 2, max: 6}`) inside which
+/// an autoscaler (the provider's desired count, or whoever scaled the fleet) decides.
+///
+/// The count a rollout converges to is `rollout::capacity::target`; a provider that reports a
+/// desired count (an AWS ASG, an Alibaba ESS group) wins over both forms, clamped into the range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum Capacity {
+    /// Exactly this many instances (unless the provider reports a desired count).
+    Fixed(u32),
+    /// As many as the provider wants, or as the fleet runs, within `[min, max]`.
+    Range(CapacityRange),
+}
+
+/// `capacity: {min, max}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityRange {
+    /// The fewest instances the fleet runs.
+    pub min: u32,
+    /// The most instances the fleet runs.
+    pub max: u32,
+}
+
+impl Capacity {
+    /// The fewest instances the manifest allows (the number itself for a fixed capacity).
+    pub fn min(self) -> u32 {
+        match self {
+            Capacity::Fixed(n) => n,
+            Capacity::Range(r) => r.min,
+        }
+    }
+
+    /// The most instances the manifest allows (the number itself for a fixed capacity).
+    pub fn max(self) -> u32 {
+        match self {
+            Capacity::Fixed(n) => n,
+            Capacity::Range(r) => r.max,
+        }
+    }
+}
+
+impl From<u32> for Capacity {
+    fn from(n: u32) -> Self {
+        Capacity::Fixed(n)
+    }
+}
+
+impl fmt::Display for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Capacity::Fixed(n) => write!(f, "{n}"),
+            Capacity::Range(r) => write!(f, "{}..{}", r.min, r.max),
+        }
+    }
+}
+
+// A hand-written visitor instead of `#[serde(untagged)]`: serde_yaml then keeps the line and
+// column of a bad value, and errors inside `{min, max}` (a typo, a missing `max`) name the field.
+impl<'de> Deserialize<'de> for Capacity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Capacity;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a count of instances or `{min: N, max: M}`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Capacity, E> {
+                u32::try_from(n).map(Capacity::Fixed).map_err(|_| {
+                    E::custom(format!("capacity {n} is over the limit of {MAX_CAPACITY}"))
+                })
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Capacity, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom(format!("capacity {n} is negative"))),
+                }
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Capacity, A::Error> {
+                CapacityRange::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Capacity::Range)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
 /// How instances are replaced. Defaults follow Kubernetes Deployments and AWS instance refresh
 /// (see the README's policy table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -232,8 +322,8 @@ pub struct RolloutPolicy {
     pub provider: ProviderKind,
     /// Settings of the exec provider.
     pub exec: Option<ExecProvider>,
-    /// Instances the fleet keeps running.
-    pub capacity: u32,
+    /// Instances the fleet keeps running: a number, or `{min, max}` for an autoscaled fleet.
+    pub capacity: Capacity,
     /// Extra instances allowed above capacity during a rollout (default 25%, rounded up).
     pub max_surge: IntOrPercent,
     /// Instances allowed below capacity during a rollout (default 0, rounded down).
@@ -267,7 +357,7 @@ impl Default for RolloutPolicy {
         RolloutPolicy {
             provider: ProviderKind::Local,
             exec: None,
-            capacity: 1,
+            capacity: Capacity::Fixed(1),
             max_surge: IntOrPercent::Percent(25),
             max_unavailable: IntOrPercent::Count(0),
             health_check: HealthCheck::default(),
@@ -283,15 +373,27 @@ impl Default for RolloutPolicy {
 }
 
 impl RolloutPolicy {
-    /// maxSurge as a count (at least 1 when maxUnavailable is 0, so a rollout can progress).
+    /// maxSurge as a count against the manifest's base count (the number, or `min`). A rollout
+    /// resolves it against its current target with [`RolloutPolicy::surge_for`].
     pub fn surge(&self) -> u32 {
-        let surge = self.max_surge.resolve(self.capacity, true);
-        if surge == 0 && self.unavailable() == 0 { 1 } else { surge }
+        self.surge_for(self.capacity.min())
     }
 
-    /// maxUnavailable as a count.
+    /// maxUnavailable as a count against the manifest's base count (the number, or `min`).
     pub fn unavailable(&self) -> u32 {
-        self.max_unavailable.resolve(self.capacity, false).min(self.capacity)
+        self.unavailable_for(self.capacity.min())
+    }
+
+    /// maxSurge as a count for a fleet of `target` instances (at least 1 when maxUnavailable is
+    /// 0, so a rollout can progress).
+    pub fn surge_for(&self, target: u32) -> u32 {
+        let surge = self.max_surge.resolve(target, true);
+        if surge == 0 && self.unavailable_for(target) == 0 { 1 } else { surge }
+    }
+
+    /// maxUnavailable as a count for a fleet of `target` instances.
+    pub fn unavailable_for(&self, target: u32) -> u32 {
+        self.max_unavailable.resolve(target, false).min(target)
     }
 }
 
@@ -813,8 +915,35 @@ fn check_policy(
     lb_ports: &mut BTreeSet<u16>,
 ) {
     let policy = &fleet.rollout;
-    if policy.capacity == 0 {
-        report.push(|| locate(text, "capacity", "0", at), "capacity must be at least 1".into());
+    match policy.capacity {
+        Capacity::Fixed(0) => {
+            report.push(|| locate(text, "capacity", "0", at), "capacity must be at least 1".into())
+        }
+        Capacity::Fixed(n) if n > MAX_CAPACITY => report.push(
+            || locate(text, "capacity", &n.to_string(), at),
+            format!("capacity {n} is over the limit of {MAX_CAPACITY}"),
+        ),
+        Capacity::Fixed(_) => {}
+        Capacity::Range(CapacityRange { min, max }) => {
+            if min == 0 {
+                report.push(
+                    || locate(text, "min", "0", at),
+                    "capacity.min must be at least 1".into(),
+                );
+            }
+            if min > max {
+                report.push(
+                    || locate(text, "capacity", "", at),
+                    format!("capacity.min {min} is more than capacity.max {max}"),
+                );
+            }
+            if max > MAX_CAPACITY {
+                report.push(
+                    || locate(text, "max", &max.to_string(), at),
+                    format!("capacity.max {max} is over the limit of {MAX_CAPACITY}"),
+                );
+            }
+        }
     }
     for (key, value) in [("maxSurge", policy.max_surge), ("maxUnavailable", policy.max_unavailable)]
     {
@@ -843,12 +972,13 @@ fn check_policy(
         );
     }
     if let Some(canary) = &policy.canary {
-        if canary.count == 0 || canary.count > policy.capacity {
+        if canary.count == 0 || canary.count > policy.capacity.min() {
             report.push(
                 || locate(text, "count", &canary.count.to_string(), at),
                 format!(
                     "canary.count {} must be between 1 and capacity {}",
-                    canary.count, policy.capacity
+                    canary.count,
+                    policy.capacity.min()
                 ),
             );
         }

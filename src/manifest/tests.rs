@@ -49,7 +49,7 @@ fn problems(text: &str) -> Vec<String> {
 fn the_design_example_parses() {
     let manifest = load(GOOD, "kiln.yaml", &HOOKS).unwrap();
     let fleet = &manifest.fleets[0];
-    assert_eq!(fleet.rollout.capacity, 3);
+    assert_eq!(fleet.rollout.capacity, Capacity::Fixed(3));
     assert_eq!(fleet.rollout.surge(), 1);
     assert_eq!(fleet.rollout.min_healthy, Duration::from_secs(5));
     assert_eq!(fleet.rollout.schedule.as_ref().unwrap().delay, Some(Duration::from_secs(60)));
@@ -350,4 +350,66 @@ fn problems_past_the_bound_are_counted_not_located() {
         found[MAX_PROBLEMS]
             .contains(&format!("{} more problems not shown", MAX_PATHS - MAX_PROBLEMS))
     );
+}
+
+#[test]
+fn capacity_is_a_number_or_a_range() {
+    let range = GOOD.replace("capacity: 3", "capacity: { min: 2, max: 6 }");
+    let manifest = load(&range, "kiln.yaml", &HOOKS).expect("a range parses");
+    let capacity = manifest.fleets[0].rollout.capacity;
+    assert_eq!(capacity, Capacity::Range(CapacityRange { min: 2, max: 6 }));
+    assert_eq!((capacity.min(), capacity.max(), capacity.to_string()), (2, 6, "2..6".into()));
+    let block = GOOD.replace("capacity: 3", "capacity:\n        min: 1\n        max: 4");
+    let manifest = load(&block, "kiln.yaml", &HOOKS).expect("a block range parses");
+    assert_eq!(manifest.fleets[0].rollout.capacity.max(), 4);
+    // Both forms round-trip through serde as the manifest writes them.
+    for capacity in [Capacity::Fixed(3), Capacity::Range(CapacityRange { min: 2, max: 6 })] {
+        let text = serde_yaml::to_string(&capacity).expect("serializes");
+        assert_eq!(serde_yaml::from_str::<Capacity>(&text).expect("parses back"), capacity);
+    }
+}
+
+#[test]
+fn bad_capacities_name_line_and_column() {
+    // (replacement, message, line:col). Type errors come from serde with their location; the
+    // rest from validation, located at the value.
+    let cases = [
+        ("capacity: three", "expected a count of instances or `{min: N, max: M}`", "12:17"),
+        ("capacity: -2", "capacity -2 is negative", "12:17"),
+        ("capacity: 99999999999", "capacity 99999999999 is over the limit of 10000", "12:17"),
+        ("capacity: [2, 6]", "expected a count of instances", "12:17"),
+        ("capacity: { min: 2, maks: 6 }", "unknown field `maks`", "12:27"),
+        ("capacity: { min: 2 }", "missing field `max`", "12:17"),
+        ("capacity: 10001", "capacity 10001 is over the limit of 10000", "12:17"),
+        ("capacity: { min: 5, max: 2 }", "capacity.min 5 is more than capacity.max 2", "12:7"),
+        ("capacity: { min: 0, max: 2 }", "capacity.min must be at least 1", "12:24"),
+        ("capacity: { min: 1, max: 20000 }", "capacity.max 20000 is over the limit", "12:32"),
+    ];
+    for (replacement, message, at) in cases {
+        let found = problems(&GOOD.replace("capacity: 3", replacement));
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with(&format!("kiln.yaml:{at}: ")) && p.contains(message)),
+            "{replacement}: {found:?}"
+        );
+    }
+    // A canary must fit in the smallest fleet the range allows.
+    let text = GOOD
+        .replace("capacity: 3", "capacity: { min: 1, max: 6 }")
+        .replace("canary: { count: 1,", "canary: { count: 2,");
+    let found = problems(&text);
+    assert!(found.iter().any(|p| p.contains("canary.count 2 must be between 1 and capacity 1")));
+}
+
+#[test]
+fn the_schema_shows_both_capacity_forms() {
+    let schema = serde_json::to_string(&json_schema()).expect("schema serializes");
+    assert!(schema.contains("CapacityRange"), "{schema}");
+    let value: serde_json::Value = serde_json::from_str(&schema).expect("json");
+    let defs = value.get("definitions").or_else(|| value.get("$defs")).expect("definitions");
+    let capacity = defs.get("Capacity").expect("Capacity is defined").to_string();
+    assert!(capacity.contains("anyOf") && capacity.contains("integer"), "{capacity}");
+    let range = defs.get("CapacityRange").expect("CapacityRange").to_string();
+    assert!(range.contains("\"min\"") && range.contains("\"max\""), "{range}");
 }

@@ -370,7 +370,7 @@ impl Reconciler {
         let status = &mut self.status;
         if let Some(fleet) = &self.fleet {
             status.provider = format!("{:?}", fleet.rollout.provider).to_lowercase();
-            status.capacity = fleet.rollout.capacity;
+            status.capacity = fleet.rollout.capacity.min();
         }
         status.revision = deployed.as_ref().map(|d| d.revision.clone());
         status.image = deployed.as_ref().map(|d| d.image.clone());
@@ -681,7 +681,6 @@ async fn observe(
         return (observation, None, None);
     };
     observation.deployed = true;
-    observation.capacity = fleet.rollout.capacity;
     // While a job runs, look through its provider rather than opening the deployed commit's.
     let current = if busy {
         shared.provider.lock().await.current.as_ref().map(|(_, p)| p.clone())
@@ -701,8 +700,8 @@ async fn observe(
         }
     };
     let endpoint = provider.endpoint();
-    let instances = match provider.list().await {
-        Ok(instances) => instances,
+    let (instances, desired) = match provider.observe().await {
+        Ok(observed) => (observed.instances, observed.desired),
         Err(error) => {
             tracing::debug!(fleet = %fleet.name, error = %chain(&error), "Could not list instances.");
             observation.deployed = false;
@@ -722,6 +721,10 @@ async fn observe(
             }
         }
     }
+    // An idle fleet keeps what its provider wants (an autoscaler's count), else its manifest
+    // number, or within `{min, max}` whatever it runs.
+    observation.capacity =
+        crate::rollout::capacity::target(fleet.rollout.capacity, desired, observation.running);
     observation.rebake_due = !busy && rebake_due(store, fleet, cx.env.clock.now());
     let health =
         driver::check_health(provider.clone(), &fleet.rollout.health_check.http, &instances).await;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::hooks::{self, HookError, HookSpec, Stream};
 use crate::model::{ImageRef, InstanceId, Timestamp};
-use crate::provider::{Health, Instance, Provider, ProviderError};
+use crate::provider::{Health, Instance, Observation, Provider, ProviderError};
 
 /// How much of a junk reply an error quotes.
 const QUOTE_CHARS: usize = 200;
@@ -63,6 +63,9 @@ fn yes() -> bool {
 #[derive(Debug, Deserialize)]
 struct ListReply {
     instances: Vec<ExecInstance>,
+    /// The group's desired count, when the cloud owns it (an autoscaling group).
+    #[serde(default)]
+    desired: Option<serde_json::Number>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -232,6 +235,38 @@ impl ExecProvider {
         })
     }
 
+    /// Checks and converts a `list` reply: `{"instances": [...], "desired": N}`, `desired`
+    /// optional (`null` or absent: the manifest's capacity decides).
+    fn list_reply(script: &str, stdout: &str) -> Result<Observation, ProviderError> {
+        let expected = r#"{"instances": [...], "desired": N}"#;
+        let reply: ListReply = serde_json::from_str(stdout)
+            .map_err(|e| Self::junk("list", script, expected, e.to_string(), stdout))?;
+        let desired = match reply.desired {
+            None => None,
+            Some(n) => match n.as_u64().and_then(|n| u32::try_from(n).ok()) {
+                Some(n) if n <= crate::manifest::MAX_CAPACITY => Some(n),
+                _ => {
+                    return Err(Self::junk(
+                        "list",
+                        script,
+                        expected,
+                        format!(
+                            "desired `{n}` is not a whole number from 0 to {}",
+                            crate::manifest::MAX_CAPACITY
+                        ),
+                        stdout,
+                    ));
+                }
+            },
+        };
+        let instances = reply
+            .instances
+            .into_iter()
+            .map(|reported| Self::instance("list", script, reported, None))
+            .collect::<Result<_, _>>()?;
+        Ok(Observation { instances, desired })
+    }
+
     /// An acknowledgement: nothing, or a JSON object.
     fn ack(op: &'static str, script: &str, stdout: &str) -> Result<(), ProviderError> {
         if stdout.trim().is_empty() {
@@ -268,17 +303,14 @@ impl Provider for ExecProvider {
     }
 
     async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
+        Ok(self.observe().await?.instances)
+    }
+
+    async fn observe(&self) -> Result<Observation, ProviderError> {
         let script = &self.spec.list;
         let stdout =
             self.call("list", script, &Request::new("list", &self.fleet), Duration::ZERO).await?;
-        let reply: ListReply = serde_json::from_str(&stdout).map_err(|e| {
-            Self::junk("list", script, r#"{"instances": [...]}"#, e.to_string(), &stdout)
-        })?;
-        reply
-            .instances
-            .into_iter()
-            .map(|reported| Self::instance("list", script, reported, None))
-            .collect()
+        Self::list_reply(script, &stdout)
     }
 
     async fn launch(&self, image: &ImageRef, key: &str) -> Result<Instance, ProviderError> {
@@ -389,5 +421,25 @@ mod tests {
         assert!(ExecProvider::ack("attach", "s", "  \n").is_ok());
         assert!(ExecProvider::ack("attach", "s", "{\"ok\": true}").is_ok());
         assert!(ExecProvider::ack("attach", "s", "[1]").is_err());
+    }
+
+    #[test]
+    fn list_replies_may_carry_the_desired_count() {
+        let one = r#"{"id": "i-1", "image": "ami-1"}"#;
+        let old_shape = ExecProvider::list_reply("s", &format!(r#"{{"instances": [{one}]}}"#))
+            .expect("the reply without `desired` still works");
+        assert_eq!((old_shape.instances.len(), old_shape.desired), (1, None));
+        let null = ExecProvider::list_reply("s", r#"{"instances": [], "desired": null}"#);
+        assert_eq!(null.expect("null desired").desired, None);
+        let five =
+            ExecProvider::list_reply("s", &format!(r#"{{"instances": [{one}], "desired": 5}}"#));
+        assert_eq!(five.expect("desired 5").desired, Some(5));
+        let zero = ExecProvider::list_reply("s", r#"{"instances": [], "desired": 0}"#);
+        assert_eq!(zero.expect("desired 0").desired, Some(0));
+        for bad in ["-1", "2.5", "\"5\"", "10001", "99999999999", "true"] {
+            let reply = format!(r#"{{"instances": [], "desired": {bad}}}"#);
+            let error = ExecProvider::list_reply("s", &reply).expect_err(bad).to_string();
+            assert!(error.contains("desired") && error.contains("script `s`"), "{bad}: {error}");
+        }
     }
 }

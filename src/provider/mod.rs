@@ -47,6 +47,17 @@ pub enum Health {
     Unhealthy,
 }
 
+/// What [`Provider::observe`] reports of a fleet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observation {
+    /// The fleet's instances, as [`Provider::list`] reports them.
+    pub instances: Vec<Instance>,
+    /// The number of instances the provider wants the fleet to have, when it owns that number
+    /// (an AWS Auto Scaling group's or an Alibaba ESS group's desired capacity, which scaling
+    /// rules move). `None`: the manifest's `capacity` decides.
+    pub desired: Option<u32>,
+}
+
 /// Errors from a provider.
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderError {
@@ -92,6 +103,12 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
 
     /// The fleet's instances, running or not, with their image and LB membership.
     async fn list(&self) -> Result<Vec<Instance>, ProviderError>;
+
+    /// The fleet's instances and, when the provider owns it, its desired count (see
+    /// [`Observation`]). The default lists and reports no desired count.
+    async fn observe(&self) -> Result<Observation, ProviderError> {
+        Ok(Observation { instances: self.list().await?, desired: None })
+    }
 
     /// Launches one instance on `image`. Calling it again with the same `key` returns the
     /// instance launched the first time instead of a second one.

@@ -396,9 +396,9 @@ async fn drive_turns(
         let ctl = *control.borrow_and_update();
         let needs_fleet = rollout.state == RolloutState::Rolling
             || (rollout.rolling.is_some() && rollout.state == RolloutState::Paused);
-        let instances = if needs_fleet {
-            match provider.list().await {
-                Ok(instances) => instances,
+        let observation = if needs_fleet {
+            match provider.observe().await {
+                Ok(observation) => observation,
                 Err(error) => {
                     let text = format!("listing instances: {}", chain(&error));
                     warn!(error = %text, "Provider failed; retrying.");
@@ -411,10 +411,14 @@ async fn drive_turns(
                 }
             }
         } else {
-            Vec::new()
+            Default::default()
         };
         let now = env.clock.now();
-        let observed = Observed { instances: &instances, has_infra: fleet.infra.is_some() };
+        let observed = Observed {
+            instances: &observation.instances,
+            has_infra: fleet.infra.is_some(),
+            desired: observation.desired,
+        };
         match step::step(&rollout, policy, &observed, &ctl, now) {
             Next::Done(state) => {
                 // A store failure between recording success and recording the deployment
@@ -443,7 +447,8 @@ async fn drive_turns(
                 run_hook(env, fleet, &rollout, &cancel, control).await?;
             }
             Next::Act(action) => {
-                act(env, fleet, provider.as_ref(), &rollout, &instances, action).await?;
+                act(env, fleet, provider.as_ref(), &rollout, &observation.instances, action)
+                    .await?;
             }
             Next::Probe(targets) => {
                 let mut set = tokio::task::JoinSet::new();
@@ -513,7 +518,7 @@ pub fn stop_before_rolling(
     if rollout.rolling.is_some() || rollout.state == RolloutState::Rolling {
         return Ok(None);
     }
-    let observed = Observed { instances: &[], has_infra: false };
+    let observed = Observed { instances: &[], has_infra: false, desired: None };
     match step::step(
         &rollout,
         &crate::manifest::RolloutPolicy::default(),

@@ -198,8 +198,13 @@ pub struct Rolling {
     pub todo: Vec<InstanceId>,
     /// New instances launched and not yet through their checks.
     pub launched: Vec<InstanceId>,
-    /// Old instances replaced.
+    /// Instances retired: old ones replaced, dead ones terminated (an instance an autoscaler
+    /// added mid-rollout too, once replaced); never the rollout's own launches.
     pub done: Vec<InstanceId>,
+    /// The instances running when rolling began: the base of the fleet's count for a
+    /// `capacity: {min, max}` without a provider desired count (see `rollout::capacity`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seen: Vec<InstanceId>,
     /// The image instances are moved to (the rollout's image, or the previous one when rolling
     /// back).
     #[serde(default)]

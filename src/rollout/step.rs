@@ -12,9 +12,12 @@
 //! launch new ─▶ probe until healthyThreshold OK, then minHealthy ─▶ attach ─▶ detach+drain old ─▶ terminate old
 //! ```
 //!
-//! Limits: at most `capacity + surge` running instances, and never fewer than
-//! `capacity - unavailable` attached (old instances are taken as healthy; new ones are attached
-//! only once healthy).
+//! Limits: at most `target + surge` running instances, and never fewer than
+//! `target - unavailable` attached (old instances are taken as healthy; new ones are attached
+//! only once healthy). `target` is `capacity::target`, recomputed at every step from what is
+//! observed then (the provider's desired count, the fleet's current count), and maxSurge /
+//! maxUnavailable percentages resolve against it: an autoscaler's scale-out mid-rollout raises
+//! it, and a rollout never shrinks the fleet below it.
 
 use std::time::Duration;
 
@@ -46,6 +49,8 @@ pub struct Observed<'a> {
     pub instances: &'a [Instance],
     /// Whether the fleet has an `infra` section (the reconcile hook).
     pub has_infra: bool,
+    /// The provider's desired count, when it owns one (only read while rolling).
+    pub desired: Option<u32>,
 }
 
 /// A new instance to health-check.
@@ -363,9 +368,11 @@ fn step_rolling(
             .collect();
         let mut r = rollout.clone();
         let message = format!("rolling {} old instance(s) onto {image}", olds.len());
+        let seen = observed.instances.iter().filter(|i| i.running).map(|i| i.id.clone()).collect();
         r.rolling = Some(Rolling {
             canary_done: policy.canary.is_none() || olds.is_empty(),
             todo: olds,
+            seen,
             target: Some(image),
             last_progress: Some(now),
             ..Rolling::default()
@@ -379,9 +386,14 @@ fn step_rolling(
         return Next::Act(intent.action.clone());
     }
     let view = View::new(observed.instances, &target);
-    let capacity = policy.capacity;
-    let surge = policy.surge();
-    let unavailable = policy.unavailable();
+    // The count this rollout converges to, as of now (see `capacity::target`).
+    let capacity = super::capacity::target(
+        policy.capacity,
+        observed.desired,
+        super::capacity::fleet_count(observed.instances, rolling, policy.capacity.min()),
+    );
+    let surge = policy.surge_for(capacity);
+    let unavailable = policy.unavailable_for(capacity);
     let min_serving = capacity.saturating_sub(unavailable);
 
     // Cleanup before ending: new instances that are not serving go, then the state changes.
@@ -800,9 +812,12 @@ pub fn complete(
         Action::Detach { .. } => {}
         Action::Terminate { id, .. } => {
             rr.probes.remove(id.as_str());
+            // An instance this rollout did not launch was retired (replaced, or dead): it
+            // counts in `done`, also when it joined the fleet mid-rollout (an autoscaler's).
+            let own = rr.launched.contains(id) || rr.attached.contains(id);
             rr.launched.retain(|i| i != id);
-            if rr.todo.contains(id) {
-                rr.todo.retain(|i| i != id);
+            rr.todo.retain(|i| i != id);
+            if !own && !rr.done.contains(id) {
                 rr.done.push(id.clone());
             }
         }

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::*;
-use crate::manifest::{Canary, IntOrPercent, OnFailure, RolloutPolicy, Schedule, Window};
+use crate::manifest::{
+    Canary, Capacity, CapacityRange, IntOrPercent, OnFailure, RolloutPolicy, Schedule, Window,
+};
 use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
 
 const A: &str = "img-a";
@@ -47,7 +49,7 @@ fn base_rollout(state: RolloutState) -> Rollout {
 
 fn policy(capacity: u32, surge: IntOrPercent, unavailable: IntOrPercent) -> RolloutPolicy {
     let mut p = RolloutPolicy {
-        capacity,
+        capacity: capacity.into(),
         max_surge: surge,
         max_unavailable: unavailable,
         drain: secs(1),
@@ -89,6 +91,12 @@ struct Sim {
     /// Crash (drop the effect after writing the intent) every n-th act, if set.
     crash_every: Option<usize>,
     log: Vec<String>,
+    /// The provider's desired count, reported with every listing.
+    desired: Option<u32>,
+    /// The count the rollout must converge to (the independent expectation the checks use).
+    expected: u32,
+    /// Instances the simulated cloud launched itself (an autoscaler's scale-out).
+    cloud_launched: u32,
 }
 
 impl Sim {
@@ -96,7 +104,11 @@ impl Sim {
         let instances: Vec<Instance> =
             (0..olds).map(|n| instance(&format!("old{n}"), A, true)).collect();
         let serving = u32::try_from(olds).unwrap_or(0);
-        let floor = serving.min(policy.capacity.saturating_sub(policy.unavailable()));
+        let expected = match policy.capacity {
+            Capacity::Fixed(n) => n,
+            Capacity::Range(r) => serving.clamp(r.min, r.max),
+        };
+        let floor = serving.min(expected.saturating_sub(policy.unavailable_for(expected)));
         Sim {
             rollout: base_rollout(RolloutState::Pending),
             policy,
@@ -112,7 +124,57 @@ impl Sim {
             floor,
             crash_every: None,
             log: Vec::new(),
+            desired: None,
+            expected,
+            cloud_launched: 0,
         }
+    }
+
+    /// At most this many instances run while converging to `expected`.
+    fn ceiling(&self) -> u32 {
+        self.expected + self.policy.surge_for(self.expected)
+    }
+
+    /// The cloud's autoscaler launches `n` instances on `image` itself and puts them in
+    /// service, as an ASG does on a scale-out.
+    fn cloud_add(&mut self, n: u32, image: &str) {
+        for _ in 0..n {
+            self.cloud_launched += 1;
+            self.instances.push(instance(&format!("asg{}", self.cloud_launched), image, true));
+        }
+        self.rebase(format!("autoscaler launched {n} on {image}"));
+    }
+
+    /// The cloud's autoscaler terminates `n` instances, old-image ones first (as an ASG's
+    /// `OldestLaunchTemplate` policy does).
+    fn cloud_remove(&mut self, n: u32) {
+        for _ in 0..n {
+            let pos = self
+                .instances
+                .iter()
+                .position(|i| i.running && i.image.as_str() == A)
+                .or_else(|| self.instances.iter().position(|i| i.running));
+            if let Some(pos) = pos {
+                self.instances.remove(pos);
+            }
+        }
+        self.rebase(format!("autoscaler terminated {n}"));
+    }
+
+    /// Sets what the provider reports and what the rollout must converge to now.
+    fn scale(&mut self, desired: Option<u32>, expected: u32) {
+        self.desired = desired;
+        self.expected = expected;
+        self.rebase(format!("desired {desired:?}, expecting {expected}"));
+    }
+
+    /// After a change behind the rollout's back, the invariants hold from the new state on.
+    fn rebase(&mut self, what: String) {
+        self.log.push(what);
+        self.max_running = self.max_running.max(self.running());
+        let floor = self.expected.saturating_sub(self.policy.unavailable_for(self.expected));
+        self.floor = self.serving().min(floor);
+        self.min_serving = self.min_serving.min(self.serving());
     }
 
     fn serving(&self) -> u32 {
@@ -128,7 +190,8 @@ impl Sim {
     }
 
     fn next(&self) -> Next {
-        let observed = Observed { instances: &self.instances, has_infra: false };
+        let observed =
+            Observed { instances: &self.instances, has_infra: false, desired: self.desired };
         step(&self.rollout, &self.policy, &observed, &self.control, self.now)
     }
 
@@ -189,6 +252,7 @@ impl Sim {
                     // Crash after the intent was written: the next step must redo it safely.
                     return None;
                 }
+                let (running_before, serving_before) = (self.running(), self.serving());
                 let launched = self.perform(&action);
                 if crash == Some(1) {
                     // Crash after the effect, before its result was recorded.
@@ -197,15 +261,17 @@ impl Sim {
                 self.rollout = complete(&self.rollout, &action, launched.as_ref(), self.now);
                 self.max_running = self.max_running.max(self.running());
                 self.min_serving = self.min_serving.min(self.serving());
-                let ceiling = self.policy.capacity + self.policy.surge();
+                // No action takes the fleet over the ceiling or under the floor (an autoscaler
+                // may have left it there: then it must not get worse).
+                let ceiling = self.ceiling();
                 assert!(
-                    self.running() <= ceiling,
+                    self.running() <= ceiling.max(running_before),
                     "{} running > capacity+surge {ceiling}\n{:#?}",
                     self.running(),
                     self.log
                 );
                 assert!(
-                    self.serving() >= self.floor,
+                    self.serving() >= self.floor.min(serving_before),
                     "{} serving < floor {}\n{:#?}",
                     self.serving(),
                     self.floor,
@@ -294,8 +360,8 @@ fn check(policy: RolloutPolicy, olds: usize, bad: &[&str], expect: Expect) -> Si
     }
     if let Some(image) = expect.all_on {
         assert!(sim.images().iter().all(|i| i == image), "all on {image}: {:?}", sim.images());
-        assert_eq!(sim.running(), sim.policy.capacity, "capacity; log {log:#?}");
-        assert_eq!(sim.serving(), sim.policy.capacity, "all serving");
+        assert_eq!(sim.running(), sim.expected, "capacity; log {log:#?}");
+        assert_eq!(sim.serving(), sim.expected, "all serving");
     }
     sim
 }
@@ -609,7 +675,7 @@ fn instances_failing_their_checks_are_terminated_as_unhealthy() {
 
 #[test]
 fn stops_before_rolling_are_immediate() {
-    let observed = Observed { instances: &[], has_infra: false };
+    let observed = Observed { instances: &[], has_infra: false, desired: None };
     let p = policy(1, N(1), N(0));
     for state in [S::Pending, S::Scheduled, S::Baking, S::Reconciling] {
         let r = base_rollout(state);
@@ -628,7 +694,7 @@ fn stops_before_rolling_are_immediate() {
 fn schedule_delay_then_bake() {
     let mut p = policy(1, N(1), N(0));
     p.schedule = Some(Schedule { delay: Some(secs(60)), window: None });
-    let observed = Observed { instances: &[], has_infra: false };
+    let observed = Observed { instances: &[], has_infra: false, desired: None };
     let mut r = base_rollout(S::Pending);
     r.image = None;
     let Next::Record { rollout, .. } = step(&r, &p, &observed, &Control::Run, t0()) else {
@@ -822,5 +888,210 @@ fn randomized_policies_keep_the_invariants() {
                 );
             }
         }
+    }
+}
+
+fn range(min: u32, max: u32) -> Capacity {
+    Capacity::Range(CapacityRange { min, max })
+}
+
+/// Runs `sim` to the end and checks it converged: succeeded, `expected` instances all on the new
+/// image and serving, no instance the autoscaler added terminated except to replace it.
+#[track_caller]
+fn converges(sim: &mut Sim) {
+    let state = sim.run();
+    let log = &sim.log;
+    assert_eq!(state, S::Succeeded, "reason {:?}; log {log:#?}", sim.rollout.reason);
+    assert!(sim.images().iter().all(|i| i == B), "all on {B}: {:?}; log {log:#?}", sim.images());
+    assert_eq!(sim.running(), sim.expected, "converged count; log {log:#?}");
+    assert_eq!(sim.serving(), sim.expected, "all serving; log {log:#?}");
+    assert!(sim.running() <= sim.ceiling(), "within the ceiling");
+}
+
+#[test]
+fn a_scale_out_mid_rollout_raises_the_target_and_is_rolled_too() {
+    // A fixed number with a provider that owns the desired count: the provider wins. The
+    // autoscaler adds two instances on the old image (its launch template) mid-rollout.
+    for crash_every in [None, Some(3)] {
+        let mut sim = Sim::new(policy(3, N(1), N(0)), 3);
+        sim.crash_every = crash_every;
+        sim.scale(Some(3), 3);
+        sim.run_acts(4); // launch, attach, detach, terminate: one replaced (without crashes)
+        if crash_every.is_none() {
+            let done = sim.rollout.rolling.as_ref().map(|r| r.done.len());
+            assert_eq!(done, Some(1), "{:#?}", sim.log);
+        }
+        sim.scale(Some(5), 5);
+        sim.cloud_add(2, A);
+        converges(&mut sim);
+        // One launch per old instance, the autoscaler's two included; none terminated to shrink.
+        assert_eq!(sim.created.len(), 5, "{:#?}", sim.log);
+        assert_eq!(sim.rollout.rolling.as_ref().map(|r| r.done.len()), Some(5));
+        assert!(sim.max_running <= 6, "5 + surge 1: {}", sim.max_running);
+    }
+}
+
+#[test]
+fn a_scale_out_on_the_new_image_is_kept_not_shrunk() {
+    // The reconcile updated the launch template: the autoscaler's instances come up on the new
+    // image and serve; the old code terminated two old instances too many to get back to 3.
+    let mut sim = Sim::new(policy(3, N(1), N(0)), 3);
+    sim.scale(Some(3), 3);
+    sim.run_acts(2); // the first new instance launched and attached
+    sim.scale(Some(5), 5);
+    sim.cloud_add(2, B);
+    converges(&mut sim);
+    assert_eq!(sim.created.len(), 3, "only the three old instances replaced: {:#?}", sim.log);
+    assert!(sim.instances.iter().filter(|i| i.id.as_str().starts_with("asg")).count() == 2);
+}
+
+#[test]
+fn a_scale_out_without_a_desired_count_counts_within_the_range() {
+    // No desired count reported: the range keeps what runs. Someone adds two instances mid-
+    // rollout (a fleet of 3 becomes 5, inside {2, 6}): the rollout ends with 5 on the new image.
+    let mut sim = Sim::new(RolloutPolicy { capacity: range(2, 6), ..policy(1, N(1), N(0)) }, 3);
+    assert_eq!(sim.expected, 3);
+    sim.run_acts(3);
+    sim.cloud_add(2, A);
+    sim.scale(None, 5);
+    converges(&mut sim);
+    // Beyond max, the range caps it: 5 + 3 = 8 > 6.
+    let mut sim = Sim::new(RolloutPolicy { capacity: range(2, 6), ..policy(1, N(1), N(0)) }, 5);
+    sim.run_acts(1);
+    sim.cloud_add(3, A);
+    sim.scale(None, 6);
+    converges(&mut sim);
+}
+
+#[test]
+fn a_scale_in_mid_rollout_by_the_provider_lowers_the_target() {
+    for capacity in [Capacity::Fixed(5), range(2, 6)] {
+        let mut sim = Sim::new(RolloutPolicy { capacity, ..policy(5, N(1), N(0)) }, 5);
+        sim.scale(Some(5), 5);
+        sim.run_acts(5);
+        sim.scale(Some(3), 3);
+        sim.cloud_remove(2);
+        converges(&mut sim);
+        // Desired lowered but the cloud has not terminated yet: kiln converges to it, retiring
+        // old instances, never new ones.
+        let mut sim = Sim::new(RolloutPolicy { capacity, ..policy(5, N(1), N(0)) }, 5);
+        sim.scale(Some(5), 5);
+        sim.run_acts(2);
+        sim.scale(Some(3), 3);
+        converges(&mut sim);
+        assert_eq!(sim.created.len(), 3, "{capacity}: {:#?}", sim.log);
+    }
+}
+
+#[test]
+fn ranges_clamp_the_current_count_and_the_desired_count() {
+    // (range, olds, desired, expected): a fleet of 4 in {2, 6} stays 4; below min grows to min;
+    // above max shrinks to max; a desired count is clamped into the range.
+    let cases = [
+        ((2, 6), 4, None, 4),
+        ((2, 6), 1, None, 2),
+        ((2, 6), 0, None, 2),
+        ((2, 6), 8, None, 6),
+        ((2, 6), 4, Some(5), 5),
+        ((2, 6), 4, Some(9), 6),
+        ((2, 6), 4, Some(1), 2),
+        ((3, 3), 5, None, 3),
+    ];
+    for ((min, max), olds, desired, expected) in cases {
+        let mut sim =
+            Sim::new(RolloutPolicy { capacity: range(min, max), ..policy(1, N(1), N(0)) }, olds);
+        sim.scale(desired, expected);
+        converges(&mut sim);
+    }
+    // A fixed number without a desired count is exact, as before: 5 old instances, capacity 3.
+    let mut sim = Sim::new(policy(3, N(1), N(0)), 5);
+    sim.floor = 3;
+    converges(&mut sim);
+}
+
+#[test]
+fn percent_surge_and_unavailable_resolve_against_the_raised_count() {
+    // maxSurge 50% of a manifest 4 is 2; the provider raised the fleet to 8, so it is 4.
+    let mut sim = Sim::new(policy(4, P(50), N(0)), 8);
+    sim.scale(Some(8), 8);
+    converges(&mut sim);
+    assert_eq!(sim.max_running, 12, "8 + 50% of 8: {:#?}", sim.log);
+    assert_eq!(sim.min_serving, 8);
+    // maxUnavailable 50%: 4 of 8 may be out of service at once (2 of the manifest's 4).
+    let mut sim = Sim::new(policy(4, N(0), P(50)), 8);
+    sim.scale(Some(8), 8);
+    converges(&mut sim);
+    assert_eq!(sim.min_serving, 4, "8 - 50% of 8: {:#?}", sim.log);
+    assert_eq!(sim.max_running, 8);
+}
+
+#[test]
+fn randomized_autoscaling_keeps_the_invariants() {
+    let mut rng = fastrand::Rng::with_seed(0x6173_6773);
+    for case in 0..400 {
+        let amount = |rng: &mut fastrand::Rng| {
+            if rng.bool() { N(rng.u32(0..=3)) } else { P(rng.u32(0..=100)) }
+        };
+        let min = rng.u32(1..=4);
+        let max = rng.u32(min..=8);
+        let capacity = if rng.bool() { Capacity::Fixed(rng.u32(1..=6)) } else { range(min, max) };
+        let mut p = RolloutPolicy { capacity, ..policy(1, amount(&mut rng), amount(&mut rng)) };
+        p.health_check.healthy_threshold = rng.u32(1..=3);
+        p.min_healthy = secs(rng.u64(0..=3));
+        let olds = rng.u32(0..=6);
+        let mut sim = Sim::new(p.clone(), olds as usize);
+        let clamp = |n: u32| match capacity {
+            Capacity::Fixed(_) => n,
+            Capacity::Range(r) => n.clamp(r.min, r.max),
+        };
+        let with_desired = matches!(capacity, Capacity::Fixed(_)) || rng.bool();
+        if with_desired {
+            let desired = rng.u32(1..=6);
+            sim.scale(Some(desired), clamp(desired));
+        }
+        sim.run_acts(rng.usize(0..12));
+        // Instances already on the new image when the count drops are kept: a rollout retires
+        // old instances down to the target, never healthy new ones.
+        let mut new_at_scale = 0;
+        if !sim.rollout.state.is_terminal() {
+            let image = if rng.bool() { A } else { B };
+            if with_desired {
+                let desired = rng.u32(1..=8);
+                let before = sim.expected;
+                sim.scale(Some(desired), clamp(desired));
+                if sim.expected > before {
+                    sim.cloud_add(sim.expected - before, image);
+                } else if rng.bool() {
+                    sim.cloud_remove(before - sim.expected);
+                }
+            } else {
+                let added = rng.u32(1..=3);
+                sim.cloud_add(added, image);
+                // Before rolling began the fleet's count is what runs; after, the range's
+                // target so far plus what was added.
+                let expected = if sim.rollout.rolling.is_none() {
+                    clamp(sim.running())
+                } else {
+                    clamp(sim.expected + added)
+                };
+                sim.scale(None, expected);
+            }
+            new_at_scale =
+                count(sim.instances.iter().filter(|i| i.running && i.image.as_str() == B).count());
+        }
+        let state = sim.run();
+        assert_eq!(state, S::Succeeded, "case {case}: {p:?} {:#?}", sim.log);
+        assert!(sim.images().iter().all(|i| i == B), "case {case}: {:#?}", sim.log);
+        let most = sim.expected.max(new_at_scale);
+        assert!(
+            (sim.expected..=most).contains(&sim.running()),
+            "case {case}: {} running, expected {}..={most}: {p:?} {:#?}",
+            sim.running(),
+            sim.expected,
+            sim.log
+        );
+        assert!(sim.instances.iter().all(|i| i.attached), "case {case}");
+        let keys: BTreeSet<&String> = sim.created.iter().collect();
+        assert_eq!(keys.len(), sim.created.len(), "case {case}: duplicate launch");
     }
 }
