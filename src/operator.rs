@@ -10,7 +10,7 @@ use crate::rollout::driver::{self, DriverEnv};
 use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use crate::rollout::step::Control;
 use crate::source::SourceEvent;
-use crate::store::{CommitKind, CommitRecord, Level, RolloutFilter, StoreError};
+use crate::store::{CommitKind, CommitRecord, EventKind, Level, RolloutFilter, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -316,7 +316,7 @@ impl Operator {
             self.store().append_event(
                 rollout.id,
                 Level::Info,
-                "resume",
+                EventKind::Resume,
                 "daemon restarted; resuming from the recorded state",
                 None,
             )?;
@@ -431,12 +431,13 @@ impl Operator {
         record.finished_at = Some(now);
         let rollout = self.store().create_rollout(record)?;
         let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
-        self.store().append_event(
+        // Created in its final state: it moved from `pending` without passing anything else.
+        self.store().append_state_change(
             rollout.id,
             level,
-            "state",
+            RolloutState::Pending,
+            state,
             format!("{state}: {reason}"),
-            None,
         )?;
         Ok(rollout)
     }
@@ -517,7 +518,7 @@ impl Operator {
                     self.store().append_event(
                         rollout.id,
                         Level::Error,
-                        "manifest",
+                        EventKind::Manifest,
                         problem.to_string(),
                         None,
                     )?;
@@ -549,12 +550,18 @@ impl Operator {
             record.previous_image = previous_image;
             let rollout = self.store().create_rollout(record)?;
             if let Some(note) = &note {
-                self.store().append_event(rollout.id, Level::Warn, "source", note.clone(), None)?;
+                self.store().append_event(
+                    rollout.id,
+                    Level::Warn,
+                    EventKind::Source,
+                    note.clone(),
+                    None,
+                )?;
             }
             self.store().append_event(
                 rollout.id,
                 Level::Info,
-                "plan",
+                EventKind::Plan,
                 format!(
                     "{} (bake: [{}], reconcile: {}, roll: {})",
                     fleet_plan.plan.reason,
@@ -600,12 +607,12 @@ impl Operator {
         rollout.reason = Some(reason.clone());
         rollout.finished_at = Some(crate::model::now());
         self.store().put_rollout(&rollout)?;
-        self.store().append_event(
+        self.store().append_state_change(
             id,
             Level::Warn,
-            "state",
+            from,
+            state,
             format!("{from} → {state}: {reason}"),
-            None,
         )?;
         Ok(())
     }
@@ -809,7 +816,7 @@ impl Operator {
                 let _ = self.store().append_event(
                     *id,
                     Level::Error,
-                    "driver",
+                    EventKind::Driver,
                     format!("driver stopped: {error}"),
                     None,
                 );
@@ -878,7 +885,7 @@ impl Operator {
                 let _ = self.store().append_event(
                     id,
                     Level::Info,
-                    "command",
+                    EventKind::Command,
                     "resumed by an operator",
                     None,
                 );
@@ -955,7 +962,7 @@ impl Operator {
         self.store().append_event(
             rollout.id,
             Level::Info,
-            "command",
+            EventKind::Command,
             "rollback requested by an operator",
             None,
         )?;
@@ -1136,7 +1143,7 @@ impl Operator {
         self.store().append_event(
             rollout.id,
             Level::Info,
-            "plan",
+            EventKind::Plan,
             rollout.plan.reason.clone(),
             None,
         )?;

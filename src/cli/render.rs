@@ -427,6 +427,9 @@ mod tests {
         let event = EventDto {
             seq: 1,
             rollout: 7,
+            fleet: Some("web".into()),
+            commit: None,
+            change: None,
             at: now,
             level: "info".into(),
             kind: "hook.stdout".into(),

@@ -35,7 +35,9 @@ use crate::model::{Clock, ImageRef, InstanceId, RolloutId, Timestamp};
 use crate::pipeline::StepContext;
 use crate::provider::{Health, Instance, Provider, ProviderError, SharedProvider};
 use crate::rollout::state::{Action, Rollout, RolloutState};
-use crate::store::{Deployed, Event, InstanceAction, InstanceEvent, Level, Store, StoreError};
+use crate::store::{
+    Deployed, Event, EventKind, InstanceAction, InstanceEvent, Level, Store, StoreError,
+};
 
 /// Everything the driver needs besides the fleet and its provider.
 #[derive(Debug, Clone)]
@@ -205,7 +207,7 @@ fn event(
     store: &Store,
     id: RolloutId,
     level: Level,
-    kind: &str,
+    kind: EventKind,
     message: String,
     data: Option<serde_json::Value>,
 ) {
@@ -234,11 +236,14 @@ fn commit(
         } else {
             info!(from = %before.state, to = %next.state, "{message}");
         }
-        let data = serde_json::json!({ "from": before.state, "to": next.state });
-        event(store, next.id, level, "state", text, Some(data));
+        if let Err(error) =
+            store.append_state_change(next.id, level, before.state, next.state, text)
+        {
+            warn!(rollout = %next.id, error = %chain(&error), "Could not record an event.");
+        }
     } else if !message.is_empty() {
         info!("{message}");
-        event(store, next.id, Level::Info, "rollout", message.to_owned(), None);
+        event(store, next.id, Level::Info, EventKind::Rollout, message.to_owned(), None);
     }
     Ok(())
 }
@@ -285,15 +290,15 @@ impl Journal<'_> {
                 InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
                 _ => Level::Info,
             };
-            Event {
-                seq: 0,
-                rollout: id,
-                at,
+            let mut event = Event::new(
+                id,
                 level,
-                kind: format!("instance.{name}"),
-                message: format!("{instance}{image_text} {name}{why}"),
-                data: Some(serde_json::json!({ "instance": instance, "image": image })),
-            }
+                EventKind::Instance(action),
+                format!("{instance}{image_text} {name}{why}"),
+                Some(serde_json::json!({ "instance": instance, "image": image })),
+            );
+            event.at = at;
+            event
         });
         (entry, event)
     }

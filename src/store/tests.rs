@@ -95,10 +95,11 @@ fn events_are_ordered_per_rollout_and_published() {
     let one = store.create_rollout(rollout("web", "aaaa", RolloutState::Pending)).unwrap().id;
     let two = store.create_rollout(rollout("web", "bbbb", RolloutState::Pending)).unwrap().id;
     let mut feed = store.subscribe();
-    let first = store.append_event(one, Level::Info, "state", "pending → baking", None).unwrap();
-    store.append_event(two, Level::Info, "state", "other", None).unwrap();
+    let first =
+        store.append_event(one, Level::Info, EventKind::State, "pending → baking", None).unwrap();
+    store.append_event(two, Level::Info, EventKind::State, "other", None).unwrap();
     store
-        .append_event(one, Level::Error, "hook.stderr", "token https://u:secret@h/x", None)
+        .append_event(one, Level::Error, EventKind::HookStderr, "token https://u:secret@h/x", None)
         .unwrap();
     let events = store.events(one, 0).unwrap();
     assert_eq!(events.len(), 2);
@@ -128,7 +129,7 @@ fn retention_prunes_old_terminal_rollouts_and_their_events() {
     let store = Store::open(dir.path(), 2).unwrap();
     let active = store.create_rollout(rollout("web", "0", RolloutState::Rolling)).unwrap().id;
     let old = store.create_rollout(rollout("web", "1", RolloutState::Succeeded)).unwrap().id;
-    store.append_event(old, Level::Info, "state", "x", None).unwrap();
+    store.append_event(old, Level::Info, EventKind::State, "x", None).unwrap();
     store.create_rollout(rollout("web", "2", RolloutState::Succeeded)).unwrap();
     let ids: Vec<_> =
         store.rollouts(&RolloutFilter::default()).unwrap().iter().map(|r| r.id).collect();
@@ -214,7 +215,9 @@ fn ids_are_dense_per_kind_and_survive_restarts() {
                 .unwrap()
                 .id;
             rollouts.push(id.0);
-            events.push(store.append_event(id, Level::Info, "state", "x", None).unwrap().seq);
+            events.push(
+                store.append_event(id, Level::Info, EventKind::State, "x", None).unwrap().seq,
+            );
         }
         assert!(store.record_commit(&commit(&format!("c{start}"), CommitKind::Push)).unwrap());
         commits.push(store.commits(1).unwrap().len());
@@ -238,7 +241,7 @@ fn a_data_dir_without_counters_continues_after_its_highest_ids() {
         let mut old = rollout("web", "aaaa", RolloutState::Succeeded);
         old.id = RolloutId(2_000_002);
         store.put_rollout(&old).unwrap();
-        store.append_event(old.id, Level::Info, "state", "x", None).unwrap();
+        store.append_event(old.id, Level::Info, EventKind::State, "x", None).unwrap();
         store.record_instance(instance_event("web", "i")).unwrap();
         store.record_instance(instance_event("api", "j")).unwrap();
         store.record_commit(&commit("abc", CommitKind::Push)).unwrap();
@@ -249,7 +252,10 @@ fn a_data_dir_without_counters_continues_after_its_highest_ids() {
     let store = Store::open(dir.path(), 0).unwrap();
     let next = store.create_rollout(rollout("web", "bbbb", RolloutState::Pending)).unwrap();
     assert_eq!(next.id, RolloutId(2_000_003));
-    assert_eq!(store.append_event(next.id, Level::Info, "state", "y", None).unwrap().seq, 2);
+    assert_eq!(
+        store.append_event(next.id, Level::Info, EventKind::State, "y", None).unwrap().seq,
+        2
+    );
     assert_eq!(store.record_instance(instance_event("web", "k")).unwrap().seq, 3);
     assert!(store.record_commit(&commit("def", CommitKind::Push)).unwrap());
     assert_eq!(store.get_meta::<u64>("seq.commits").unwrap(), Some(2));
@@ -263,14 +269,14 @@ fn a_step_records_the_rollout_journal_and_events_in_one_write() {
     let store = Store::open(dir.path(), 0).unwrap();
     let created = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap();
     let mut feed = store.subscribe();
-    let event = |kind: &str| Event {
-        seq: 0,
-        rollout: created.id,
-        at: now(),
-        level: Level::Info,
-        kind: kind.into(),
-        message: format!("{kind} via https://u:pw@host/x"),
-        data: None,
+    let event = |kind: &str| {
+        Event::new(
+            created.id,
+            Level::Info,
+            kind.into(),
+            format!("{kind} via https://u:pw@host/x"),
+            None,
+        )
     };
     let mut launched = created.clone();
     launched.reason = Some("launched one".into());
