@@ -332,3 +332,172 @@ fn a_failing_store_says_so_and_recovers() {
     let next = store.create_rollout(rollout("web", "cccc", RolloutState::Pending)).unwrap();
     assert_eq!(next.id, RolloutId(2), "the failed write took no id");
 }
+
+/// Writes raw bytes into the `events` tree (and, if asked, the `event_seq` index), as an older
+/// kiln did.
+fn put_raw_event(store: &Store, rollout: RolloutId, seq: u64, json: &str, index: bool) {
+    let mut key = rollout.0.to_be_bytes().to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    store
+        .write(|t| {
+            t.events.insert(key, json.as_bytes()).map_err(|e| store.db_err(e))?;
+            if index {
+                t.event_seq
+                    .insert(seq.to_be_bytes(), &rollout.0.to_be_bytes())
+                    .map_err(|e| store.db_err(e))?;
+            }
+            t.meta.insert("seq.events", &b"{\"v\":1,\"r\":2}"[..]).map_err(|e| store.db_err(e))?;
+            store.flush_trees(t)
+        })
+        .unwrap();
+}
+
+#[test]
+fn event_records_written_with_string_kinds_still_read() {
+    // Golden records as kiln wrote them before kinds were an enum: a `state` event whose
+    // change was only in `data`, and a kind this build does not know (a newer kiln's).
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let id = store.create_rollout(rollout("web", "c0ffee", RolloutState::Baking)).unwrap().id;
+        put_raw_event(
+            &store,
+            id,
+            1,
+            r#"{"v":1,"r":{"seq":1,"rollout":1,"at":"2026-01-02T03:04:05Z","level":"info","kind":"state","message":"pending → baking: started","data":{"from":"pending","to":"baking"}}}"#,
+            true,
+        );
+        put_raw_event(
+            &store,
+            id,
+            2,
+            r#"{"v":1,"r":{"seq":2,"rollout":1,"at":"2026-01-02T03:04:06Z","level":"warn","kind":"drift.found","message":"web-1 runs an old image"}}"#,
+            true,
+        );
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    let events = store.events(RolloutId(1), 0).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, EventKind::State);
+    assert_eq!(
+        events[0].change,
+        Some(StateChange { from: RolloutState::Pending, to: RolloutState::Baking }),
+        "the typed change is filled in from the old record's data"
+    );
+    assert_eq!(events[0].fleet.as_deref(), Some("web"), "fleet filled in from the rollout");
+    assert_eq!(events[0].revision, Some(Revision("c0ffee".into())));
+    assert_eq!(events[1].kind, EventKind::Other("drift.found".into()), "unknown kind kept");
+    assert_eq!(events[1].change, None);
+    // Written back, the unknown kind is the same string.
+    let json = serde_json::to_value(&events[1]).unwrap();
+    assert_eq!(json["kind"], "drift.found");
+    // The feed reads them too, and the counter continues after them.
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 2);
+    let next = store.append_event(RolloutId(1), Level::Info, EventKind::Plan, "p", None).unwrap();
+    assert_eq!(next.seq, 3);
+}
+
+#[test]
+fn every_event_kind_round_trips_through_its_stored_string() {
+    for kind in EventKind::KNOWN {
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(json, format!("\"{}\"", kind.as_str()));
+        assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind, "{json}");
+        assert!(!matches!(EventKind::parse(kind.as_str()), EventKind::Other(_)), "{kind}");
+    }
+    let names: std::collections::BTreeSet<&str> =
+        EventKind::KNOWN.iter().map(EventKind::as_str).collect();
+    assert_eq!(names.len(), EventKind::KNOWN.len(), "names are distinct");
+    assert_eq!(
+        serde_json::to_string(&EventKind::Instance(InstanceAction::Launched)).unwrap(),
+        "\"instance.launched\""
+    );
+}
+
+#[test]
+fn state_changes_are_typed_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let id = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap().id;
+    let written = store
+        .append_state_change(
+            id,
+            Level::Warn,
+            RolloutState::Rolling,
+            RolloutState::Aborted,
+            "rolling → aborted: by an operator",
+        )
+        .unwrap();
+    let change = StateChange { from: RolloutState::Rolling, to: RolloutState::Aborted };
+    assert_eq!(written.change, Some(change));
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    let read = store.events(id, 0).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].kind, EventKind::State);
+    assert_eq!(read[0].change, Some(change), "read back after a restart");
+    assert_eq!(read[0].data, Some(serde_json::json!({"from": "rolling", "to": "aborted"})));
+}
+
+#[test]
+fn the_feed_reads_every_rollout_by_seq_from_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 2).unwrap();
+    let a = store.create_rollout(rollout("web", "aaaa", RolloutState::Succeeded)).unwrap().id;
+    let b = store.create_rollout(rollout("api", "bbbb", RolloutState::Rolling)).unwrap().id;
+    // Interleaved across rollouts: the `events` tree orders them by rollout, the feed by seq.
+    for n in 0..6 {
+        let id = if n % 2 == 0 { b } else { a };
+        store.append_event(id, Level::Info, EventKind::Rollout, format!("m{n}"), None).unwrap();
+    }
+    let all = store.events_after(0, 100).unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        all.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+        ["m0", "m1", "m2", "m3", "m4", "m5"]
+    );
+    assert_eq!(all[0].fleet.as_deref(), Some("api"), "each event names its fleet");
+    assert_eq!(all[1].revision, Some(Revision("aaaa".into())), "and its commit");
+    let page = store.events_after(2, 3).unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert!(store.events_after(6, 10).unwrap().is_empty());
+    assert_eq!(store.durable_seq(), 6);
+    // The index holds exactly one entry per event, so a page reads only its own entries.
+    let indexed = store.with(|t| Ok(t.event_seq.len())).unwrap();
+    assert_eq!(indexed, 6);
+
+    // Pruning a rollout (retention 2) removes its events from the index too.
+    store.create_rollout(rollout("web", "cccc", RolloutState::Pending)).unwrap();
+    assert!(store.rollout(a).is_err(), "pruned");
+    let left = store.events_after(0, 100).unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3, 5]);
+    assert_eq!(store.with(|t| Ok(t.event_seq.len())).unwrap(), 3);
+}
+
+#[test]
+fn a_data_dir_without_the_seq_index_is_indexed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let a = store.create_rollout(rollout("web", "aaaa", RolloutState::Succeeded)).unwrap().id;
+        let b = store.create_rollout(rollout("api", "bbbb", RolloutState::Succeeded)).unwrap().id;
+        for id in [b, a, b] {
+            store.append_event(id, Level::Info, EventKind::Plan, "x", None).unwrap();
+        }
+        // What an older kiln left: events, no index.
+        store
+            .write(|t| {
+                t.event_seq.clear().map_err(|e| store.db_err(e))?;
+                t.meta.remove(EVENT_SEQ_INDEXED).map_err(|e| store.db_err(e))?;
+                store.flush_trees(t)
+            })
+            .unwrap();
+        assert!(store.events_after(0, 10).unwrap().is_empty(), "nothing indexed");
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    let all = store.events_after(0, 10).unwrap();
+    assert_eq!(
+        all.iter().map(|e| (e.seq, e.rollout.0)).collect::<Vec<_>>(),
+        [(1, 2), (2, 1), (3, 2)]
+    );
+}
