@@ -671,3 +671,52 @@ fn kiln_run_answers_healthz_through_a_flood_of_idle_connections() {
     assert!(answer.starts_with("HTTP/1.1 200"), "healthz did not answer: {answer:?}");
     drop(idle);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_misses_nothing_while_many_writers_append() {
+    // Writers publish after their flush, so two of them can publish out of seq order; a
+    // stream that forwarded the published events (and skipped those at or below the last it
+    // sent) would lose one. The stream reads from the store in seq order instead.
+    const WRITERS: u64 = 6;
+    const EACH: u64 = 60;
+    let api = start().await;
+    let ids = fill(&api.store);
+    let mut response = api
+        .http
+        .get(format!("{}/api/v1/events/stream?after=0", api.base))
+        .send()
+        .await
+        .expect("GET stream");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let store = api.store.clone();
+            let id = ids[n as usize % ids.len()];
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    store
+                        .append_event(id, Level::Info, EventKind::Rollout, format!("{n}/{i}"), None)
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    let mut buffer = String::new();
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < WRITERS * EACH {
+        let (name, data) = next_frame(&mut response, &mut buffer, "the next event").await;
+        assert_eq!(name, "event");
+        let event: Value = serde_json::from_str(&data).expect("JSON");
+        seqs.push(event["seq"].as_u64().expect("seq"));
+    }
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    assert_eq!(seqs, (1..=WRITERS * EACH).collect::<Vec<_>>(), "every event once, in order");
+    let page: Value = api.get("/api/v1/events?after=100&limit=5").await;
+    let seqs: Vec<u64> =
+        page["events"].as_array().unwrap().iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, [101, 102, 103, 104, 105]);
+    assert_eq!(page["next_after"], 105);
+    assert_eq!(page["latest"], WRITERS * EACH);
+}
