@@ -908,22 +908,27 @@ async fn event_stream(
         let mut read = true;
         loop {
             // Everything after `last` the store holds, in order (backlog, then what woke us).
-            while read {
-                let page = match store.events_after(last, STREAM_PAGE) {
-                    Ok(page) => page,
-                    Err(error) => {
-                        tracing::warn!(error = %crate::error::chain(&error), "Event stream: store read failed; retrying.");
-                        tokio::time::sleep(FOLLOW_RECHECK).await;
-                        continue;
+            if read {
+                loop {
+                    let page = match store.events_after(last, STREAM_PAGE) {
+                        Ok(page) => page,
+                        Err(error) => {
+                            tracing::warn!(error = %crate::error::chain(&error), "Event stream: store read failed; retrying.");
+                            if tx.is_closed() {
+                                return;
+                            }
+                            tokio::time::sleep(FOLLOW_RECHECK).await;
+                            continue;
+                        }
+                    };
+                    let Some(end) = page.last().map(|e| e.seq) else { break };
+                    for event in &page {
+                        if tx.send(Ok(sse_event(event))).await.is_err() {
+                            return;
+                        }
                     }
-                };
-                let Some(end) = page.last().map(|e| e.seq) else { break };
-                for event in &page {
-                    if tx.send(Ok(sse_event(event))).await.is_err() {
-                        return;
-                    }
+                    last = end;
                 }
-                last = end;
             }
             read = tokio::select! {
                 received = live.recv() => match received {
