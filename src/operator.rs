@@ -606,12 +606,10 @@ impl Operator {
         rollout.state = state;
         rollout.reason = Some(reason.clone());
         rollout.finished_at = Some(crate::model::now());
-        self.store().put_rollout(&rollout)?;
-        self.store().append_state_change(
-            id,
-            Level::Warn,
+        self.store().put_rollout_with_change(
+            &rollout,
             from,
-            state,
+            Level::Warn,
             format!("{from} → {state}: {reason}"),
         )?;
         Ok(())

@@ -223,7 +223,6 @@ fn commit(
     next: &Rollout,
     message: &str,
 ) -> Result<(), DriveError> {
-    save(store, next)?;
     if before.state != next.state {
         let level = match next.state {
             RolloutState::Failed => Level::Error,
@@ -231,17 +230,19 @@ fn commit(
             _ => Level::Info,
         };
         let text = format!("{} → {}: {message}", before.state, next.state);
+        // The record and its `state` event in one write: a kill never keeps one without the other.
+        store
+            .put_rollout_with_change(next, before.state, level, text)
+            .map_err(|source| DriveError::Store { id: next.id, source })?;
         if level == Level::Error {
             tracing::error!(state = %next.state, reason = %message, "Rollout failed.");
         } else {
             info!(from = %before.state, to = %next.state, "{message}");
         }
-        if let Err(error) =
-            store.append_state_change(next.id, level, before.state, next.state, text)
-        {
-            warn!(rollout = %next.id, error = %chain(&error), "Could not record an event.");
-        }
-    } else if !message.is_empty() {
+        return Ok(());
+    }
+    save(store, next)?;
+    if !message.is_empty() {
         info!("{message}");
         event(store, next.id, Level::Info, EventKind::Rollout, message.to_owned(), None);
     }

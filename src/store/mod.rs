@@ -832,6 +832,26 @@ impl Store {
         Ok(event)
     }
 
+    /// Writes `rollout` (whose state moved `from` → `rollout.state`) together with the `state`
+    /// event recording it, in one transaction (flushed): a kill never leaves a state change
+    /// without its event, so a feed consumer sees every change.
+    pub fn put_rollout_with_change(
+        &self,
+        rollout: &Rollout,
+        from: RolloutState,
+        level: Level,
+        message: impl Into<String>,
+    ) -> Result<Event> {
+        let to = rollout.state;
+        let data = serde_json::json!({ "from": from, "to": to });
+        let mut event = Event::new(rollout.id, level, EventKind::State, message, Some(data));
+        event.change = Some(StateChange { from, to });
+        let (_, mut events) = self.record_step(rollout, Vec::new(), vec![event])?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::NotFound { what: "event", id: "just written".into() })
+    }
+
     /// Appends many events in one transaction and one flush (hook output lines arrive in
     /// bursts); assigns their sequence numbers and fills in each one's fleet and commit from
     /// its rollout.

@@ -501,3 +501,33 @@ fn a_data_dir_without_the_seq_index_is_indexed_at_open() {
         [(1, 2), (2, 1), (3, 2)]
     );
 }
+
+#[test]
+fn a_state_change_and_its_event_are_one_write() {
+    // A kill between writing the record and its event left a state change no feed consumer
+    // could see: both go in one transaction now.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let created = store.create_rollout(rollout("web", "aaaa", RolloutState::Baking)).unwrap();
+    let mut next = created.clone();
+    next.state = RolloutState::Reconciling;
+    store.inject_write_fault(true);
+    assert!(store.put_rollout_with_change(&next, RolloutState::Baking, Level::Info, "x").is_err());
+    store.inject_write_fault(false);
+    assert_eq!(store.rollout(created.id).unwrap().state, RolloutState::Baking);
+    assert!(store.events(created.id, 0).unwrap().is_empty());
+
+    let mut feed = store.subscribe();
+    let event =
+        store.put_rollout_with_change(&next, RolloutState::Baking, Level::Info, "baked").unwrap();
+    let change = StateChange { from: RolloutState::Baking, to: RolloutState::Reconciling };
+    assert_eq!(event.change, Some(change));
+    assert_eq!(feed.try_recv().unwrap().change, Some(change), "published");
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.rollout(created.id).unwrap().state, RolloutState::Reconciling);
+    let events = store.events_after(0, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].change, Some(change));
+    assert_eq!(events[0].fleet.as_deref(), Some("web"));
+}
