@@ -16,7 +16,7 @@ use crate::hooks::{HookError, HookOutcome, HookSpec, packer};
 use crate::manifest::{Fleet, Stage};
 use crate::model::{ImageRef, Timestamp};
 use crate::pipeline::{StepContext, StepError};
-use crate::store::{BakeRecord, Level, Store};
+use crate::store::{BakeRecord, EventKind, Level, Store};
 
 /// The result of baking all of a fleet's stages.
 #[derive(Debug, Clone)]
@@ -154,7 +154,7 @@ async fn bake_stage(
         if let Some(hit) = cx.store.bake(&key)? {
             cx.event_with(
                 Level::Info,
-                "bake.cached",
+                EventKind::BakeCached,
                 format!(
                     "stage {}: cache hit, image {} (baked from {})",
                     stage.name,
@@ -173,7 +173,7 @@ async fn bake_stage(
 
     cx.event_with(
         Level::Info,
-        "bake.start",
+        EventKind::BakeStart,
         format!("stage {}: baking with {}", stage.name, stage.bake),
         Some(serde_json::json!({
             "stage": stage.name, "key": key, "tree": tree_id, "parent": parent,
@@ -203,7 +203,7 @@ async fn bake_stage(
             })?;
             cx.event_with(
                 Level::Info,
-                "bake.done",
+                EventKind::BakeDone,
                 format!("stage {}: image {image} in {seconds:.1}s", stage.name),
                 Some(serde_json::json!({
                     "stage": stage.name, "key": key, "image": image, "seconds": seconds,
@@ -214,7 +214,7 @@ async fn bake_stage(
         Err(error) => {
             cx.event_with(
                 Level::Error,
-                "bake.failed",
+                EventKind::BakeFailed,
                 format!("stage {}: {}", stage.name, crate::error::chain(&error)),
                 Some(serde_json::json!({ "stage": stage.name, "key": key })),
             );

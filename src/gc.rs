@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ImageRef, RolloutId, Timestamp};
 use crate::rollout::state::{Rollout, RolloutState};
-use crate::store::{Level, RolloutFilter, Store, StoreError};
+use crate::store::{EventKind, Level, RolloutFilter, Store, StoreError};
 
 /// Default of `kiln run --keep-images`.
 pub const DEFAULT_KEEP_IMAGES: usize = 5;
@@ -404,7 +404,7 @@ fn record(store: &Store, report: &Report) -> Result<(), GcError> {
         store.append_event(
             rollout,
             Level::Info,
-            "gc",
+            EventKind::Gc,
             format!(
                 "garbage collected {} image(s), {} instance dir(s), {} repo copy(ies): {} freed",
                 count(Kind::Image),
@@ -428,7 +428,7 @@ fn event(store: &Store, rollout: RolloutId, removal: &Removal) -> Result<(), Sto
     store.append_event(
         rollout,
         Level::Info,
-        "gc.removed",
+        EventKind::GcRemoved,
         format!(
             "removed {} {} ({})",
             removal.kind.noun(),

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Classify, ErrorClass};
 use crate::manifest::Fleet;
 use crate::model::{Revision, RolloutId};
-use crate::store::{Level, Store};
+use crate::store::{EventKind, Level, Store};
 
 /// Everything a pipeline step needs. Borrowed from the driver for one step.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +35,7 @@ pub struct StepContext<'a> {
 impl StepContext<'_> {
     /// Appends an event to the rollout's timeline; a store failure is logged, not propagated
     /// (losing a log line must not fail a bake that succeeded).
-    pub fn event(&self, level: Level, kind: &str, message: impl Into<String>) {
+    pub fn event(&self, level: Level, kind: EventKind, message: impl Into<String>) {
         self.event_with(level, kind, message, None);
     }
 
@@ -43,7 +43,7 @@ impl StepContext<'_> {
     pub fn event_with(
         &self,
         level: Level,
-        kind: &str,
+        kind: EventKind,
         message: impl Into<String>,
         data: Option<serde_json::Value>,
     ) {

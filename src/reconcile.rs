@@ -14,7 +14,7 @@ use crate::hooks::step::{self, Workspace};
 use crate::hooks::{HookError, HookSpec, output};
 use crate::model::ImageRef;
 use crate::pipeline::{StepContext, StepError};
-use crate::store::Level;
+use crate::store::{EventKind, Level};
 
 /// Runs `cx.fleet`'s reconcile hook with `image` (and the stage images) in its environment;
 /// returns its outputs (`key=value` or `terraform output -json` shape, flattened). A fleet
@@ -47,7 +47,7 @@ pub async fn reconcile_fleet(
     ]);
     cx.event_with(
         Level::Info,
-        "reconcile.start",
+        EventKind::ReconcileStart,
         format!("reconciling with {} (image {image})", infra.reconcile),
         Some(
             serde_json::json!({ "hook": infra.reconcile, "image": image, "stages": stage_images }),
@@ -147,14 +147,14 @@ pub async fn reconcile_fleet(
         Ok(outputs) => {
             cx.event_with(
                 Level::Info,
-                "reconcile.done",
+                EventKind::ReconcileDone,
                 format!("reconciled in {seconds:.1}s ({} outputs)", outputs.len()),
                 Some(serde_json::json!({ "outputs": outputs, "seconds": seconds })),
             );
             Ok(outputs)
         }
         Err(error) => {
-            cx.event(Level::Error, "reconcile.failed", crate::error::chain(&error));
+            cx.event(Level::Error, EventKind::ReconcileFailed, crate::error::chain(&error));
             Err(error)
         }
     }

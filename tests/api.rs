@@ -17,7 +17,7 @@ use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use kiln::server::api::{FleetDto, FleetInstances, RolloutDto, RolloutPage};
 use kiln::server::{AppState, Secret, ServerConfig, ServerLimits, WebhookSecrets};
 use kiln::source::{SourceConfig, SourceHandle};
-use kiln::store::{InstanceAction, InstanceEvent, Level, Store};
+use kiln::store::{EventKind, InstanceAction, InstanceEvent, Level, Store};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -169,8 +169,10 @@ async fn rollouts_list_pages_and_filters_newest_first() {
 async fn one_rollout_carries_its_events_and_unknown_ids_are_404() {
     let api = start().await;
     let ids = fill(&api.store);
-    api.store.append_event(ids[2], Level::Info, "state", "baking", None).unwrap();
-    api.store.append_event(ids[2], Level::Warn, "hook.stderr", "deprecated flag", None).unwrap();
+    api.store.append_event(ids[2], Level::Info, EventKind::State, "baking", None).unwrap();
+    api.store
+        .append_event(ids[2], Level::Warn, EventKind::HookStderr, "deprecated flag", None)
+        .unwrap();
 
     let dto: RolloutDto = api.get(&format!("/api/v1/rollouts/{}", ids[2].0)).await;
     assert_eq!(dto.id, ids[2].0);
@@ -228,7 +230,7 @@ async fn sse_follow_sends_history_then_live_events_then_end() {
     let api = start().await;
     let ids = fill(&api.store);
     let id = ids[4]; // rolling
-    api.store.append_event(id, Level::Info, "state", "rolling", None).unwrap();
+    api.store.append_event(id, Level::Info, EventKind::State, "rolling", None).unwrap();
 
     let mut response = api
         .http
@@ -244,8 +246,16 @@ async fn sse_follow_sends_history_then_live_events_then_end() {
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["message"], "rolling");
 
     // Another rollout's event is not ours; ours arrives live.
-    api.store.append_event(ids[0], Level::Info, "state", "other rollout", None).unwrap();
-    api.store.append_event(id, Level::Info, "instance.launched", "web-7 launched", None).unwrap();
+    api.store.append_event(ids[0], Level::Info, EventKind::State, "other rollout", None).unwrap();
+    api.store
+        .append_event(
+            id,
+            Level::Info,
+            EventKind::Instance(InstanceAction::Launched),
+            "web-7 launched",
+            None,
+        )
+        .unwrap();
     let (_, data) = next_frame(&mut response, &mut buffer, "the live event").await;
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["message"], "web-7 launched");
 
@@ -253,7 +263,7 @@ async fn sse_follow_sends_history_then_live_events_then_end() {
     done.state = RolloutState::Succeeded;
     done.finished_at = Some(kiln::model::now());
     api.store.put_rollout(&done).unwrap();
-    api.store.append_event(id, Level::Info, "state", "succeeded", None).unwrap();
+    api.store.append_event(id, Level::Info, EventKind::State, "succeeded", None).unwrap();
     let (_, data) = next_frame(&mut response, &mut buffer, "the final event").await;
     assert_eq!(serde_json::from_str::<Value>(&data).unwrap()["message"], "succeeded");
     let (name, data) = next_frame(&mut response, &mut buffer, "the end of the stream").await;
@@ -661,4 +671,53 @@ fn kiln_run_answers_healthz_through_a_flood_of_idle_connections() {
     let answer = health.unwrap_or_default();
     assert!(answer.starts_with("HTTP/1.1 200"), "healthz did not answer: {answer:?}");
     drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_misses_nothing_while_many_writers_append() {
+    // Writers publish after their flush, so two of them can publish out of seq order; a
+    // stream that forwarded the published events (and skipped those at or below the last it
+    // sent) would lose one. The stream reads from the store in seq order instead.
+    const WRITERS: u64 = 6;
+    const EACH: u64 = 60;
+    let api = start().await;
+    let ids = fill(&api.store);
+    let mut response = api
+        .http
+        .get(format!("{}/api/v1/events/stream?after=0", api.base))
+        .send()
+        .await
+        .expect("GET stream");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|n| {
+            let store = api.store.clone();
+            let id = ids[n as usize % ids.len()];
+            std::thread::spawn(move || {
+                for i in 0..EACH {
+                    store
+                        .append_event(id, Level::Info, EventKind::Rollout, format!("{n}/{i}"), None)
+                        .expect("append");
+                }
+            })
+        })
+        .collect();
+    let mut buffer = String::new();
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < WRITERS * EACH {
+        let (name, data) = next_frame(&mut response, &mut buffer, "the next event").await;
+        assert_eq!(name, "event");
+        let event: Value = serde_json::from_str(&data).expect("JSON");
+        seqs.push(event["seq"].as_u64().expect("seq"));
+    }
+    for writer in writers {
+        writer.join().expect("writer");
+    }
+    assert_eq!(seqs, (1..=WRITERS * EACH).collect::<Vec<_>>(), "every event once, in order");
+    let page: Value = api.get("/api/v1/events?after=100&limit=5").await;
+    let seqs: Vec<u64> =
+        page["events"].as_array().unwrap().iter().filter_map(|e| e["seq"].as_u64()).collect();
+    assert_eq!(seqs, [101, 102, 103, 104, 105]);
+    assert_eq!(page["next_after"], 105);
+    assert_eq!(page["latest"], WRITERS * EACH);
 }

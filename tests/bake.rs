@@ -79,7 +79,7 @@ async fn layered_bake_then_cache_hits_then_only_the_changed_stage() {
     let again = bake_fleet(&h.cx(&fleet, &rev2, repo.bare_path())).await.expect("cached bake");
     assert_eq!(again.image, app);
     assert_eq!(again.stage_images["base"], base);
-    let new: Vec<String> = h.events()[before..].iter().map(|e| e.kind.clone()).collect();
+    let new: Vec<String> = h.events()[before..].iter().map(|e| e.kind.to_string()).collect();
     assert_eq!(new, ["bake.cached", "bake.cached"], "no hook ran");
 
     // 3. The app stage changes: base is a hit, only app rebakes, on the cached base.

@@ -9,7 +9,7 @@ use std::process::Command;
 use kiln::model::{ImageRef, Revision, RolloutId};
 use kiln::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use kiln::server::api::RolloutDto;
-use kiln::store::{Level, Store};
+use kiln::store::{EventKind, InstanceAction, Level, Store};
 
 /// Runs the binary with `args` against `data_dir`, isolated from the caller's KILN_* variables.
 fn kiln(data_dir: &Path, args: &[&str]) -> (i32, String, String) {
@@ -127,7 +127,13 @@ fn filled_data_dir() -> (tempfile::TempDir, Vec<RolloutId>) {
     .map(|(f, c, s)| store.create_rollout(rollout(f, c, s)).expect("create").id)
     .collect();
     store
-        .append_event(ids[1], Level::Error, "health", "web-2 unhealthy after 30s", None)
+        .append_event(
+            ids[1],
+            Level::Error,
+            EventKind::Instance(InstanceAction::Unhealthy),
+            "web-2 unhealthy after 30s",
+            None,
+        )
         .expect("event");
     store.flush().expect("flush");
     drop(store);
@@ -299,19 +305,25 @@ async fn show_follow_streams_until_the_rollout_ends_and_verbs_use_the_token_file
     let data_dir = dir.path().to_str().expect("utf-8").to_owned();
     let id =
         store.create_rollout(rollout("web", "ff66", RolloutState::Rolling)).expect("create").id;
-    store.append_event(id, Level::Info, "state", "rolling", None).expect("event");
+    store.append_event(id, Level::Info, EventKind::State, "rolling", None).expect("event");
 
     let writer = store.clone();
     let finisher = tokio::spawn(async move {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         writer
-            .append_event(id, Level::Info, "instance.attached", "web-9 attached", None)
+            .append_event(
+                id,
+                Level::Info,
+                EventKind::Instance(InstanceAction::Attached),
+                "web-9 attached",
+                None,
+            )
             .expect("event");
         let mut done = writer.rollout(id).expect("rollout");
         done.state = RolloutState::Succeeded;
         done.finished_at = Some(kiln::model::now());
         writer.put_rollout(&done).expect("put");
-        writer.append_event(id, Level::Info, "state", "succeeded", None).expect("event");
+        writer.append_event(id, Level::Info, EventKind::State, "succeeded", None).expect("event");
     });
     let id_text = id.to_string();
     let args = ["kiln", "--data-dir", &data_dir, "--api", &base, "show", &id_text, "--follow"];

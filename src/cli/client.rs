@@ -169,6 +169,16 @@ impl ApiClient {
         let request = self.http.get(self.url(path)).header("accept", "text/event-stream");
         self.send(request).await
     }
+
+    /// Opens an SSE stream resuming after event `seq` (`Last-Event-ID`).
+    pub async fn stream_after(&self, path: &str, seq: u64) -> anyhow::Result<reqwest::Response> {
+        let request = self
+            .http
+            .get(self.url(path))
+            .header("accept", "text/event-stream")
+            .header("last-event-id", seq.to_string());
+        self.send(request).await
+    }
 }
 
 /// A non-2xx answer from the API.

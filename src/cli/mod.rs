@@ -19,7 +19,9 @@ use clap::{Args, Parser, Subcommand};
 pub use client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
 
 use crate::model::RolloutId;
-use crate::server::api::{CommitDto, EventDto, FleetDto, RolloutDto, RolloutPage};
+use crate::server::api::{
+    CommitDto, EventDto, EventPage, FleetDto, MAX_LIMIT, RolloutDto, RolloutPage,
+};
 use crate::server::{Secret, WebhookSecrets};
 use crate::store::RolloutFilter;
 
@@ -73,6 +75,20 @@ pub enum Command {
         /// Stream new events until the rollout ends (needs the daemon).
         #[arg(long, short = 'f')]
         follow: bool,
+    },
+    /// The event feed of every rollout, oldest first, from a sequence number on (for scripts:
+    /// store the last `seq` you handled and pass it as `--after` next time).
+    Events {
+        /// Only events with a larger sequence number.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+        /// Keep streaming new events (needs the daemon); reconnects after a daemon restart and
+        /// resumes after the last event printed.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Fleets, their endpoint and instances (image, health, attached).
     Status {
@@ -259,6 +275,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             let id: RolloutId =
                 rollout.parse().map_err(|_| anyhow!("`{rollout}` is not a rollout id"))?;
             show(client::connect(api.as_deref(), &data_dir)?, id, json, follow, color, out).await
+        }
+        Command::Events { after, follow, json } => {
+            events(api, &data_dir, after, follow, json, out).await
         }
         Command::Status { json } => {
             status(client::connect(api.as_deref(), &data_dir)?, json, color, out).await
@@ -584,6 +603,122 @@ async fn follow_events(
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// `kiln events`: pages through the feed (the API, or the store without a daemon), then with
+/// `--follow` streams it, reconnecting (and finding a restarted daemon again) with
+/// `Last-Event-ID` so no event is printed twice or missed.
+async fn events(
+    api: Option<String>,
+    data_dir: &Path,
+    after: u64,
+    follow: bool,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let print = |out: &mut dyn Write, event: &EventDto| -> anyhow::Result<()> {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(event)?)?;
+        } else {
+            render::feed_line(out, event)?;
+        }
+        Ok(())
+    };
+    if !follow {
+        let mut last = after;
+        match client::connect(api.as_deref(), data_dir)? {
+            Target::Api(client) => loop {
+                let page: EventPage =
+                    client.get(&format!("/events?after={last}&limit={MAX_LIMIT}")).await?;
+                for event in &page.events {
+                    print(out, event)?;
+                }
+                if page.events.is_empty() || page.next_after >= page.latest {
+                    break;
+                }
+                last = page.next_after;
+            },
+            Target::Offline(store) => loop {
+                let page = store.events_after(last, crate::store::MAX_FEED_PAGE)?;
+                let Some(end) = page.last().map(|e| e.seq) else { break };
+                for event in &page {
+                    print(out, &EventDto::from(event))?;
+                }
+                last = end;
+            },
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The first connection needs a daemon; later ones wait for a restarting one. The store is
+    // never opened here: that would lock a restarting daemon out of it.
+    let mut client = Some(need_daemon(api.clone(), data_dir, "events --follow")?);
+    let mut last = after;
+    let mut broken: Option<anyhow::Error> = None;
+    loop {
+        if let Some(error) = broken.take() {
+            eprintln!("kiln: the event stream broke ({error:#}); reconnecting after #{last}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let client = match client
+            .take()
+            .map_or_else(|| client::find_daemon(api.as_deref(), data_dir), |c| Ok(Some(c)))
+        {
+            Ok(Some(client)) => client,
+            // The daemon is restarting: its daemon.json is not there yet.
+            Ok(None) => {
+                broken = Some(anyhow!("no daemon runs for {}", data_dir.display()));
+                continue;
+            }
+            Err(error) => {
+                broken = Some(error);
+                continue;
+            }
+        };
+        let mut response = match client.stream_after("/events/stream", last).await {
+            Ok(response) => response,
+            Err(error) if error.downcast_ref::<ApiFailure>().is_some() => return Err(error),
+            Err(error) => {
+                broken = Some(error);
+                continue;
+            }
+        };
+        let mut buffer = String::new();
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    broken = Some(anyhow!("the daemon closed it"));
+                    break;
+                }
+                Err(error) => {
+                    broken = Some(error.into());
+                    break;
+                }
+            };
+            buffer.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buffer.find("\n\n") {
+                let frame: String = buffer.drain(..end + 2).collect();
+                let data: String = frame
+                    .lines()
+                    .filter_map(|line| line.strip_prefix("data:"))
+                    .map(|v| v.strip_prefix(' ').unwrap_or(v))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                if data.is_empty() {
+                    continue;
+                }
+                let event: EventDto =
+                    serde_json::from_str(&data).context("unreadable event in the stream")?;
+                // The server never repeats one; a stale reconnect must not either.
+                if event.seq <= last {
+                    continue;
+                }
+                last = event.seq;
+                print(out, &event)?;
+                out.flush()?;
             }
         }
     }

@@ -154,6 +154,21 @@ pub fn event_line(out: &mut dyn Write, event: &EventDto) -> std::io::Result<()> 
     )
 }
 
+/// One line of `kiln events`: sequence number, rollout, fleet and short commit, then the event
+/// as `kiln show` prints it.
+pub fn feed_line(out: &mut dyn Write, event: &EventDto) -> std::io::Result<()> {
+    let commit = event.commit.as_deref().map_or("-", |c| c.get(..8).unwrap_or(c));
+    write!(
+        out,
+        "{:>7} #{:<5} {:<12} {:<8} ",
+        event.seq,
+        event.rollout,
+        clean(event.fleet.as_deref().unwrap_or("-")),
+        clean(commit)
+    )?;
+    event_line(out, event)
+}
+
 /// The `kiln show` header.
 pub fn rollout_header(
     out: &mut dyn Write,
@@ -427,6 +442,9 @@ mod tests {
         let event = EventDto {
             seq: 1,
             rollout: 7,
+            fleet: Some("web".into()),
+            commit: None,
+            change: None,
             at: now,
             level: "info".into(),
             kind: "hook.stdout".into(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use super::{HookError, HookOutcome, HookSpec, Stream, TRUNCATED_NOTICE};
 use crate::model::Revision;
 use crate::pipeline::{StepContext, StepError};
-use crate::store::{Event, Level};
+use crate::store::{Event, EventKind, Level};
 
 /// Output lines buffered before a forced write; a timer also writes every [`FLUSH_EVERY`].
 const BATCH: usize = 512;
@@ -99,19 +99,11 @@ impl<'c, 'a> EventSink<'c, 'a> {
 
     pub fn line(&self, stream: Stream, line: &str) {
         let (kind, level) = match stream {
-            _ if line == TRUNCATED_NOTICE => ("hook.truncated", Level::Warn),
-            Stream::Stdout => ("hook.stdout", Level::Info),
-            Stream::Stderr => ("hook.stderr", Level::Info),
+            _ if line == TRUNCATED_NOTICE => (EventKind::HookTruncated, Level::Warn),
+            Stream::Stdout => (EventKind::HookStdout, Level::Info),
+            Stream::Stderr => (EventKind::HookStderr, Level::Info),
         };
-        let event = Event {
-            seq: 0,
-            rollout: self.cx.rollout,
-            at: crate::model::now(),
-            level,
-            kind: kind.to_owned(),
-            message: crate::error::redact(line),
-            data: None,
-        };
+        let event = Event::new(self.cx.rollout, level, kind, crate::error::redact(line), None);
         let full = match self.pending.lock() {
             Ok(mut pending) => {
                 pending.push(event);
@@ -151,7 +143,7 @@ pub(crate) async fn run_hook(
         sink.flush();
         cx.event(
             Level::Warn,
-            "hook.retry",
+            EventKind::HookRetry,
             format!("{error}; retrying in {:.1}s", wait.as_secs_f64()),
         );
     };
@@ -163,7 +155,7 @@ pub(crate) async fn run_hook(
     if leftovers > 0 {
         cx.event(
             Level::Warn,
-            "hook.leftover",
+            EventKind::HookLeftover,
             format!("killed {leftovers} process(es) of an earlier run of `{step}` left running by a daemon that died"),
         );
     }

@@ -29,7 +29,7 @@ use crate::provider::SharedProvider;
 use crate::rollout::driver::{self, DriverEnv};
 use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use crate::rollout::step::Control;
-use crate::store::{CommitKind, CommitRecord, Level, RolloutFilter};
+use crate::store::{CommitKind, CommitRecord, EventKind, Level, RolloutFilter};
 
 /// Longest an observation (list + health checks) may take.
 const OBSERVE_DEADLINE: Duration = Duration::from_secs(60);
@@ -187,7 +187,7 @@ impl Reconciler {
                 let _ = self.cx.env.store.append_event(
                     *id,
                     Level::Info,
-                    "resume",
+                    EventKind::Resume,
                     "daemon restarted; resuming from the recorded state",
                     None,
                 );
@@ -266,7 +266,7 @@ impl Reconciler {
                         let _ = self.cx.env.store.append_event(
                             id,
                             Level::Info,
-                            "command",
+                            EventKind::Command,
                             "resumed by an operator",
                             None,
                         );
@@ -338,7 +338,7 @@ impl Reconciler {
                 let _ = self.cx.env.store.append_event(
                     rollout,
                     Level::Error,
-                    "driver",
+                    EventKind::Driver,
                     format!("driver stopped: {error}"),
                     None,
                 );
@@ -453,7 +453,13 @@ impl Reconciler {
         record.previous_image = Some(deployed.image.clone());
         let rollout = store.create_rollout(record)?;
         tracing::warn!(rollout = %rollout.id, fleet = %self.name, reason, "Repairing the fleet.");
-        store.append_event(rollout.id, Level::Warn, "plan", rollout.plan.reason.clone(), None)?;
+        store.append_event(
+            rollout.id,
+            Level::Warn,
+            EventKind::Plan,
+            rollout.plan.reason.clone(),
+            None,
+        )?;
         Ok(rollout.id)
     }
 
@@ -484,7 +490,13 @@ impl Reconciler {
         record.previous_image = Some(deployed.image.clone());
         let rollout = store.create_rollout(record)?;
         tracing::info!(rollout = %rollout.id, fleet = %fleet.name, "Scheduled rebake.");
-        store.append_event(rollout.id, Level::Info, "plan", rollout.plan.reason.clone(), None)?;
+        store.append_event(
+            rollout.id,
+            Level::Info,
+            EventKind::Plan,
+            rollout.plan.reason.clone(),
+            None,
+        )?;
         Ok(Some(rollout.id))
     }
 }

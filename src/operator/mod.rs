@@ -21,7 +21,7 @@ use crate::planner;
 use crate::rollout::driver::DriverEnv;
 use crate::rollout::state::{Origin, Plan, Rollout, RolloutState};
 use crate::source::SourceEvent;
-use crate::store::{CommitRecord, Level, RolloutFilter, StoreError};
+use crate::store::{CommitRecord, EventKind, Level, RolloutFilter, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -483,7 +483,14 @@ pub(crate) fn record_commit_level(
     record.finished_at = Some(now);
     let rollout = store.create_rollout(record)?;
     let level = if state == RolloutState::Failed { Level::Error } else { Level::Info };
-    store.append_event(rollout.id, level, "state", format!("{state}: {reason}"), None)?;
+    // Created in its final state: it moved from `pending` without passing anything else.
+    store.append_state_change(
+        rollout.id,
+        level,
+        RolloutState::Pending,
+        state,
+        format!("{state}: {reason}"),
+    )?;
     Ok(rollout)
 }
 
@@ -502,8 +509,13 @@ pub(crate) fn finish_outside_driver(
     rollout.state = state;
     rollout.reason = Some(reason.clone());
     rollout.finished_at = Some(crate::model::now());
-    store.put_rollout(&rollout)?;
-    store.append_event(id, Level::Warn, "state", format!("{from} → {state}: {reason}"), None)?;
+    // The record and its state event in one write: a feed consumer never misses the change.
+    store.put_rollout_with_change(
+        &rollout,
+        from,
+        Level::Warn,
+        format!("{from} → {state}: {reason}"),
+    )?;
     Ok(())
 }
 
@@ -570,7 +582,7 @@ pub(crate) fn create_rollback(
     store.append_event(
         rollout.id,
         Level::Info,
-        "command",
+        EventKind::Command,
         "rollback requested by an operator",
         None,
     )?;

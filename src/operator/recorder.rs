@@ -18,7 +18,7 @@ use crate::model::{Revision, RolloutId};
 use crate::planner::{self, CommitPlan};
 use crate::rollout::state::{Origin, Rollout, RolloutState};
 use crate::source::SourceEvent;
-use crate::store::{CommitKind, CommitRecord, Level, RolloutFilter, Store, StoreError};
+use crate::store::{CommitKind, CommitRecord, EventKind, Level, RolloutFilter, Store, StoreError};
 
 /// At most one "fetch failed" entry in the log per this interval while the remote stays down.
 const FETCH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(600);
@@ -253,7 +253,7 @@ impl Recorder {
                     store.append_event(
                         rollout.id,
                         Level::Error,
-                        "manifest",
+                        EventKind::Manifest,
                         problem.to_string(),
                         None,
                     )?;
@@ -288,12 +288,18 @@ impl Recorder {
             record.previous_image = previous_image;
             let rollout = store.create_rollout(record)?;
             if let Some(note) = &note {
-                store.append_event(rollout.id, Level::Warn, "source", note.clone(), None)?;
+                store.append_event(
+                    rollout.id,
+                    Level::Warn,
+                    EventKind::Source,
+                    note.clone(),
+                    None,
+                )?;
             }
             store.append_event(
                 rollout.id,
                 Level::Info,
-                "plan",
+                EventKind::Plan,
                 format!(
                     "{} (bake: [{}], reconcile: {}, roll: {})",
                     fleet_plan.plan.reason,

@@ -35,7 +35,9 @@ use crate::model::{Clock, ImageRef, InstanceId, RolloutId, Timestamp};
 use crate::pipeline::StepContext;
 use crate::provider::{Health, Instance, Provider, ProviderError, SharedProvider};
 use crate::rollout::state::{Action, Rollout, RolloutState};
-use crate::store::{Deployed, Event, InstanceAction, InstanceEvent, Level, Store, StoreError};
+use crate::store::{
+    Deployed, Event, EventKind, InstanceAction, InstanceEvent, Level, Store, StoreError,
+};
 
 /// Everything the driver needs besides the fleet and its provider.
 #[derive(Debug, Clone)]
@@ -175,7 +177,7 @@ fn event(
     store: &Store,
     id: RolloutId,
     level: Level,
-    kind: &str,
+    kind: EventKind,
     message: String,
     data: Option<serde_json::Value>,
 ) {
@@ -191,7 +193,6 @@ fn commit(
     next: &Rollout,
     message: &str,
 ) -> Result<(), DriveError> {
-    save(store, next)?;
     if before.state != next.state {
         let level = match next.state {
             RolloutState::Failed => Level::Error,
@@ -199,16 +200,21 @@ fn commit(
             _ => Level::Info,
         };
         let text = format!("{} → {}: {message}", before.state, next.state);
+        // The record and its `state` event in one write: a kill never keeps one without the other.
+        store
+            .put_rollout_with_change(next, before.state, level, text)
+            .map_err(|source| DriveError::Store { id: next.id, source })?;
         if level == Level::Error {
             tracing::error!(state = %next.state, reason = %message, "Rollout failed.");
         } else {
             info!(from = %before.state, to = %next.state, "{message}");
         }
-        let data = serde_json::json!({ "from": before.state, "to": next.state });
-        event(store, next.id, level, "state", text, Some(data));
-    } else if !message.is_empty() {
+        return Ok(());
+    }
+    save(store, next)?;
+    if !message.is_empty() {
         info!("{message}");
-        event(store, next.id, Level::Info, "rollout", message.to_owned(), None);
+        event(store, next.id, Level::Info, EventKind::Rollout, message.to_owned(), None);
     }
     Ok(())
 }
@@ -255,15 +261,15 @@ impl Journal<'_> {
                 InstanceAction::Unhealthy | InstanceAction::Died => Level::Warn,
                 _ => Level::Info,
             };
-            Event {
-                seq: 0,
-                rollout: id,
-                at,
+            let mut event = Event::new(
+                id,
                 level,
-                kind: format!("instance.{name}"),
-                message: format!("{instance}{image_text} {name}{why}"),
-                data: Some(serde_json::json!({ "instance": instance, "image": image })),
-            }
+                EventKind::Instance(action),
+                format!("{instance}{image_text} {name}{why}"),
+                Some(serde_json::json!({ "instance": instance, "image": image })),
+            );
+            event.at = at;
+            event
         });
         (entry, event)
     }

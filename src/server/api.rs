@@ -146,25 +146,59 @@ impl RolloutDto {
     }
 }
 
-/// One line of a rollout's timeline.
+/// One line of a rollout's timeline, and one entry of the event feed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventDto {
-    /// Store-wide monotonic sequence number (the SSE `id`).
+    /// Store-wide monotonic sequence number (the SSE `id`; what a feed consumer stores).
     pub seq: u64,
     /// The rollout.
     pub rollout: u64,
+    /// The rollout's fleet (`null` for commit-level records).
+    #[serde(default)]
+    pub fleet: Option<String>,
+    /// The rollout's commit (full id).
+    #[serde(default)]
+    pub commit: Option<String>,
     /// When.
     pub at: Timestamp,
     /// `info`, `warn` or `error`.
     pub level: String,
-    /// Dotted kind (`state`, `bake.start`, `hook.stdout`, ...).
+    /// Dotted kind (`state`, `bake.start`, `hook.stdout`, ...; see docs/api.md). A string on
+    /// the wire so a client reads kinds newer than itself.
     pub kind: String,
+    /// For `state` events: `{"from": …, "to": …}` rollout states.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<StateChangeDto>,
     /// Text.
     pub message: String,
     /// Structured details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
 }
+
+/// A rollout's state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChangeDto {
+    /// The state before.
+    pub from: RolloutState,
+    /// The state after.
+    pub to: RolloutState,
+}
+
+/// A page of `GET /events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventPage {
+    /// Events with `seq > after`, ascending.
+    pub events: Vec<EventDto>,
+    /// Pass as `after=` for the next page: the last `seq` in this page, or the `after` asked
+    /// for when the page is empty.
+    pub next_after: u64,
+    /// The newest `seq` the feed holds now; `next_after < latest` means more to read.
+    pub latest: u64,
+}
+
+/// Default page size of `GET /events`.
+pub const DEFAULT_EVENT_LIMIT: usize = 100;
 
 impl From<&Event> for EventDto {
     fn from(event: &Event) -> Self {
@@ -176,9 +210,12 @@ impl From<&Event> for EventDto {
         EventDto {
             seq: event.seq,
             rollout: event.rollout.0,
+            fleet: event.fleet.clone(),
+            commit: event.revision.as_ref().map(|r| r.0.clone()),
             at: event.at,
             level: level.to_owned(),
-            kind: event.kind.clone(),
+            kind: event.kind.as_str().to_owned(),
+            change: event.change.map(|c| StateChangeDto { from: c.from, to: c.to }),
             message: event.message.clone(),
             data: event.data.clone(),
         }
@@ -515,6 +552,8 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/rollouts", get(rollouts))
         .route("/rollouts/{id}", get(rollout))
         .route("/rollouts/{id}/events", get(follow))
+        .route("/events", get(events))
+        .route("/events/stream", get(event_stream))
         .route("/commits", get(commits))
         .route("/gc", get(gc))
         .route("/trigger", post(trigger))
@@ -735,7 +774,10 @@ async fn follow(
     tokio::spawn(async move {
         let mut last = after;
         let send_stored = |last: &mut u64| -> Vec<SseEvent> {
-            let stored = store.events(id, *last).unwrap_or_default();
+            // Only events known flushed, in seq order (see `Store::events_after`).
+            let durable = store.durable_seq();
+            let mut stored = store.events(id, *last).unwrap_or_default();
+            stored.retain(|e| e.seq <= durable);
             if let Some(event) = stored.last() {
                 *last = event.seq;
             }
@@ -769,10 +811,13 @@ async fn follow(
             }
             tokio::select! {
                 received = live.recv() => match received {
+                    // Read from the store, not taken from the message: two writers may
+                    // publish out of seq order, and the store has both in order.
                     Ok(event) if event.rollout == id && event.seq > last => {
-                        last = event.seq;
-                        if tx.send(Ok(sse_event(&event))).await.is_err() {
-                            return;
+                        for event in send_stored(&mut last) {
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Ok(_) => {}
@@ -798,4 +843,104 @@ fn sse_event(event: &Event) -> SseEvent {
         .event("event")
         .id(event.seq.to_string())
         .data(serde_json::to_string(&EventDto::from(event)).unwrap_or_default())
+}
+
+/// Query of `GET /events` and `GET /events/stream`.
+#[derive(Debug, Default, Deserialize)]
+struct EventQuery {
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// `GET /events?after=SEQ&limit=N`: the feed of every rollout's events with `seq > after`,
+/// ascending, one page at a time.
+async fn events(
+    State(shared): State<Shared>,
+    Query(query): Query<EventQuery>,
+) -> Result<Json<EventPage>, ApiError> {
+    let store = &shared.app.operator.store;
+    let after = query.after.unwrap_or(0);
+    let limit = query.limit.unwrap_or(DEFAULT_EVENT_LIMIT).clamp(1, MAX_LIMIT);
+    let latest = store.durable_seq();
+    let page = store.events_after(after, limit)?;
+    let next_after = page.last().map_or(after, |e| e.seq);
+    Ok(Json(EventPage { events: page.iter().map(EventDto::from).collect(), next_after, latest }))
+}
+
+/// How many events the stream reads from the store at a time.
+const STREAM_PAGE: usize = 256;
+
+/// The sequence number a stream resumes after: `Last-Event-ID` (what an SSE client sends
+/// when it reconnects) wins over `?after=` (what it was first opened with), else 0.
+fn resume_point(headers: &HeaderMap, after: Option<u64>) -> Result<u64, ApiError> {
+    match headers.get("last-event-id") {
+        Some(value) => {
+            let text = value.to_str().unwrap_or("").trim();
+            if text.is_empty() {
+                return Ok(after.unwrap_or(0));
+            }
+            text.parse::<u64>().map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("`Last-Event-ID: {text}` is not an event sequence number"),
+                )
+            })
+        }
+        None => Ok(after.unwrap_or(0)),
+    }
+}
+
+/// `GET /events/stream` as Server-Sent Events: every event with `seq` above the resume point
+/// (`Last-Event-ID`, else `?after=`, else 0), then live ones, each with `id:` = seq. The live
+/// feed is subscribed before the backlog is read and every message comes from the store in
+/// seq order, so nothing falls between the backlog and the live part and nothing repeats.
+async fn event_stream(
+    State(shared): State<Shared>,
+    Query(query): Query<EventQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let after = resume_point(&headers, query.after)?;
+    let store = shared.app.operator.store.clone();
+    // Subscribe before reading the backlog: an event appended in between wakes us below.
+    let mut live = store.subscribe();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut last = after;
+        let mut read = true;
+        loop {
+            // Everything after `last` the store holds, in order (backlog, then what woke us).
+            if read {
+                loop {
+                    let page = match store.events_after(last, STREAM_PAGE) {
+                        Ok(page) => page,
+                        Err(error) => {
+                            tracing::warn!(error = %crate::error::chain(&error), "Event stream: store read failed; retrying.");
+                            if tx.is_closed() {
+                                return;
+                            }
+                            tokio::time::sleep(FOLLOW_RECHECK).await;
+                            continue;
+                        }
+                    };
+                    let Some(end) = page.last().map(|e| e.seq) else { break };
+                    for event in &page {
+                        if tx.send(Ok(sse_event(event))).await.is_err() {
+                            return;
+                        }
+                    }
+                    last = end;
+                }
+            }
+            read = tokio::select! {
+                received = live.recv() => match received {
+                    // Not yet sent: read it (and anything before it) from the store.
+                    Ok(event) => event.seq > last,
+                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            };
+        }
+    });
+    Ok(Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default()).into_response())
 }

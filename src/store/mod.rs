@@ -9,6 +9,7 @@
 //! | `commit_ix` | revision                    | seq                       |
 //! | `rollouts`  | rollout id                  | [`Rollout`]               |
 //! | `events`    | rollout id ++ seq           | [`Event`]                 |
+//! | `event_seq` | seq                         | rollout id (the feed's index) |
 //! | `instances` | fleet ++ 0 ++ seq           | [`InstanceEvent`]         |
 //! | `bakes`     | cache key                   | [`BakeRecord`]            |
 //! | `deployed`  | fleet                       | [`Deployed`]              |
@@ -21,6 +22,12 @@
 //! `seq.rollouts`, `seq.events`, `seq.instances`), bumped in the same transaction as the record
 //! they number. A data dir written before the counters existed continues after its highest id.
 //!
+//! The event feed ([`Store::events_after`]) reads `event_seq` from a sequence number on, so a
+//! consumer that resumes costs what it reads, not what the store holds. It never returns an
+//! event beyond the highest one known flushed (see `Inner::durable_seq`): everything it shows
+//! survives a crash, so a consumer never stores a sequence number that a restarted daemon
+//! could hand out again.
+//!
 //! A failed write (a full disk) is not the end: sled refuses all further IO once it saw an IO
 //! error, so the store marks itself failing (see [`Store::failure`], shown by `/healthz`),
 //! and the next operation reopens the database, which recovers exactly what was flushed, as a
@@ -29,7 +36,7 @@
 mod records;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Serialize, de::DeserializeOwned};
@@ -38,7 +45,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use tokio::sync::broadcast;
 
 pub use records::{
-    BakeRecord, CommitKind, CommitRecord, Deployed, Event, InstanceAction, InstanceEvent, Level,
+    BakeRecord, CommitKind, CommitRecord, Deployed, Event, EventKind, InstanceAction,
+    InstanceEvent, Level, StateChange,
 };
 
 use crate::model::{Revision, RolloutId, Timestamp};
@@ -178,6 +186,7 @@ struct Trees {
     commit_ix: sled::Tree,
     rollouts: sled::Tree,
     events: sled::Tree,
+    event_seq: sled::Tree,
     instances: sled::Tree,
     bakes: sled::Tree,
     deployed: sled::Tree,
@@ -197,6 +206,7 @@ impl Trees {
             commit_ix: db.open_tree("commit_ix")?,
             rollouts: db.open_tree("rollouts")?,
             events: db.open_tree("events")?,
+            event_seq: db.open_tree("event_seq")?,
             instances: db.open_tree("instances")?,
             bakes: db.open_tree("bakes")?,
             deployed: db.open_tree("deployed")?,
@@ -210,6 +220,11 @@ struct Inner {
     dir: PathBuf,
     retention: usize,
     feed: broadcast::Sender<Event>,
+    /// The highest event sequence number known to be on disk: set after the flush that made
+    /// it durable, before the event is published. Every lower number is durable too (its
+    /// transaction committed before this one took its number, and a flush writes everything),
+    /// so the feed reads up to here and never shows an event a crash could take back.
+    durable_seq: AtomicU64,
     /// `None` while closed after a failed reopen.
     trees: RwLock<Option<Trees>>,
     /// Set by a failed operation: sled refuses all IO after an IO error, so the next operation
@@ -284,6 +299,13 @@ fn event_key(event: &Event) -> Vec<u8> {
     key
 }
 
+/// The `meta` key set once `event_seq` indexes every event (a data dir written before the
+/// index existed is indexed at open).
+const EVENT_SEQ_INDEXED: &str = "ix.event_seq";
+
+/// Largest page of [`Store::events_after`].
+pub const MAX_FEED_PAGE: usize = 1000;
+
 impl Store {
     /// Opens (or creates) the database under `dir/db`. `retention` is how many rollouts are
     /// kept; older ones and their events are pruned as new ones arrive (0 keeps everything).
@@ -297,6 +319,7 @@ impl Store {
                 dir: dir.to_owned(),
                 retention,
                 feed: broadcast::channel(4096).0,
+                durable_seq: AtomicU64::new(0),
                 trees: RwLock::new(Some(trees)),
                 needs_reopen: AtomicBool::new(false),
                 failure: Mutex::new(None),
@@ -311,7 +334,34 @@ impl Store {
             None => store.set_meta("schema_version", &SCHEMA_VERSION)?,
         }
         store.init_counters()?;
+        store.index_events()?;
+        store.inner.durable_seq.store(store.stored_event_seq()?, Ordering::SeqCst);
         Ok(store)
+    }
+
+    /// The last event sequence number handed out (what is on disk at open).
+    fn stored_event_seq(&self) -> Result<u64> {
+        Ok(self.get_meta::<u64>(Counter::Events.key())?.unwrap_or(0))
+    }
+
+    /// Builds the `event_seq` index of a data dir written before it existed (once).
+    fn index_events(&self) -> Result<()> {
+        if self.get_meta::<bool>(EVENT_SEQ_INDEXED)?.unwrap_or(false) {
+            return Ok(());
+        }
+        self.write(|t| {
+            for kv in t.events.iter().keys() {
+                let key = kv.map_err(|e| self.db_err(e))?;
+                if key.len() != 16 {
+                    continue;
+                }
+                t.event_seq.insert(&key[8..], &key[..8]).map_err(|e| self.db_err(e))?;
+            }
+            t.meta
+                .insert(EVENT_SEQ_INDEXED, Self::encode("meta", &true)?)
+                .map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     /// Starts the id counters of a data dir written before they existed after its highest id.
@@ -442,6 +492,12 @@ impl Store {
         let path = self.inner.dir.join("db");
         match Trees::open(&path) {
             Ok(opened) => {
+                // What survived is durable now (a restart would show it too).
+                if let Ok(Some(bytes)) = opened.meta.get(Counter::Events.key()) {
+                    if let Ok(seq) = Self::decode::<u64>("meta", &bytes) {
+                        self.inner.durable_seq.fetch_max(seq, Ordering::SeqCst);
+                    }
+                }
                 *trees = Some(opened);
                 self.inner.needs_reopen.store(false, Ordering::SeqCst);
                 tracing::warn!(path = %path.display(), "Reopened the store after a failure.");
@@ -631,12 +687,14 @@ impl Store {
             .into_iter()
             .map(|mut e| {
                 e.message = crate::error::redact(&e.message);
+                e.fleet = rollout.fleet.clone();
+                e.revision = Some(rollout.revision.clone());
                 e
             })
             .collect();
         let written = self.write(|t| {
-            let written = (&t.meta, &t.rollouts, &t.instances, &t.events)
-                .transaction(|(meta, rollouts, instances, events_tree)| {
+            let written = (&t.meta, &t.rollouts, &t.instances, &t.events, &t.event_seq)
+                .transaction(|(meta, rollouts, instances, events_tree, event_seq)| {
                     rollouts.insert(&rollout.id.0.to_be_bytes(), value.clone())?;
                     let mut journal = journal.clone();
                     for entry in &mut journal {
@@ -649,6 +707,8 @@ impl Store {
                         event.seq = next_in(meta, Counter::Events)?;
                         let bytes = Self::encode("events", event).map_err(abort)?;
                         events_tree.insert(event_key(event), bytes)?;
+                        event_seq
+                            .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
                     }
                     Ok((journal, events))
                 })
@@ -656,10 +716,7 @@ impl Store {
             self.flush_trees(t)?;
             Ok(written)
         })?;
-        for event in &written.1 {
-            // Nobody following is fine.
-            let _ = self.inner.feed.send(event.clone());
-        }
+        self.publish(&written.1);
         Ok(written)
     }
 
@@ -728,7 +785,8 @@ impl Store {
             t.rollouts.remove(&key).map_err(|e| self.db_err(e))?;
             for ev in t.events.scan_prefix(&key) {
                 let (ek, _) = ev.map_err(|e| self.db_err(e))?;
-                t.events.remove(ek).map_err(|e| self.db_err(e))?;
+                t.events.remove(&ek).map_err(|e| self.db_err(e))?;
+                t.event_seq.remove(seq_suffix(&ek).to_be_bytes()).map_err(|e| self.db_err(e))?;
             }
             removed += 1;
         }
@@ -742,35 +800,91 @@ impl Store {
         &self,
         rollout: RolloutId,
         level: Level,
-        kind: &str,
+        kind: EventKind,
         message: impl Into<String>,
         data: Option<serde_json::Value>,
     ) -> Result<Event> {
-        let mut events = [Event {
-            seq: 0,
-            rollout,
-            at: crate::model::now(),
-            level,
-            kind: kind.to_owned(),
-            message: crate::error::redact(&message.into()),
-            data,
-        }];
+        let mut events = [Event::new(rollout, level, kind, message, data)];
         self.append_events(&mut events)?;
         let [event] = events;
         Ok(event)
     }
 
+    /// Appends a `state` event recording that `rollout` moved `from` → `to` (flushed): the
+    /// change is in typed fields ([`Event::change`]) and, as before, in `data`. Every place a
+    /// rollout's state changes records it through here (the driver's `commit`, the operator's
+    /// supersede/abort, commit-level records, which are created in their final state and so
+    /// move from `pending`).
+    pub fn append_state_change(
+        &self,
+        rollout: RolloutId,
+        level: Level,
+        from: RolloutState,
+        to: RolloutState,
+        message: impl Into<String>,
+    ) -> Result<Event> {
+        let data = serde_json::json!({ "from": from, "to": to });
+        let mut event = Event::new(rollout, level, EventKind::State, message, Some(data));
+        event.change = Some(StateChange { from, to });
+        let mut events = [event];
+        self.append_events(&mut events)?;
+        let [event] = events;
+        Ok(event)
+    }
+
+    /// Writes `rollout` (whose state moved `from` → `rollout.state`) together with the `state`
+    /// event recording it, in one transaction (flushed): a kill never leaves a state change
+    /// without its event, so a feed consumer sees every change.
+    pub fn put_rollout_with_change(
+        &self,
+        rollout: &Rollout,
+        from: RolloutState,
+        level: Level,
+        message: impl Into<String>,
+    ) -> Result<Event> {
+        let to = rollout.state;
+        let data = serde_json::json!({ "from": from, "to": to });
+        let mut event = Event::new(rollout.id, level, EventKind::State, message, Some(data));
+        event.change = Some(StateChange { from, to });
+        let (_, mut events) = self.record_step(rollout, Vec::new(), vec![event])?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::NotFound { what: "event", id: "just written".into() })
+    }
+
     /// Appends many events in one transaction and one flush (hook output lines arrive in
-    /// bursts); assigns their sequence numbers.
+    /// bursts); assigns their sequence numbers and fills in each one's fleet and commit from
+    /// its rollout.
     pub fn append_events(&self, events: &mut [Event]) -> Result<()> {
+        for event in events.iter_mut() {
+            event.message = crate::error::redact(&event.message);
+        }
         let numbered = self.write(|t| {
-            let numbered = (&t.meta, &t.events)
-                .transaction(|(meta, tree)| {
+            let numbered = (&t.meta, &t.rollouts, &t.events, &t.event_seq)
+                .transaction(|(meta, rollouts, tree, event_seq)| {
                     let mut numbered = events.to_vec();
+                    let mut owner: Option<(RolloutId, Option<String>, Option<Revision>)> = None;
                     for event in &mut numbered {
+                        if owner.as_ref().is_none_or(|(id, _, _)| *id != event.rollout) {
+                            let found = match rollouts.get(event.rollout.0.to_be_bytes())? {
+                                Some(bytes) => {
+                                    let r: Rollout =
+                                        Self::decode("rollouts", &bytes).map_err(abort)?;
+                                    (r.fleet, Some(r.revision))
+                                }
+                                None => (None, None),
+                            };
+                            owner = Some((event.rollout, found.0, found.1));
+                        }
+                        if let Some((_, fleet, revision)) = &owner {
+                            event.fleet.clone_from(fleet);
+                            event.revision.clone_from(revision);
+                        }
                         event.seq = next_in(meta, Counter::Events)?;
                         let bytes = Self::encode("events", event).map_err(abort)?;
                         tree.insert(event_key(event), bytes)?;
+                        event_seq
+                            .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
                     }
                     Ok(numbered)
                 })
@@ -778,12 +892,49 @@ impl Store {
             self.flush_trees(t)?;
             Ok(numbered)
         })?;
+        self.publish(&numbered);
         for (event, numbered) in events.iter_mut().zip(numbered) {
             *event = numbered;
+        }
+        Ok(())
+    }
+
+    /// Marks freshly flushed events durable and sends them to followers.
+    fn publish(&self, events: &[Event]) {
+        if let Some(high) = events.iter().map(|e| e.seq).max() {
+            self.inner.durable_seq.fetch_max(high, Ordering::SeqCst);
+        }
+        for event in events {
             // Nobody following is fine.
             let _ = self.inner.feed.send(event.clone());
         }
-        Ok(())
+    }
+
+    /// Decodes a stored event, filling in what an older record lacks (its typed state change;
+    /// its fleet and commit, looked up through `owner`).
+    fn decode_event(
+        &self,
+        t: &Trees,
+        bytes: &[u8],
+        owner: &mut Option<(RolloutId, Option<String>, Option<Revision>)>,
+    ) -> Result<Event> {
+        let mut event = Self::decode::<Event>("events", bytes)?.upgrade();
+        if event.revision.is_none() {
+            if owner.as_ref().is_none_or(|(id, _, _)| *id != event.rollout) {
+                let found = match t.rollouts.get(event.rollout.0.to_be_bytes()) {
+                    Ok(Some(bytes)) => Self::decode::<Rollout>("rollouts", &bytes)
+                        .map_or((None, None), |r| (r.fleet, Some(r.revision))),
+                    Ok(None) => (None, None),
+                    Err(e) => return Err(self.db_err(e)),
+                };
+                *owner = Some((event.rollout, found.0, found.1));
+            }
+            if let Some((_, fleet, revision)) = owner {
+                event.fleet.clone_from(fleet);
+                event.revision.clone_from(revision);
+            }
+        }
+        Ok(event)
     }
 
     /// A rollout's events with `seq > after`, oldest first.
@@ -793,14 +944,52 @@ impl Store {
         let mut to = rollout.0.to_be_bytes().to_vec();
         to.extend_from_slice(&u64::MAX.to_be_bytes());
         self.with(|t| {
+            let mut owner = None;
             t.events
                 .range(from..=to)
                 .map(|kv| {
                     let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                    Self::decode("events", &v)
+                    self.decode_event(t, &v, &mut owner)
                 })
                 .collect()
         })
+    }
+
+    /// The feed: every rollout's events with `seq > after`, ascending, at most `limit` (capped
+    /// at [`MAX_FEED_PAGE`]), and only events known durable. Reads the `event_seq` index from
+    /// `after` on, so the cost is that of the page, not of the history. Sequence numbers
+    /// increase but may have gaps where history was pruned (retention).
+    pub fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>> {
+        let limit = limit.min(MAX_FEED_PAGE);
+        let durable = self.durable_seq();
+        if after >= durable || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let from = after.saturating_add(1).to_be_bytes();
+        let to = durable.to_be_bytes();
+        self.with(|t| {
+            let mut out = Vec::with_capacity(limit.min(64));
+            let mut owner = None;
+            for kv in t.event_seq.range(from..=to) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (seq, rollout) = kv.map_err(|e| self.db_err(e))?;
+                let mut key = rollout.to_vec();
+                key.extend_from_slice(&seq);
+                // Pruned between the two reads: skip it, as if read a moment later.
+                let Some(bytes) = t.events.get(&key).map_err(|e| self.db_err(e))? else {
+                    continue;
+                };
+                out.push(self.decode_event(t, &bytes, &mut owner)?);
+            }
+            Ok(out)
+        })
+    }
+
+    /// The highest event sequence number the feed shows (known flushed).
+    pub fn durable_seq(&self) -> u64 {
+        self.inner.durable_seq.load(Ordering::SeqCst)
     }
 
     /// Live feed of every event appended from now on (for SSE followers).

@@ -95,10 +95,11 @@ fn events_are_ordered_per_rollout_and_published() {
     let one = store.create_rollout(rollout("web", "aaaa", RolloutState::Pending)).unwrap().id;
     let two = store.create_rollout(rollout("web", "bbbb", RolloutState::Pending)).unwrap().id;
     let mut feed = store.subscribe();
-    let first = store.append_event(one, Level::Info, "state", "pending → baking", None).unwrap();
-    store.append_event(two, Level::Info, "state", "other", None).unwrap();
+    let first =
+        store.append_event(one, Level::Info, EventKind::State, "pending → baking", None).unwrap();
+    store.append_event(two, Level::Info, EventKind::State, "other", None).unwrap();
     store
-        .append_event(one, Level::Error, "hook.stderr", "token https://u:secret@h/x", None)
+        .append_event(one, Level::Error, EventKind::HookStderr, "token https://u:secret@h/x", None)
         .unwrap();
     let events = store.events(one, 0).unwrap();
     assert_eq!(events.len(), 2);
@@ -128,7 +129,7 @@ fn retention_prunes_old_terminal_rollouts_and_their_events() {
     let store = Store::open(dir.path(), 2).unwrap();
     let active = store.create_rollout(rollout("web", "0", RolloutState::Rolling)).unwrap().id;
     let old = store.create_rollout(rollout("web", "1", RolloutState::Succeeded)).unwrap().id;
-    store.append_event(old, Level::Info, "state", "x", None).unwrap();
+    store.append_event(old, Level::Info, EventKind::State, "x", None).unwrap();
     store.create_rollout(rollout("web", "2", RolloutState::Succeeded)).unwrap();
     let ids: Vec<_> =
         store.rollouts(&RolloutFilter::default()).unwrap().iter().map(|r| r.id).collect();
@@ -214,7 +215,9 @@ fn ids_are_dense_per_kind_and_survive_restarts() {
                 .unwrap()
                 .id;
             rollouts.push(id.0);
-            events.push(store.append_event(id, Level::Info, "state", "x", None).unwrap().seq);
+            events.push(
+                store.append_event(id, Level::Info, EventKind::State, "x", None).unwrap().seq,
+            );
         }
         assert!(store.record_commit(&commit(&format!("c{start}"), CommitKind::Push)).unwrap());
         commits.push(store.commits(1).unwrap().len());
@@ -238,7 +241,7 @@ fn a_data_dir_without_counters_continues_after_its_highest_ids() {
         let mut old = rollout("web", "aaaa", RolloutState::Succeeded);
         old.id = RolloutId(2_000_002);
         store.put_rollout(&old).unwrap();
-        store.append_event(old.id, Level::Info, "state", "x", None).unwrap();
+        store.append_event(old.id, Level::Info, EventKind::State, "x", None).unwrap();
         store.record_instance(instance_event("web", "i")).unwrap();
         store.record_instance(instance_event("api", "j")).unwrap();
         store.record_commit(&commit("abc", CommitKind::Push)).unwrap();
@@ -249,7 +252,10 @@ fn a_data_dir_without_counters_continues_after_its_highest_ids() {
     let store = Store::open(dir.path(), 0).unwrap();
     let next = store.create_rollout(rollout("web", "bbbb", RolloutState::Pending)).unwrap();
     assert_eq!(next.id, RolloutId(2_000_003));
-    assert_eq!(store.append_event(next.id, Level::Info, "state", "y", None).unwrap().seq, 2);
+    assert_eq!(
+        store.append_event(next.id, Level::Info, EventKind::State, "y", None).unwrap().seq,
+        2
+    );
     assert_eq!(store.record_instance(instance_event("web", "k")).unwrap().seq, 3);
     assert!(store.record_commit(&commit("def", CommitKind::Push)).unwrap());
     assert_eq!(store.get_meta::<u64>("seq.commits").unwrap(), Some(2));
@@ -263,14 +269,14 @@ fn a_step_records_the_rollout_journal_and_events_in_one_write() {
     let store = Store::open(dir.path(), 0).unwrap();
     let created = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap();
     let mut feed = store.subscribe();
-    let event = |kind: &str| Event {
-        seq: 0,
-        rollout: created.id,
-        at: now(),
-        level: Level::Info,
-        kind: kind.into(),
-        message: format!("{kind} via https://u:pw@host/x"),
-        data: None,
+    let event = |kind: &str| {
+        Event::new(
+            created.id,
+            Level::Info,
+            kind.into(),
+            format!("{kind} via https://u:pw@host/x"),
+            None,
+        )
     };
     let mut launched = created.clone();
     launched.reason = Some("launched one".into());
@@ -325,4 +331,203 @@ fn a_failing_store_says_so_and_recovers() {
     assert!(store.failure().is_none(), "a successful write ends the failure");
     let next = store.create_rollout(rollout("web", "cccc", RolloutState::Pending)).unwrap();
     assert_eq!(next.id, RolloutId(2), "the failed write took no id");
+}
+
+/// Writes raw bytes into the `events` tree (and, if asked, the `event_seq` index), as an older
+/// kiln did.
+fn put_raw_event(store: &Store, rollout: RolloutId, seq: u64, json: &str, index: bool) {
+    let mut key = rollout.0.to_be_bytes().to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    store
+        .write(|t| {
+            t.events.insert(key, json.as_bytes()).map_err(|e| store.db_err(e))?;
+            if index {
+                t.event_seq
+                    .insert(seq.to_be_bytes(), &rollout.0.to_be_bytes())
+                    .map_err(|e| store.db_err(e))?;
+            }
+            t.meta.insert("seq.events", &b"{\"v\":1,\"r\":2}"[..]).map_err(|e| store.db_err(e))?;
+            store.flush_trees(t)
+        })
+        .unwrap();
+}
+
+#[test]
+fn event_records_written_with_string_kinds_still_read() {
+    // Golden records as kiln wrote them before kinds were an enum: a `state` event whose
+    // change was only in `data`, and a kind this build does not know (a newer kiln's).
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let id = store.create_rollout(rollout("web", "c0ffee", RolloutState::Baking)).unwrap().id;
+        put_raw_event(
+            &store,
+            id,
+            1,
+            r#"{"v":1,"r":{"seq":1,"rollout":1,"at":"2026-01-02T03:04:05Z","level":"info","kind":"state","message":"pending → baking: started","data":{"from":"pending","to":"baking"}}}"#,
+            true,
+        );
+        put_raw_event(
+            &store,
+            id,
+            2,
+            r#"{"v":1,"r":{"seq":2,"rollout":1,"at":"2026-01-02T03:04:06Z","level":"warn","kind":"drift.found","message":"web-1 runs an old image"}}"#,
+            true,
+        );
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    let events = store.events(RolloutId(1), 0).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, EventKind::State);
+    assert_eq!(
+        events[0].change,
+        Some(StateChange { from: RolloutState::Pending, to: RolloutState::Baking }),
+        "the typed change is filled in from the old record's data"
+    );
+    assert_eq!(events[0].fleet.as_deref(), Some("web"), "fleet filled in from the rollout");
+    assert_eq!(events[0].revision, Some(Revision("c0ffee".into())));
+    assert_eq!(events[1].kind, EventKind::Other("drift.found".into()), "unknown kind kept");
+    assert_eq!(events[1].change, None);
+    // Written back, the unknown kind is the same string.
+    let json = serde_json::to_value(&events[1]).unwrap();
+    assert_eq!(json["kind"], "drift.found");
+    // The feed reads them too, and the counter continues after them.
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 2);
+    let next = store.append_event(RolloutId(1), Level::Info, EventKind::Plan, "p", None).unwrap();
+    assert_eq!(next.seq, 3);
+}
+
+#[test]
+fn every_event_kind_round_trips_through_its_stored_string() {
+    for kind in EventKind::KNOWN {
+        let json = serde_json::to_string(&kind).unwrap();
+        assert_eq!(json, format!("\"{}\"", kind.as_str()));
+        assert_eq!(serde_json::from_str::<EventKind>(&json).unwrap(), kind, "{json}");
+        assert!(!matches!(EventKind::parse(kind.as_str()), EventKind::Other(_)), "{kind}");
+    }
+    let names: std::collections::BTreeSet<&str> =
+        EventKind::KNOWN.iter().map(EventKind::as_str).collect();
+    assert_eq!(names.len(), EventKind::KNOWN.len(), "names are distinct");
+    assert_eq!(
+        serde_json::to_string(&EventKind::Instance(InstanceAction::Launched)).unwrap(),
+        "\"instance.launched\""
+    );
+}
+
+#[test]
+fn state_changes_are_typed_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let id = store.create_rollout(rollout("web", "aaaa", RolloutState::Rolling)).unwrap().id;
+    let written = store
+        .append_state_change(
+            id,
+            Level::Warn,
+            RolloutState::Rolling,
+            RolloutState::Aborted,
+            "rolling → aborted: by an operator",
+        )
+        .unwrap();
+    let change = StateChange { from: RolloutState::Rolling, to: RolloutState::Aborted };
+    assert_eq!(written.change, Some(change));
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    let read = store.events(id, 0).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].kind, EventKind::State);
+    assert_eq!(read[0].change, Some(change), "read back after a restart");
+    assert_eq!(read[0].data, Some(serde_json::json!({"from": "rolling", "to": "aborted"})));
+}
+
+#[test]
+fn the_feed_reads_every_rollout_by_seq_from_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 2).unwrap();
+    let a = store.create_rollout(rollout("web", "aaaa", RolloutState::Succeeded)).unwrap().id;
+    let b = store.create_rollout(rollout("api", "bbbb", RolloutState::Rolling)).unwrap().id;
+    // Interleaved across rollouts: the `events` tree orders them by rollout, the feed by seq.
+    for n in 0..6 {
+        let id = if n % 2 == 0 { b } else { a };
+        store.append_event(id, Level::Info, EventKind::Rollout, format!("m{n}"), None).unwrap();
+    }
+    let all = store.events_after(0, 100).unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        all.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+        ["m0", "m1", "m2", "m3", "m4", "m5"]
+    );
+    assert_eq!(all[0].fleet.as_deref(), Some("api"), "each event names its fleet");
+    assert_eq!(all[1].revision, Some(Revision("aaaa".into())), "and its commit");
+    let page = store.events_after(2, 3).unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4, 5]);
+    assert!(store.events_after(6, 10).unwrap().is_empty());
+    assert_eq!(store.durable_seq(), 6);
+    // The index holds exactly one entry per event, so a page reads only its own entries.
+    let indexed = store.with(|t| Ok(t.event_seq.len())).unwrap();
+    assert_eq!(indexed, 6);
+
+    // Pruning a rollout (retention 2) removes its events from the index too.
+    store.create_rollout(rollout("web", "cccc", RolloutState::Pending)).unwrap();
+    assert!(store.rollout(a).is_err(), "pruned");
+    let left = store.events_after(0, 100).unwrap();
+    assert_eq!(left.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 3, 5]);
+    assert_eq!(store.with(|t| Ok(t.event_seq.len())).unwrap(), 3);
+}
+
+#[test]
+fn a_data_dir_without_the_seq_index_is_indexed_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        let a = store.create_rollout(rollout("web", "aaaa", RolloutState::Succeeded)).unwrap().id;
+        let b = store.create_rollout(rollout("api", "bbbb", RolloutState::Succeeded)).unwrap().id;
+        for id in [b, a, b] {
+            store.append_event(id, Level::Info, EventKind::Plan, "x", None).unwrap();
+        }
+        // What an older kiln left: events, no index.
+        store
+            .write(|t| {
+                t.event_seq.clear().map_err(|e| store.db_err(e))?;
+                t.meta.remove(EVENT_SEQ_INDEXED).map_err(|e| store.db_err(e))?;
+                store.flush_trees(t)
+            })
+            .unwrap();
+        assert!(store.events_after(0, 10).unwrap().is_empty(), "nothing indexed");
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    let all = store.events_after(0, 10).unwrap();
+    assert_eq!(
+        all.iter().map(|e| (e.seq, e.rollout.0)).collect::<Vec<_>>(),
+        [(1, 2), (2, 1), (3, 2)]
+    );
+}
+
+#[test]
+fn a_state_change_and_its_event_are_one_write() {
+    // A kill between writing the record and its event left a state change no feed consumer
+    // could see: both go in one transaction now.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let created = store.create_rollout(rollout("web", "aaaa", RolloutState::Baking)).unwrap();
+    let mut next = created.clone();
+    next.state = RolloutState::Reconciling;
+    store.inject_write_fault(true);
+    assert!(store.put_rollout_with_change(&next, RolloutState::Baking, Level::Info, "x").is_err());
+    store.inject_write_fault(false);
+    assert_eq!(store.rollout(created.id).unwrap().state, RolloutState::Baking);
+    assert!(store.events(created.id, 0).unwrap().is_empty());
+
+    let mut feed = store.subscribe();
+    let event =
+        store.put_rollout_with_change(&next, RolloutState::Baking, Level::Info, "baked").unwrap();
+    let change = StateChange { from: RolloutState::Baking, to: RolloutState::Reconciling };
+    assert_eq!(event.change, Some(change));
+    assert_eq!(feed.try_recv().unwrap().change, Some(change), "published");
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.rollout(created.id).unwrap().state, RolloutState::Reconciling);
+    let events = store.events_after(0, 10).unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].change, Some(change));
+    assert_eq!(events[0].fleet.as_deref(), Some("web"));
 }

@@ -110,7 +110,7 @@ impl Harness {
 
     /// The kinds of [`ROLLOUT`]'s events, oldest first.
     pub fn kinds(&self) -> Vec<String> {
-        self.events().into_iter().map(|e| e.kind).collect()
+        self.events().into_iter().map(|e| e.kind.to_string()).collect()
     }
 
     /// Events of one kind.
