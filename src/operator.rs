@@ -1030,7 +1030,11 @@ impl Operator {
                                 .collect();
                         }
                         if idle
-                            && crate::bake::rebake_due(self.store(), &fleet, crate::model::now())
+                            && crate::pipeline::bake::rebake_due(
+                                self.store(),
+                                &fleet,
+                                crate::model::now(),
+                            )
                         {
                             if let Err(error) = self.schedule_rebake(&fleet, deployed).await {
                                 tracing::error!(fleet = %name, error = %crate::error::chain(&error), "Could not schedule a rebake.");

@@ -10,10 +10,9 @@
 use std::collections::BTreeMap;
 
 use crate::hooks::contract as abi;
-use crate::hooks::step::{self, Workspace};
 use crate::hooks::{HookError, HookSpec, output};
 use crate::model::ImageRef;
-use crate::pipeline::{StepContext, StepError};
+use crate::pipeline::{self, StepContext, StepError, Workspace};
 use crate::store::Level;
 
 /// Runs `cx.fleet`'s reconcile hook with `image` (and the stage images) in its environment;
@@ -30,7 +29,8 @@ pub async fn reconcile_fleet(
     let started = tokio::time::Instant::now();
     let fleet = &cx.fleet.name;
     let hook_path = infra.reconcile.clone();
-    let exists = step::git(cx, move |m, r| crate::source::git::file_mode(m, r, &hook_path)).await?;
+    let exists =
+        pipeline::git(cx, move |m, r| crate::source::git::file_mode(m, r, &hook_path)).await?;
     if exists.is_none() {
         return Err(StepError::Other(format!(
             "fleet `{fleet}`: reconcile hook `{}` does not exist at commit {}",
@@ -38,7 +38,7 @@ pub async fn reconcile_fleet(
             cx.revision.short()
         )));
     }
-    let key = step::digest(&[
+    let key = pipeline::digest(&[
         b"kiln-reconcile-v1",
         fleet.as_bytes(),
         cx.rollout.to_string().as_bytes(),
@@ -72,7 +72,7 @@ pub async fn reconcile_fleet(
             (abi::KILN_IMAGE, image.to_string()),
             (abi::KILN_IDEMPOTENCY_KEY, key.clone()),
         ];
-        let mut env = step::hook_env(cx, inputs);
+        let mut env = pipeline::hook_env(cx, inputs);
         env.extend(
             stage_images
                 .iter()
@@ -100,7 +100,7 @@ pub async fn reconcile_fleet(
             stdin: None,
         };
         let res = async {
-            let outcome = step::run_hook(cx, &spec, &workspace.out).await?;
+            let outcome = pipeline::run_hook(cx, &spec, &workspace.out).await?;
             // `terraform output -json` left in the output dir (or the infra dir) first; explicit
             // `$KILN_OUTPUT` lines override it.
             let mut outputs = BTreeMap::new();
