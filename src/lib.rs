@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod daemon;
+pub mod drift;
 pub mod error;
 pub mod fsutil;
 pub mod gc;

@@ -51,7 +51,16 @@ pub enum Command {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Check the fleet for drift now (in the background; the report lands in
+    /// `FleetStatus::drift`). Answers [`NO_ROLLOUT`].
+    Drift {
+        /// Fleet.
+        fleet: String,
+    },
 }
+
+/// The id a verb that creates no rollout answers with (`drift`).
+pub const NO_ROLLOUT: RolloutId = RolloutId(0);
 
 impl Command {
     /// The fleet the verb applies to.
@@ -60,7 +69,8 @@ impl Command {
             Command::Pause { fleet }
             | Command::Resume { fleet }
             | Command::Abort { fleet }
-            | Command::Rollback { fleet, .. } => fleet,
+            | Command::Rollback { fleet, .. }
+            | Command::Drift { fleet } => fleet,
         }
     }
 }
@@ -139,6 +149,9 @@ pub struct FleetStatus {
     pub instances: Vec<InstanceStatus>,
     /// When this view was refreshed.
     pub observed_at: Option<crate::model::Timestamp>,
+    /// The last drift check's report, if the fleet was ever checked.
+    #[serde(default)]
+    pub drift: Option<crate::drift::DriftReport>,
 }
 
 /// One instance as `kiln status` shows it.
@@ -198,6 +211,20 @@ struct Lane {
     paused: Option<RolloutId>,
 }
 
+/// A fleet's drift check: the one running, and when the next periodic one is due.
+struct DriftCheck {
+    /// Fires to stop the running check (a rollout of the fleet starts); `None` when idle.
+    running: Option<CancellationToken>,
+    /// When the next periodic check starts (`drift.interval` after the last one ended).
+    next_at: tokio::time::Instant,
+}
+
+/// A drift check ended (its report is recorded).
+struct DriftDone {
+    fleet: String,
+    report: Result<crate::drift::DriftReport, String>,
+}
+
 /// A lane's job finished.
 struct JobDone {
     fleet: String,
@@ -223,6 +250,11 @@ pub struct Operator {
     /// Source events the store could not record yet (a full disk), oldest first. The watcher
     /// has moved on and will not send them again, so they are retried on every tick.
     unrecorded: std::collections::VecDeque<SourceEvent>,
+    /// Per fleet, its drift check (see `crate::drift`); checks run in their own tasks and
+    /// report through `drift_tx`, never awaited here.
+    drift: BTreeMap<String, DriftCheck>,
+    drift_tx: mpsc::UnboundedSender<DriftDone>,
+    drift_rx: mpsc::UnboundedReceiver<DriftDone>,
 }
 
 type OpResult<T> = Result<T, StoreError>;
@@ -231,6 +263,7 @@ impl Operator {
     /// Creates the operator; `view` is shared with the API.
     pub fn new(config: OperatorConfig, env: DriverEnv, view: FleetView) -> Operator {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (drift_tx, drift_rx) = mpsc::unbounded_channel();
         Operator {
             config,
             env: Arc::new(env),
@@ -244,6 +277,9 @@ impl Operator {
             next_gc: None,
             provider_failures: BTreeMap::new(),
             unrecorded: std::collections::VecDeque::new(),
+            drift: BTreeMap::new(),
+            drift_tx,
+            drift_rx,
         }
     }
 
@@ -278,7 +314,13 @@ impl Operator {
                     let _ = request.reply.send(res);
                 }
                 Some(done) = self.done_rx.recv() => self.on_done(done).await,
+                Some(done) = self.drift_rx.recv() => self.on_drift_done(done).await,
                 _ = tick.tick() => self.on_tick().await,
+            }
+        }
+        for check in self.drift.values() {
+            if let Some(cancel) = &check.running {
+                cancel.cancel();
             }
         }
         for lane in self.lanes.values_mut() {
@@ -674,6 +716,10 @@ impl Operator {
         })
         .await??;
         let provider = self.provider(&fleet, &rollout.revision).await?;
+        // A drift check of the fleet stops: its plan hook must not run beside the rollout's.
+        if let Some(cancel) = self.drift.get(&fleet.name).and_then(|c| c.running.as_ref()) {
+            cancel.cancel();
+        }
         let (control, control_rx) = watch::channel(Control::Run);
         let env = self.env.clone();
         let done = self.done_tx.clone();
@@ -885,6 +931,16 @@ impl Operator {
                 self.start(&fleet, id).await.map_err(|e| internal(&format!("{e:#}")))?;
                 Ok(id)
             }
+            Command::Drift { .. } => {
+                let busy = running.is_some() || lane.paused.is_some() || lane.queued.is_some();
+                if busy {
+                    return Err(conflict(format!(
+                        "fleet `{fleet}` has a rollout in progress; drift is checked when it is idle"
+                    )));
+                }
+                self.start_drift_check(&fleet, "command").await?;
+                Ok(NO_ROLLOUT)
+            }
             Command::Rollback { to, .. } => {
                 let id = self.rollback(&fleet, to.as_deref()).map_err(|e| match e {
                     RollbackError::BadPrefix(message) => CommandError { status: 400, message },
@@ -1002,6 +1058,7 @@ impl Operator {
                     .and_then(|id| self.env.store.rollout(id).ok())
                     .map(|r| r.state),
                 observed_at: Some(crate::model::now()),
+                drift: crate::drift::last_report(self.store(), &name).ok().flatten(),
                 ..FleetStatus::default()
             };
             // Fleets never deployed have no provider yet; opening one would start a load balancer.
@@ -1053,6 +1110,7 @@ impl Operator {
         if let Ok(mut view) = self.view.write() {
             *view = statuses;
         }
+        self.start_due_drift_checks().await;
         if self.next_gc.is_none_or(|at| tokio::time::Instant::now() >= at) {
             self.collect_garbage().await;
         }
@@ -1145,6 +1203,155 @@ impl Operator {
             None,
         )?;
         self.enqueue(&fleet.name, rollout.id).await
+    }
+
+    // --- drift ---
+
+    /// Starts the periodic drift checks that are due, on idle deployed fleets.
+    async fn start_due_drift_checks(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> =
+            self.fleets
+                .values()
+                .filter(|fleet| {
+                    let check = self.drift.entry(fleet.name.clone()).or_insert_with(|| {
+                        DriftCheck { running: None, next_at: now + fleet.drift.interval }
+                    });
+                    let idle = self.lanes.get(&fleet.name).is_none_or(|lane| {
+                        lane.running.as_ref().is_none_or(|job| job.rollout.is_none())
+                            && lane.paused.is_none()
+                            && lane.queued.is_none()
+                    });
+                    check.running.is_none() && now >= check.next_at && idle
+                })
+                .map(|fleet| fleet.name.clone())
+                .collect();
+        for fleet in due {
+            if let Err(error) = self.start_drift_check(&fleet, "interval").await {
+                tracing::debug!(fleet = %fleet, error = %error, "No drift check.");
+                if let Some(check) = self.drift.get_mut(&fleet) {
+                    check.next_at =
+                        now + self.fleets.get(&fleet).map_or(TICK, |f| f.drift.interval);
+                }
+            }
+        }
+    }
+
+    /// Spawns a drift check of `fleet` (one at a time per fleet: a check already running is
+    /// the answer). Never awaited here: the report comes back through `drift_rx`.
+    async fn start_drift_check(&mut self, fleet: &str, trigger: &str) -> Result<(), CommandError> {
+        let refuse = |status, message| CommandError { status, message };
+        if self.drift.get(fleet).is_some_and(|c| c.running.is_some()) {
+            return Ok(());
+        }
+        let Some(manifest_fleet) = self.fleets.get(fleet).cloned() else {
+            return Err(refuse(404, format!("no fleet `{fleet}` in the manifest")));
+        };
+        let deployed = match self.store().deployed(fleet) {
+            Ok(Some(deployed)) => deployed,
+            Ok(None) => {
+                return Err(refuse(409, format!("fleet `{fleet}` was never deployed")));
+            }
+            Err(error) => return Err(refuse(500, crate::error::chain(&error))),
+        };
+        let provider = self
+            .provider(&manifest_fleet, &deployed.revision)
+            .await
+            .map_err(|e| refuse(503, format!("fleet `{fleet}`: provider unavailable: {e:#}")))?;
+        let cancel = CancellationToken::new();
+        let deadline = manifest_fleet.infra.as_ref().map_or(Duration::ZERO, |i| i.timeout)
+            + Duration::from_secs(60);
+        let input = crate::drift::CheckInput {
+            fleet: manifest_fleet.clone(),
+            deployed,
+            provider,
+            store: self.store().clone(),
+            mirror: self.env.mirror.clone(),
+            data_dir: self.env.data_dir.clone(),
+            hook_env: self.env.hook_env.clone(),
+            metrics: self.env.metrics.clone(),
+            trigger: trigger.to_owned(),
+            deadline,
+            cancel: cancel.clone(),
+        };
+        let interval = manifest_fleet.drift.interval;
+        let check = self.drift.entry(fleet.to_owned()).or_insert_with(|| DriftCheck {
+            running: None,
+            next_at: tokio::time::Instant::now() + interval,
+        });
+        check.running = Some(cancel);
+        let done = self.drift_tx.clone();
+        let name = fleet.to_owned();
+        tracing::debug!(fleet = %name, trigger = %trigger, "Drift check started.");
+        let store = self.store().clone();
+        tokio::spawn(async move {
+            let report = crate::drift::check_fleet(input).await;
+            let report = tokio::task::spawn_blocking(move || crate::drift::record(&store, report))
+                .await
+                .map_err(|e| format!("drift record task failed: {e}"))
+                .and_then(|res| res.map_err(|e| crate::error::chain(&e)));
+            let _ = done.send(DriftDone { fleet: name, report });
+        });
+        Ok(())
+    }
+
+    /// A drift check ended: the next periodic one is scheduled, and with `drift.mode: repair`
+    /// a `repair` rollout is queued for what `drift::wants_repair` says needs it.
+    async fn on_drift_done(&mut self, done: DriftDone) {
+        let interval =
+            self.fleets.get(&done.fleet).map_or(Duration::from_secs(300), |f| f.drift.interval);
+        if let Some(check) = self.drift.get_mut(&done.fleet) {
+            check.running = None;
+            check.next_at = tokio::time::Instant::now() + interval;
+        }
+        let mut report = match done.report {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(fleet = %done.fleet, error = %error, "Could not record a drift report.");
+                return;
+            }
+        };
+        if report.clean() {
+            tracing::debug!(fleet = %done.fleet, "No drift.");
+        } else {
+            tracing::warn!(fleet = %done.fleet, record = ?report.record, summary = %report.summary(), "Drift found.");
+        }
+        let Some(fleet) = self.fleets.get(&done.fleet).cloned() else { return };
+        let Some(repair) = crate::drift::wants_repair(&report) else { return };
+        if fleet.drift.mode != crate::manifest::DriftMode::Repair {
+            return;
+        }
+        // A rollout started meanwhile moves the fleet anyway.
+        let busy = self.lanes.get(&fleet.name).is_some_and(|lane| {
+            lane.running.as_ref().is_some_and(|job| job.rollout.is_some())
+                || lane.paused.is_some()
+                || lane.queued.is_some()
+        });
+        if busy {
+            return;
+        }
+        let res = async {
+            let Some(deployed) = self.store().deployed(&fleet.name)? else { return Ok(None) };
+            let record =
+                crate::drift::repair_rollout(&report, &deployed, repair, crate::model::now());
+            let rollout = self.store().create_rollout(record)?;
+            self.store().append_event(
+                rollout.id,
+                Level::Info,
+                "plan",
+                rollout.plan.reason.clone(),
+                report.record.map(|id| serde_json::json!({ "drift_record": id.0 })),
+            )?;
+            report.repair = Some(rollout.id);
+            self.store().set_meta(&crate::drift::last_key(&fleet.name), &report)?;
+            tracing::info!(rollout = %rollout.id, fleet = %fleet.name, "Repair rollout planned.");
+            self.enqueue(&fleet.name, rollout.id).await?;
+            Ok::<_, StoreError>(Some(rollout.id))
+        }
+        .await;
+        if let Err(error) = res {
+            tracing::error!(fleet = %fleet.name, error = %crate::error::chain(&error), "Could not plan a repair rollout.");
+        }
     }
 
     fn spawn_keeper(&mut self, fleet: &Fleet, provider: SharedProvider, image: ImageRef) {

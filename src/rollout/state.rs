@@ -131,6 +131,10 @@ pub enum Origin {
     },
     /// A scheduled rebake (security updates) without a commit.
     Rebake,
+    /// A drift check's findings (a record in the log, never driven: see `drift`).
+    Drift,
+    /// Bringing a drifted fleet back to its deployed image (and infra) without a commit.
+    Repair,
 }
 
 /// One commit's journey for one fleet. Stored under `rollouts/<id>`; history is append-only.
