@@ -358,3 +358,86 @@ fn a_backend_added_behind_kilns_back_is_reported() {
     let status = fx.status();
     assert!(status.contains("web-0badbeef"), "{status}");
 }
+
+/// An app image kiln did not bake: a directory with an executable `run`.
+fn foreign_image(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let image = dir.join("intruder-image");
+    std::fs::create_dir_all(&image).expect("image dir");
+    std::fs::write(image.join("app.py"), APP).expect("app.py");
+    std::fs::write(image.join("run"), RUN).expect("run");
+    std::fs::set_permissions(image.join("run"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    image.canonicalize().expect("canonical")
+}
+
+#[test]
+fn an_off_image_instance_is_reported_and_replaced_by_a_repair_rollout() {
+    const TEST: &str = "an_off_image_instance_is_reported_and_replaced_by_a_repair_rollout";
+    if !require_git(TEST) || !have_python3() {
+        return;
+    }
+    use kiln::provider::Provider as _;
+    let fx = deploy(None);
+    // Behind kiln's back: an instance on another image, launched through the fleet's provider
+    // state by another process (as a cloud console would), so kiln's journal never saw it.
+    let image = foreign_image(&fx.repo.scratch("foreign"));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let intruder = runtime.block_on(async {
+        let provider =
+            kiln::provider::local::LocalProvider::open(kiln::provider::local::LocalConfig {
+                fleet: "web".into(),
+                dir: fx.data.join("fleets/web"),
+                lb_port: 0,
+                kiln_exe: PathBuf::from(support::daemon::kiln_exe()),
+            })
+            .await
+            .expect("open the fleet's local provider");
+        let image = kiln::model::ImageRef(image.display().to_string());
+        provider.launch(&image, "behind-kilns-back").await.expect("launch").id.to_string()
+    });
+
+    let (code, report) = fx.drift_json();
+    assert_eq!(code, 2, "{report:#}");
+    let found = report["findings"].as_array().expect("findings");
+    let about = |kind: &str| found.iter().any(|f| f["kind"] == kind && f["subject"] == intruder);
+    assert!(about("off_image"), "{report:#}");
+    assert!(about("unknown"), "{report:#}");
+    assert!(report["findings"].to_string().contains("intruder-image"), "{report:#}");
+
+    fx.switch_to_repair(false);
+    let (code, report) = fx.drift_json();
+    assert_eq!(code, 2, "{report:#}");
+    let repair = fx.wait_repair();
+    assert_eq!(repair["plan"]["roll"], true, "{repair:#}");
+    let (code, report) = fx.drift_json();
+    assert_eq!(code, 0, "drift left after the repair: {report:#}");
+    assert!(!report.to_string().contains(&intruder), "{report:#}");
+}
+
+/// A raw call to the daemon's API: the status.
+fn api_post(api: &str, path: &str) -> u16 {
+    let addr = api.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).expect("api");
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: k\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read");
+    reply.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn asking_for_a_drift_check_needs_the_token_and_a_known_fleet() {
+    if !require_git("asking_for_a_drift_check_needs_the_token_and_a_known_fleet") || !have_python3()
+    {
+        return;
+    }
+    let fx = deploy(None);
+    let api = fx.daemon.api_url().expect("api url");
+    assert_eq!(api_post(&api, "/api/v1/fleets/web/drift"), 401, "no token");
+    let (code, _, err) = kiln(&fx.data, &["drift", "nosuch"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no fleet `nosuch`"), "{err}");
+}
