@@ -75,6 +75,10 @@ resource "terraform_data" "managed" {{
 }
 
 fn manifest(mode: &str, infra: bool) -> String {
+    manifest_every("1h", mode, infra)
+}
+
+fn manifest_every(interval: &str, mode: &str, infra: bool) -> String {
     let infra = if infra {
         "    infra: { path: infra/, reconcile: hooks/reconcile-terraform, timeout: 5m }\n"
     } else {
@@ -97,7 +101,7 @@ fn manifest(mode: &str, infra: bool) -> String {
       minHealthy: 100ms
       drain: 100ms
       loadBalancer: {{ port: 0 }}
-    drift: {{ interval: 1h, mode: {mode} }}
+    drift: {{ interval: {interval}, mode: {mode} }}
 "
     )
 }
@@ -116,11 +120,16 @@ struct Fixture {
 /// Commits the fleet (with the Terraform infra when `managed` is given), starts the daemon and
 /// waits for the first rollout to succeed.
 fn deploy(managed: Option<&Path>) -> Fixture {
+    deploy_every("1h", managed)
+}
+
+/// [`deploy`] with `drift.interval` set.
+fn deploy_every(interval: &str, managed: Option<&Path>) -> Fixture {
     let repo = TestRepo::new();
     let bake = shipped("bake-dir");
     let reconcile = shipped("reconcile-terraform");
     let tf = managed.map(main_tf).unwrap_or_default();
-    let kiln_yaml = manifest("report", managed.is_some());
+    let kiln_yaml = manifest_every(interval, "report", managed.is_some());
     let mut entries = vec![
         Entry::File("kiln.yaml", &kiln_yaml),
         Entry::Exec("hooks/bake-dir", &bake),
@@ -440,4 +449,39 @@ fn asking_for_a_drift_check_needs_the_token_and_a_known_fleet() {
     let (code, _, err) = kiln(&fx.data, &["drift", "nosuch"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no fleet `nosuch`"), "{err}");
+}
+
+#[test]
+fn drift_is_checked_every_interval_without_being_asked() {
+    if !require_git("drift_is_checked_every_interval_without_being_asked") || !have_python3() {
+        return;
+    }
+    let fx = deploy_every("1s", None);
+    let dir = fx.data.join("fleets/web/lb");
+    let state = lb::read_state(&dir).expect("lb.json");
+    let token = std::fs::read_to_string(dir.join(lb::TOKEN_FILE)).expect("admin-token");
+    let stranger = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = stranger.local_addr().expect("addr").port();
+    let attach = format!("{{\"address\":\"127.0.0.1:{port}\"}}");
+    let (status, body) = admin(&state, token.trim(), "PUT", "/backends/web-0badbeef", &attach);
+    assert_eq!(status, 200, "{body}");
+    let log = fx.daemon.wait_log("a periodic drift record", WAIT, |log| {
+        log.iter().any(|e| e["origin"] == "drift" && e["trigger"] == "interval")
+    });
+    let record = log.iter().find(|e| e["origin"] == "drift").expect("drift record");
+    let shown = fx.show(record["id"].as_u64().expect("id"));
+    assert!(event_kinds(&shown).contains(&"drift.backend".to_owned()), "{shown:#}");
+    assert!(shown.to_string().contains("web-0badbeef"), "{shown:#}");
+    // The backend is gone, so the next periodic check is clean (and adds no record).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = fx.status();
+        if status.contains("drift:     none") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "drift never cleared: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let records = fx.daemon.log().iter().filter(|e| e["origin"] == "drift").count();
+    assert_eq!(records, 1, "one record for one finding");
 }
