@@ -327,8 +327,9 @@ pub struct CheckInput {
 }
 
 /// Observes the fleet (provider list, foreign backends, the plan hook) within
-/// `input.deadline` and returns the report (not yet recorded: see [`record`]).
-pub async fn check_fleet(input: CheckInput) -> DriftReport {
+/// `input.deadline` and returns the report (not yet recorded: see [`record`]), or `None` when
+/// `input.cancel` fired (a rollout started, the daemon stops): a check cut short says nothing.
+pub async fn check_fleet(input: CheckInput) -> Option<DriftReport> {
     let mut errors = Vec::new();
     let previous = last_report(&input.store, &input.fleet.name).ok().flatten();
     let since = previous.as_ref().map(|r| r.checked_at);
@@ -386,6 +387,9 @@ pub async fn check_fleet(input: CheckInput) -> DriftReport {
         () = work => true,
         () = tokio::time::sleep(input.deadline) => false,
     };
+    if input.cancel.is_cancelled() {
+        return None;
+    }
     if !finished {
         // Dropping `work` dropped the hook run, which kills its process group.
         input.cancel.cancel();
@@ -396,7 +400,7 @@ pub async fn check_fleet(input: CheckInput) -> DriftReport {
     }
     let mut findings = inspect(&observed);
     findings.dedup();
-    DriftReport {
+    Some(DriftReport {
         fleet: input.fleet.name.clone(),
         checked_at: crate::model::now(),
         trigger: input.trigger,
@@ -406,7 +410,7 @@ pub async fn check_fleet(input: CheckInput) -> DriftReport {
         errors,
         record: None,
         repair: None,
-    }
+    })
 }
 
 /// The instances the journal says died after `since` (all of them on a first check would be

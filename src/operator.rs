@@ -222,7 +222,8 @@ struct DriftCheck {
 /// A drift check ended (its report is recorded).
 struct DriftDone {
     fleet: String,
-    report: Result<crate::drift::DriftReport, String>,
+    /// `Ok(None)`: stopped (a rollout of the fleet started), nothing recorded.
+    report: Result<Option<crate::drift::DriftReport>, String>,
 }
 
 /// A lane's job finished.
@@ -1285,11 +1286,15 @@ impl Operator {
         tracing::debug!(fleet = %name, trigger = %trigger, "Drift check started.");
         let store = self.store().clone();
         tokio::spawn(async move {
-            let report = crate::drift::check_fleet(input).await;
-            let report = tokio::task::spawn_blocking(move || crate::drift::record(&store, report))
-                .await
-                .map_err(|e| format!("drift record task failed: {e}"))
-                .and_then(|res| res.map_err(|e| crate::error::chain(&e)));
+            let report = match crate::drift::check_fleet(input).await {
+                Some(report) => {
+                    tokio::task::spawn_blocking(move || crate::drift::record(&store, report))
+                        .await
+                        .map_err(|e| format!("drift record task failed: {e}"))
+                        .and_then(|res| res.map(Some).map_err(|e| crate::error::chain(&e)))
+                }
+                None => Ok(None),
+            };
             let _ = done.send(DriftDone { fleet: name, report });
         });
         Ok(())
@@ -1305,7 +1310,11 @@ impl Operator {
             check.next_at = tokio::time::Instant::now() + interval;
         }
         let mut report = match done.report {
-            Ok(report) => report,
+            Ok(Some(report)) => report,
+            Ok(None) => {
+                tracing::debug!(fleet = %done.fleet, "Drift check stopped before it ended.");
+                return;
+            }
             Err(error) => {
                 tracing::error!(fleet = %done.fleet, error = %error, "Could not record a drift report.");
                 return;
