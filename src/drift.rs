@@ -353,7 +353,17 @@ pub async fn check_fleet(input: CheckInput) -> Option<DriftReport> {
         }
         match input.store.instance_journal(&input.fleet.name) {
             Ok(journal) => {
-                observed.died = died_since(&journal, since);
+                // An instance the previous report already named dead is not news.
+                let named: BTreeSet<&str> = previous
+                    .iter()
+                    .flat_map(|r| &r.findings)
+                    .filter(|f| f.kind == FindingKind::NotRunning)
+                    .filter_map(|f| f.subject.as_deref())
+                    .collect();
+                observed.died = died_since(&journal, since)
+                    .into_iter()
+                    .filter(|(id, _)| !named.contains(id.as_str()))
+                    .collect();
                 observed.journal = journal.into_iter().map(|e| e.instance).collect();
             }
             Err(error) => {
