@@ -5,9 +5,9 @@
 //! ([`rollout`]) through a [`provider`], with every step recorded in the [`store`]. The
 //! [`server`] receives webhooks and serves the API the [`cli`] reads. See ARCHITECTURE.md.
 
-pub mod bake;
 pub mod cli;
 pub mod daemon;
+pub mod drift;
 pub mod error;
 pub mod fsutil;
 pub mod gc;
@@ -20,7 +20,6 @@ pub mod pipeline;
 pub mod planner;
 pub mod provider;
 pub mod quickstart;
-pub mod reconcile;
 pub mod retry;
 pub mod rollout;
 pub mod server;

@@ -8,10 +8,10 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use kiln::bake::{BakeOptions, bake_fleet, bake_fleet_with, rebake_due};
 use kiln::model::{ImageRef, Revision};
 use kiln::pipeline::StepError;
-use kiln::reconcile::reconcile_fleet;
+use kiln::pipeline::bake::{BakeOptions, bake_fleet, bake_fleet_with, rebake_due};
+use kiln::pipeline::reconcile::reconcile_fleet;
 use support::git::{TestRepo, require_git};
 use support::hooks::*;
 

@@ -125,6 +125,19 @@ pub enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Check fleets for drift now and print what differs from what kiln deployed (instances,
+    /// load balancer backends, infra through the reconcile hook in plan mode). Exit status 0: no
+    /// drift; 2: drift found; 1: a check could not be done.
+    Drift {
+        /// The fleet (default: every deployed fleet).
+        fleet: Option<String>,
+        /// Print one JSON document (an array of reports).
+        #[arg(long)]
+        json: bool,
+        /// How long to wait for the checks.
+        #[arg(long, default_value = "20m", value_parser = crate::manifest::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Ask the daemon to fetch the repo now.
     Trigger,
     /// Create a demo infra repo and run kiln on it with the local provider.
@@ -288,6 +301,10 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Rollback { fleet, to } => {
             let body = serde_json::json!({ "to": to });
             verb(api, &data_dir, &fleet, "rollback", Some(body), out).await
+        }
+        Command::Drift { fleet, json, timeout } => {
+            let client = need_daemon(api, &data_dir, "drift")?;
+            drift(client, fleet, json, timeout, out).await
         }
         Command::Trigger => {
             let client = need_daemon(api, &data_dir, "trigger")?;
@@ -744,6 +761,89 @@ async fn status(
     Ok(if fleets.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// `kiln drift`: starts a check per fleet (`POST /fleets/{name}/drift`), then waits for each
+/// fleet's report to be newer than the one it had, and prints them.
+async fn drift(
+    client: ApiClient,
+    fleet: Option<String>,
+    json: bool,
+    timeout: std::time::Duration,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    use crate::server::api::DriftDto;
+    let before: Vec<FleetDto> = client.get("/fleets").await?;
+    let names: Vec<String> = match fleet {
+        Some(name) => vec![name],
+        None => before.iter().filter(|f| f.revision.is_some()).map(|f| f.name.clone()).collect(),
+    };
+    if names.is_empty() {
+        bail!("no deployed fleet to check");
+    }
+    let previous = |name: &str| {
+        before.iter().find(|f| f.name == name).and_then(|f| f.drift.as_ref()).map(|d| d.checked_at)
+    };
+    let mut failed = false;
+    let mut waiting: Vec<(String, Option<crate::model::Timestamp>)> = Vec::new();
+    for name in names {
+        match client.post(&format!("/fleets/{}/drift", encode(&name)), None).await {
+            Ok(_) => {
+                let since = previous(&name);
+                waiting.push((name, since));
+            }
+            Err(error) => {
+                eprintln!("kiln: drift {name}: {error:#}");
+                failed = true;
+            }
+        }
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reports: Vec<DriftDto> = Vec::new();
+    while !waiting.is_empty() {
+        let fleets: Vec<FleetDto> = client.get("/fleets").await?;
+        waiting.retain(|(name, since)| {
+            let report = fleets.iter().find(|f| &f.name == name).and_then(|f| f.drift.clone());
+            match report.filter(|r| since.is_none_or(|since| r.checked_at > since)) {
+                Some(report) => {
+                    reports.push(report);
+                    false
+                }
+                None => true,
+            }
+        });
+        if waiting.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            for (name, _) in &waiting {
+                eprintln!(
+                    "kiln: drift {name}: no report within {}",
+                    crate::manifest::format_duration(timeout)
+                );
+            }
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    reports.sort_by(|a, b| a.fleet.cmp(&b.fleet));
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;
+    } else {
+        for report in &reports {
+            render::drift_report(out, report)?;
+        }
+    }
+    let drifted = reports.iter().any(|r| !r.findings.is_empty());
+    failed |= reports.iter().any(|r| !r.errors.is_empty());
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else if drifted {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// Without a daemon: the fleets named by rollouts in the store, with what they run.
 fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto>> {
     let rollouts = store.rollouts(&RolloutFilter::default())?;
@@ -763,6 +863,9 @@ fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto
             image: deployed.as_ref().map(|d| d.image.0.clone()),
             active_rollout: active.map(|r| r.id.0),
             active_state: active.map(|r| r.state),
+            drift: crate::drift::last_report(store, &name)?
+                .as_ref()
+                .map(crate::server::api::DriftDto::from),
             name,
             ..FleetDto::default()
         });

@@ -11,7 +11,7 @@ use std::io::Write;
 
 use crate::model::Timestamp;
 use crate::rollout::state::RolloutState;
-use crate::server::api::{EventDto, FleetDto, RolloutDto};
+use crate::server::api::{DriftDto, EventDto, FleetDto, RolloutDto};
 
 /// Shows control characters visibly instead of letting the terminal act on them: C0 controls
 /// (ESC, BEL, CR, backspace, ...), DEL and C1 controls (U+0080..U+009F, among them the
@@ -228,6 +228,42 @@ pub fn progress_bar(replaced: usize, total: usize) -> String {
 }
 
 /// `kiln status`.
+/// The `drift:` line of `kiln status` (and each finding under it).
+fn drift_lines(out: &mut dyn Write, drift: Option<&DriftDto>) -> std::io::Result<()> {
+    let Some(drift) = drift else {
+        return writeln!(out, "  drift:     not checked yet");
+    };
+    let at = drift.checked_at.format("%Y-%m-%d %H:%M:%S");
+    let record = drift.record.map(|id| format!(", see #{id}")).unwrap_or_default();
+    let repair = drift.repair.map(|id| format!(", repair #{id}")).unwrap_or_default();
+    if drift.findings.is_empty() && drift.errors.is_empty() {
+        return writeln!(out, "  drift:     none (checked {at})");
+    }
+    writeln!(
+        out,
+        "  drift:     {} finding(s){}, checked {at}{record}{repair}",
+        drift.findings.len(),
+        if drift.errors.is_empty() {
+            String::new()
+        } else {
+            format!(", {} error(s)", drift.errors.len())
+        }
+    )?;
+    for finding in &drift.findings {
+        writeln!(out, "    - {}: {}", clean(&finding.kind), clean(&finding.message))?;
+    }
+    for error in &drift.errors {
+        writeln!(out, "    - check failed: {}", clean(error))?;
+    }
+    Ok(())
+}
+
+/// `kiln drift`: one fleet's report.
+pub fn drift_report(out: &mut dyn Write, drift: &DriftDto) -> std::io::Result<()> {
+    writeln!(out, "fleet {}", clean(&drift.fleet))?;
+    drift_lines(out, Some(drift))
+}
+
 pub fn status(
     out: &mut dyn Write,
     fleets: &[FleetDto],
@@ -257,6 +293,7 @@ pub fn status(
             (Some(id), None) => writeln!(out, "  rollout:   #{id}")?,
             _ => writeln!(out, "  rollout:   none in progress")?,
         }
+        drift_lines(out, fleet.drift.as_ref())?;
         if !live {
             writeln!(out, "  instances: unknown (no daemon running)")?;
             continue;

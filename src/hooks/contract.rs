@@ -48,6 +48,14 @@ pub const KILN_STATE_DIR: &str = "KILN_STATE_DIR";
 /// after a restart) and differs otherwise: bake = the cache key; reconcile = a hash of fleet,
 /// rollout, commit and image. Use it to make side effects idempotent.
 pub const KILN_IDEMPOTENCY_KEY: &str = "KILN_IDEMPOTENCY_KEY";
+/// Reconcile: `apply` (a rollout; also when absent) or `plan` (a drift check: change nothing,
+/// exit 0 = no drift, [`EXIT_DRIFT`] = drift, anything else = the check failed).
+pub const KILN_MODE: &str = "KILN_MODE";
+/// Reconcile in plan mode: the infrastructure differs from what the commit describes.
+pub const EXIT_DRIFT: i32 = 2;
+/// Reconcile in plan mode: the `$KILN_OUTPUT` key whose value summarises the drift.
+pub const OUTPUT_SUMMARY: &str = "summary";
+
 /// Path of an empty file the hook writes its outputs to, as `key=value` lines.
 pub const KILN_OUTPUT: &str = "KILN_OUTPUT";
 /// A private, empty directory for output files (e.g. `terraform-outputs.json`).

@@ -23,7 +23,6 @@ pub mod contract;
 pub mod output;
 pub mod packer;
 pub mod process;
-pub(crate) mod step;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};

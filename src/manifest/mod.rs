@@ -121,7 +121,47 @@ pub struct Fleet {
     /// How instances are replaced.
     #[serde(default)]
     pub rollout: RolloutPolicy,
+    /// How often kiln inspects the fleet for drift, and what it does about it (optional).
+    #[serde(default)]
+    pub drift: DriftPolicy,
 }
+
+/// Drift inspection: instances off the deployed image, missing, dead or unknown; load-balancer
+/// backends kiln did not attach; infra drift from the reconcile hook in plan mode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DriftPolicy {
+    /// How often the fleet is checked (default 5m; at least [`MIN_DRIFT_INTERVAL`]).
+    #[serde(default = "defaults::drift_interval", with = "duration::serde_duration")]
+    #[schemars(with = "String")]
+    pub interval: Duration,
+    /// `report` (default): findings are recorded and shown. `repair`: instance drift starts a
+    /// `repair` rollout, infra drift a reconcile run.
+    #[serde(default)]
+    pub mode: DriftMode,
+}
+
+impl Default for DriftPolicy {
+    fn default() -> Self {
+        DriftPolicy { interval: defaults::drift_interval(), mode: DriftMode::default() }
+    }
+}
+
+/// What kiln does about drift it finds.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftMode {
+    /// Record and show the findings; change nothing.
+    #[default]
+    Report,
+    /// Record them, then bring the fleet back: a `repair` rollout, a reconcile run.
+    Repair,
+}
+
+/// The shortest `drift.interval` (each check lists instances and may run the plan hook).
+pub const MIN_DRIFT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The image and its bake stages.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -528,6 +568,9 @@ mod defaults {
     pub fn exec_timeout() -> Duration {
         Duration::from_secs(5 * 60)
     }
+    pub fn drift_interval() -> Duration {
+        Duration::from_secs(5 * 60)
+    }
 }
 
 impl Fleet {
@@ -914,6 +957,16 @@ fn check_policy(
     files: &dyn RepoFiles,
     lb_ports: &mut BTreeSet<u16>,
 ) {
+    if fleet.drift.interval < MIN_DRIFT_INTERVAL {
+        let written = format_duration(fleet.drift.interval);
+        report.push(
+            || locate(text, "interval", &written, locate(text, "drift", "", at).0.max(at)),
+            format!(
+                "drift.interval {written} is under the minimum of {}",
+                format_duration(MIN_DRIFT_INTERVAL)
+            ),
+        );
+    }
     let policy = &fleet.rollout;
     match policy.capacity {
         Capacity::Fixed(0) => {

@@ -413,3 +413,27 @@ fn the_schema_shows_both_capacity_forms() {
     let range = defs.get("CapacityRange").expect("CapacityRange").to_string();
     assert!(range.contains("\"min\"") && range.contains("\"max\""), "{range}");
 }
+
+#[test]
+fn drift_defaults_to_report_every_five_minutes_and_is_validated() {
+    let manifest = load(GOOD, "kiln.yaml", &HOOKS).unwrap();
+    let drift = &manifest.fleets[0].drift;
+    assert_eq!(drift.interval, Duration::from_secs(300));
+    assert_eq!(drift.mode, DriftMode::Report);
+
+    let repair = format!("{GOOD}    drift: {{ interval: 30s, mode: repair }}\n");
+    let manifest = load(&repair, "kiln.yaml", &HOOKS).unwrap();
+    assert_eq!(manifest.fleets[0].drift.interval, Duration::from_secs(30));
+    assert_eq!(manifest.fleets[0].drift.mode, DriftMode::Repair);
+
+    let too_short = format!("{GOOD}    drift: {{ interval: 10ms }}\n");
+    let found = problems(&too_short);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let line = too_short.lines().count();
+    assert!(found[0].starts_with(&format!("kiln.yaml:{line}:")), "{found:?}");
+    assert!(found[0].contains("drift.interval 10ms is under the minimum of 1s"), "{found:?}");
+
+    let bad_mode = format!("{GOOD}    drift: {{ mode: fix }}\n");
+    let found = problems(&bad_mode);
+    assert!(found.iter().any(|p| p.contains("fix") && p.contains("report")), "{found:?}");
+}

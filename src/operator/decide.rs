@@ -64,6 +64,8 @@ pub enum Verb {
     Resume,
     /// Stop the running, paused or queued rollout for good.
     Abort,
+    /// Check the fleet for drift now.
+    Drift,
 }
 
 /// How a job ended.
@@ -147,6 +149,15 @@ pub enum Input {
     Observed(Observation),
     /// A timer fired (a retry or repair backoff is over).
     Wake,
+    /// `drift.interval` passed since the last drift check.
+    DriftDue,
+    /// A drift check ended and recorded its report.
+    DriftChecked {
+        /// The lane generation the check started under.
+        generation: u64,
+        /// The report asks for a repair and the fleet's drift mode is `repair`.
+        repair: bool,
+    },
 }
 
 /// What the reconciler does, in order.
@@ -183,6 +194,13 @@ pub enum Effect {
     CreateRebake,
     /// Observe the fleet now (a job ended: refresh the status and check capacity).
     Observe,
+    /// Start a drift check (unless one runs).
+    CheckDrift {
+        /// `command` or `interval`.
+        trigger: &'static str,
+    },
+    /// Create a `repair` rollout from the last drift report (then `Planned` it).
+    CreateDriftRepair,
 }
 
 /// Backoff of transient start failures: 1 s doubling to 60 s.
@@ -248,8 +266,7 @@ pub fn decide(lane: &Lane, input: Input, fleet: &str, now: Timestamp) -> (Lane, 
             }
         }
         Input::Observed(observation) => {
-            let idle = lane.running.is_none() && lane.queued.is_none() && lane.paused.is_none();
-            if idle && observation.generation == lane.generation && observation.deployed {
+            if idle(&lane) && observation.generation == lane.generation && observation.deployed {
                 if observation.rebake_due {
                     effects.push(Effect::CreateRebake);
                 } else if let Some(reason) = observation.repair_reason() {
@@ -260,8 +277,24 @@ pub fn decide(lane: &Lane, input: Input, fleet: &str, now: Timestamp) -> (Lane, 
             }
         }
         Input::Wake => start_queued(&mut lane, &mut effects, now),
+        Input::DriftDue => {
+            if idle(&lane) {
+                effects.push(Effect::CheckDrift { trigger: "interval" });
+            }
+        }
+        Input::DriftChecked { generation, repair } => {
+            // A rollout that started meanwhile moves the fleet anyway.
+            if repair && idle(&lane) && generation == lane.generation {
+                effects.push(Effect::CreateDriftRepair);
+            }
+        }
     }
     (lane, effects)
+}
+
+/// No rollout runs, waits or is paused.
+fn idle(lane: &Lane) -> bool {
+    lane.running.is_none() && lane.queued.is_none() && lane.paused.is_none()
 }
 
 /// `id` becomes the queued rollout: older queued and paused ones are superseded, a running one
@@ -332,6 +365,16 @@ fn on_verb(lane: &mut Lane, effects: &mut Vec<Effect>, verb: Verb, fleet: &str) 
                     effects.push(Effect::Reply(Ok(id)));
                 }
                 None => effects.push(conflict(format!("fleet `{fleet}` has no rollout to abort"))),
+            }
+        }
+        Verb::Drift => {
+            if idle(lane) {
+                effects.push(Effect::CheckDrift { trigger: "command" });
+                effects.push(Effect::Reply(Ok(super::NO_ROLLOUT)));
+            } else {
+                effects.push(conflict(format!(
+                    "fleet `{fleet}` has a rollout in progress; drift is checked when it is idle"
+                )));
             }
         }
         Verb::Resume => match (lane.paused, lane.running) {

@@ -37,6 +37,8 @@ const OBSERVE_DEADLINE: Duration = Duration::from_secs(60);
 const OBSERVE_LOCAL: Duration = Duration::from_secs(2);
 /// How often an idle fleet on another provider is observed (each look is a cloud API call).
 const OBSERVE_REMOTE: Duration = Duration::from_secs(300);
+/// `drift.interval` of a fleet the tip's manifest does not describe.
+const DEFAULT_DRIFT_INTERVAL: Duration = Duration::from_secs(300);
 
 /// A fleet as the manifest at a commit describes it, with the tree ids the planner computed
 /// (stored as deployed when the rollout succeeds). Saves the job a manifest parse.
@@ -143,14 +145,31 @@ struct Reconciler {
     observing: Option<tokio::task::JoinHandle<()>>,
     next_observe: tokio::time::Instant,
     status: FleetStatus,
+    /// Stops the drift check in flight (a rollout starts, shutdown).
+    drift_cancel: Option<CancellationToken>,
+    drift_tx: mpsc::UnboundedSender<Result<Option<crate::drift::DriftReport>, String>>,
+    /// When the next periodic drift check is due.
+    next_drift: tokio::time::Instant,
+    /// The last report that asked for a repair (consumed by `CreateDriftRepair`).
+    drift_report: Option<crate::drift::DriftReport>,
+    /// The lane generation the drift check in flight started under.
+    drift_generation: u64,
 }
 
 impl Reconciler {
     fn new(name: String, cx: Context, shared: Arc<Shared>, fleet: Option<Fleet>) -> Reconciler {
         let (done_tx, _) = mpsc::unbounded_channel();
         let (observed_tx, _) = mpsc::unbounded_channel();
+        let (drift_tx, _) = mpsc::unbounded_channel();
+        let interval = fleet.as_ref().map_or(DEFAULT_DRIFT_INTERVAL, |f| f.drift.interval);
+        let drift = crate::drift::last_report(&cx.env.store, &name).ok().flatten();
         Reconciler {
-            status: FleetStatus { name: name.clone(), ..FleetStatus::default() },
+            drift_cancel: None,
+            drift_tx,
+            next_drift: tokio::time::Instant::now() + interval,
+            drift_report: None,
+            drift_generation: 0,
+            status: FleetStatus { name: name.clone(), drift, ..FleetStatus::default() },
             name,
             cx,
             shared,
@@ -179,8 +198,10 @@ impl Reconciler {
     ) {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
+        let (drift_tx, mut drift_rx) = mpsc::unbounded_channel();
         self.done_tx = done_tx;
         self.observed_tx = observed_tx;
+        self.drift_tx = drift_tx;
         for (id, state) in &active {
             if *state != RolloutState::Paused {
                 tracing::info!(rollout = %id, fleet = %self.name, state = %state, "Resuming rollout.");
@@ -224,7 +245,15 @@ impl Reconciler {
                 }
                 () = sleep_until(wake) => self.feed(Input::Wake),
                 () = tokio::time::sleep_until(self.next_observe) => self.observe(),
+                () = tokio::time::sleep_until(self.next_drift) => {
+                    self.next_drift = tokio::time::Instant::now() + self.drift_interval();
+                    self.feed(Input::DriftDue);
+                }
+                Some(result) = drift_rx.recv() => self.on_drift_checked(result),
             }
+        }
+        if let Some(cancel) = self.drift_cancel.take() {
+            cancel.cancel();
         }
         if let Some(job) = self.job.take() {
             // Every step is persisted before it is taken: the next start resumes from here.
@@ -256,6 +285,7 @@ impl Reconciler {
                     Command::Pause { .. } => Verb::Pause,
                     Command::Resume { .. } => Verb::Resume,
                     Command::Abort { .. } => Verb::Abort,
+                    Command::Drift { .. } => Verb::Drift,
                     Command::Rollback { to, .. } => {
                         let _ = reply.send(self.rollback(to.as_deref()));
                         return;
@@ -357,7 +387,123 @@ impl Reconciler {
                 }
             },
             Effect::Observe => self.next_observe = tokio::time::Instant::now(),
+            Effect::CheckDrift { trigger } => self.check_drift(trigger),
+            Effect::CreateDriftRepair => match self.create_drift_repair() {
+                Ok(Some(id)) => self.feed(Input::Planned(id)),
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(fleet = %self.name, error = %format!("{error:#}"), "Could not plan a drift repair.")
+                }
+            },
         }
+    }
+
+    fn drift_interval(&self) -> Duration {
+        self.fleet.as_ref().map_or(DEFAULT_DRIFT_INTERVAL, |f| f.drift.interval)
+    }
+
+    /// Starts a drift check in its own task (one at a time); its report comes back through
+    /// `drift_rx`. Needs the fleet in the manifest and a deployed image.
+    fn check_drift(&mut self, trigger: &'static str) {
+        if self.drift_cancel.is_some() {
+            return;
+        }
+        let Some(fleet) = self.fleet.clone() else { return };
+        let store = self.cx.env.store.clone();
+        let Some(deployed) = store.deployed(&self.name).ok().flatten() else {
+            tracing::debug!(fleet = %self.name, "No drift check: never deployed.");
+            return;
+        };
+        let cancel = CancellationToken::new();
+        self.drift_cancel = Some(cancel.clone());
+        self.drift_generation = self.lane.generation;
+        let (cx, shared, tx) = (self.cx.clone(), self.shared.clone(), self.drift_tx.clone());
+        tracing::debug!(fleet = %self.name, trigger, "Drift check started.");
+        tokio::spawn(async move {
+            let provider = match provider_for(&cx, &shared, &fleet, &deployed.revision).await {
+                Ok(provider) => provider,
+                Err(error) => {
+                    let _ = tx.send(Err(format!("provider unavailable: {}", chain(&error))));
+                    return;
+                }
+            };
+            let deadline = fleet.infra.as_ref().map_or(Duration::ZERO, |i| i.timeout)
+                + Duration::from_secs(60);
+            let input = crate::drift::CheckInput {
+                fleet,
+                deployed,
+                provider,
+                store: store.clone(),
+                mirror: cx.env.mirror.clone(),
+                data_dir: cx.env.data_dir.clone(),
+                hook_env: cx.env.hook_env.clone(),
+                metrics: cx.env.metrics.clone(),
+                trigger: trigger.to_owned(),
+                deadline,
+                cancel,
+            };
+            let result = match crate::drift::check_fleet(input).await {
+                Some(report) => {
+                    tokio::task::spawn_blocking(move || crate::drift::record(&store, report))
+                        .await
+                        .map_err(|e| format!("drift record task failed: {e}"))
+                        .and_then(|res| res.map(Some).map_err(|e| chain(&e)))
+                }
+                None => Ok(None),
+            };
+            let _ = tx.send(result);
+        });
+    }
+
+    fn on_drift_checked(&mut self, result: Result<Option<crate::drift::DriftReport>, String>) {
+        self.drift_cancel = None;
+        self.next_drift = tokio::time::Instant::now() + self.drift_interval();
+        let report = match result {
+            Ok(Some(report)) => report,
+            Ok(None) => {
+                tracing::debug!(fleet = %self.name, "Drift check stopped before it ended.");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(fleet = %self.name, error = %error, "Drift check failed.");
+                return;
+            }
+        };
+        if report.clean() {
+            tracing::debug!(fleet = %self.name, "No drift.");
+        } else {
+            tracing::warn!(fleet = %self.name, record = ?report.record, summary = %report.summary(), "Drift found.");
+        }
+        let repair =
+            self.fleet.as_ref().is_some_and(|f| f.drift.mode == crate::manifest::DriftMode::Repair)
+                && crate::drift::wants_repair(&report).is_some();
+        self.status.drift = Some(report.clone());
+        self.drift_report = repair.then_some(report);
+        let generation = self.drift_generation;
+        self.feed(Input::DriftChecked { generation, repair });
+    }
+
+    /// `drift.mode: repair`: a `repair` rollout for what the last report found (instances,
+    /// and infra through a reconcile).
+    fn create_drift_repair(&mut self) -> anyhow::Result<Option<RolloutId>> {
+        let Some(mut report) = self.drift_report.take() else { return Ok(None) };
+        let Some(repair) = crate::drift::wants_repair(&report) else { return Ok(None) };
+        let store = &self.cx.env.store;
+        let Some(deployed) = store.deployed(&self.name)? else { return Ok(None) };
+        let record = crate::drift::repair_rollout(&report, &deployed, repair, self.now());
+        let rollout = store.create_rollout(record)?;
+        store.append_event(
+            rollout.id,
+            Level::Info,
+            EventKind::Plan,
+            rollout.plan.reason.clone(),
+            report.record.map(|id| serde_json::json!({ "drift_record": id.0 })),
+        )?;
+        report.repair = Some(rollout.id);
+        store.set_meta(&crate::drift::last_key(&self.name), &report)?;
+        self.status.drift = Some(report);
+        tracing::info!(rollout = %rollout.id, fleet = %self.name, "Drift repair planned.");
+        Ok(Some(rollout.id))
     }
 
     /// Keeps the fleet's entry in the status view current (lane part; instances come from
@@ -386,6 +532,10 @@ impl Reconciler {
     }
 
     fn start(&mut self, id: RolloutId) {
+        // A drift check of the fleet stops: its plan hook must not run beside the rollout's.
+        if let Some(cancel) = self.drift_cancel.take() {
+            cancel.cancel();
+        }
         let (control, control_rx) = watch::channel(Control::Run);
         let cx = self.cx.clone();
         let shared = self.shared.clone();
@@ -758,7 +908,7 @@ async fn observe(
 /// The image is older than `image.rebake` and no rebake was tried within the interval.
 fn rebake_due(store: &crate::store::Store, fleet: &Fleet, now: crate::model::Timestamp) -> bool {
     let Some(every) = fleet.image.rebake else { return false };
-    if !crate::bake::rebake_due(store, fleet, now) {
+    if !crate::pipeline::bake::rebake_due(store, fleet, now) {
         return false;
     }
     let recent = store

@@ -61,7 +61,16 @@ pub enum Command {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Check the fleet for drift now (in the background; the report lands in
+    /// `FleetStatus::drift`). Answers [`NO_ROLLOUT`].
+    Drift {
+        /// Fleet.
+        fleet: String,
+    },
 }
+
+/// The id a verb that creates no rollout answers with (`drift`).
+pub const NO_ROLLOUT: RolloutId = RolloutId(0);
 
 impl Command {
     /// The fleet the verb applies to.
@@ -70,7 +79,8 @@ impl Command {
             Command::Pause { fleet }
             | Command::Resume { fleet }
             | Command::Abort { fleet }
-            | Command::Rollback { fleet, .. } => fleet,
+            | Command::Rollback { fleet, .. }
+            | Command::Drift { fleet } => fleet,
         }
     }
 }
@@ -149,6 +159,9 @@ pub struct FleetStatus {
     pub instances: Vec<InstanceStatus>,
     /// When this view was refreshed.
     pub observed_at: Option<crate::model::Timestamp>,
+    /// The last drift check's report, if the fleet was ever checked.
+    #[serde(default)]
+    pub drift: Option<crate::drift::DriftReport>,
 }
 
 /// One instance as `kiln status` shows it.

@@ -130,10 +130,30 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// Stops the instance for good. Idempotent (an unknown instance is already gone).
     async fn terminate(&self, id: &InstanceId) -> Result<(), ProviderError>;
 
+    /// Load-balancer backends kiln did not attach, found since the last call (for the drift
+    /// report). The local provider removes each on sight and remembers it until this call;
+    /// a provider that cannot tell returns none.
+    async fn foreign_backends(&self) -> Result<Vec<ForeignBackend>, ProviderError> {
+        Ok(Vec::new())
+    }
+
     /// The address clients use (the load balancer URL), when there is one.
     fn endpoint(&self) -> Option<String> {
         None
     }
+}
+
+/// A load-balancer backend kiln did not attach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignBackend {
+    /// The backend's id in the load balancer.
+    pub id: String,
+    /// Where it sent traffic.
+    pub address: String,
+    /// When kiln saw it.
+    pub seen_at: Timestamp,
+    /// Whether kiln removed it from the load balancer.
+    pub removed: bool,
 }
 
 /// A shared provider handle.

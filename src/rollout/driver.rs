@@ -587,15 +587,15 @@ async fn run_hook(
     let work = async {
         if baking {
             // A scheduled rebake exists to pick up updates the inputs don't show: skip the cache.
-            let options = crate::bake::BakeOptions {
+            let options = crate::pipeline::bake::BakeOptions {
                 force: matches!(rollout.origin, crate::rollout::state::Origin::Rebake),
             };
-            crate::bake::bake_fleet_with(&cx, options)
+            crate::pipeline::bake::bake_fleet_with(&cx, options)
                 .await
                 .map(|b| baked(rollout, b.image, b.stage_images))
         } else {
             let image = rollout.image.clone().unwrap_or_else(|| ImageRef::from(""));
-            crate::reconcile::reconcile_fleet(&cx, &image, &rollout.stage_images)
+            crate::pipeline::reconcile::reconcile_fleet(&cx, &image, &rollout.stage_images)
                 .await
                 .map(|outputs| reconciled(rollout, outputs))
         }

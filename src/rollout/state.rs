@@ -131,8 +131,9 @@ pub enum Origin {
     },
     /// A scheduled rebake (security updates) without a commit.
     Rebake,
-    /// Put a fleet back to what it should run: an instance died, went missing or (drift mode
-    /// `repair`) runs another image. Rolls the deployed image, with a deploy's guarantees.
+    /// A drift check's findings (a record in the log, never driven: see `drift`).
+    Drift,
+    /// Bringing a drifted fleet back to its deployed image (and infra) without a commit.
     Repair,
 }
 

@@ -46,7 +46,8 @@ pub struct RolloutDto {
     pub summary: String,
     /// What noticed the commit (`poll`, `notify`, `webhook:gitlab`, `cli`, ...).
     pub trigger: String,
-    /// How it started: `commit`, `rollback`, `auto_rollback`, `rebake`.
+    /// How it started: `commit`, `rollback`, `auto_rollback`, `rebake`, `drift` (a drift check's
+    /// findings), `repair`.
     pub origin: String,
     /// Where it stands.
     pub state: RolloutState,
@@ -108,6 +109,7 @@ impl RolloutDto {
             Origin::Rollback { .. } => "rollback",
             Origin::AutoRollback { .. } => "auto_rollback",
             Origin::Rebake => "rebake",
+            Origin::Drift => "drift",
             Origin::Repair => "repair",
         };
         let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
@@ -254,6 +256,70 @@ pub struct FleetDto {
     pub instances: Vec<InstanceDto>,
     /// When observed (`null` when read from the store without a daemon).
     pub observed_at: Option<Timestamp>,
+    /// The last drift check (`null`: never checked).
+    #[serde(default)]
+    pub drift: Option<DriftDto>,
+}
+
+/// A drift check's report (`GET /fleets/{name}/drift`, and in every fleet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftDto {
+    /// The fleet.
+    pub fleet: String,
+    /// When the check ended.
+    pub checked_at: Timestamp,
+    /// `interval` or `command`.
+    pub trigger: String,
+    /// The deployed commit compared against.
+    pub commit: Option<String>,
+    /// The deployed image compared against.
+    pub image: Option<String>,
+    /// What differs; empty when nothing does.
+    pub findings: Vec<FindingDto>,
+    /// Parts of the check that could not be done.
+    pub errors: Vec<String>,
+    /// The record in the log (`origin: drift`) holding the findings as events.
+    pub record: Option<u64>,
+    /// The `repair` rollout started for it (`drift.mode: repair`).
+    pub repair: Option<u64>,
+}
+
+/// One drift finding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindingDto {
+    /// `off_image`, `not_running`, `missing`, `unknown`, `backend`, `infra`.
+    pub kind: String,
+    /// The instance or backend concerned.
+    pub subject: Option<String>,
+    /// In words.
+    pub message: String,
+}
+
+impl From<&crate::drift::DriftReport> for DriftDto {
+    fn from(report: &crate::drift::DriftReport) -> Self {
+        DriftDto {
+            fleet: report.fleet.clone(),
+            checked_at: report.checked_at,
+            trigger: report.trigger.clone(),
+            commit: report.revision.as_ref().map(|r| r.0.clone()),
+            image: report.image.as_ref().map(|i| i.0.clone()),
+            findings: report
+                .findings
+                .iter()
+                .map(|f| FindingDto {
+                    kind: serde_json::to_value(f.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    subject: f.subject.clone(),
+                    message: f.message.clone(),
+                })
+                .collect(),
+            errors: report.errors.clone(),
+            record: report.record.map(|id| id.0),
+            repair: report.repair.map(|id| id.0),
+        }
+    }
 }
 
 impl From<&FleetStatus> for FleetDto {
@@ -269,6 +335,7 @@ impl From<&FleetStatus> for FleetDto {
             endpoint: fleet.endpoint.clone(),
             instances: fleet.instances.iter().map(InstanceDto::from).collect(),
             observed_at: fleet.observed_at,
+            drift: fleet.drift.as_ref().map(DriftDto::from),
         }
     }
 }
@@ -548,6 +615,7 @@ pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/fleets", get(fleets))
         .route("/fleets/{name}/instances", get(instances))
+        .route("/fleets/{name}/drift", get(drift_report).post(drift_verb))
         .route("/fleets/{name}/{verb}", post(verb))
         .route("/rollouts", get(rollouts))
         .route("/rollouts/{id}", get(rollout))
@@ -700,6 +768,7 @@ async fn verb(
         "pause" => Command::Pause { fleet },
         "resume" => Command::Resume { fleet },
         "abort" => Command::Abort { fleet },
+        "drift" => Command::Drift { fleet },
         "rollback" => {
             let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
                 RollbackBody::default()
@@ -713,7 +782,7 @@ async fn verb(
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("unknown verb `{other}` (pause, resume, abort, rollback)"),
+                format!("unknown verb `{other}` (pause, resume, abort, rollback, drift)"),
             ));
         }
     };
@@ -721,11 +790,39 @@ async fn verb(
     match shared.app.operator.command(command).await {
         Ok(id) => Ok((
             StatusCode::ACCEPTED,
-            Json(Accepted { status: "accepted".into(), rollout: Some(id.0) }),
+            Json(Accepted {
+                status: "accepted".into(),
+                rollout: (id != crate::operator::NO_ROLLOUT).then_some(id.0),
+            }),
         )),
         Err(error) => Err(ApiError::new(
             StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             error.message,
+        )),
+    }
+}
+
+/// `POST /fleets/{name}/drift`: starts a drift check in the background (202; the report
+/// appears in `GET /fleets/{name}/drift` and in the fleet's status when it ends).
+async fn drift_verb(
+    State(shared): State<Shared>,
+    Path(fleet): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    verb(State(shared), Path((fleet, "drift".to_owned())), headers, body).await
+}
+
+/// `GET /fleets/{name}/drift`: the fleet's last drift report (404 if never checked).
+async fn drift_report(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<DriftDto>, ApiError> {
+    match crate::drift::last_report(&shared.app.operator.store, &name)? {
+        Some(report) => Ok(Json(DriftDto::from(&report))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("fleet `{name}` has no drift report yet"),
         )),
     }
 }

@@ -112,13 +112,21 @@ pub enum EventKind {
     Gc,
     /// Garbage collection removed one image, instance dir or repo copy.
     GcRemoved,
+    /// A drift check found an instance that is not what was deployed.
+    DriftInstance,
+    /// A drift check found a load-balancer backend kiln did not attach.
+    DriftBackend,
+    /// A drift check found infra drift (the reconcile hook's plan).
+    DriftInfra,
+    /// A drift check could not look at something.
+    DriftError,
     /// A kind this build does not know (written by a newer kiln); kept verbatim.
     Other(String),
 }
 
 impl EventKind {
     /// Every kind this build writes, in a stable order (for docs and tests).
-    pub const KNOWN: [EventKind; 30] = [
+    pub const KNOWN: [EventKind; 34] = [
         EventKind::State,
         EventKind::Rollout,
         EventKind::Plan,
@@ -149,6 +157,10 @@ impl EventKind {
         EventKind::Instance(InstanceAction::Died),
         EventKind::Gc,
         EventKind::GcRemoved,
+        EventKind::DriftInstance,
+        EventKind::DriftBackend,
+        EventKind::DriftInfra,
+        EventKind::DriftError,
     ];
 
     /// The stored (and wire) name.
@@ -186,6 +198,10 @@ impl EventKind {
             },
             EventKind::Gc => "gc",
             EventKind::GcRemoved => "gc.removed",
+            EventKind::DriftInstance => "drift.instance",
+            EventKind::DriftBackend => "drift.backend",
+            EventKind::DriftInfra => "drift.infra",
+            EventKind::DriftError => "drift.error",
             EventKind::Other(text) => text,
         }
     }

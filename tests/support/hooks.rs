@@ -5,7 +5,7 @@
 //! let h = Harness::new();
 //! let fleet = fleet_from_yaml(YAML);
 //! let revision = Revision::from(sha.as_str());
-//! let baked = kiln::bake::bake_fleet(&h.cx(&fleet, &revision, repo.bare_path())).await?;
+//! let baked = kiln::pipeline::bake::bake_fleet(&h.cx(&fleet, &revision, repo.bare_path())).await?;
 //! assert!(h.kinds().contains(&"bake.done".to_owned()));
 //! ```
 

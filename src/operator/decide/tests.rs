@@ -154,6 +154,36 @@ fn an_idle_deployed_fleet_short_of_instances_gets_a_repair_that_backs_off_when_i
 }
 
 #[test]
+fn drift_is_checked_and_repaired_only_on_an_idle_fleet() {
+    let idle = Lane::default();
+    let (_, effects) = run(&idle, Input::Verb(Verb::Drift), t(0));
+    assert_eq!(
+        effects,
+        vec![
+            Effect::CheckDrift { trigger: "command" },
+            Effect::Reply(Ok(super::super::NO_ROLLOUT))
+        ]
+    );
+    assert_eq!(
+        run(&idle, Input::DriftDue, t(0)).1,
+        vec![Effect::CheckDrift { trigger: "interval" }]
+    );
+    let checked = |generation, repair| Input::DriftChecked { generation, repair };
+    assert_eq!(run(&idle, checked(0, true), t(0)).1, vec![Effect::CreateDriftRepair]);
+    assert!(run(&idle, checked(0, false), t(0)).1.is_empty(), "mode report: nothing");
+
+    let (busy, _) = run(&idle, Input::Planned(id(1)), t(0));
+    assert!(is_conflict(&run(&busy, Input::Verb(Verb::Drift), t(0)).1));
+    assert!(run(&busy, Input::DriftDue, t(0)).1.is_empty());
+    assert!(run(&busy, checked(busy.generation, true), t(0)).1.is_empty());
+    // A check that started before a rollout came and went reports a fleet that moved since.
+    let ended =
+        Input::JobEnded { rollout: id(1), repair: false, outcome: Outcome::Ended(S::Succeeded) };
+    let (after, _) = run(&busy, ended, t(1));
+    assert!(run(&after, checked(0, true), t(1)).1.is_empty(), "stale report: no repair");
+}
+
+#[test]
 fn recovery_resumes_the_newest_and_keeps_the_newest_paused() {
     let active =
         vec![(id(3), S::Paused), (id(5), S::Paused), (id(6), S::Rolling), (id(7), S::Pending)];
@@ -245,7 +275,11 @@ impl World {
                 *rec = Rec::Done(state);
             }
             Effect::Reply(_) => self.replies += 1,
-            Effect::DriverFailed { .. } | Effect::Observe => {}
+            Effect::DriverFailed { .. } | Effect::Observe | Effect::CheckDrift { .. } => {}
+            Effect::CreateDriftRepair => {
+                let id = self.create(true);
+                self.feed(Input::Planned(id), log);
+            }
             Effect::CreateRepair { .. } => {
                 let id = self.create(true);
                 self.feed(Input::Planned(id), log);
@@ -297,7 +331,8 @@ fn random_sequences_with_crashes_never_lose_double_start_or_revive_a_rollout() {
                 }
                 2 => {
                     let before = world.replies;
-                    let verb = [Verb::Pause, Verb::Resume, Verb::Abort][rng.usize(0..3)];
+                    let verb =
+                        [Verb::Pause, Verb::Resume, Verb::Abort, Verb::Drift][rng.usize(0..4)];
                     world.feed(Input::Verb(verb), &mut log);
                     assert_eq!(world.replies, before + 1, "a verb not answered once: {log:#?}");
                 }
@@ -353,7 +388,17 @@ fn random_sequences_with_crashes_never_lose_double_start_or_revive_a_rollout() {
                     };
                     world.feed(Input::Observed(obs), &mut log);
                 }
-                6 => world.feed(Input::Wake, &mut log),
+                6 => match rng.u8(0..3) {
+                    0 => world.feed(Input::Wake, &mut log),
+                    1 => world.feed(Input::DriftDue, &mut log),
+                    _ => {
+                        let checked = Input::DriftChecked {
+                            generation: world.lane.generation,
+                            repair: rng.bool(),
+                        };
+                        world.feed(checked, &mut log)
+                    }
+                },
                 7 => {
                     // kill -9: the job dies with the daemon; the store keeps every record.
                     log.push("crash".into());

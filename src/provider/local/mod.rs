@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hooks::process::{self, ProcessRef};
 use crate::model::{ImageRef, InstanceId, Timestamp};
-use crate::provider::{Instance, Provider, ProviderError};
+use crate::provider::{ForeignBackend, Instance, Provider, ProviderError};
 
 /// How long an instance gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -73,7 +73,13 @@ pub struct LocalProvider {
     /// Serialises launch and terminate within this process, so two launches with one key
     /// cannot both miss the other's record.
     lock: tokio::sync::Mutex<()>,
+    /// Backends kiln did not attach, removed since the last [`Provider::foreign_backends`]
+    /// (oldest first, at most [`MAX_FOREIGN`]): removed on sight, remembered for the drift report.
+    foreign: std::sync::Mutex<Vec<ForeignBackend>>,
 }
+
+/// How many removed foreign backends are remembered until a drift check reads them.
+const MAX_FOREIGN: usize = 64;
 
 /// Lifecycle of an instance record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +187,7 @@ impl LocalProvider {
             http,
             admin_token,
             lock: tokio::sync::Mutex::new(()),
+            foreign: std::sync::Mutex::new(Vec::new()),
         };
         let state = provider.ensure_lb(true).await?;
         if state.port != provider.lb_port {
@@ -349,6 +356,17 @@ impl LocalProvider {
             }
             tracing::warn!(fleet = %self.config.fleet, backend = %backend.id, address = %backend.address, "Removing a backend kiln did not attach.");
             self.remove_backend(&backend.id, Duration::ZERO, "list").await?;
+            if let Ok(mut foreign) = self.foreign.lock() {
+                if foreign.len() >= MAX_FOREIGN {
+                    foreign.remove(0);
+                }
+                foreign.push(ForeignBackend {
+                    id: backend.id.clone(),
+                    address: backend.address.clone(),
+                    seen_at: crate::model::now(),
+                    removed: true,
+                });
+            }
         }
         Ok(kept)
     }
@@ -710,6 +728,12 @@ impl Provider for LocalProvider {
         self.write_record(&record, "terminate")?;
         tracing::info!(fleet = %self.config.fleet, instance = %id, "Instance terminated.");
         Ok(())
+    }
+
+    async fn foreign_backends(&self) -> Result<Vec<ForeignBackend>, ProviderError> {
+        // Removes (and remembers) what the LB serves now that kiln did not attach.
+        self.backends().await?;
+        Ok(self.foreign.lock().map(|mut found| std::mem::take(&mut *found)).unwrap_or_default())
     }
 
     fn endpoint(&self) -> Option<String> {

@@ -11,11 +11,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::hooks::contract as abi;
-use crate::hooks::step::{self, Workspace};
 use crate::hooks::{HookError, HookOutcome, HookSpec, packer};
 use crate::manifest::{Fleet, Stage};
 use crate::model::{ImageRef, Timestamp};
-use crate::pipeline::{StepContext, StepError};
+use crate::pipeline::{self, StepContext, StepError, Workspace};
 use crate::store::{BakeRecord, EventKind, Level, Store};
 
 /// The result of baking all of a fleet's stages.
@@ -80,7 +79,7 @@ pub fn cache_key(
     parent: Option<&ImageRef>,
     hook: &[u8],
 ) -> String {
-    step::digest(&[
+    pipeline::digest(&[
         b"kiln-bake-v1",
         fleet.as_bytes(),
         stage.as_bytes(),
@@ -127,7 +126,7 @@ async fn bake_stage(
     let fleet = &cx.fleet.name;
     let path = stage.path.trim_end_matches('/').to_owned();
     let lookup = path.clone();
-    let tree_id = step::git(cx, move |m, r| crate::source::git::tree_id(m, r, &lookup))
+    let tree_id = pipeline::git(cx, move |m, r| crate::source::git::tree_id(m, r, &lookup))
         .await?
         .ok_or_else(|| {
             StepError::Other(format!(
@@ -138,7 +137,7 @@ async fn bake_stage(
             ))
         })?;
     let hook_path = stage.bake.clone();
-    let hook = step::git(cx, move |m, r| crate::source::git::read_file(m, r, &hook_path))
+    let hook = pipeline::git(cx, move |m, r| crate::source::git::read_file(m, r, &hook_path))
         .await?
         .ok_or_else(|| {
             StepError::Other(format!(
@@ -256,11 +255,11 @@ async fn run_bake_hook(
         program,
         args: Vec::new(),
         workdir: workspace.tree.clone(),
-        env: step::hook_env(cx, inputs),
+        env: pipeline::hook_env(cx, inputs),
         timeout: cx.fleet.image.timeout,
         stdin: None,
     };
-    let outcome = step::run_hook(cx, &spec, &workspace.out).await?;
+    let outcome = pipeline::run_hook(cx, &spec, &workspace.out).await?;
     let image = image_id(&spec.name, &outcome, &workspace.tree).await?;
     let mut outputs = outcome.outputs;
     outputs.insert(abi::OUTPUT_IMAGE.to_owned(), image.to_string());

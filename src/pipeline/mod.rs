@@ -1,87 +1,103 @@
-//! What bake and reconcile share: a clean work tree per hook run, hook output turned into
-//! rollout events in batches, and git reads off the async runtime.
+//! The bake/reconcile pipeline: what its steps get from the driver, how they fail, and what
+//! they share (a hook run whose output becomes rollout events in batches).
+//!
+//! - [`bake`]: a fleet's image stages through their bake hooks, with the cache.
+//! - [`reconcile`]: the infra hook with the image id.
+//! - [`workspace`]: the commit exported for one hook run, and git reads off the runtime.
+//!
+//! `hooks/` stays the process runner and the hook ABI; this module is the driver's side of it.
 
-use std::path::{Path, PathBuf};
+pub mod bake;
+pub mod reconcile;
+pub(crate) mod workspace;
+
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{HookError, HookOutcome, HookSpec, Stream, TRUNCATED_NOTICE};
-use crate::model::Revision;
-use crate::pipeline::{StepContext, StepError};
-use crate::store::{Event, EventKind, Level};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Classify, ErrorClass};
+use crate::hooks::{HookError, HookOutcome, HookSpec, Stream, TRUNCATED_NOTICE};
+use crate::manifest::Fleet;
+use crate::model::{Revision, RolloutId};
+use crate::store::{Event, EventKind, Level, Store};
+
+pub(crate) use workspace::{Workspace, git};
 
 /// Output lines buffered before a forced write; a timer also writes every [`FLUSH_EVERY`].
 const BATCH: usize = 512;
 /// How often buffered output lines are written while a hook runs.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
-/// Runs a blocking `source::git` read on the blocking pool.
-pub(crate) async fn git<T, F>(cx: &StepContext<'_>, read: F) -> Result<T, StepError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Path, &Revision) -> Result<T, crate::source::git::GitError> + Send + 'static,
-{
-    let mirror = cx.mirror.to_owned();
-    let revision = cx.revision.clone();
-    tokio::task::spawn_blocking(move || read(&mirror, &revision))
-        .await
-        .map_err(|e| StepError::Other(format!("git read task failed: {e}")))?
-        .map_err(StepError::from)
+/// Everything a pipeline step needs. Borrowed from the driver for one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepContext<'a> {
+    /// The store (events, bake cache).
+    pub store: &'a Store,
+    /// The rollout the step belongs to.
+    pub rollout: RolloutId,
+    /// The fleet, as the manifest at `revision` describes it.
+    pub fleet: &'a Fleet,
+    /// The commit.
+    pub revision: &'a Revision,
+    /// The bare mirror of the watched repo (read with `source::git`).
+    pub mirror: &'a Path,
+    /// The data dir (work trees go under `work/`).
+    pub data_dir: &'a Path,
+    /// Fires when a newer commit supersedes this rollout or an operator aborts it.
+    pub cancel: &'a CancellationToken,
+    /// Daemon environment variables allowed through to hooks (`--hook-env NAME`).
+    pub hook_env: &'a [(String, String)],
+    /// Where durations are observed.
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
-/// A clean export of the commit for one hook run, and the hook's output directory next to it.
-/// Never the daemon's own clone: a hook can scribble over its tree without consequence.
-pub(crate) struct Workspace {
-    /// `<data dir>/work/<rollout>-<name>`: the export, the hook's working directory.
-    pub tree: PathBuf,
-    /// `<data dir>/work/<rollout>-<name>.out`: `$KILN_OUTPUT_DIR`.
-    pub out: PathBuf,
-}
-
-impl Workspace {
-    /// Exports `cx.revision` afresh (a leftover from a crashed run is removed first).
-    pub async fn export(cx: &StepContext<'_>, name: &str) -> Result<Workspace, StepError> {
-        let work = cx.data_dir.join("work");
-        // `name` comes from the manifest: joined so that it can never leave the work dir.
-        let join = |file: String| {
-            crate::fsutil::safe_join(&work, file)
-                .map_err(|e| StepError::Other(format!("unsafe work dir name `{name}`: {e}")))
-        };
-        let tree = join(format!("{}-{name}", cx.rollout))?;
-        let out = join(format!("{}-{name}.out", cx.rollout))?;
-        let io =
-            |action: String| move |e: std::io::Error| StepError::Other(format!("{action}: {e}"));
-        tokio::fs::create_dir_all(&work)
-            .await
-            .map_err(io(format!("failed to create {}", work.display())))?;
-        remove_dir(&tree).await.map_err(io(format!("failed to remove {}", tree.display())))?;
-        let dest = tree.clone();
-        let exported =
-            git(cx, move |mirror, revision| crate::source::git::export(mirror, revision, &dest))
-                .await;
-        let workspace = Workspace { tree, out };
-        if let Err(error) = exported {
-            // A half-written export must not linger in the data dir.
-            workspace.remove().await;
-            return Err(error);
-        }
-        Ok(workspace)
+impl StepContext<'_> {
+    /// Appends an event to the rollout's timeline; a store failure is logged, not propagated
+    /// (losing a log line must not fail a bake that succeeded).
+    pub fn event(&self, level: Level, kind: EventKind, message: impl Into<String>) {
+        self.event_with(level, kind, message, None);
     }
 
-    /// Removes the export and the output directory; failures are logged, not fatal.
-    pub async fn remove(self) {
-        for dir in [&self.tree, &self.out] {
-            if let Err(error) = remove_dir(dir).await {
-                tracing::warn!(dir = %dir.display(), error = %error, "Could not remove a hook work tree.");
-            }
+    /// [`Self::event`] with structured data.
+    pub fn event_with(
+        &self,
+        level: Level,
+        kind: EventKind,
+        message: impl Into<String>,
+        data: Option<serde_json::Value>,
+    ) {
+        if let Err(error) = self.store.append_event(self.rollout, level, kind, message, data) {
+            tracing::warn!(rollout = %self.rollout, error = %crate::error::chain(&error), "Could not record an event.");
         }
     }
 }
 
-async fn remove_dir(dir: &Path) -> std::io::Result<()> {
-    match tokio::fs::remove_dir_all(dir).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+/// Why a bake or reconcile step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// A hook failed.
+    #[error(transparent)]
+    Hook(#[from] crate::hooks::HookError),
+    /// Reading the commit failed.
+    #[error(transparent)]
+    Git(#[from] crate::source::git::GitError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Anything else (I/O preparing a work tree, ...), described.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Classify for StepError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StepError::Hook(e) => e.class(),
+            StepError::Git(_) | StepError::Store(_) => ErrorClass::Transient,
+            StepError::Other(_) => ErrorClass::Stalled,
+        }
     }
 }
 
@@ -150,8 +166,8 @@ pub(crate) async fn run_hook(
     // One record per fleet and step (the name without the hook path): a run a dead daemon left
     // behind is killed before this one starts, so two runs of one step never overlap.
     let step = spec.name.split(" (").next().unwrap_or(&spec.name);
-    let record = super::run_record_path(cx.data_dir, step);
-    let leftovers = super::kill_leftover(&record).await;
+    let record = crate::hooks::run_record_path(cx.data_dir, step);
+    let leftovers = crate::hooks::kill_leftover(&record).await;
     if leftovers > 0 {
         cx.event(
             Level::Warn,
@@ -159,7 +175,7 @@ pub(crate) async fn run_hook(
             format!("killed {leftovers} process(es) of an earlier run of `{step}` left running by a daemon that died"),
         );
     }
-    let run = super::run_with_retry_recorded(
+    let run = crate::hooks::run_with_retry_recorded(
         spec,
         out_dir,
         Some(&record),
