@@ -7,6 +7,7 @@
 
 pub mod bake;
 pub mod cli;
+pub mod client;
 pub mod daemon;
 pub mod error;
 pub mod fsutil;

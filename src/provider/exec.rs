@@ -162,7 +162,8 @@ impl ExecProvider {
                 tracing::debug!(fleet = %fleet, op, line, "Provider script output.");
             }
         };
-        let res = hooks::run(&spec, &sink, &CancellationToken::new()).await;
+        // Routine (list and health run at every tick): logged at DEBUG, failures by the caller.
+        let res = hooks::run_routine(&spec, &sink, &CancellationToken::new()).await;
         let _ = std::fs::remove_file(&request_file);
         match res {
             Ok(outcome) => Ok(outcome.stdout),
