@@ -2,7 +2,7 @@
 //! fleet out (newest commit wins).
 //!
 
-use crate::manifest::{Fleet, ProviderKind};
+use crate::manifest::{Fleet, ProviderSpec};
 use crate::model::{ImageRef, Revision};
 use crate::planner::{self, CommitPlan};
 use crate::provider::SharedProvider;
@@ -695,9 +695,9 @@ impl Operator {
         revision: &Revision,
     ) -> anyhow::Result<SharedProvider> {
         let policy = &fleet.rollout;
-        let key = match policy.provider {
-            ProviderKind::Local => format!("local:{}", policy.load_balancer.port),
-            ProviderKind::Exec => format!("exec:{revision}"),
+        let key = match &policy.provider {
+            ProviderSpec::Local { load_balancer } => format!("local:{}", load_balancer.port),
+            ProviderSpec::Exec(_) => format!("exec:{revision}"),
         };
         if let Some((existing, provider)) = self.providers.get(&fleet.name) {
             if *existing == key {
@@ -706,13 +706,13 @@ impl Operator {
         }
         let fleet_dir =
             crate::fsutil::safe_join(&self.config.data_dir.join("fleets"), &fleet.name)?;
-        let provider: SharedProvider = match policy.provider {
-            ProviderKind::Local => {
+        let provider: SharedProvider = match &policy.provider {
+            ProviderSpec::Local { load_balancer } => {
                 let opened = crate::provider::local::LocalProvider::open(
                     crate::provider::local::LocalConfig {
                         fleet: fleet.name.clone(),
                         dir: fleet_dir,
-                        lb_port: policy.load_balancer.port,
+                        lb_port: load_balancer.port,
                         kiln_exe: self.config.kiln_exe.clone(),
                     },
                 )
@@ -725,11 +725,7 @@ impl Operator {
                     Err(error) => return self.local_provider_failed(fleet, revision, error),
                 }
             }
-            ProviderKind::Exec => {
-                let spec = policy
-                    .exec
-                    .clone()
-                    .ok_or_else(|| anyhow::anyhow!("provider exec without an exec section"))?;
+            ProviderSpec::Exec(spec) => {
                 let repo_dir =
                     crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())?;
                 if !repo_dir.exists() {
@@ -743,7 +739,7 @@ impl Operator {
                 }
                 Arc::new(crate::provider::exec::ExecProvider::new(
                     &fleet.name,
-                    &spec,
+                    spec,
                     repo_dir,
                     fleet_dir.join("exec"),
                 ))
@@ -993,7 +989,7 @@ impl Operator {
             let idle = lane.running.is_none() && lane.paused.is_none() && lane.queued.is_none();
             let mut status = FleetStatus {
                 name: name.clone(),
-                provider: format!("{:?}", fleet.rollout.provider).to_lowercase(),
+                provider: fleet.rollout.provider.kind().to_string(),
                 revision: deployed.as_ref().map(|d| d.revision.clone()),
                 image: deployed.as_ref().map(|d| d.image.clone()),
                 capacity: fleet.rollout.capacity,
