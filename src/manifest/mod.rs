@@ -328,7 +328,7 @@ pub struct RolloutPolicy {
 /// `rollout:` as written: the `provider:` tag beside every provider's section. Converted to
 /// [`RolloutPolicy`] (a provider's section under another provider is an error there).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default = "raw_policy_default")]
 struct RawRolloutPolicy {
     /// Where instances run: `local` (with `loadBalancer:`) or `exec` (with `exec:`).
     provider: ProviderKind,
@@ -366,11 +366,10 @@ struct RawRolloutPolicy {
     load_balancer: Option<LoadBalancer>,
 }
 
-impl Default for RawRolloutPolicy {
-    fn default() -> Self {
-        // No provider section given: the conversion picks the provider's defaults.
-        RawRolloutPolicy { load_balancer: None, ..RolloutPolicy::default().into() }
-    }
+/// What an omitted `rollout:` key means. No provider section: the conversion fills in the
+/// provider's defaults (and does not mistake a default `loadBalancer` for a written one).
+fn raw_policy_default() -> RawRolloutPolicy {
+    RawRolloutPolicy { load_balancer: None, ..RolloutPolicy::default().into() }
 }
 
 /// Why a `rollout:` section cannot become a [`RolloutPolicy`]. The backticked part of each
