@@ -160,3 +160,47 @@ fn the_daemon_refuses_a_commit_with_a_wrong_provider_setting() {
         "{reason}"
     );
 }
+
+/// Issue 11, item 7: the daemon looked each fleet up by parsing and validating the whole
+/// manifest again (`planner::fleet_at`), 1,000 parses for 1,000 fleets. The manifest at a
+/// commit is now parsed once, indexed by fleet name and kept.
+#[test]
+fn the_manifest_at_a_commit_is_parsed_once_and_indexed() {
+    if !require_git("the_manifest_at_a_commit_is_parsed_once_and_indexed") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let fleet = |name: &str| {
+        format!(
+            "  - name: {name}\n    image:\n      stages:\n        \
+             - {{ name: app, path: image, bake: hooks/bake }}\n    rollout:\n      \
+             loadBalancer: {{ port: 0 }}\n"
+        )
+    };
+    let manifest: String =
+        std::iter::once("fleets:\n".to_owned()).chain(["a", "b", "c"].map(fleet)).collect();
+    let sha = repo.commit_entries(
+        "three fleets",
+        &[Entry::File("kiln.yaml", &manifest), Entry::Exec("hooks/bake", "#!/bin/sh\n")],
+    );
+    let mirror = repo.bare_path();
+    let revision = kiln::model::Revision::from(sha.as_str());
+    let index = kiln::planner::manifest_index_at(mirror, &revision).unwrap().unwrap().unwrap();
+    assert_eq!(index.fleets().len(), 3);
+    assert_eq!(index.fleet("b").map(|f| f.name.as_str()), Some("b"));
+    assert!(index.fleet("d").is_none());
+    let again = kiln::planner::manifest_index_at(mirror, &revision).unwrap().unwrap().unwrap();
+    assert!(std::sync::Arc::ptr_eq(&index, &again), "the second lookup reuses the first parse");
+    for name in ["a", "b", "c"] {
+        let found = kiln::planner::fleet_at(mirror, &revision, name).unwrap();
+        assert_eq!(found.as_ref(), index.fleet(name));
+    }
+
+    // An invalid manifest is an error, every time (nothing wrong is kept).
+    let broken = repo.commit_entries("broken", &[Entry::File("kiln.yaml", "fleets: 3\n")]);
+    let broken = kiln::model::Revision::from(broken.as_str());
+    for _ in 0..2 {
+        let error = kiln::planner::manifest_index_at(mirror, &broken).unwrap().unwrap();
+        assert!(error.is_err());
+    }
+}
