@@ -144,6 +144,12 @@ fn cache() -> &'static ManifestCache {
     CACHE.get_or_init(ManifestCache::default)
 }
 
+/// The kept index of the manifest at (`mirror`, `revision`), if any.
+fn cached(mirror: &Path, revision: &Revision) -> Option<Arc<ManifestIndex>> {
+    let cache = cache().lock().ok()?;
+    cache.iter().find(|(m, r, _)| m == mirror && r == revision).map(|(.., index)| index.clone())
+}
+
 /// The valid manifest at a commit, indexed (blocking: git). Read, parsed and validated once per
 /// commit (the last [`CACHED_MANIFESTS`] are kept), so looking up each of 1,000 fleets costs
 /// one parse, not 1,000. `Ok(None)`: no manifest; `Ok(Some(Err(_)))`: it is invalid (not
@@ -152,10 +158,7 @@ pub fn manifest_index_at(
     mirror: &Path,
     revision: &Revision,
 ) -> Result<Option<Result<Arc<ManifestIndex>, ManifestError>>, GitError> {
-    let cached = |cache: &VecDeque<(PathBuf, Revision, Arc<ManifestIndex>)>| {
-        cache.iter().find(|(m, r, _)| m == mirror && r == revision).map(|(.., i)| i.clone())
-    };
-    if let Some(index) = cache().lock().ok().and_then(|c| cached(&c)) {
+    if let Some(index) = cached(mirror, revision) {
         return Ok(Some(Ok(index)));
     }
     index_in(mirror, revision, &git::CommitTree::open(mirror, revision)?)
@@ -167,10 +170,7 @@ fn index_in(
     revision: &Revision,
     commit: &git::CommitTree,
 ) -> Result<Option<Result<Arc<ManifestIndex>, ManifestError>>, GitError> {
-    let cached = |cache: &VecDeque<(PathBuf, Revision, Arc<ManifestIndex>)>| {
-        cache.iter().find(|(m, r, _)| m == mirror && r == revision).map(|(.., i)| i.clone())
-    };
-    if let Some(index) = cache().lock().ok().and_then(|c| cached(&c)) {
+    if let Some(index) = cached(mirror, revision) {
         return Ok(Some(Ok(index)));
     }
     let manifest = match manifest_in(commit)? {
@@ -180,7 +180,7 @@ fn index_in(
     };
     let index = Arc::new(ManifestIndex::new(revision.clone(), manifest));
     if let Ok(mut cache) = cache().lock() {
-        if cached(&cache).is_none() {
+        if !cache.iter().any(|(m, r, _)| m == mirror && r == revision) {
             cache.push_back((mirror.to_owned(), revision.clone(), index.clone()));
             while cache.len() > CACHED_MANIFESTS {
                 cache.pop_front();
