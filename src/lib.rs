@@ -6,6 +6,7 @@
 //! [`server`] receives webhooks and serves the API the [`cli`] reads. See ARCHITECTURE.md.
 
 pub mod cli;
+pub mod client;
 pub mod daemon;
 pub mod drift;
 pub mod error;

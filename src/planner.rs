@@ -5,8 +5,9 @@
 //! at the new commit against the ones recorded when the fleet was last deployed. Equal ids mean
 //! equal content, so an unrelated commit never rebakes and never rolls.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::manifest::{self, Fleet, Manifest, ManifestError, RepoFiles};
 use crate::model::Revision;
@@ -54,6 +55,22 @@ impl RepoFiles for CommitFiles<'_> {
     fn symlink(&self, path: &str) -> bool {
         self.0.symlink_in_path(path).unwrap_or(false)
     }
+
+    fn read(&self, path: &str, max_bytes: u64) -> Result<Option<String>, String> {
+        if self.0.symlink_in_path(path).map_err(|e| e.to_string())? {
+            return Err("it is a symbolic link (or lies under one)".into());
+        }
+        match self.0.read_file_capped(path, max_bytes).map_err(|e| e.to_string())? {
+            git::FileAt::Absent => Ok(None),
+            git::FileAt::Symlink => Err("it is a symbolic link".into()),
+            git::FileAt::TooLarge(size) => {
+                Err(format!("it is {size} bytes, over the limit of {max_bytes} bytes"))
+            }
+            git::FileAt::Content(bytes) => {
+                String::from_utf8(bytes).map(Some).map_err(|_| "it is not valid UTF-8".into())
+            }
+        }
+    }
 }
 
 /// Reads and validates the manifest at a commit (blocking: git).
@@ -81,10 +98,103 @@ fn manifest_in(
     Ok(Some(manifest::load(&text, file, &CommitFiles(commit))))
 }
 
-/// The fleet named `name` in the manifest at a commit (blocking: git).
+/// A commit's valid manifest, parsed and validated once, with its fleets indexed by name.
+#[derive(Debug)]
+pub struct ManifestIndex {
+    /// The commit it was read from.
+    pub revision: Revision,
+    manifest: Manifest,
+    by_name: HashMap<String, usize>,
+}
+
+impl ManifestIndex {
+    /// Indexes a manifest read at `revision`.
+    pub fn new(revision: Revision, manifest: Manifest) -> ManifestIndex {
+        let by_name =
+            manifest.fleets.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        ManifestIndex { revision, manifest, by_name }
+    }
+
+    /// The fleet named `name` (one hash lookup).
+    pub fn fleet(&self, name: &str) -> Option<&Fleet> {
+        self.by_name.get(name).and_then(|&i| self.manifest.fleets.get(i))
+    }
+
+    /// Every fleet, in file order.
+    pub fn fleets(&self) -> &[Fleet] {
+        &self.manifest.fleets
+    }
+
+    /// The whole manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+/// How many commits' manifests [`manifest_index_at`] keeps (the tip and the few before it that
+/// rollouts still start from).
+const CACHED_MANIFESTS: usize = 4;
+
+/// Manifests by (mirror, commit), newest last. A commit's content never changes, so neither do
+/// its manifest and the answers of its validation.
+type ManifestCache = Mutex<VecDeque<(PathBuf, Revision, Arc<ManifestIndex>)>>;
+
+fn cache() -> &'static ManifestCache {
+    static CACHE: OnceLock<ManifestCache> = OnceLock::new();
+    CACHE.get_or_init(ManifestCache::default)
+}
+
+/// The kept index of the manifest at (`mirror`, `revision`), if any.
+fn cached(mirror: &Path, revision: &Revision) -> Option<Arc<ManifestIndex>> {
+    let cache = cache().lock().ok()?;
+    cache.iter().find(|(m, r, _)| m == mirror && r == revision).map(|(.., index)| index.clone())
+}
+
+/// The valid manifest at a commit, indexed (blocking: git). Read, parsed and validated once per
+/// commit (the last [`CACHED_MANIFESTS`] are kept), so looking up each of 1,000 fleets costs
+/// one parse, not 1,000. `Ok(None)`: no manifest; `Ok(Some(Err(_)))`: it is invalid (not
+/// cached, so the error is always the fresh one).
+pub fn manifest_index_at(
+    mirror: &Path,
+    revision: &Revision,
+) -> Result<Option<Result<Arc<ManifestIndex>, ManifestError>>, GitError> {
+    if let Some(index) = cached(mirror, revision) {
+        return Ok(Some(Ok(index)));
+    }
+    index_in(mirror, revision, &git::CommitTree::open(mirror, revision)?)
+}
+
+/// [`manifest_index_at`] with the commit open already.
+fn index_in(
+    mirror: &Path,
+    revision: &Revision,
+    commit: &git::CommitTree,
+) -> Result<Option<Result<Arc<ManifestIndex>, ManifestError>>, GitError> {
+    if let Some(index) = cached(mirror, revision) {
+        return Ok(Some(Ok(index)));
+    }
+    let manifest = match manifest_in(commit)? {
+        None => return Ok(None),
+        Some(Err(error)) => return Ok(Some(Err(error))),
+        Some(Ok(manifest)) => manifest,
+    };
+    let index = Arc::new(ManifestIndex::new(revision.clone(), manifest));
+    if let Ok(mut cache) = cache().lock() {
+        if !cache.iter().any(|(m, r, _)| m == mirror && r == revision) {
+            cache.push_back((mirror.to_owned(), revision.clone(), index.clone()));
+            while cache.len() > CACHED_MANIFESTS {
+                cache.pop_front();
+            }
+        }
+    }
+    Ok(Some(Ok(index)))
+}
+
+/// The fleet named `name` in the manifest at a commit (blocking: git). Through
+/// [`manifest_index_at`]: one parse per commit however many fleets are looked up.
 pub fn fleet_at(mirror: &Path, revision: &Revision, name: &str) -> Result<Option<Fleet>, GitError> {
-    Ok(match manifest_at(mirror, revision)? {
-        Some(Ok(manifest)) => manifest.fleets.into_iter().find(|f| f.name == name),
+    Ok(match manifest_index_at(mirror, revision)? {
+        Some(Ok(index)) => index.fleet(name).cloned(),
         _ => None,
     })
 }
@@ -182,16 +292,17 @@ pub fn plan_commit(
     deployed: &dyn Fn(&str) -> Option<Deployed>,
 ) -> Result<CommitPlan, GitError> {
     let commit = git::CommitTree::open(mirror, revision)?;
-    let manifest = match manifest_in(&commit)? {
+    // Indexed and kept: the rollouts this plan starts look their fleets up without a parse.
+    let index = match index_in(mirror, revision, &commit)? {
         None => return Ok(CommitPlan::NoManifest),
         Some(Err(error)) => return Ok(CommitPlan::Invalid(error)),
-        Some(Ok(manifest)) => manifest,
+        Some(Ok(index)) => index,
     };
     let mut plans = Vec::new();
-    for fleet in manifest.fleets {
-        let trees = trees_in(&commit, &fleet)?;
-        let plan = decide(&fleet, &trees, deployed(&fleet.name).as_ref());
-        plans.push(FleetPlan { fleet, plan, trees });
+    for fleet in index.fleets() {
+        let trees = trees_in(&commit, fleet)?;
+        let plan = decide(fleet, &trees, deployed(&fleet.name).as_ref());
+        plans.push(FleetPlan { fleet: fleet.clone(), plan, trees });
     }
     Ok(CommitPlan::Fleets(plans))
 }

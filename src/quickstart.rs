@@ -184,7 +184,7 @@ async fn follow_first_rollout(data: &Path, shutdown: &CancellationToken) -> Opti
             return None;
         }
         if client.is_none() {
-            client = crate::cli::find_daemon(None, data).ok().flatten();
+            client = crate::client::find_daemon(None, data).ok().flatten();
         }
         if let Some(api) = &client {
             let page: Option<RolloutPage> = api.get("/rollouts?fleet=web&limit=1").await.ok();
@@ -212,7 +212,7 @@ async fn down(dir: &Path, kiln_exe: PathBuf) -> anyhow::Result<()> {
     use crate::provider::Provider as _;
     use crate::provider::local::{LocalConfig, LocalProvider};
     let data = dir.join("data");
-    if crate::cli::find_daemon(None, &data)?.is_some() {
+    if crate::client::find_daemon(None, &data)?.is_some() {
         anyhow::bail!("kiln is still running on {}: stop it (Ctrl-C) first", data.display());
     }
     let fleets = data.join("fleets");

@@ -525,3 +525,67 @@ impl Drop for KillLeftovers {
         support::daemon::kill_leftovers(&self.0);
     }
 }
+
+/// A tracing writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+/// Issue 11: 20 MB of log in 6 minutes at 100 idle fleets, every `list` and `health` call of the
+/// exec provider logging its start, its end and its reply at INFO. Routine calls log at DEBUG.
+#[tokio::test(flavor = "current_thread")]
+async fn exec_provider_calls_log_at_debug_not_info() {
+    if !fleet::have_python3() {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let spec = exec_spec(&[("state", tmp.path().join("state").display().to_string())]);
+    let provider = ExecProvider::new("web", &spec, repo_dir(), tmp.path().join("work"));
+    let calls_logged_at = |level: tracing::Level| {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(captured.clone())
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    };
+
+    let (info, guard) = calls_logged_at(tracing::Level::INFO);
+    for _ in 0..3 {
+        provider.list().await.expect("list");
+        provider.health(&InstanceId::from("i-1")).await.expect("health");
+    }
+    drop(guard);
+    assert_eq!(info.text(), "", "routine provider calls log nothing at INFO");
+
+    // The same calls do log, at DEBUG (so the assertion above could see them).
+    let (debug, guard) = calls_logged_at(tracing::Level::DEBUG);
+    provider.list().await.expect("list");
+    drop(guard);
+    let text = debug.text();
+    assert!(text.contains("DEBUG") && text.contains("Hook started"), "{text}");
+    assert!(text.contains("provider list"), "{text}");
+}

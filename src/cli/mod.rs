@@ -4,7 +4,6 @@
 //! Exit status: 0 ok, 1 nothing to show (no rollouts, unknown rollout), 2 error (one line
 //! `kiln: error: ...` on stderr with the whole cause chain).
 
-mod client;
 mod render;
 
 use std::io::{IsTerminal as _, Write};
@@ -16,7 +15,8 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 
-pub use client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
+use crate::client;
+pub use crate::client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
 
 use crate::model::RolloutId;
 use crate::server::api::{

@@ -196,6 +196,18 @@ pub async fn run(
     run_in(spec, &dir.0, sink, cancel).await
 }
 
+/// [`run`] for a routine call (an exec provider operation: list, health, … at every tick): its
+/// start, end and output are logged at DEBUG instead of INFO, so an idle daemon's log stays
+/// quiet. Failures are the caller's to report; the runner's warnings (a kill) stay WARN.
+pub async fn run_routine(
+    spec: &HookSpec,
+    sink: LineSink<'_>,
+    cancel: &CancellationToken,
+) -> Result<HookOutcome, HookError> {
+    let dir = TempOutputDir::new();
+    run_once(spec, spec.timeout, &dir.0, None, sink, cancel, Loudness::Routine).await
+}
+
 /// [`run`], retrying exit 75 with backoff (bounded by `spec.timeout` overall).
 pub async fn run_with_retry(
     spec: &HookSpec,
@@ -247,7 +259,8 @@ pub async fn run_with_retry_recorded(
     loop {
         attempts += 1;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let error = match run_once(spec, left, out_dir, record, sink, cancel).await {
+        let error = match run_once(spec, left, out_dir, record, sink, cancel, Loudness::Step).await
+        {
             Err(HookError::TimedOut { .. }) => return Err(timed_out(attempts)),
             Err(error @ HookError::Exited { code: contract::EXIT_TRANSIENT, .. }) => error,
             other => return other,
@@ -275,7 +288,26 @@ pub async fn run_in(
     sink: LineSink<'_>,
     cancel: &CancellationToken,
 ) -> Result<HookOutcome, HookError> {
-    run_once(spec, spec.timeout, out_dir, None, sink, cancel).await
+    run_once(spec, spec.timeout, out_dir, None, sink, cancel, Loudness::Step).await
+}
+
+/// At which level a run's start, end and output lines are logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loudness {
+    /// A bake or reconcile step a human follows: INFO.
+    Step,
+    /// A provider call repeated at every tick: DEBUG.
+    Routine,
+}
+
+/// Logs at INFO for a [`Loudness::Step`], at DEBUG for a [`Loudness::Routine`] run.
+macro_rules! log_at {
+    ($loudness:expr, $($arg:tt)+) => {
+        match $loudness {
+            Loudness::Step => tracing::info!($($arg)+),
+            Loudness::Routine => tracing::debug!($($arg)+),
+        }
+    };
 }
 
 /// [`run_in`] with `timeout` in place of `spec.timeout`, recording the run at `record`.
@@ -286,6 +318,7 @@ async fn run_once(
     record: Option<&Path>,
     sink: LineSink<'_>,
     cancel: &CancellationToken,
+    loudness: Loudness,
 ) -> Result<HookOutcome, HookError> {
     let started = tokio::time::Instant::now();
     let spawn_error = |source: std::io::Error| HookError::Spawn {
@@ -341,7 +374,7 @@ async fn run_once(
             tracing::warn!(hook = %spec.name, error = %error, "Could not record the hook's process.");
         }
     }
-    tracing::info!(hook = %spec.name, program = %spec.program.display(), pid = ?pgid, "Hook started.");
+    log_at!(loudness, hook = %spec.name, program = %spec.program.display(), pid = ?pgid, "Hook started.");
 
     if let (Some(bytes), Some(mut stdin)) = (spec.stdin.clone(), child.stdin.take()) {
         // Written concurrently and then closed (EOF), so a hook that reads its input after
@@ -351,7 +384,7 @@ async fn run_once(
             let _ = stdin.write_all(&bytes).await;
         });
     }
-    let capture = Capture::new(&spec.name, sink);
+    let capture = Capture::new(&spec.name, sink, loudness);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let mut pumps = std::pin::pin!(async {
@@ -400,7 +433,7 @@ async fn run_once(
     let elapsed = started.elapsed();
     let state = capture.finish();
     let code = exit_code(&status);
-    tracing::info!(hook = %spec.name, code, elapsed_ms = elapsed.as_millis() as u64, lines = state.lines, truncated = state.truncated, "Hook finished.");
+    log_at!(loudness, hook = %spec.name, code, elapsed_ms = elapsed.as_millis() as u64, lines = state.lines, truncated = state.truncated, "Hook finished.");
     if code != 0 {
         let stderr_tail: Vec<String> = state.stderr_tail.into_iter().collect();
         return Err(HookError::Exited {
@@ -645,12 +678,13 @@ struct CaptureState {
 struct Capture<'a> {
     name: &'a str,
     sink: LineSink<'a>,
+    loudness: Loudness,
     state: Mutex<CaptureState>,
 }
 
 impl<'a> Capture<'a> {
-    fn new(name: &'a str, sink: LineSink<'a>) -> Capture<'a> {
-        Capture { name, sink, state: Mutex::new(CaptureState::default()) }
+    fn new(name: &'a str, sink: LineSink<'a>, loudness: Loudness) -> Capture<'a> {
+        Capture { name, sink, loudness, state: Mutex::new(CaptureState::default()) }
     }
 
     fn line(&self, stream: Stream, line: &str) {
@@ -686,8 +720,8 @@ impl<'a> Capture<'a> {
             state.bytes += size;
             drop(state);
             match stream {
-                Stream::Stdout => tracing::info!(hook = %self.name, "stdout: {line}"),
-                Stream::Stderr => tracing::info!(hook = %self.name, "stderr: {line}"),
+                Stream::Stdout => log_at!(self.loudness, hook = %self.name, "stdout: {line}"),
+                Stream::Stderr => log_at!(self.loudness, hook = %self.name, "stderr: {line}"),
             }
             (self.sink)(stream, line);
         } else if !state.truncated {

@@ -26,7 +26,7 @@ pub const MAX_NODES: usize = 200_000;
 /// The most bytes of scalar text the manifest may hold, aliases expanded (4 MiB).
 pub const MAX_SCALAR_BYTES: usize = 4 * 1024 * 1024;
 /// The most fleets in one manifest.
-pub const MAX_FLEETS: usize = 100;
+pub const MAX_FLEETS: usize = 5_000;
 /// The most bake stages of one fleet.
 pub const MAX_STAGES: usize = 20;
 /// The most `paths` entries of one fleet.

@@ -8,9 +8,13 @@
 
 mod duration;
 mod limits;
+mod settings;
+mod text;
 
-use std::collections::BTreeSet;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
+use std::rc::Rc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +24,11 @@ pub use limits::{
     MAX_EXEC_ENV, MAX_FLEETS, MAX_MANIFEST_BYTES, MAX_NODES, MAX_PATHS, MAX_SCALAR_BYTES,
     MAX_STAGES,
 };
+pub use settings::{
+    MAX_SETTINGS_BYTES, ProviderSettings, SETTINGS_FILE, SettingDecl, parse_settings,
+    setting_env_name,
+};
+use text::{Text, locate};
 
 /// The manifest's file name at the repo root.
 pub const MANIFEST_FILE: &str = "kiln.yaml";
@@ -209,7 +218,7 @@ pub struct Infra {
     pub timeout: Duration,
 }
 
-/// Which provider runs the instances.
+/// Which provider runs the instances (the `provider:` tag of a fleet's `rollout`).
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
 )]
@@ -220,6 +229,70 @@ pub enum ProviderKind {
     Local,
     /// Hook executables speaking JSON (any cloud CLI).
     Exec,
+}
+
+impl ProviderKind {
+    /// The name written in `kiln.yaml` (`local`, `exec`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::Exec => "exec",
+        }
+    }
+}
+
+impl fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A fleet's provider with the settings of that provider, and only those.
+///
+/// In `kiln.yaml` the `provider:` tag picks the variant and the provider's own section holds
+/// its settings: `loadBalancer:` for `local`, `exec:` for `exec`. A section of another provider
+/// is an error naming it, with its line and column.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderSpec {
+    /// Processes on this machine behind kiln's own load balancer.
+    Local {
+        /// The load balancer (`loadBalancer:`).
+        load_balancer: LoadBalancer,
+    },
+    /// Scripts in the repo speaking JSON (`exec:`).
+    Exec(ExecProvider),
+}
+
+impl Default for ProviderSpec {
+    fn default() -> Self {
+        ProviderSpec::Local { load_balancer: LoadBalancer::default() }
+    }
+}
+
+impl ProviderSpec {
+    /// Which provider this is.
+    pub fn kind(&self) -> ProviderKind {
+        match self {
+            ProviderSpec::Local { .. } => ProviderKind::Local,
+            ProviderSpec::Exec(_) => ProviderKind::Exec,
+        }
+    }
+
+    /// The local provider's load balancer, if this is the local provider.
+    pub fn load_balancer(&self) -> Option<&LoadBalancer> {
+        match self {
+            ProviderSpec::Local { load_balancer } => Some(load_balancer),
+            ProviderSpec::Exec(_) => None,
+        }
+    }
+
+    /// The exec provider's settings, if this is the exec provider.
+    pub fn exec(&self) -> Option<&ExecProvider> {
+        match self {
+            ProviderSpec::Exec(exec) => Some(exec),
+            ProviderSpec::Local { .. } => None,
+        }
+    }
 }
 
 /// What to do when new instances fail their health checks.
@@ -356,12 +429,10 @@ impl<'de> Deserialize<'de> for Capacity {
 /// How instances are replaced. Defaults follow Kubernetes Deployments and AWS instance refresh
 /// (see the README's policy table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+#[serde(try_from = "RawRolloutPolicy", into = "RawRolloutPolicy")]
 pub struct RolloutPolicy {
-    /// Where instances run.
-    pub provider: ProviderKind,
-    /// Settings of the exec provider.
-    pub exec: Option<ExecProvider>,
+    /// Where instances run, with that provider's settings.
+    pub provider: ProviderSpec,
     /// Instances the fleet keeps running: a number, or `{min, max}` for an autoscaled fleet.
     pub capacity: Capacity,
     /// Extra instances allowed above capacity during a rollout (default 25%, rounded up).
@@ -371,16 +442,10 @@ pub struct RolloutPolicy {
     /// How a new instance is judged healthy.
     pub health_check: HealthCheck,
     /// How long an instance must stay healthy before it takes traffic (default 0s).
-    #[serde(with = "duration::serde_duration")]
-    #[schemars(with = "String")]
     pub min_healthy: Duration,
     /// How long an old instance keeps finishing requests after leaving the LB (default 5s).
-    #[serde(with = "duration::serde_duration")]
-    #[schemars(with = "String")]
     pub drain: Duration,
     /// A rollout making no progress this long fails (default 10m).
-    #[serde(with = "duration::serde_duration")]
-    #[schemars(with = "String")]
     pub progress_deadline: Duration,
     /// Replace a few instances first and wait.
     pub canary: Option<Canary>,
@@ -388,15 +453,148 @@ pub struct RolloutPolicy {
     pub schedule: Option<Schedule>,
     /// What happens when new instances fail.
     pub on_failure: OnFailure,
-    /// The local provider's load balancer.
-    pub load_balancer: LoadBalancer,
+}
+
+/// `rollout:` as written: the `provider:` tag beside every provider's section. Converted to
+/// [`RolloutPolicy`] (a provider's section under another provider is an error there).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default = "raw_policy_default")]
+struct RawRolloutPolicy {
+    /// Where instances run: `local` (with `loadBalancer:`) or `exec` (with `exec:`).
+    provider: ProviderKind,
+    /// Settings of the exec provider (only with `provider: exec`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec: Option<ExecProvider>,
+    /// Instances the fleet keeps running.
+    capacity: Capacity,
+    /// Extra instances allowed above capacity during a rollout (default 25%, rounded up).
+    max_surge: IntOrPercent,
+    /// Instances allowed below capacity during a rollout (default 0, rounded down).
+    max_unavailable: IntOrPercent,
+    /// How a new instance is judged healthy.
+    health_check: HealthCheck,
+    /// How long an instance must stay healthy before it takes traffic (default 0s).
+    #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
+    min_healthy: Duration,
+    /// How long an old instance keeps finishing requests after leaving the LB (default 5s).
+    #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
+    drain: Duration,
+    /// A rollout making no progress this long fails (default 10m).
+    #[serde(with = "duration::serde_duration")]
+    #[schemars(with = "String")]
+    progress_deadline: Duration,
+    /// Replace a few instances first and wait.
+    canary: Option<Canary>,
+    /// When rollouts may start.
+    schedule: Option<Schedule>,
+    /// What happens when new instances fail.
+    on_failure: OnFailure,
+    /// The local provider's load balancer (only with `provider: local`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_balancer: Option<LoadBalancer>,
+}
+
+/// What an omitted `rollout:` key means. No provider section: the conversion fills in the
+/// provider's defaults (and does not mistake a default `loadBalancer` for a written one).
+fn raw_policy_default() -> RawRolloutPolicy {
+    RawRolloutPolicy { load_balancer: None, ..RolloutPolicy::default().into() }
+}
+
+/// Why a `rollout:` section cannot become a [`RolloutPolicy`]. The backticked part of each
+/// message is the key the error is located at.
+#[derive(Debug)]
+enum PolicyError {
+    ExecWithoutSection,
+    Misplaced { section: &'static str, belongs: ProviderKind, provider: ProviderKind },
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::ExecWithoutSection => f.write_str(
+                "`provider` is `exec`, which needs an `exec:` section (its scripts and settings)",
+            ),
+            PolicyError::Misplaced { section, belongs, provider } => write!(
+                f,
+                "`{section}` is a setting of the {belongs} provider; this fleet's provider is \
+                 `{provider}` (remove it, or set `provider: {belongs}`)"
+            ),
+        }
+    }
+}
+
+impl TryFrom<RawRolloutPolicy> for RolloutPolicy {
+    type Error = PolicyError;
+
+    fn try_from(raw: RawRolloutPolicy) -> Result<Self, PolicyError> {
+        let provider = match (raw.provider, raw.exec, raw.load_balancer) {
+            (ProviderKind::Local, None, load_balancer) => {
+                ProviderSpec::Local { load_balancer: load_balancer.unwrap_or_default() }
+            }
+            (ProviderKind::Local, Some(_), _) => {
+                return Err(PolicyError::Misplaced {
+                    section: "exec",
+                    belongs: ProviderKind::Exec,
+                    provider: ProviderKind::Local,
+                });
+            }
+            (ProviderKind::Exec, _, Some(_)) => {
+                return Err(PolicyError::Misplaced {
+                    section: "loadBalancer",
+                    belongs: ProviderKind::Local,
+                    provider: ProviderKind::Exec,
+                });
+            }
+            (ProviderKind::Exec, None, None) => return Err(PolicyError::ExecWithoutSection),
+            (ProviderKind::Exec, Some(exec), None) => ProviderSpec::Exec(exec),
+        };
+        Ok(RolloutPolicy {
+            provider,
+            capacity: raw.capacity,
+            max_surge: raw.max_surge,
+            max_unavailable: raw.max_unavailable,
+            health_check: raw.health_check,
+            min_healthy: raw.min_healthy,
+            drain: raw.drain,
+            progress_deadline: raw.progress_deadline,
+            canary: raw.canary,
+            schedule: raw.schedule,
+            on_failure: raw.on_failure,
+        })
+    }
+}
+
+impl From<RolloutPolicy> for RawRolloutPolicy {
+    fn from(policy: RolloutPolicy) -> Self {
+        let kind = policy.provider.kind();
+        let (exec, load_balancer) = match policy.provider {
+            ProviderSpec::Local { load_balancer } => (None, Some(load_balancer)),
+            ProviderSpec::Exec(exec) => (Some(exec), None),
+        };
+        RawRolloutPolicy {
+            provider: kind,
+            exec,
+            capacity: policy.capacity,
+            max_surge: policy.max_surge,
+            max_unavailable: policy.max_unavailable,
+            health_check: policy.health_check,
+            min_healthy: policy.min_healthy,
+            drain: policy.drain,
+            progress_deadline: policy.progress_deadline,
+            canary: policy.canary,
+            schedule: policy.schedule,
+            on_failure: policy.on_failure,
+            load_balancer,
+        }
+    }
 }
 
 impl Default for RolloutPolicy {
     fn default() -> Self {
         RolloutPolicy {
-            provider: ProviderKind::Local,
-            exec: None,
+            provider: ProviderSpec::default(),
             capacity: Capacity::Fixed(1),
             max_surge: IntOrPercent::Percent(25),
             max_unavailable: IntOrPercent::Count(0),
@@ -407,7 +605,6 @@ impl Default for RolloutPolicy {
             canary: None,
             schedule: None,
             on_failure: OnFailure::Rollback,
-            load_balancer: LoadBalancer::default(),
         }
     }
 }
@@ -557,6 +754,21 @@ pub struct ExecProvider {
     pub env: std::collections::BTreeMap<String, String>,
 }
 
+impl ExecProvider {
+    /// Each operation's script, as `(operation, path)`, `health` included when set.
+    pub fn scripts(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            ("list", self.list.as_str()),
+            ("launch", self.launch.as_str()),
+            ("attach", self.attach.as_str()),
+            ("detach", self.detach.as_str()),
+            ("terminate", self.terminate.as_str()),
+        ]
+        .into_iter()
+        .chain(self.health.as_deref().map(|health| ("health", health)))
+    }
+}
+
 mod defaults {
     use std::time::Duration;
     pub fn bake_timeout() -> Duration {
@@ -630,6 +842,12 @@ pub trait RepoFiles {
     fn symlink(&self, _path: &str) -> bool {
         false
     }
+
+    /// The text of a small file (an exec provider's [`SETTINGS_FILE`]): `Ok(None)` if absent,
+    /// `Err(why)` if it is there but refused (a symlink, over `max_bytes`, not UTF-8).
+    fn read(&self, _path: &str, _max_bytes: u64) -> Result<Option<String>, String> {
+        Ok(None)
+    }
 }
 
 /// A checkout on disk (`kiln validate PATH`). Answers as the daemon does from git: a symlink
@@ -652,6 +870,106 @@ impl RepoFiles for DirFiles<'_> {
             at.push(part);
             std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink())
         })
+    }
+
+    fn read(&self, path: &str, max_bytes: u64) -> Result<Option<String>, String> {
+        use std::io::Read as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let Ok(full) = crate::fsutil::safe_join(self.0, path) else { return Ok(None) };
+        if self.symlink(path) {
+            return Err("it is a symbolic link (or lies under one)".into());
+        }
+        // O_NOFOLLOW: a symlink swapped in after the check above is refused too.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(full);
+        let file = match opened {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
+        if !file.metadata().map_err(|e| e.to_string())?.is_file() {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        file.take(max_bytes + 1).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+        if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > max_bytes {
+            return Err(format!("it is over the limit of {max_bytes} bytes"));
+        }
+        String::from_utf8(bytes).map(Some).map_err(|_| "it is not valid UTF-8".into())
+    }
+}
+
+/// The answers of a [`RepoFiles`], each asked once per validation: many fleets name the same
+/// hooks and provider scripts, and each question costs a stat (or a git lookup).
+struct Memo<'a> {
+    files: &'a dyn RepoFiles,
+    file: RefCell<HashMap<String, Option<bool>>>,
+    symlink: RefCell<HashMap<String, bool>>,
+    settings: RefCell<HashMap<String, Option<Rc<ProviderSettings>>>>,
+}
+
+impl<'a> Memo<'a> {
+    fn new(files: &'a dyn RepoFiles) -> Memo<'a> {
+        Memo {
+            files,
+            file: RefCell::default(),
+            symlink: RefCell::default(),
+            settings: RefCell::default(),
+        }
+    }
+
+    fn file(&self, path: &str) -> Option<bool> {
+        if let Some(known) = self.file.borrow().get(path) {
+            return *known;
+        }
+        let answer = self.files.file(path);
+        self.file.borrow_mut().insert(path.to_owned(), answer);
+        answer
+    }
+
+    fn symlink(&self, path: &str) -> bool {
+        if let Some(known) = self.symlink.borrow().get(path) {
+            return *known;
+        }
+        let answer = self.files.symlink(path);
+        self.symlink.borrow_mut().insert(path.to_owned(), answer);
+        answer
+    }
+
+    /// The settings declared in `dir` (`None` when it has no [`SETTINGS_FILE`]). A broken
+    /// declaration is reported once, the first time it is read.
+    fn settings(&self, report: &mut Report<'_>, dir: &str) -> Option<Rc<ProviderSettings>> {
+        if let Some(known) = self.settings.borrow().get(dir) {
+            return known.clone();
+        }
+        let path = if dir.is_empty() {
+            SETTINGS_FILE.to_owned()
+        } else {
+            format!("{dir}/{SETTINGS_FILE}")
+        };
+        let parsed = match self.files.read(&path, MAX_SETTINGS_BYTES) {
+            Ok(None) => None,
+            Ok(Some(text)) => match parse_settings(&text, &path) {
+                Ok(settings) => Some(Rc::new(settings)),
+                Err(error) => {
+                    error.problems.into_iter().for_each(|p| report.push_problem(p));
+                    None
+                }
+            },
+            Err(why) => {
+                report.push_problem(Problem {
+                    file: path.clone(),
+                    line: 0,
+                    column: 0,
+                    message: format!("{path} cannot be read: {why}"),
+                });
+                None
+            }
+        };
+        self.settings.borrow_mut().insert(dir.to_owned(), parsed.clone());
+        parsed
     }
 }
 
@@ -687,7 +1005,7 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
         // For errors raised while converting a value (a bad duration), serde_yaml reports where
         // the enclosing mapping starts. The message quotes the value: point at it instead.
         let (line, column) = quoted_value(&message)
-            .and_then(|value| locate_value(text, value, line))
+            .and_then(|value| text::locate_value(&Text::new(text), value, line))
             .unwrap_or((line, column));
         ManifestError { problems: vec![Problem { file: file.to_owned(), line, column, message }] }
     })
@@ -698,53 +1016,6 @@ fn quoted_value(message: &str) -> Option<&str> {
     let start = message.find('`')? + 1;
     let end = start + message[start..].find('`')?;
     Some(&message[start..end]).filter(|v| !v.is_empty())
-}
-
-/// The first place at or after `from_line` where `value` follows a `key:` on the line.
-fn locate_value(text: &str, value: &str, from_line: usize) -> Option<(usize, usize)> {
-    text.lines().enumerate().skip(from_line.saturating_sub(1)).find_map(|(i, line)| {
-        let pos = line.find(value)?;
-        line[..pos].contains(':').then_some((i + 1, pos + 1))
-    })
-}
-
-/// Finds where `key: value` (or `- value` under key) sits in the text, for errors on values that
-/// parsed fine but mean something wrong. Searches from `after_line` on (1-based).
-fn locate(text: &str, key: &str, value: &str, after_line: usize) -> (usize, usize) {
-    let pattern = format!("{key}:");
-    let from = after_line.saturating_sub(1);
-    // First choice: the value right after `key:` (maybe quoted), so `/etc` is not found inside
-    // an earlier `../../../etc`.
-    for (i, line) in text.lines().enumerate().skip(from) {
-        for (kpos, _) in line.match_indices(&pattern) {
-            let word_start = line[..kpos].chars().next_back().is_none_or(|c| !c.is_alphanumeric());
-            if !word_start {
-                continue;
-            }
-            if value.is_empty() {
-                return (i + 1, kpos + 1);
-            }
-            let after = kpos + pattern.len();
-            let rest = line[after..].trim_start();
-            let quoted = rest.starts_with(['"', '\'']);
-            let rest = if quoted { &rest[1..] } else { rest };
-            if rest.starts_with(value) {
-                return (i + 1, line.len() - rest.len() + 1);
-            }
-        }
-    }
-    for (i, line) in text.lines().enumerate().skip(from) {
-        if let Some(kpos) = line.find(&pattern) {
-            if let Some(vpos) = line[kpos..].find(value) {
-                return (i + 1, kpos + vpos + 1);
-            }
-        }
-    }
-    (0, 0)
-}
-
-fn line_of_fleet(text: &str, name: &str) -> usize {
-    locate(text, "name", name, 1).0.max(1)
 }
 
 /// Problems reported in full; past this many they are only counted (locating one scans the text).
@@ -766,6 +1037,15 @@ impl Report<'_> {
         let (line, column) = at();
         self.problems.push(Problem { file: self.file.to_owned(), line, column, message });
     }
+
+    /// A problem located already (in another file, such as a provider's [`SETTINGS_FILE`]).
+    fn push_problem(&mut self, problem: Problem) {
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.omitted += 1;
+            return;
+        }
+        self.problems.push(problem);
+    }
 }
 
 /// Whether `name` may become part of a path: a DNS label, `[a-z0-9][a-z0-9-]{0,62}`.
@@ -781,20 +1061,6 @@ pub fn is_repo_path(path: &str) -> bool {
     !path.starts_with('/') && !path.contains('\0') && !path.split('/').any(|part| part == "..")
 }
 
-/// Where `value` sits as an item of the list under `key:` (`key: [a, b]` or `- b` lines below
-/// it), searching from `after_line` on.
-fn locate_item(text: &str, key: &str, value: &str, after_line: usize) -> (usize, usize) {
-    let (key_line, _) = locate(text, key, "", after_line);
-    if key_line == 0 {
-        return (0, 0);
-    }
-    text.lines()
-        .enumerate()
-        .skip(key_line - 1)
-        .find_map(|(i, line)| line.find(value).map(|pos| (i + 1, pos + 1)))
-        .unwrap_or((0, 0))
-}
-
 /// Semantic checks serde cannot do. Every problem is reported, not just the first (up to a
 /// bound; the rest are counted).
 pub fn validate(
@@ -804,7 +1070,7 @@ pub fn validate(
     files: &dyn RepoFiles,
 ) -> Result<(), ManifestError> {
     let mut report = Report { file, problems: Vec::new(), omitted: 0 };
-    check_manifest(&mut report, manifest, text, files);
+    check_manifest(&mut report, manifest, &Text::new(text), &Memo::new(files));
     let Report { mut problems, omitted, .. } = report;
     if problems.is_empty() {
         return Ok(());
@@ -821,7 +1087,7 @@ pub fn validate(
     Err(ManifestError { problems })
 }
 
-fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &str, files: &dyn RepoFiles) {
+fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>, files: &Memo<'_>) {
     if manifest.fleets.is_empty() {
         report.push(|| locate(text, "fleets", "", 1), "no fleets defined".into());
     }
@@ -835,10 +1101,17 @@ fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &str, file
         );
         return;
     }
-    let mut fleet_names = BTreeSet::new();
+    let mut fleet_names = HashSet::new();
     let mut lb_ports = BTreeSet::new();
+    // Fleets are in file order: each one's `name:` is searched from the line after the
+    // previous one's, so finding them all reads the text once (from the top only for a name
+    // not found there, such as fleets written in flow style on one line).
+    let mut next = 1;
     for fleet in &manifest.fleets {
-        let at = line_of_fleet(text, &fleet.name);
+        let at = text::locate_name(text, &fleet.name, next)
+            .or_else(|| text::locate_name(text, &fleet.name, 1))
+            .unwrap_or(1);
+        next = at + 1;
         if !fleet_names.insert(fleet.name.as_str()) {
             report.push(
                 || locate(text, "name", &fleet.name, at),
@@ -881,9 +1154,9 @@ fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &str, file
 fn check_stages(
     report: &mut Report<'_>,
     fleet: &Fleet,
-    text: &str,
+    text: &Text<'_>,
     at: usize,
-    files: &dyn RepoFiles,
+    files: &Memo<'_>,
 ) {
     let stages = &fleet.image.stages;
     if stages.is_empty() {
@@ -952,9 +1225,9 @@ fn check_stages(
 fn check_policy(
     report: &mut Report<'_>,
     fleet: &Fleet,
-    text: &str,
+    text: &Text<'_>,
     at: usize,
-    files: &dyn RepoFiles,
+    files: &Memo<'_>,
     lb_ports: &mut BTreeSet<u16>,
 ) {
     if fleet.drift.interval < MIN_DRIFT_INTERVAL {
@@ -1044,23 +1317,10 @@ fn check_policy(
             );
         }
     }
-    match (policy.provider, &policy.exec) {
-        (ProviderKind::Exec, None) => report.push(
-            || locate(text, "provider", "exec", at),
-            "provider `exec` needs an `exec:` section".into(),
-        ),
-        (ProviderKind::Exec, Some(exec)) => {
-            for (op, path) in [
-                ("list", &exec.list),
-                ("launch", &exec.launch),
-                ("attach", &exec.attach),
-                ("detach", &exec.detach),
-                ("terminate", &exec.terminate),
-            ] {
+    match &policy.provider {
+        ProviderSpec::Exec(exec) => {
+            for (op, path) in exec.scripts() {
                 check_hook(report, text, at, files, op, path);
-            }
-            if let Some(health) = &exec.health {
-                check_hook(report, text, at, files, "health", health);
             }
             if exec.env.len() > MAX_EXEC_ENV {
                 report.push(
@@ -1070,10 +1330,12 @@ fn check_policy(
                         exec.env.len()
                     ),
                 );
+            } else {
+                check_exec_settings(report, text, at, files, exec);
             }
         }
-        (ProviderKind::Local, _) => {
-            let port = policy.load_balancer.port;
+        ProviderSpec::Local { load_balancer } => {
+            let port = load_balancer.port;
             if port != 0 && !lb_ports.insert(port) {
                 report.push(
                     || locate(text, "port", &port.to_string(), at),
@@ -1084,11 +1346,76 @@ fn check_policy(
     }
 }
 
+/// `exec.env` against the settings the provider's scripts declare they read (the
+/// [`SETTINGS_FILE`] in each directory holding one of its scripts): every setting given must be
+/// declared, every required one given. A provider declaring nothing is not checked.
+fn check_exec_settings(
+    report: &mut Report<'_>,
+    text: &Text<'_>,
+    at: usize,
+    files: &Memo<'_>,
+    exec: &ExecProvider,
+) {
+    let dirs: BTreeSet<&str> = exec
+        .scripts()
+        .map(|(_, path)| path.trim_start_matches("./"))
+        .filter(|path| !path.is_empty() && is_repo_path(path))
+        .map(|path| path.rsplit_once('/').map_or("", |(dir, _)| dir))
+        .collect();
+    // Declared settings by variable name: (name as declared, declaring file, declaration).
+    let mut declared: BTreeMap<String, (String, String, SettingDecl)> = BTreeMap::new();
+    let mut found = Vec::new();
+    for dir in dirs {
+        let Some(settings) = files.settings(report, dir) else { continue };
+        let path = if dir.is_empty() {
+            SETTINGS_FILE.to_owned()
+        } else {
+            format!("{dir}/{SETTINGS_FILE}")
+        };
+        for (name, decl) in &settings.settings {
+            declared
+                .entry(setting_env_name(name))
+                .or_insert_with(|| (name.clone(), path.clone(), decl.clone()));
+        }
+        found.push(path);
+    }
+    if found.is_empty() {
+        return;
+    }
+    let declaring = found.join(", ");
+    let given: HashSet<String> = exec.env.keys().map(|k| setting_env_name(k)).collect();
+    for key in exec.env.keys() {
+        if !declared.contains_key(&setting_env_name(key)) {
+            let names: Vec<&str> = declared.values().map(|(name, ..)| name.as_str()).collect();
+            report.push(
+                || locate(text, key, "", at),
+                format!(
+                    "exec.env setting `{key}` is not read by the provider's scripts \
+                     ({declaring} declares: {})",
+                    names.join(", ")
+                ),
+            );
+        }
+    }
+    for (var, (name, path, decl)) in &declared {
+        if decl.required && !given.contains(var) {
+            let what = decl.description.as_deref().map(|d| format!(": {d}")).unwrap_or_default();
+            report.push(
+                || match locate(text, "env", "", at) {
+                    (0, _) => locate(text, "exec", "", at),
+                    found => found,
+                },
+                format!("exec.env lacks setting `{name}`, which {path} requires{what}"),
+            );
+        }
+    }
+}
+
 /// A `path:` or `paths:` value must stay inside the repo.
-fn check_repo_path(report: &mut Report<'_>, text: &str, at: usize, key: &str, path: &str) {
+fn check_repo_path(report: &mut Report<'_>, text: &Text<'_>, at: usize, key: &str, path: &str) {
     if !is_repo_path(path) {
         let locate_it = || match key {
-            "paths" => locate_item(text, key, path, at),
+            "paths" => text::locate_item(text, key, path, at),
             _ => locate(text, key, path, at),
         };
         report.push(
@@ -1117,9 +1444,9 @@ fn has_cycle(fleet: &Fleet) -> bool {
 
 fn check_hook(
     report: &mut Report<'_>,
-    text: &str,
+    text: &Text<'_>,
     at: usize,
-    files: &dyn RepoFiles,
+    files: &Memo<'_>,
     key: &str,
     path: &str,
 ) {

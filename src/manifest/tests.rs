@@ -331,9 +331,9 @@ fn long_lists_are_refused_naming_the_limit() {
     let found = problems(&text);
     assert_eq!(located(&found, &format!("over the limit of {MAX_STAGES} (MAX_STAGES)")), (5, 7));
 
-    let fleet = GOOD
-        .trim_start_matches("fleets:\n")
-        .replace("capacity: 3", "capacity: 3\n      loadBalancer: { port: 0 }");
+    // Compact, so MAX_FLEETS + 1 of them fit under MAX_MANIFEST_BYTES.
+    let fleet =
+        "  - { name: a, image: { stages: [{ name: s, path: p, bake: hooks/bake-base }] } }\n";
     let text = format!("fleets:\n{}", fleet.repeat(MAX_FLEETS + 1));
     let found = problems(&text);
     assert_eq!(found.len(), 1, "{found:?}");
@@ -436,4 +436,134 @@ fn drift_defaults_to_report_every_five_minutes_and_is_validated() {
     let bad_mode = format!("{GOOD}    drift: {{ mode: fix }}\n");
     let found = problems(&bad_mode);
     assert!(found.iter().any(|p| p.contains("fix") && p.contains("report")), "{found:?}");
+}
+
+/// A repo with an exec provider in `hooks/provider/p/`, declaring its settings.
+struct ExecRepo(&'static str);
+
+impl RepoFiles for ExecRepo {
+    fn file(&self, path: &str) -> Option<bool> {
+        if path.starts_with("hooks/provider/p/") {
+            return Some(true);
+        }
+        HOOKS.file(path)
+    }
+    fn read(&self, path: &str, _max: u64) -> Result<Option<String>, String> {
+        let declared = path == "hooks/provider/p/settings.yaml" && !self.0.is_empty();
+        Ok(declared.then(|| self.0.to_owned()))
+    }
+}
+
+const SETTINGS: &str = "\
+settings:
+  asg: { required: true, description: the Auto Scaling group }
+  region: { description: the AWS region }
+";
+
+fn exec_manifest(env: &str) -> String {
+    GOOD.replace(
+        "      provider: local\n",
+        &format!(
+            "      provider: exec
+      exec:
+        list: hooks/provider/p/list
+        launch: hooks/provider/p/launch
+        attach: hooks/provider/p/attach
+        detach: hooks/provider/p/detach
+        terminate: hooks/provider/p/terminate
+        env:
+{env}"
+        ),
+    )
+}
+
+fn exec_problems(text: &str, settings: &'static str) -> Vec<String> {
+    match load(text, "kiln.yaml", &ExecRepo(settings)) {
+        Ok(_) => vec![],
+        Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+    }
+}
+
+#[test]
+fn exec_settings_are_checked_against_the_providers_declaration() {
+    let good = exec_manifest("          ASG: web-asg\n          region: eu-west-1\n");
+    assert_eq!(exec_problems(&good, SETTINGS), Vec::<String>::new());
+    let manifest = load(&good, "kiln.yaml", &ExecRepo(SETTINGS)).unwrap();
+    let exec = manifest.fleets[0].rollout.provider.exec().unwrap();
+    assert_eq!(exec.env["ASG"], "web-asg");
+
+    // A setting the scripts do not read, and the required one missing: both located.
+    let wrong = exec_manifest("          ASG_NAME: web-asg\n          REGION: eu-west-1\n");
+    let found = exec_problems(&wrong, SETTINGS);
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(located(&found, "setting `ASG_NAME` is not read"), (19, 11), "{found:?}");
+    assert!(found.iter().any(|p| p.contains("settings.yaml declares: asg, region")), "{found:?}");
+    assert_eq!(
+        located(&found, "lacks setting `asg`, which hooks/provider/p/settings.yaml requires"),
+        (18, 9),
+        "{found:?}"
+    );
+
+    // A provider that declares nothing is not checked.
+    let found = match load(&wrong, "kiln.yaml", &HOOKS_AND_SCRIPTS) {
+        Ok(_) => vec![],
+        Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+    };
+    assert_eq!(found, Vec::<String>::new());
+}
+
+/// The provider scripts without a `settings.yaml`.
+const HOOKS_AND_SCRIPTS: ExecRepo = ExecRepo("");
+
+#[test]
+fn a_broken_settings_declaration_is_located_in_its_own_file() {
+    let text = exec_manifest("          ASG: web-asg\n");
+    let found = exec_problems(&text, "settings:\n  asg: { requird: true }\n");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].starts_with("hooks/provider/p/settings.yaml:2:"), "{found:?}");
+    assert!(found[0].contains("unknown field `requird`"), "{found:?}");
+}
+
+#[test]
+fn a_providers_section_under_another_provider_is_located() {
+    // loadBalancer is the local provider's.
+    let text = exec_manifest("          ASG: a\n").replace(
+        "onFailure: rollback\n",
+        "onFailure: rollback\n      loadBalancer: { port: 9000 }\n",
+    );
+    let found = exec_problems(&text, SETTINGS);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(located(&found, "`loadBalancer` is a setting of the local provider"), (29, 7));
+    assert!(found[0].contains("this fleet's provider is `exec`"), "{found:?}");
+
+    // exec: under the local provider.
+    let text = GOOD.replace(
+        "      provider: local\n",
+        "      provider: local\n      exec: { list: a, launch: a, attach: a, detach: a, terminate: a }\n",
+    );
+    let found = problems(&text);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(located(&found, "`exec` is a setting of the exec provider"), (12, 7), "{found:?}");
+
+    // provider: exec without its section.
+    let text = GOOD.replace("provider: local", "provider: exec");
+    let found = problems(&text);
+    assert_eq!(located(&found, "`provider` is `exec`, which needs an `exec:` section"), (11, 7));
+}
+
+#[test]
+fn each_fleet_is_located_at_its_own_name() {
+    // `web` after `web-2`: each fleet's problem is on its own lines, not the first match of a
+    // prefix of its name.
+    let fleet = |name: &str, port: u16| {
+        GOOD.trim_start_matches("fleets:\n")
+            .replace("- name: web", &format!("- name: {name}"))
+            .replace("capacity: 3", &format!("capacity: 0\n      loadBalancer: {{ port: {port} }}"))
+            .replace("      canary: { count: 1, pause: 30s }\n", "")
+    };
+    let text = format!("fleets:\n{}{}", fleet("web-2", 9001), fleet("web", 9002));
+    let found = problems(&text);
+    let at: Vec<&str> =
+        found.iter().filter_map(|p| p.strip_suffix(": capacity must be at least 1")).collect();
+    assert_eq!(at, ["kiln.yaml:12:17", "kiln.yaml:31:17"], "{found:?}");
 }

@@ -515,7 +515,7 @@ impl Reconciler {
         self.shared.busy.store(active.is_some(), std::sync::atomic::Ordering::SeqCst);
         let status = &mut self.status;
         if let Some(fleet) = &self.fleet {
-            status.provider = format!("{:?}", fleet.rollout.provider).to_lowercase();
+            status.provider = fleet.rollout.provider.kind().to_string();
             status.capacity = fleet.rollout.capacity.min();
         }
         status.revision = deployed.as_ref().map(|d| d.revision.clone());
@@ -550,7 +550,7 @@ impl Reconciler {
     }
 
     fn observe(&mut self) {
-        let every = match self.fleet.as_ref().map(|f| f.rollout.provider) {
+        let every = match self.fleet.as_ref().map(|f| f.rollout.provider.kind()) {
             Some(ProviderKind::Local) | None => OBSERVE_LOCAL,
             Some(_) => OBSERVE_REMOTE,
         };
@@ -783,7 +783,7 @@ pub async fn provider_for(
             slot.last_failure = None;
             Ok(provider)
         }
-        Err(error) if fleet.rollout.provider == ProviderKind::Local => {
+        Err(error) if fleet.rollout.provider.kind() == ProviderKind::Local => {
             let message = format!("fleet `{}`: {error}", fleet.name);
             if !error.is_transient() && slot.last_failure.as_ref() != Some(&message) {
                 tracing::error!(fleet = %fleet.name, error = %message, "Load balancer change failed; the fleet keeps its current one.");

@@ -94,13 +94,10 @@ impl<'a> Request<'a> {
     }
 }
 
-/// `KILN_PROVIDER_<NAME>` for a setting name (upper case, non-alphanumerics as `_`).
+/// `KILN_PROVIDER_<NAME>` for a setting name (upper case, non-alphanumerics as `_`); the same
+/// rule validation uses to check `exec.env` against the provider's `settings.yaml`.
 pub fn setting_var(name: &str) -> String {
-    let name: String = name
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
-        .collect();
-    format!("KILN_PROVIDER_{name}")
+    crate::manifest::setting_env_name(name)
 }
 
 impl ExecProvider {
@@ -165,7 +162,8 @@ impl ExecProvider {
                 tracing::debug!(fleet = %fleet, op, line, "Provider script output.");
             }
         };
-        let res = hooks::run(&spec, &sink, &CancellationToken::new()).await;
+        // Routine (list and health run at every tick): logged at DEBUG, failures by the caller.
+        let res = hooks::run_routine(&spec, &sink, &CancellationToken::new()).await;
         let _ = std::fs::remove_file(&request_file);
         match res {
             Ok(outcome) => Ok(outcome.stdout),

@@ -197,11 +197,11 @@ impl OpenError {
 /// reused. The local provider depends on its load balancer port, the exec provider on the
 /// commit its scripts come from.
 pub fn open_key(fleet: &crate::manifest::Fleet, revision: &crate::model::Revision) -> String {
-    match fleet.rollout.provider {
-        crate::manifest::ProviderKind::Local => {
-            format!("local:{}", fleet.rollout.load_balancer.port)
+    match &fleet.rollout.provider {
+        crate::manifest::ProviderSpec::Local { load_balancer } => {
+            format!("local:{}", load_balancer.port)
         }
-        crate::manifest::ProviderKind::Exec => format!("exec:{revision}"),
+        crate::manifest::ProviderSpec::Exec(_) => format!("exec:{revision}"),
     }
 }
 
@@ -217,21 +217,17 @@ pub async fn open(
     let fleet_dir =
         crate::fsutil::safe_join(&cx.fleets_dir, &fleet.name).map_err(|e| setup(e.to_string()))?;
     let policy = &fleet.rollout;
-    Ok(match policy.provider {
-        crate::manifest::ProviderKind::Local => Arc::new(
+    Ok(match &policy.provider {
+        crate::manifest::ProviderSpec::Local { load_balancer } => Arc::new(
             local::LocalProvider::open(local::LocalConfig {
                 fleet: fleet.name.clone(),
                 dir: fleet_dir,
-                lb_port: policy.load_balancer.port,
+                lb_port: load_balancer.port,
                 kiln_exe: cx.kiln_exe.clone(),
             })
             .await?,
         ),
-        crate::manifest::ProviderKind::Exec => {
-            let spec = policy
-                .exec
-                .clone()
-                .ok_or_else(|| setup("provider exec without an exec section".into()))?;
+        crate::manifest::ProviderSpec::Exec(spec) => {
             let repo_dir = crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())
                 .map_err(|e| setup(e.to_string()))?;
             if !repo_dir.exists() {
@@ -246,7 +242,7 @@ pub async fn open(
                     setup(format!("exporting the provider scripts: {}", crate::error::chain(&e)))
                 })?;
             }
-            Arc::new(exec::ExecProvider::new(&fleet.name, &spec, repo_dir, fleet_dir.join("exec")))
+            Arc::new(exec::ExecProvider::new(&fleet.name, spec, repo_dir, fleet_dir.join("exec")))
         }
     })
 }

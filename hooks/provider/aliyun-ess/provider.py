@@ -5,7 +5,8 @@ EXAMPLE ONLY, NOT TESTED by kiln's test suite: read it, adapt it, try it on a te
 Protocol: docs/exec-provider.md. Needs the `aliyun` CLI (configured with a profile or
 ALIBABA_CLOUD_* credentials allowed through --hook-env) and python3 (stdlib only).
 
-Settings (kiln.yaml `rollout.exec.env`, seen here as KILN_PROVIDER_<NAME>):
+Settings (kiln.yaml `rollout.exec.env`, seen here as KILN_PROVIDER_<NAME>; declared in
+settings.yaml beside this file, which `kiln validate` checks manifests against):
   scaling_group_id   ESS scaling group id                            (required)
   vserver_group_id   SLB VServer group id the fleet serves behind    (required)
   launch_template_id ECS launch template for new instances           (required)

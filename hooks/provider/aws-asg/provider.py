@@ -4,7 +4,8 @@
 EXAMPLE ONLY, NOT TESTED by kiln's test suite: read it, adapt it, try it on a test account.
 Protocol: docs/exec-provider.md. Needs the `aws` CLI v2 and python3 (stdlib only).
 
-Settings (kiln.yaml `rollout.exec.env`, seen here as KILN_PROVIDER_<NAME>):
+Settings (kiln.yaml `rollout.exec.env`, seen here as KILN_PROVIDER_<NAME>; declared in
+settings.yaml beside this file, which `kiln validate` checks manifests against):
   asg               Auto Scaling group name                      (required)
   target_group_arn  ELBv2 target group ARN                       (required)
   launch_template   launch template name used for new instances (required)

@@ -1,5 +1,6 @@
-//! How the CLI reaches kiln: the running daemon's API when there is one, else the store on
-//! disk (read-only commands only).
+//! How the CLI (and `kiln quickstart`) reach kiln: the running daemon's API when there is one,
+//! else the store on disk (read-only commands only). Shared by `cli` and `quickstart`, so neither
+//! imports the other's internals.
 //!
 //! Discovery order: `--api`/`$KILN_API` (token from `$KILN_TOKEN`, else `<data-dir>/token`);
 //! else `<data-dir>/daemon.json` whose pid is alive (its `api` and `<data-dir>/token`); else the
