@@ -485,3 +485,38 @@ async fn cancelling_a_bake_stops_the_hook() {
         .await;
     assert!(h.work_leftovers().is_empty());
 }
+
+/// A reconcile hook that never mentions `KILN_MODE` predates plan mode and would apply when a
+/// drift check runs it: kiln refuses to run it in plan mode and says why; one that reads
+/// `KILN_MODE` is run and its exit 2 is drift.
+#[tokio::test]
+async fn a_hook_without_plan_mode_is_never_run_to_plan() {
+    if !require_git("a_hook_without_plan_mode_is_never_run_to_plan") {
+        return;
+    }
+    let repo = TestRepo::new();
+    let marker = repo.scratch("applied");
+    repo.commit("infra", &[("infra/main.txt", "x\n")]);
+    let old_hook = format!("#!/bin/sh\ntouch '{}'\n", marker.display());
+    let sha = repo.commit_exec("old hook", &[("hooks/reconcile", &old_hook)]);
+    let fleet = fleet_from_yaml(
+        "fleets:\n  - name: web\n    image:\n      stages:\n        - { name: base, path: image, bake: hooks/bake }\n    infra: { path: infra/, reconcile: hooks/reconcile }\n",
+    );
+    let h = Harness::new();
+    let rev = Revision::from(sha.as_str());
+    let cx = h.cx(&fleet, &rev, repo.bare_path());
+    let err = kiln::pipeline::reconcile::plan_fleet(&cx, &ImageRef::from("i"))
+        .await
+        .expect_err("an old hook is not run to plan");
+    let text = err.to_string();
+    assert!(text.contains("KILN_MODE") && text.contains("hooks/reconcile"), "{text}");
+    assert!(!marker.exists(), "the hook ran (and would have applied)");
+
+    let planning = "#!/bin/sh\nif [ \"$KILN_MODE\" = plan ]; then echo 'summary=1 to change' >> \"$KILN_OUTPUT\"; exit 2; fi\nexit 1\n";
+    let sha = repo.commit_exec("plan-aware hook", &[("hooks/reconcile", planning)]);
+    let rev = Revision::from(sha.as_str());
+    let cx = h.cx(&fleet, &rev, repo.bare_path());
+    let outcome = kiln::pipeline::reconcile::plan_fleet(&cx, &ImageRef::from("i")).await;
+    let outcome = outcome.expect("a plan-aware hook plans").expect("the fleet has infra");
+    assert!(format!("{outcome:?}").contains("1 to change"), "{outcome:?}");
+}

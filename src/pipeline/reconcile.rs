@@ -224,6 +224,15 @@ pub async fn plan_fleet(
             return Err(StepError::Other(format!("reconcile hook of fleet {fleet}: {e}")));
         }
     };
+    // A hook written before plan mode existed ignores `KILN_MODE` and would apply: only a hook
+    // that mentions `KILN_MODE` (a script, or a binary with the name in it) is run to plan.
+    if !mentions_plan_mode(&program).await {
+        workspace.remove().await;
+        return Err(StepError::Other(format!(
+            "fleet `{fleet}`: reconcile hook `{}` never mentions KILN_MODE, so it cannot be run in plan mode without applying; infra drift is not checked (see docs/hooks.md, plan mode)",
+            infra.reconcile
+        )));
+    }
     let spec = HookSpec {
         // The same step as an apply (`reconcile <fleet>`): one run record, so an apply that
         // starts kills a plan still running, and the other way round never happens (drift is
@@ -278,4 +287,16 @@ pub async fn plan_fleet(
     };
     workspace.remove().await;
     outcome
+}
+
+/// Whether the hook file names `KILN_MODE` (read up to 4 MiB; an unreadable file does not).
+async fn mentions_plan_mode(program: &std::path::Path) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    const MAX: u64 = 4 << 20;
+    let Ok(file) = tokio::fs::File::open(program).await else { return false };
+    let mut bytes = Vec::new();
+    if file.take(MAX).read_to_end(&mut bytes).await.is_err() {
+        return false;
+    }
+    bytes.windows(b"KILN_MODE".len()).any(|w| w == b"KILN_MODE")
 }
