@@ -1,7 +1,8 @@
 //! Operator benchmark: how fast kiln acknowledges work when its providers are slow, and how its
 //! cost grows with the number of fleets. Real `kiln run` daemon, real git pushes, the exec
-//! provider backed by a small fake cloud (`cloud.py`: one JSON state file per fleet, every call
-//! sleeping `DELAY` seconds first, instances judged by its `health` operation).
+//! provider backed by a small fake cloud (`tests/support/cloud.rs`: python with a per-call `DELAY`
+//! for the slow scenario, POSIX sh for the many-fleet one; instances judged by its `health`
+//! operation).
 //!
 //! Scenario `slow` (`OPERATOR_BENCH_DELAY`, default 30 s per provider call): fleet `slow` rolls
 //! through that provider while fleet `fast` (same cloud, no delay) is pushed to repeatedly.
@@ -30,7 +31,7 @@ use serde_json::Value;
 use support::daemon::{Daemon, kiln};
 use support::git::{Entry, TestRepo, require_git};
 
-use support::cloud::{BAKE, CLOUD, fleet_yaml};
+use support::cloud::{BAKE, CLOUD, CLOUD_SH, fleet_yaml};
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -255,7 +256,7 @@ fn fleets(repo: &TestRepo, data: &std::path::Path) {
     }
     let mut entries = vec![
         Entry::File("kiln.yaml", &manifest),
-        Entry::Exec("hooks/cloud", CLOUD),
+        Entry::Exec("hooks/cloud", CLOUD_SH),
         Entry::Exec("hooks/bake", BAKE),
     ];
     entries.extend(files.iter().map(|(p, c)| Entry::File(p, c)));
@@ -286,7 +287,14 @@ fn fleets(repo: &TestRepo, data: &std::path::Path) {
         let all = api.rollouts_for(&first, None);
         (all.len() >= n && all.iter().all(|r| terminal(&state_of(r)))).then_some(())
     });
-    println!("fleets: … and all finished after another {:.1} s", started.elapsed().as_secs_f64());
+    let mut states = std::collections::BTreeMap::<String, usize>::new();
+    for r in api.rollouts_for(&first, None) {
+        *states.entry(state_of(&r)).or_default() += 1;
+    }
+    println!(
+        "fleets: … and all finished after another {:.1} s: {states:?}",
+        started.elapsed().as_secs_f64()
+    );
 
     let mut recorded = Vec::new();
     for k in 1..=10 {

@@ -89,3 +89,40 @@ pub fn call_in_flight(state: &std::path::Path, fleet: &str) -> bool {
         entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
     })
 }
+
+/// The same cloud in POSIX sh, for benchmarks with many fleets: a python start costs tens of
+/// milliseconds, a shell a few. One file per instance under `<STATE>/<fleet>/`; no delay.
+pub const CLOUD_SH: &str = r#"#!/bin/sh
+set -eu
+dir="$KILN_PROVIDER_STATE/$KILN_FLEET"
+mkdir -p "$dir"
+req=$(cat)
+field() { printf '%s' "$req" | sed -n "s/.*\"$1\": *\"\([^\"]*\)\".*/\1/p"; }
+case "$KILN_OPERATION" in
+list)
+  printf '{"instances":['
+  sep=''
+  for f in "$dir"/*.json; do
+    [ -e "$f" ] || continue
+    printf '%s' "$sep"; cat "$f"; sep=','
+  done
+  printf ']}\n' ;;
+launch)
+  key=$(field key); image=$(field image)
+  if [ -e "$dir/key-$key" ]; then cat "$dir/$(cat "$dir/key-$key").json"; exit 0; fi
+  id="i-$KILN_FLEET-$(date +%s%N)"
+  printf '{"id":"%s","image":"%s","running":true,"attached":false,"launch_key":"%s"}' \
+    "$id" "$image" "$key" > "$dir/$id.json"
+  echo "$id" > "$dir/key-$key"
+  cat "$dir/$id.json" ;;
+attach|detach)
+  id=$(field id); f="$dir/$id.json"
+  [ -e "$f" ] || exit 0
+  if [ "$KILN_OPERATION" = attach ]; then a=true; else a=false; fi
+  sed "s/\"attached\":[a-z]*/\"attached\":$a/" "$f" > "$f.tmp" && mv "$f.tmp" "$f" ;;
+terminate)
+  id=$(field id); rm -f "$dir/$id.json" ;;
+health)
+  echo '{"health":"healthy"}' ;;
+esac
+"#;
