@@ -18,7 +18,9 @@ use crate::model::{Revision, RolloutId};
 use crate::planner::{self, CommitPlan};
 use crate::rollout::state::{Origin, Rollout, RolloutState};
 use crate::source::SourceEvent;
-use crate::store::{CommitKind, CommitRecord, EventKind, Level, RolloutFilter, Store, StoreError};
+use crate::store::{
+    CommitKind, CommitRecord, Event, EventKind, Level, RolloutFilter, Store, StoreError,
+};
 
 /// At most one "fetch failed" entry in the log per this interval while the remote stays down.
 const FETCH_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(600);
@@ -269,6 +271,8 @@ impl Recorder {
         };
         let mut skipped = Vec::new();
         let fleet_count = plans.len();
+        let mut batch = Vec::new();
+        let mut prepared = Vec::new();
         for fleet_plan in plans {
             if fleet_plan.is_noop() {
                 skipped.push(format!("{}: {}", fleet_plan.fleet.name, fleet_plan.plan.reason));
@@ -286,18 +290,18 @@ impl Recorder {
             );
             record.plan = fleet_plan.plan.clone();
             record.previous_image = previous_image;
-            let rollout = store.create_rollout(record)?;
+            let mut events = Vec::new();
             if let Some(note) = &note {
-                store.append_event(
-                    rollout.id,
+                events.push(Event::new(
+                    RolloutId(0),
                     Level::Warn,
                     EventKind::Source,
                     note.clone(),
                     None,
-                )?;
+                ));
             }
-            store.append_event(
-                rollout.id,
+            events.push(Event::new(
+                RolloutId(0),
                 Level::Info,
                 EventKind::Plan,
                 format!(
@@ -308,11 +312,16 @@ impl Recorder {
                     fleet_plan.plan.roll
                 ),
                 Some(serde_json::json!({ "trees": fleet_plan.trees })),
-            )?;
-            tracing::info!(rollout = %rollout.id, fleet = %name, revision = %tip.revision.short(), "Rollout planned.");
-            planned
-                .rollouts
-                .push((rollout.id, Prepared { fleet: fleet_plan.fleet, trees: fleet_plan.trees }));
+            ));
+            batch.push((record, events));
+            prepared.push(Prepared { fleet: fleet_plan.fleet, trees: fleet_plan.trees });
+        }
+        // Every rollout of the push in one write: a push touching a thousand fleets is recorded
+        // in one flush.
+        let created = store.create_rollouts(batch)?;
+        for (rollout, prepared) in created.into_iter().zip(prepared) {
+            tracing::info!(rollout = %rollout.id, fleet = %prepared.fleet.name, revision = %tip.revision.short(), "Rollout planned.");
+            planned.rollouts.push((rollout.id, prepared));
         }
         if !skipped.is_empty() && fleet_count == skipped.len() {
             let reason = format!("touches no fleet's paths ({})", skipped.join("; "));

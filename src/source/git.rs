@@ -197,6 +197,9 @@ pub struct CommitTree {
     repo: Repository,
     tree: Oid,
     revision: Revision,
+    /// The root tree's entries by name (`tree_id` is asked for every path of every fleet:
+    /// parsing a root of a thousand entries for each would be quadratic).
+    root: std::cell::OnceCell<std::collections::HashMap<String, Oid>>,
 }
 
 impl CommitTree {
@@ -204,7 +207,23 @@ impl CommitTree {
     pub fn open(mirror: &Path, revision: &Revision) -> Result<CommitTree, GitError> {
         let repo = open(mirror)?;
         let tree = find_commit(&repo, revision)?.tree_id();
-        Ok(CommitTree { repo, tree, revision: revision.clone() })
+        Ok(CommitTree { repo, tree, revision: revision.clone(), root: std::cell::OnceCell::new() })
+    }
+
+    fn root_index(&self) -> Result<&std::collections::HashMap<String, Oid>, GitError> {
+        if let Some(index) = self.root.get() {
+            return Ok(index);
+        }
+        let revision = &self.revision;
+        let tree = self
+            .repo
+            .find_tree(self.tree)
+            .map_err(GitError::git(format!("read the tree of {revision}")))?;
+        let index = tree
+            .iter()
+            .filter_map(|entry| entry.name().map(|name| (name.to_owned(), entry.id())))
+            .collect();
+        Ok(self.root.get_or_init(|| index))
     }
 
     fn entry(&self, path: &str) -> Result<Option<git2::TreeEntry<'static>>, GitError> {
@@ -277,10 +296,26 @@ impl CommitTree {
 
     /// As [`tree_id`].
     pub fn tree_id(&self, path: &str) -> Result<Option<String>, GitError> {
-        if clean_path(path).is_empty() {
+        let clean = clean_path(path);
+        if clean.is_empty() {
             return Ok(Some(self.tree.to_string()));
         }
-        Ok(self.entry(path)?.map(|entry| entry.id().to_string()))
+        // The first component from the root's index, the rest from its (small) subtree.
+        let (first, rest) = clean.split_once('/').unwrap_or((clean, ""));
+        let Some(&oid) = self.root_index()?.get(first) else { return Ok(None) };
+        let rest = rest.trim_matches('/');
+        if rest.is_empty() {
+            return Ok(Some(oid.to_string()));
+        }
+        let Ok(subtree) = self.repo.find_tree(oid) else {
+            // `first` is a file, so nothing lies below it.
+            return Ok(None);
+        };
+        match subtree.get_path(Path::new(rest)) {
+            Ok(entry) => Ok(Some(entry.id().to_string())),
+            Err(e) if e.code() == ErrorCode::NotFound => Ok(None),
+            Err(e) => Err(GitError::git(format!("look up {clean} at {}", self.revision))(e)),
+        }
     }
 }
 

@@ -672,6 +672,58 @@ impl Store {
         Ok(rollout)
     }
 
+    /// Creates several rollouts, each with its first timeline events, in one transaction and one
+    /// flush (a push that touches a thousand fleets is one write, not three thousand). Returns
+    /// the rollouts with their ids; events are published to followers.
+    pub fn create_rollouts(&self, batch: Vec<(Rollout, Vec<Event>)>) -> Result<Vec<Rollout>> {
+        let batch: Vec<(Rollout, Vec<Event>)> = batch
+            .into_iter()
+            .map(|(rollout, events)| {
+                let events = events
+                    .into_iter()
+                    .map(|mut e| {
+                        e.message = crate::error::redact(&e.message);
+                        e.fleet = rollout.fleet.clone();
+                        e.revision = Some(rollout.revision.clone());
+                        e
+                    })
+                    .collect();
+                (rollout, events)
+            })
+            .collect();
+        let (created, published) = self.write(|t| {
+            let written = (&t.meta, &t.rollouts, &t.events, &t.event_seq)
+                .transaction(|(meta, rollouts, tree, event_seq)| {
+                    let mut created = Vec::with_capacity(batch.len());
+                    let mut published = Vec::new();
+                    for (rollout, events) in &batch {
+                        let mut record = rollout.clone();
+                        record.id = RolloutId(next_in(meta, Counter::Rollouts)?);
+                        let value = Self::encode("rollouts", &record).map_err(abort)?;
+                        rollouts.insert(&record.id.0.to_be_bytes(), value)?;
+                        for event in events {
+                            let mut event = event.clone();
+                            event.rollout = record.id;
+                            event.seq = next_in(meta, Counter::Events)?;
+                            let bytes = Self::encode("events", &event).map_err(abort)?;
+                            tree.insert(event_key(&event), bytes)?;
+                            event_seq
+                                .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
+                            published.push(event);
+                        }
+                        created.push(record);
+                    }
+                    Ok((created, published))
+                })
+                .map_err(|e| self.tx_err(e))?;
+            self.prune(t)?;
+            self.flush_trees(t)?;
+            Ok(written)
+        })?;
+        self.publish(&published);
+        Ok(created)
+    }
+
     /// Writes a rollout together with instance journal entries and timeline events, in one
     /// transaction (flushed): after a crash either all of them are on disk or none is. Returns
     /// the journal entries and events with their sequence numbers; events are published to

@@ -531,3 +531,32 @@ fn a_state_change_and_its_event_are_one_write() {
     assert_eq!(events[0].change, Some(change));
     assert_eq!(events[0].fleet.as_deref(), Some("web"));
 }
+
+#[test]
+fn a_batch_of_rollouts_is_one_write_with_dense_ids_and_a_contiguous_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let first = store.create_rollout(rollout("web", "a1", RolloutState::Succeeded)).unwrap();
+    let plan = |i: usize| {
+        Event::new(RolloutId(0), Level::Info, EventKind::Plan, format!("plan {i}"), None)
+    };
+    let batch: Vec<(Rollout, Vec<Event>)> = (0..3)
+        .map(|i| (rollout(&format!("f{i}"), "b2", RolloutState::Pending), vec![plan(i)]))
+        .collect();
+    let created = store.create_rollouts(batch).unwrap();
+    let ids: Vec<u64> = created.iter().map(|r| r.id.0).collect();
+    assert_eq!(ids, vec![first.id.0 + 1, first.id.0 + 2, first.id.0 + 3], "dense ids");
+    let feed = store.events_after(0, 100).unwrap();
+    assert_eq!(feed.len(), 3, "{feed:?}");
+    for (i, (event, rollout)) in feed.iter().zip(&created).enumerate() {
+        assert_eq!(event.rollout, rollout.id, "each event is its own rollout's");
+        assert_eq!(event.fleet.as_deref(), Some(format!("f{i}").as_str()));
+        assert_eq!(event.message, format!("plan {i}"));
+    }
+    let seqs: Vec<u64> = feed.iter().map(|e| e.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "contiguous: {seqs:?}");
+    // Survives a reopen like any write.
+    drop(store);
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_eq!(store.rollout(created[2].id).unwrap().fleet.as_deref(), Some("f2"));
+}
