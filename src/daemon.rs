@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub kiln_exe: PathBuf,
     /// Webhook secrets.
     pub secrets: crate::server::WebhookSecrets,
+    /// The ports the local provider's instances listen on (`None`: any free port).
+    pub instance_ports: Option<crate::provider::local::PortRange>,
 }
 
 /// What `<data-dir>/daemon.json` holds while the daemon runs: how the CLI finds the API.
@@ -185,8 +187,8 @@ pub async fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("Shutting down.");
         signals.cancel();
+        tracing::info!("Shutting down.");
     });
     run_until(config, shutdown).await
 }
@@ -208,11 +210,24 @@ async fn wait_for_signal() {
 
 /// [`run`] with an explicit shutdown token (for in-process tests).
 pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_until_ready(config, shutdown, tokio::sync::oneshot::channel().0).await
+}
+
+/// [`run_until`] that sends the API's base URL on `ready` once the daemon listens and its
+/// `daemon.json` is written (`kiln quickstart` says "running" only then). A daemon that fails
+/// before that drops `ready` and returns the reason.
+pub async fn run_until_ready(
+    config: DaemonConfig,
+    shutdown: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<String>,
+) -> anyhow::Result<()> {
+    if let Some(path) = source::missing_local_repo(&config.repo) {
+        anyhow::bail!("no repository at {}", path.display());
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("failed to create data dir {}", config.data_dir.display()))?;
     let data_dir = std::fs::canonicalize(&config.data_dir)?;
-    let store = Store::open(&data_dir, config.retention)
-        .context("failed to open the store (is another kiln running on this data dir?)")?;
+    let store = Store::open(&data_dir, config.retention).context("failed to open the store")?;
     let token = ensure_token(&data_dir)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -266,6 +281,7 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
             branch: config.branch.clone(),
             kiln_exe: config.kiln_exe.clone(),
             keep_images: config.keep_images,
+            instance_ports: config.instance_ports,
         },
         env,
         view.clone(),
@@ -298,6 +314,7 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
     let info_path = data_dir.join(INFO_FILE);
     std::fs::write(&info_path, serde_json::to_vec_pretty(&info)?)?;
     tracing::info!(api = %api, repo = %crate::error::redact(&config.repo), branch = %config.branch, data_dir = %data_dir.display(), "kiln is running.");
+    let _ = ready.send(api.clone());
 
     let server = tokio::spawn(crate::server::serve(listener, state, shutdown.clone()));
     operator.run(source_rx, commands_rx, shutdown.clone()).await;

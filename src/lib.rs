@@ -5,6 +5,10 @@
 //! ([`rollout`]) through a [`provider`], with every step recorded in the [`store`]. The
 //! [`server`] receives webhooks and serves the API the [`cli`] reads. See ARCHITECTURE.md.
 
+/// `kiln --version`: the package version and the commit it was built from (`unknown` when built
+/// outside a git checkout without `$KILN_COMMIT`).
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("KILN_COMMIT"), ")");
+
 pub mod cli;
 pub mod client;
 pub mod daemon;

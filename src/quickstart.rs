@@ -115,52 +115,54 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         hook_env: vec![],
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),
+        instance_ports: None,
     };
-    let config_exe = kiln_exe;
-    let daemon = tokio::spawn(daemon::run_until(config, shutdown.clone()));
-    let kiln_exe = config_exe;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut daemon = tokio::spawn(daemon::run_until_ready(config, shutdown.clone(), ready_tx));
     let signals = shutdown.clone();
     tokio::spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         signals.cancel();
     });
-    println!("kiln is running (API http://{}, data dir {}).", args.listen, data.display());
+    // "Running" only once the daemon listens: a daemon that cannot start (its API port taken,
+    // the data dir in use by another kiln) ends the quickstart with its reason.
+    let api = tokio::select! {
+        ready = ready_rx => match ready {
+            Ok(api) => api,
+            Err(_) => return Err(daemon_ended(daemon.await)),
+        },
+        res = &mut daemon => return Err(daemon_ended(res)),
+    };
+    println!("kiln is running (API {api}, dashboard {api}/, data dir {}).", data.display());
+    let exe = shown_exe(&kiln_exe);
+    let data_arg = shell_quote(&shown_path(&data));
     println!(
-        "Baking the first image and starting 3 instances: watch with `{} --data-dir {} log`.",
-        shown_path(&kiln_exe),
-        data.display()
+        "Baking the first image and starting 3 instances: watch with `{exe} --data-dir {data_arg} log`."
     );
-    let reported = follow_first_rollout(&data, &shutdown).await;
+    let token = std::fs::read_to_string(data.join(daemon::TOKEN_FILE))
+        .with_context(|| format!("cannot read the API token in {}", data.display()))?;
+    let client = crate::client::ApiClient::new(
+        &api,
+        Some(token.trim().to_owned()),
+        "the quickstart's daemon".into(),
+    )?;
+    let reported = tokio::select! {
+        state = follow_first_rollout(&client, &shutdown) => state,
+        res = &mut daemon => return finished(res),
+    };
     if let Some(state) = reported {
         println!();
         if state == RolloutState::Succeeded {
             println!("The fleet `web` is up behind the load balancer: {lb}");
         } else {
             println!(
-                "The first rollout ended `{state}`: see `kiln --data-dir {} show` with its id from `kiln log`.",
-                data.display()
+                "The first rollout ended `{state}`: `{exe} --data-dir {data_arg} log` lists it, `{exe} --data-dir {data_arg} show ID` tells why."
             );
         }
+        println!("The dashboard: {api}/");
         println!();
-        println!("Next:");
-        let exe = shown_path(&kiln_exe);
-        let dir_arg = shown_path(&dir);
-        let steps = [
-            (format!("curl {lb}"), "the page names the image and the commit"),
-            (
-                format!(
-                    "cd {} && echo 'Hello, immutable world' > image/app/message.txt",
-                    work.display()
-                ),
-                "edit the app layer",
-            ),
-            (
-                "git commit -am 'New greeting' && git push".to_owned(),
-                "kiln bakes, reconciles, rolls",
-            ),
-            (format!("{exe} --data-dir {} log", data.display()), "the rollout history"),
-            (format!("{exe} --data-dir {} status", data.display()), "instances and their images"),
-        ];
+        println!("Next (each command works from this directory):");
+        let steps = next_steps(&exe, &lb, &shown_path(&work), &shown_path(&data));
         let width = steps.iter().map(|(cmd, _)| cmd.len()).max().unwrap_or(0);
         for (cmd, why) in steps {
             println!("  {cmd:<width$}  # {why}");
@@ -168,39 +170,88 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         println!(
             "Ctrl-C stops kiln; the instances and the load balancer keep running, as servers do."
         );
-        println!("`{exe} quickstart --dir {dir_arg} --down` removes them.");
+        println!(
+            "`{exe} quickstart --dir {} --down` removes them.",
+            shell_quote(&shown_path(&dir))
+        );
     }
-    daemon.await??;
-    Ok(())
+    finished(daemon.await)
+}
+
+/// What to try once the demo serves: shell commands that each work from the directory the
+/// quickstart was started in (no `cd`, so a step never depends on the one before).
+fn next_steps(exe: &str, lb: &str, work: &str, data: &str) -> Vec<(String, &'static str)> {
+    let work = shell_quote(work);
+    let data = shell_quote(data);
+    vec![
+        (format!("curl {lb}"), "the page names the image and the commit"),
+        (
+            format!("echo 'Hello, immutable world' > {work}/image/app/message.txt"),
+            "edit the app layer",
+        ),
+        (
+            format!("git -C {work} commit -qam 'New greeting' && git -C {work} push -q"),
+            "kiln bakes, reconciles, rolls",
+        ),
+        (format!("{exe} --data-dir {data} log"), "the rollout history"),
+        (format!("{exe} --data-dir {data} status"), "instances and their images"),
+    ]
+}
+
+/// `text` as one shell word (quoted only when it needs to be).
+fn shell_quote(text: &str) -> String {
+    if !text.is_empty()
+        && text.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '-' | '_' | '~' | '+' | ':' | '=')
+        })
+    {
+        text.to_owned()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The error of a daemon that ended before it listened.
+fn daemon_ended(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match res {
+        Ok(Err(error)) => error.context("kiln could not start"),
+        Ok(Ok(())) => anyhow::anyhow!("kiln stopped before it was running"),
+        Err(error) => anyhow::anyhow!("kiln could not start: {error}"),
+    }
+}
+
+/// The quickstart's result once its daemon has ended.
+fn finished(res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match res {
+        Ok(res) => res.context("kiln stopped"),
+        Err(error) => Err(anyhow::anyhow!("kiln stopped: {error}")),
+    }
 }
 
 /// Waits for the daemon's first fleet rollout to end, printing each state it passes through.
 /// Returns `None` when kiln stops first.
-async fn follow_first_rollout(data: &Path, shutdown: &CancellationToken) -> Option<RolloutState> {
-    let mut client = None;
+async fn follow_first_rollout(
+    api: &crate::client::ApiClient,
+    shutdown: &CancellationToken,
+) -> Option<RolloutState> {
     let mut last: Option<(u64, RolloutState)> = None;
     loop {
         if shutdown.is_cancelled() {
             return None;
         }
-        if client.is_none() {
-            client = crate::client::find_daemon(None, data).ok().flatten();
-        }
-        if let Some(api) = &client {
-            let page: Option<RolloutPage> = api.get("/rollouts?fleet=web&limit=1").await.ok();
-            if let Some(rollout) = page.and_then(|p| p.rollouts.into_iter().next()) {
-                if last != Some((rollout.id, rollout.state)) {
-                    println!(
-                        "  rollout #{} of {}: {}",
-                        rollout.id,
-                        &rollout.commit[..rollout.commit.len().min(8)],
-                        rollout.state
-                    );
-                    last = Some((rollout.id, rollout.state));
-                }
-                if rollout.state.is_terminal() || rollout.state == RolloutState::Paused {
-                    return Some(rollout.state);
-                }
+        let page: Option<RolloutPage> = api.get("/rollouts?fleet=web&limit=1").await.ok();
+        if let Some(rollout) = page.and_then(|p| p.rollouts.into_iter().next()) {
+            if last != Some((rollout.id, rollout.state)) {
+                println!(
+                    "  rollout #{} of {}: {}",
+                    rollout.id,
+                    &rollout.commit[..rollout.commit.len().min(8)],
+                    rollout.state
+                );
+                last = Some((rollout.id, rollout.state));
+            }
+            if rollout.state.is_terminal() || rollout.state == RolloutState::Paused {
+                return Some(rollout.state);
             }
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -244,6 +295,19 @@ async fn down(dir: &Path, kiln_exe: PathBuf) -> anyhow::Result<()> {
     }
     println!("Done. Delete {} to start over.", dir.display());
     Ok(())
+}
+
+/// How to start the kiln executable from here: `kiln` when that name on the `PATH` is this
+/// binary (`cargo install`), else its path (relative when inside the current directory).
+fn shown_exe(exe: &Path) -> String {
+    let on_path = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| {
+            let candidate = dir.join("kiln");
+            candidate.is_file()
+                && std::fs::canonicalize(&candidate).ok() == std::fs::canonicalize(exe).ok()
+        })
+    });
+    if on_path { "kiln".to_owned() } else { shell_quote(&shown_path(exe)) }
 }
 
 /// `path` relative to the current directory when it is inside it (`./target/release/kiln`).

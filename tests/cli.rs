@@ -64,8 +64,10 @@ fn validate_reports_problems_with_line_and_column() {
     let typo = GOOD.replace("capacity: 2", "capacty: 2");
     write(&repo.path().join("kiln.yaml"), &typo, 0o644);
     write(&repo.path().join("hooks/bake"), "#!/bin/sh\n", 0o755);
-    let (code, out, _) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
+    // Problems go to stderr, as the README says; stdout stays empty.
+    let (code, stdout, out) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
+    assert_eq!(stdout, "", "problems are printed on stderr");
     let first = out.lines().next().unwrap_or("");
     let parts: Vec<&str> = first.splitn(4, ':').collect();
     assert_eq!(parts[0], "kiln.yaml", "{out}");
@@ -76,10 +78,13 @@ fn validate_reports_problems_with_line_and_column() {
     // A semantic problem: the bake hook is not in the repo.
     std::fs::write(repo.path().join("kiln.yaml"), GOOD).unwrap();
     std::fs::remove_file(repo.path().join("hooks/bake")).unwrap();
-    let (code, out, _) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
+    let (code, _, out) = kiln(repo.path(), &["validate", repo.path().to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
+    // `validate` reads a working tree, not a commit, and says so.
     assert!(
-        out.lines().any(|l| l.starts_with("kiln.yaml:6:") && l.contains("hooks/bake")),
+        out.lines().any(|l| l.starts_with("kiln.yaml:6:")
+            && l.contains("hooks/bake")
+            && l.contains("does not exist in the working tree")),
         "{out}"
     );
 
@@ -171,6 +176,9 @@ fn log_json_reads_the_store_when_no_daemon_runs() {
     assert!(out.contains("failed") && out.contains("web-2 unhealthy after 30s"), "{out}");
     let (code, _, err) = kiln(dir.path(), &["show", "#999999"]);
     assert_eq!((code, err.trim()), (1, "kiln: no rollout #999999"));
+    // A fleet kiln never heard of is named as such, not as one with no rollouts yet.
+    let (code, _, err) = kiln(dir.path(), &["log", "--fleet", "nosuch"]);
+    assert_eq!((code, err.trim()), (1, "kiln: no fleet `nosuch` (fleets: api, web)"));
 }
 
 #[test]

@@ -1108,6 +1108,9 @@ fn a_full_disk_is_reported_by_healthz_and_everything_resumes_when_space_returns(
     eprintln!("/healthz while the disk is full: {body}");
     assert!(body.contains("store failing"), "{body}");
     assert!(body.contains("No space left on device"), "the reason is named: {body}");
+    // Liveness (the Kubernetes probe) reads the store: a full disk is no reason to restart.
+    let livez = api_get(&fx.daemon, "/livez");
+    assert_eq!(livez.as_ref().map(|(status, _)| *status), Some(200), "{livez:?}");
     disk.free();
     wait_healthz(&fx.daemon, "ok again", |status, _| status == 200);
     let entry = wait_terminal(&fx.daemon, &two);

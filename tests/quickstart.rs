@@ -59,11 +59,17 @@ fn quickstart_runs_the_demo_rolls_an_edit_and_tears_down() {
     }
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("demo");
+    let home = temp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    // The newcomer stands in the directory holding `target/` (the repo root after
+    // `cargo run`), so the printed kiln path is relative to it, as in the README.
+    let cwd = std::path::Path::new(kiln_exe()).ancestors().nth(3).unwrap().to_path_buf();
     let (lb_port, api_port) = (free_port(), free_port());
     let mut child = Command::new(kiln_exe())
         .args(["quickstart", "--dir"])
         .arg(&dir)
         .args(["--port", &lb_port.to_string(), "--listen", &format!("127.0.0.1:{api_port}")])
+        .current_dir(&cwd)
         .env_remove("KILN_DATA_DIR")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -96,20 +102,47 @@ fn quickstart_runs_the_demo_rolls_an_edit_and_tears_down() {
     assert!(page.contains("Hello from kiln"), "{page}");
     let text = printed.join("\n");
     assert!(text.contains("is up behind the load balancer"), "{text}");
+    let api = format!("http://127.0.0.1:{api_port}/");
+    assert!(text.contains(&format!("The dashboard: {api}")), "the dashboard is advertised: {text}");
+    assert!(get(&api).is_some_and(|p| p.contains("<html")), "the dashboard serves");
     assert!(
         text.contains(&lb) && text.contains("image/app/message.txt") && text.contains("log"),
         "{text}"
     );
 
-    // Do what the printed instructions say.
-    let work = dir.join("work");
-    std::fs::write(work.join("image/app/message.txt"), "Hello, immutable world\n").unwrap();
-    let home = temp.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    for args in [&["commit", "-qam", "New greeting"][..], &["push", "-q"][..]] {
-        let out = git_command(&home).current_dir(&work).args(args).output().unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    // Do what the printed instructions say, literally, in one shell standing where the user
+    // stands (a `cd` in one step would break the relative paths of the next ones).
+    let steps: Vec<&str> = printed
+        .iter()
+        .skip_while(|l| !l.starts_with("Next"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(|l| l.rsplit_once("  # ").map_or(l.as_str(), |(cmd, _)| cmd).trim())
+        .collect();
+    assert_eq!(steps.len(), 5, "{text}");
+    let script = format!("set -e\n{}\n", steps.join("\n"));
+    // The user's environment, with git isolated from this machine's configuration.
+    let mut shell = Command::new("sh");
+    for (key, value) in git_command(&home).get_envs() {
+        match value {
+            Some(value) => shell.env(key, value),
+            None => shell.env_remove(key),
+        };
     }
+    let out = shell
+        .args(["-c", &script])
+        .current_dir(&cwd)
+        .env_remove("KILN_DATA_DIR")
+        .env_remove("KILN_API")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the printed steps fail when run from {}:\n{script}\nstdout:\n{}\nstderr:\n{}",
+        cwd.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if get(&lb).is_some_and(|p| p.contains("Hello, immutable world")) {
@@ -165,4 +198,83 @@ fn quickstart_runs_the_demo_rolls_an_edit_and_tears_down() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(get(&lb).is_none(), "the load balancer is gone");
+}
+
+/// A quickstart whose daemon cannot start ends with the reason and a non-zero status, having
+/// never claimed to be running.
+fn quickstart_fails_with(name: &str, dir: &std::path::Path, listen: &str, reason: &[&str]) {
+    let started = Instant::now();
+    let mut child = Command::new(kiln_exe())
+        .args(["quickstart", "--dir"])
+        .arg(dir)
+        .args(["--port", &free_port().to_string(), "--listen", listen])
+        .env_remove("KILN_DATA_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _guard = Cleanup { child: child.id() as i32, dir: dir.to_owned() };
+    // A generous bound: the old quickstart never ended at all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{name}: quickstart still runs after 60 s; printed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = started.elapsed();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) =
+        (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{name}: quickstart ended with {status} after {took:?}");
+    assert_eq!(status.code(), Some(2), "{stdout}{stderr}");
+    assert!(!stdout.contains("running"), "it never said it runs:\n{stdout}");
+    for needle in reason {
+        assert!(stderr.contains(needle), "the reason `{needle}` is given:\n{stderr}");
+    }
+    assert!(!stderr.contains("Os {"), "no Rust debug text:\n{stderr}");
+}
+
+#[test]
+fn a_quickstart_on_a_taken_api_port_fails_with_the_reason() {
+    let temp = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    quickstart_fails_with(
+        "a_quickstart_on_a_taken_api_port_fails_with_the_reason",
+        &temp.path().join("demo"),
+        &listen,
+        &["kiln could not start", &format!("failed to listen on {listen}"), "in use"],
+    );
+}
+
+#[test]
+fn a_quickstart_on_a_data_dir_another_kiln_runs_on_fails_with_the_reason() {
+    let name = "a_quickstart_on_a_data_dir_another_kiln_runs_on_fails_with_the_reason";
+    if !require_git(name) {
+        return;
+    }
+    let repo = support::git::TestRepo::new();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("demo");
+    let data = dir.join("data");
+    let mut other = support::daemon::Daemon::start(&repo.url(), &data, &[]);
+    let data = std::fs::canonicalize(&data).unwrap();
+    quickstart_fails_with(
+        name,
+        &dir,
+        &format!("127.0.0.1:{}", free_port()),
+        &[&format!("the data dir {} is in use by another kiln process", data.display())],
+    );
+    other.stop();
 }

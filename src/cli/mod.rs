@@ -25,22 +25,39 @@ use crate::server::api::{
 use crate::server::{Secret, WebhookSecrets};
 use crate::store::RolloutFilter;
 
+/// The heading of the flags every command takes (shown apart from the command's own).
+const GLOBAL: &str = "Global options";
+
 /// kiln: a GitOps operator for immutable servers (bake, reconcile, roll).
 #[derive(Debug, Parser)]
-#[command(name = "kiln", version, about, propagate_version = true)]
+#[command(name = "kiln", version = crate::VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// Data dir of the daemon (store, mirror, token, daemon.json).
-    #[arg(long, global = true, env = "KILN_DATA_DIR", default_value = ".kiln")]
+    #[arg(long, global = true, env = "KILN_DATA_DIR", default_value = ".kiln", help_heading = GLOBAL)]
     pub data_dir: PathBuf,
     /// API base URL of a running daemon (default: found through the data dir's daemon.json).
-    #[arg(long, global = true, env = "KILN_API")]
+    #[arg(long, global = true, env = "KILN_API", help_heading = GLOBAL)]
     pub api: Option<String>,
+    /// Log format on stderr of `kiln run`, `kiln quickstart` and `kiln lb`: `text` (coloured
+    /// only on a terminal, never with NO_COLOR) or `json` (one object per line, for journald and
+    /// `kubectl logs`). The level comes from KILN_LOG (`info`, `kiln=debug`, ...).
+    #[arg(long, global = true, env = "KILN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, help_heading = GLOBAL)]
+    pub log_format: LogFormat,
     /// Colour output (set by `main` when stdout is a terminal and NO_COLOR is unset).
     #[arg(skip)]
     pub color: bool,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The verbs.
@@ -144,6 +161,13 @@ pub enum Command {
     Quickstart(crate::quickstart::QuickstartArgs),
     /// Print the JSON Schema of kiln.yaml (for editors).
     Schema,
+    /// Print a shell completion script: `kiln completions bash > /etc/bash_completion.d/kiln`,
+    /// `kiln completions zsh > "${fpath[1]}/_kiln"`, `kiln completions fish >
+    /// ~/.config/fish/completions/kiln.fish`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// kiln's own load balancer process (started by the local provider).
     #[command(hide = true)]
     Lb(crate::provider::local::lb::LbArgs),
@@ -173,6 +197,10 @@ pub struct RunArgs {
     /// every image in use); older images, terminated instance dirs and stale repo copies go.
     #[arg(long, value_name = "N", default_value_t = crate::gc::DEFAULT_KEEP_IMAGES)]
     pub keep_images: usize,
+    /// Ports the local provider's instances listen on, on 127.0.0.1 (`20000-20999`), for a
+    /// firewall or a shared host. Default: any free port the kernel picks.
+    #[arg(long, env = "KILN_INSTANCE_PORTS", value_name = "LOW-HIGH")]
+    pub instance_ports: Option<crate::provider::local::PortRange>,
     /// Name of a daemon environment variable to pass through to hooks (repeatable).
     #[arg(long = "hook-env", value_name = "NAME")]
     pub hook_env: Vec<String>,
@@ -202,9 +230,9 @@ pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
     cli.color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     match cli.command {
-        Command::Run(_) | Command::Lb(_) => init_tracing("info"),
+        Command::Run(_) | Command::Lb(_) => init_tracing("info", cli.log_format),
         // The quickstart prints what to do; only problems are logged.
-        Command::Quickstart(_) => init_tracing("warn"),
+        Command::Quickstart(_) => init_tracing("warn", cli.log_format),
         _ => {}
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -249,13 +277,27 @@ fn kiln_exe() -> anyhow::Result<PathBuf> {
     })
 }
 
-fn init_tracing(default: &str) {
+fn init_tracing(default: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("KILN_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        // A log line that cannot be written (stderr is a closed pipe) is dropped: reporting it
+        // on that same stderr would panic the task that logged, e.g. the one that stops the
+        // daemon on SIGTERM.
+        .log_internal_errors(false);
+    let _ = match format {
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+        LogFormat::Text => builder.with_ansi(colour_on_stderr()).try_init(),
+    };
+}
+
+/// Colour in log lines only on a terminal, and never with NO_COLOR set (<https://no-color.org>).
+fn colour_on_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Runs one parsed command, writing its output to `out`.
@@ -272,6 +314,11 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Quickstart(args) => {
             let exe = kiln_exe()?;
             crate::quickstart::run(args, exe).await.map(|()| ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "kiln", out);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Schema => {
             let schema = crate::manifest::json_schema();
@@ -358,6 +405,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         hook_env: args.hook_env,
         kiln_exe: kiln_exe()?,
         secrets,
+        instance_ports: args.instance_ports,
     };
     crate::daemon::run(config).await?;
     Ok(ExitCode::SUCCESS)
@@ -380,12 +428,14 @@ fn validate(path: &Path, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
             writeln!(out, "{name}: ok ({n} fleet{})", if n == 1 { "" } else { "s" })?;
             Ok(ExitCode::SUCCESS)
         }
+        // Problems go to stderr (stdout stays for the verdict of a good manifest).
         Err(error) => {
+            let mut err = std::io::stderr().lock();
             for problem in &error.problems {
-                writeln!(out, "{problem}")?;
+                writeln!(err, "{problem}")?;
             }
             let n = error.problems.len();
-            writeln!(out, "{name}: {n} problem{}", if n == 1 { "" } else { "s" })?;
+            writeln!(err, "{name}: {n} problem{}", if n == 1 { "" } else { "s" })?;
             Ok(ExitCode::from(2))
         }
     }
@@ -444,6 +494,7 @@ async fn log(
     color: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<ExitCode> {
+    let fleet_name = fleet.clone();
     let rollouts = match &target {
         Target::Api(client) => {
             let mut path = format!("/rollouts?limit={limit}");
@@ -453,18 +504,47 @@ async fn log(
             client.get::<RolloutPage>(&path).await?.rollouts
         }
         Target::Offline(store) => {
-            let filter = RolloutFilter { fleet, limit: Some(limit), ..RolloutFilter::default() };
+            let filter = RolloutFilter {
+                fleet: fleet.clone(),
+                limit: Some(limit),
+                ..RolloutFilter::default()
+            };
             store.rollouts(&filter)?.iter().map(RolloutDto::from_rollout).collect()
         }
     };
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&rollouts)?)?;
     } else if rollouts.is_empty() {
-        eprintln!("kiln: no rollouts yet");
+        match fleet_name {
+            Some(name) => match known_fleets(&target).await? {
+                known if known.iter().any(|k| k == &name) => {
+                    eprintln!("kiln: no rollouts of fleet `{name}` yet");
+                }
+                known if known.is_empty() => eprintln!("kiln: no fleet `{name}` (no fleets yet)"),
+                known => eprintln!("kiln: no fleet `{name}` (fleets: {})", known.join(", ")),
+            },
+            None => eprintln!("kiln: no rollouts yet"),
+        }
     } else {
         render::log_table(out, &rollouts, crate::model::now(), color)?;
     }
     Ok(if rollouts.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The fleets kiln knows: the daemon's (those of the tip's manifest and any with rollouts),
+/// or without one those named by rollouts in the store.
+async fn known_fleets(target: &Target) -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = match target {
+        Target::Api(client) => {
+            client.get::<Vec<FleetDto>>("/fleets").await?.into_iter().map(|f| f.name).collect()
+        }
+        Target::Offline(store) => {
+            store.rollouts(&RolloutFilter::default())?.into_iter().filter_map(|r| r.fleet).collect()
+        }
+    };
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// `kiln log --commits`: every commit seen, newest first, with what became of it.
@@ -615,7 +695,11 @@ async fn follow_events(
                             if let Some(p) =
                                 now.progress.filter(|_| now.state.as_str() == "rolling")
                             {
-                                eprint!("{}", render::progress_bar(p.replaced, p.total));
+                                if p.total == 0 {
+                                    eprint!("{}", render::progress_text(p));
+                                } else {
+                                    eprint!("{}", render::progress_bar(p.replaced, p.total));
+                                }
                             }
                         }
                     }
@@ -749,7 +833,10 @@ async fn status(
 ) -> anyhow::Result<ExitCode> {
     let (fleets, live) = match &target {
         Target::Api(client) => (client.get::<Vec<FleetDto>>("/fleets").await?, true),
-        Target::Offline(store) => (fleets_from_store(store)?, false),
+        Target::Offline(store) => {
+            let store = store.clone();
+            (tokio::task::spawn_blocking(move || fleets_from_store(&store)).await??, false)
+        }
     };
     if json {
         writeln!(out, "{}", serde_json::to_string_pretty(&fleets)?)?;
@@ -844,8 +931,11 @@ async fn drift(
     })
 }
 
-/// Without a daemon: the fleets named by rollouts in the store, with what they run.
+/// Without a daemon: the fleets named by rollouts in the store, with what they run. Provider
+/// and capacity come from the manifest at the fleet's deployed (else newest) commit in the
+/// daemon's mirror, as the daemon reads them (blocking: git).
 fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto>> {
+    let mirror = store.dir().join("mirror.git");
     let rollouts = store.rollouts(&RolloutFilter::default())?;
     let mut names: Vec<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
     names.sort();
@@ -857,8 +947,16 @@ fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto
         let active = rollouts
             .iter()
             .find(|r| r.fleet.as_deref() == Some(name.as_str()) && !r.state.is_terminal());
+        let newest = rollouts.iter().find(|r| r.fleet.as_deref() == Some(name.as_str()));
+        let spec =
+            deployed.as_ref().map(|d| &d.revision).or(newest.map(|r| &r.revision)).and_then(
+                |revision| crate::planner::fleet_at(&mirror, revision, &name).ok().flatten(),
+            );
         fleets.push(FleetDto {
-            provider: "-".into(),
+            provider: spec
+                .as_ref()
+                .map_or_else(|| "unknown".into(), |f| f.rollout.provider.kind().to_string()),
+            capacity: spec.as_ref().map_or(0, |f| f.rollout.capacity.min()),
             revision: deployed.as_ref().map(|d| d.revision.0.clone()),
             image: deployed.as_ref().map(|d| d.image.0.clone()),
             active_rollout: active.map(|r| r.id.0),

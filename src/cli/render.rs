@@ -200,7 +200,7 @@ pub fn rollout_header(
         writeln!(out, "  output {}={}", clean(key), clean(value))?;
     }
     if let Some(progress) = rollout.progress {
-        writeln!(out, "progress:  {}/{} instances replaced", progress.replaced, progress.total)?;
+        writeln!(out, "progress:  {}", progress_text(progress))?;
     }
     writeln!(
         out,
@@ -213,6 +213,17 @@ pub fn rollout_header(
         writeln!(out, "reason:    {}", escape_control(reason, true))?;
     }
     Ok(())
+}
+
+/// How far a rollout's instance work got: old instances replaced, or on a first deployment
+/// (nothing to replace) the new instances in service.
+pub fn progress_text(progress: crate::server::api::ProgressDto) -> String {
+    if progress.total == 0 {
+        let n = progress.attached;
+        format!("{n} new instance{} in service (first deployment)", if n == 1 { "" } else { "s" })
+    } else {
+        format!("{}/{} instances replaced", progress.replaced, progress.total)
+    }
 }
 
 /// A one-line progress bar (`[#####-----] 2/4 replaced`).
@@ -428,6 +439,22 @@ mod tests {
         assert!(!shown.chars().any(char::is_control), "{shown:?}");
         assert_eq!(escape_control("a\tb\nc", false), "a\\x09b\\x0ac");
         assert_eq!(escape_control("a\tb\nc\x1b", true), "a\tb\nc\\x1b");
+    }
+
+    #[test]
+    fn a_first_deployment_shows_instances_in_service_not_0_of_0() {
+        use crate::server::api::ProgressDto;
+        let first = ProgressDto { replaced: 0, total: 0, attached: 2 };
+        assert_eq!(progress_text(first), "2 new instances in service (first deployment)");
+        let replacing = ProgressDto { replaced: 1, total: 3, attached: 1 };
+        assert_eq!(progress_text(replacing), "1/3 instances replaced");
+        let mut rollout = hostile_rollout();
+        rollout.progress = Some(ProgressDto { replaced: 0, total: 0, attached: 1 });
+        let mut out = Vec::new();
+        rollout_header(&mut out, &rollout, crate::model::now(), false).expect("render");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert!(!text.contains("0/0"), "{text}");
+        assert!(text.contains("progress:  1 new instance in service"), "{text}");
     }
 
     fn hostile_rollout() -> RolloutDto {

@@ -848,6 +848,12 @@ pub trait RepoFiles {
     fn read(&self, _path: &str, _max_bytes: u64) -> Result<Option<String>, String> {
         Ok(None)
     }
+
+    /// Where the files are, as problems name it: the daemon reads a commit, `kiln validate` a
+    /// working tree on disk.
+    fn place(&self) -> &'static str {
+        "the commit"
+    }
 }
 
 /// A checkout on disk (`kiln validate PATH`). Answers as the daemon does from git: a symlink
@@ -855,6 +861,10 @@ pub trait RepoFiles {
 pub struct DirFiles<'a>(pub &'a std::path::Path);
 
 impl RepoFiles for DirFiles<'_> {
+    fn place(&self) -> &'static str {
+        "the working tree"
+    }
+
     fn file(&self, path: &str) -> Option<bool> {
         use std::os::unix::fs::PermissionsExt;
         let full = crate::fsutil::safe_join(self.0, path).ok()?;
@@ -1467,9 +1477,16 @@ fn check_hook(
         return;
     }
     match files.file(clean) {
-        None => report.push(here, format!("{key} hook `{path}` does not exist in the commit")),
-        Some(false) => report
-            .push(here, format!("{key} hook `{path}` is not executable (chmod +x and commit)")),
+        None => report
+            .push(here, format!("{key} hook `{path}` does not exist in {}", files.files.place())),
+        Some(false) => {
+            let fix = if files.files.place() == "the commit" {
+                "chmod +x and commit"
+            } else {
+                "chmod +x"
+            };
+            report.push(here, format!("{key} hook `{path}` is not executable ({fix})"))
+        }
         Some(true) => {}
     }
 }

@@ -472,7 +472,7 @@ impl Reconciler {
         if report.clean() {
             tracing::debug!(fleet = %self.name, "No drift.");
         } else {
-            tracing::warn!(fleet = %self.name, record = ?report.record, summary = %report.summary(), "Drift found.");
+            tracing::warn!(fleet = %self.name, record = report.record.map(|id| id.0), summary = %report.summary(), "Drift found.");
         }
         let repair =
             self.fleet.as_ref().is_some_and(|f| f.drift.mode == crate::manifest::DriftMode::Repair)
@@ -776,6 +776,7 @@ pub async fn provider_for(
         fleets_dir: cx.config.data_dir.join("fleets"),
         mirror: cx.env.mirror.clone(),
         kiln_exe: cx.config.kiln_exe.clone(),
+        instance_ports: cx.config.instance_ports,
     };
     match crate::provider::open(fleet, revision, &open_cx).await {
         Ok(provider) => {

@@ -205,6 +205,8 @@ pub struct OperatorConfig {
     pub kiln_exe: PathBuf,
     /// Garbage collection keeps the images of this many successful rollouts per fleet.
     pub keep_images: usize,
+    /// The ports local instances listen on (`None`: any free port).
+    pub instance_ports: Option<crate::provider::local::PortRange>,
 }
 
 struct FleetEntry {

@@ -168,6 +168,8 @@ pub struct OpenContext {
     pub mirror: std::path::PathBuf,
     /// The kiln executable (the local provider starts `kiln lb` from it).
     pub kiln_exe: std::path::PathBuf,
+    /// The ports local instances listen on (`kiln run --instance-ports`; `None`: any).
+    pub instance_ports: Option<local::PortRange>,
 }
 
 /// Why a provider could not be opened.
@@ -225,7 +227,8 @@ pub async fn open(
                 lb_port: load_balancer.port,
                 kiln_exe: cx.kiln_exe.clone(),
             })
-            .await?,
+            .await?
+            .with_instance_ports(cx.instance_ports),
         ),
         crate::manifest::ProviderSpec::Exec(spec) => {
             let repo_dir = crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())

@@ -70,7 +70,7 @@ pub enum DriveError {
         source: StoreError,
     },
     /// The rollout is not one of this fleet.
-    #[error("rollout #{id} belongs to fleet {found:?}, not `{fleet}`")]
+    #[error("rollout #{id} belongs to {}, not to fleet `{fleet}`", found.as_deref().map_or("no fleet".to_owned(), |f| format!("fleet `{f}`")))]
     WrongFleet {
         /// The rollout.
         id: RolloutId,
@@ -753,8 +753,8 @@ async fn act(
         Err(error) => {
             let text = chain(&error);
             let next = on_error(&begun, error.class(), &text, now);
-            warn!(error = %text, ?action, "Provider action failed.");
-            commit(store, &begun, &next, &format!("{action:?} failed: {text}"))?;
+            warn!(error = %text, action = %action, "Provider action failed.");
+            commit(store, &begun, &next, &format!("{action} failed: {text}"))?;
         }
     }
     Ok(())

@@ -303,6 +303,19 @@ pub enum Action {
     },
 }
 
+impl std::fmt::Display for Action {
+    /// What the action does, in the words of the rollout's timeline (`launch on IMAGE (key
+    /// r3-0)`, `terminate i-1 (replaced)`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Launch { image, key } => write!(f, "launch on {image} (key {key})"),
+            Action::Attach { id } => write!(f, "attach {id}"),
+            Action::Detach { id } => write!(f, "detach {id}"),
+            Action::Terminate { id, why } => write!(f, "terminate {id} ({why})"),
+        }
+    }
+}
+
 /// Health-probe state of one new instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Probe {
@@ -357,5 +370,21 @@ impl Rollout {
             attempt: 0,
             rolling: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_read_as_words_not_rust_debug_text() {
+        let launch = Action::Launch { image: ImageRef("web-app-1".into()), key: "r3-0".into() };
+        assert_eq!(launch.to_string(), "launch on web-app-1 (key r3-0)");
+        let id = InstanceId("i-7".into());
+        assert_eq!(Action::Attach { id: id.clone() }.to_string(), "attach i-7");
+        assert_eq!(Action::Detach { id: id.clone() }.to_string(), "detach i-7");
+        let terminate = Action::Terminate { id, why: "replaced".into() };
+        assert_eq!(terminate.to_string(), "terminate i-7 (replaced)");
     }
 }

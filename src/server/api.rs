@@ -97,8 +97,11 @@ pub struct PlanDto {
 pub struct ProgressDto {
     /// Old instances replaced.
     pub replaced: usize,
-    /// Old instances to replace in total.
+    /// Old instances to replace in total (0 on a first deployment: nothing to replace).
     pub total: usize,
+    /// New instances this rollout put in the load balancer so far.
+    #[serde(default)]
+    pub attached: usize,
 }
 
 impl RolloutDto {
@@ -115,6 +118,7 @@ impl RolloutDto {
         let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
             replaced: rolling.done.len(),
             total: rolling.done.len() + rolling.todo.len(),
+            attached: rolling.attached.len(),
         });
         RolloutDto {
             id: rollout.id.0,

@@ -32,6 +32,22 @@ fn opt(value: Option<&str>) -> String {
     value.map_or_else(|| "–".to_owned(), escape)
 }
 
+/// The instances cell of a fleet: healthy ones out of all running ones, the unhealthy ones
+/// named as such, and the capacity. A canary failing its checks beside three healthy old
+/// instances reads `3/4 healthy, 1 unhealthy (capacity 3)`, never `3/3 healthy`.
+fn instances_cell(fleet: &FleetDto) -> String {
+    let count =
+        |f: fn(&super::api::InstanceDto) -> bool| fleet.instances.iter().filter(|i| f(i)).count();
+    let healthy = count(|i| i.healthy == Some(true));
+    let unhealthy = count(|i| i.healthy == Some(false));
+    let mut cell = format!("{healthy}/{} healthy", fleet.instances.len());
+    if unhealthy > 0 {
+        let _ = write!(cell, ", <span class=\"failed\">{unhealthy} unhealthy</span>");
+    }
+    let _ = write!(cell, " (capacity {})", fleet.capacity);
+    cell
+}
+
 pub(crate) async fn page(State(shared): State<Shared>) -> Html<String> {
     let fleets: Vec<FleetDto> =
         shared.app.operator.fleet_status().iter().map(FleetDto::from).collect();
@@ -55,7 +71,6 @@ pub(crate) async fn page(State(shared): State<Shared>) -> Html<String> {
     );
     html.push_str("<h2>Fleets</h2><table><tr><th>fleet</th><th>provider</th><th>commit</th><th>image</th><th>instances</th><th>active rollout</th><th>endpoint</th></tr>");
     for fleet in &fleets {
-        let healthy = fleet.instances.iter().filter(|i| i.healthy == Some(true)).count();
         let active = match (fleet.active_rollout, fleet.active_state) {
             (Some(id), Some(state)) => format!("#{id} <span class=\"{state}\">{state}</span>"),
             (Some(id), None) => format!("#{id}"),
@@ -63,13 +78,12 @@ pub(crate) async fn page(State(shared): State<Shared>) -> Html<String> {
         };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}/{} healthy</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&fleet.name),
             escape(&fleet.provider),
             opt(fleet.revision.as_deref().map(|r| r.get(..8).unwrap_or(r))),
             opt(fleet.image.as_deref()),
-            healthy,
-            fleet.capacity,
+            instances_cell(fleet),
             active,
             opt(fleet.endpoint.as_deref()),
         );
@@ -103,4 +117,38 @@ pub(crate) async fn page(State(shared): State<Shared>) -> Html<String> {
     }
     html.push_str("</table><p><a href=\"/metrics\">metrics</a> · <a href=\"/api/v1/fleets\">API</a></p></body></html>");
     Html(html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::api::InstanceDto;
+
+    fn instance(id: &str, image: &str, healthy: Option<bool>) -> InstanceDto {
+        InstanceDto {
+            id: id.into(),
+            image: image.into(),
+            address: None,
+            running: true,
+            attached: healthy == Some(true),
+            healthy,
+        }
+    }
+
+    #[test]
+    fn a_failing_canary_is_never_shown_as_all_healthy() {
+        let mut fleet = FleetDto { name: "web".into(), capacity: 3, ..FleetDto::default() };
+        fleet.instances = vec![
+            instance("i-1", "v1", Some(true)),
+            instance("i-2", "v1", Some(true)),
+            instance("i-3", "v1", Some(true)),
+            instance("i-4", "v2", Some(false)),
+        ];
+        let cell = instances_cell(&fleet);
+        assert!(!cell.contains("3/3 healthy"), "{cell}");
+        assert!(cell.starts_with("3/4 healthy") && cell.contains("1 unhealthy"), "{cell}");
+        assert!(cell.ends_with("(capacity 3)"), "{cell}");
+        fleet.instances.truncate(3);
+        assert_eq!(instances_cell(&fleet), "3/3 healthy (capacity 3)");
+    }
 }

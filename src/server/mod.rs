@@ -166,6 +166,7 @@ pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/", get(dashboard::page))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/metrics", get(api::metrics))
         .route("/hooks/gitlab", post(webhooks::gitlab))
         .route("/hooks/github", post(webhooks::github))
@@ -189,6 +190,25 @@ async fn healthz(axum::extract::State(shared): axum::extract::State<Shared>) -> 
         )
             .into_response(),
     }
+}
+
+/// How long `/livez` waits for its store read.
+const LIVEZ_STORE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /livez`: `200 ok` when the server answers and a read of the store completes within
+/// 5 s; `503` naming the reason when the read fails or hangs (a wedged database: a restart is
+/// the cure). Unlike `/healthz` it stays `200` while only writes fail (a full disk), which kiln
+/// survives by itself.
+async fn livez(axum::extract::State(shared): axum::extract::State<Shared>) -> Response {
+    let store = shared.app.operator.store.clone();
+    let read = tokio::task::spawn_blocking(move || store.get_meta::<u32>("schema_version"));
+    let problem = match tokio::time::timeout(LIVEZ_STORE_DEADLINE, read).await {
+        Ok(Ok(Ok(_))) => return "ok\n".into_response(),
+        Ok(Ok(Err(error))) => format!("store unreadable: {}", crate::error::chain(&error)),
+        Ok(Err(error)) => format!("store read failed: {error}"),
+        Err(_) => "store read took over 5s".to_owned(),
+    };
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{problem}\n")).into_response()
 }
 
 /// Serves `router(state)` on `listener` until `shutdown` fires, with the timeouts and caps of

@@ -73,6 +73,15 @@ pub fn local_path(url: &str) -> Option<PathBuf> {
     if scp_like { None } else { Some(path.to_path_buf()) }
 }
 
+/// The path `url` names when it is a local path that holds no git repository (no such
+/// directory, or one with neither `HEAD` nor `.git`): a typo there would otherwise be retried
+/// forever as a fetch failure. `None` for a repository and for network remotes.
+pub fn missing_local_repo(url: &str) -> Option<PathBuf> {
+    let path = local_path(url)?;
+    let is_repo = path.is_dir() && (path.join("HEAD").is_file() || path.join(".git").exists());
+    (!is_repo).then_some(path)
+}
+
 /// How to watch.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
@@ -184,6 +193,26 @@ pub fn spawn_with_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_path_without_a_repository_is_missing() {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let nowhere = tmp.path().join("nowhere");
+        assert_eq!(missing_local_repo(&nowhere.to_string_lossy()), Some(nowhere.clone()));
+        let url = format!("file://{}", nowhere.display());
+        assert_eq!(missing_local_repo(&url), Some(nowhere));
+        // A plain directory is no repository either.
+        assert!(missing_local_repo(&tmp.path().to_string_lossy()).is_some());
+        let bare = tmp.path().join("infra.git");
+        std::fs::create_dir_all(&bare).expect("dir");
+        std::fs::write(bare.join("HEAD"), "ref: refs/heads/main\n").expect("HEAD");
+        assert_eq!(missing_local_repo(&bare.to_string_lossy()), None);
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(work.join(".git")).expect("dir");
+        assert_eq!(missing_local_repo(&work.to_string_lossy()), None);
+        assert_eq!(missing_local_repo("https://gitlab.example/x.git"), None);
+        assert_eq!(missing_local_repo("git@gitlab.example:x.git"), None);
+    }
 
     #[test]
     fn local_path_tells_paths_from_network_remotes() {

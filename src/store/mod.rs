@@ -72,6 +72,13 @@ pub enum StoreError {
         #[source]
         source: sled::Error,
     },
+    /// Another process holds sled's lock on the database (another `kiln run` on this data dir).
+    /// sled's own message is Rust debug text (`Os { code: 11, .. }`), so it is not the source.
+    #[error("the data dir {dir} is in use by another kiln process (its database is locked)")]
+    Locked {
+        /// The data dir.
+        dir: PathBuf,
+    },
     /// A value failed to encode or decode.
     #[error("corrupt or unreadable record in tree `{tree}`")]
     Codec {
@@ -111,7 +118,7 @@ impl crate::error::Classify for StoreError {
     fn class(&self) -> crate::error::ErrorClass {
         match self {
             // IO (a full disk, a lost lock) recovers: the store reopens itself.
-            StoreError::Db { .. } | StoreError::Closed { .. } => {
+            StoreError::Db { .. } | StoreError::Closed { .. } | StoreError::Locked { .. } => {
                 crate::error::ErrorClass::Transient
             }
             _ => crate::error::ErrorClass::Stalled,
@@ -311,8 +318,13 @@ impl Store {
     /// kept; older ones and their events are pruned as new ones arrive (0 keeps everything).
     pub fn open(dir: &Path, retention: usize) -> Result<Store> {
         let path = dir.join("db");
-        let trees =
-            Trees::open(&path).map_err(|source| StoreError::Db { path: path.clone(), source })?;
+        let trees = Trees::open(&path).map_err(|source| match &source {
+            // sled reports its lock as an `Other` IO error with this text (sled 0.34 config.rs).
+            sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock on") => {
+                StoreError::Locked { dir: dir.to_owned() }
+            }
+            _ => StoreError::Db { path: path.clone(), source },
+        })?;
         let fault_file = std::env::var_os(WRITE_FAULT_ENV).map(PathBuf::from);
         let store = Store {
             inner: Arc::new(Inner {

@@ -76,6 +76,58 @@ pub struct LocalProvider {
     /// Backends kiln did not attach, removed since the last [`Provider::foreign_backends`]
     /// (oldest first, at most [`MAX_FOREIGN`]): removed on sight, remembered for the drift report.
     foreign: std::sync::Mutex<Vec<ForeignBackend>>,
+    /// Where instance ports come from (`kiln run --instance-ports`); `None`: any free port.
+    instance_ports: Option<PortRange>,
+}
+
+/// A range of TCP ports on 127.0.0.1 (`20000-20999`, both ends included) that instances of the
+/// local provider listen on, so a firewall or a shared host can expect them there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    /// The lowest port.
+    pub low: u16,
+    /// The highest port.
+    pub high: u16,
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let bad = || format!("`{text}` is not a port range like 20000-20999");
+        let (low, high) = text.split_once('-').ok_or_else(bad)?;
+        let low: u16 = low.trim().parse().map_err(|_| bad())?;
+        let high: u16 = high.trim().parse().map_err(|_| bad())?;
+        if low == 0 || low > high {
+            return Err(format!("`{text}`: the range must be LOW-HIGH with 1 <= LOW <= HIGH"));
+        }
+        Ok(PortRange { low, high })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.low, self.high)
+    }
+}
+
+/// A port of `range` free on 127.0.0.1 now, tried from a random start so concurrent launches
+/// rarely race for one; any free port when `range` is `None`.
+fn pick_port(range: Option<PortRange>) -> std::io::Result<u16> {
+    let Some(range) = range else { return free_port() };
+    let size = u32::from(range.high - range.low) + 1;
+    let start = fastrand::u32(0..size);
+    for i in 0..size {
+        let port = u32::from(range.low) + (start + i) % size;
+        let port = u16::try_from(port).map_err(std::io::Error::other)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("every port of {range} is in use"),
+    ))
 }
 
 /// How many removed foreign backends are remembered until a drift check reads them.
@@ -143,6 +195,12 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl LocalProvider {
+    /// Instances launched from now on listen on a port of `range` (`None`: any free port).
+    pub fn with_instance_ports(mut self, range: Option<PortRange>) -> Self {
+        self.instance_ports = range;
+        self
+    }
+
     /// Opens the fleet's state under `config.dir`, re-adopting live instances and starting the
     /// load balancer process if it is not running.
     pub async fn open(config: LocalConfig) -> Result<LocalProvider, ProviderError> {
@@ -188,6 +246,7 @@ impl LocalProvider {
             admin_token,
             lock: tokio::sync::Mutex::new(()),
             foreign: std::sync::Mutex::new(Vec::new()),
+            instance_ports: None,
         };
         let state = provider.ensure_lb(true).await?;
         if state.port != provider.lb_port {
@@ -518,7 +577,8 @@ impl LocalProvider {
         let workdir = dir.join("work");
         std::fs::create_dir_all(&workdir)
             .map_err(|e| failed("launch", format!("cannot create {}: {e}", workdir.display())))?;
-        record.port = free_port().map_err(|e| transient("launch", format!("no free port: {e}")))?;
+        record.port = pick_port(self.instance_ports)
+            .map_err(|e| transient("launch", format!("no free port: {e}")))?;
         record.state = RecordState::Launching;
         record.process = None;
         self.write_record(record, "launch")?;
@@ -738,5 +798,39 @@ impl Provider for LocalProvider {
 
     fn endpoint(&self) -> Option<String> {
         Some(format!("http://127.0.0.1:{}", self.lb_port))
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_refuse_nonsense() {
+        assert_eq!("20000-20999".parse(), Ok(PortRange { low: 20000, high: 20999 }));
+        for bad in ["", "20000", "2-1", "0-10", "a-b", "1-70000"] {
+            assert!(bad.parse::<PortRange>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn instance_ports_stay_in_their_range_and_a_full_range_is_an_error() {
+        // Find two adjacent free ports, and hold one: the other is the only free one.
+        let (held, free) = loop {
+            let held = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+            let port = held.local_addr().expect("addr").port();
+            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+                break (held, port + 1);
+            }
+        };
+        let low = free - 1;
+        let range = PortRange { low, high: free };
+        for _ in 0..20 {
+            assert_eq!(pick_port(Some(range)).expect("a free port"), free);
+        }
+        let _also_held = std::net::TcpListener::bind(("127.0.0.1", free)).expect("bind");
+        let error = pick_port(Some(range)).expect_err("no port is free");
+        assert!(error.to_string().contains(&format!("every port of {range} is in use")));
+        drop(held);
     }
 }
