@@ -196,14 +196,19 @@ async fn healthz(axum::extract::State(shared): axum::extract::State<Shared>) -> 
 const LIVEZ_STORE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `GET /livez`: `200 ok` when the server answers and a read of the store completes within
-/// 5 s; `503` naming the reason when the read fails or hangs (a wedged database: a restart is
-/// the cure). Unlike `/healthz` it stays `200` while only writes fail (a full disk), which kiln
-/// survives by itself.
+/// 5 s; `503` naming the reason when the read hangs or fails outside a known store failure (a
+/// wedged database: a restart is the cure). Unlike `/healthz` it stays `200` while the store is
+/// failing (a full disk), which kiln survives by itself.
 async fn livez(axum::extract::State(shared): axum::extract::State<Shared>) -> Response {
     let store = shared.app.operator.store.clone();
     let read = tokio::task::spawn_blocking(move || store.get_meta::<u32>("schema_version"));
     let problem = match tokio::time::timeout(LIVEZ_STORE_DEADLINE, read).await {
         Ok(Ok(Ok(_))) => return "ok\n".into_response(),
+        // A failing store (a full disk) is a state kiln handles and leaves by itself, reads
+        // included: alive, and `/healthz` says what fails.
+        Ok(Ok(Err(_))) if shared.app.operator.store.failure().is_some() => {
+            return "ok (the store is failing; see /healthz)\n".into_response();
+        }
         Ok(Ok(Err(error))) => format!("store unreadable: {}", crate::error::chain(&error)),
         Ok(Err(error)) => format!("store read failed: {error}"),
         Err(_) => "store read took over 5s".to_owned(),
