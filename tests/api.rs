@@ -568,8 +568,13 @@ fn real_daemon(nofile: &str) -> Option<RealDaemon> {
     let uid = root.then_some(65534u32);
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data dir");
+    // Something that looks like a repository (`kiln run` refuses a path with none at start);
+    // its fetches fail, which this test does not mind.
+    let repo = dir.path().join("infra.git");
+    std::fs::create_dir(&repo).expect("repo dir");
+    std::fs::write(repo.join("HEAD"), "ref: refs/heads/main\n").expect("HEAD");
     if let Some(uid) = uid {
-        for path in [dir.path(), data.as_path()] {
+        for path in [dir.path(), data.as_path(), repo.as_path()] {
             std::os::unix::fs::chown(path, Some(uid), Some(uid)).expect("chown");
         }
     }
@@ -589,7 +594,8 @@ fn real_daemon(nofile: &str) -> Option<RealDaemon> {
     command
         .arg(format!("--nofile={nofile}"))
         .arg(&exe)
-        .args(["run", "--repo", "/nonexistent/infra.git", "--listen", "127.0.0.1:0"])
+        .args(["run", "--listen", "127.0.0.1:0", "--repo"])
+        .arg(&repo)
         .arg("--data-dir")
         .arg(&data)
         .env("KILN_GITHUB_SECRET", SECRET_MARKER)
