@@ -180,6 +180,18 @@ fn quickstart_runs_the_demo_rolls_an_edit_and_tears_down() {
     let status = child.wait().unwrap();
     assert!(status.success(), "quickstart exits cleanly on Ctrl-C: {status}");
     assert!(get(&lb).is_some(), "instances outlive kiln");
+    // Without a daemon, `status --json` reads provider and capacity from what kiln recorded
+    // (the manifest at the deployed commit), not placeholders.
+    let out = Command::new(kiln_exe())
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .env_remove("KILN_API")
+        .output()
+        .unwrap();
+    let fleets: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(fleets[0]["name"], "web", "{fleets}");
+    assert_eq!(fleets[0]["provider"], "local", "{fleets}");
+    assert_eq!(fleets[0]["capacity"], 3, "{fleets}");
 
     let out = Command::new(kiln_exe())
         .args(["quickstart", "--down", "--dir"])
