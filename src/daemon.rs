@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub kiln_exe: PathBuf,
     /// Webhook secrets.
     pub secrets: crate::server::WebhookSecrets,
+    /// How many bake/reconcile steps run at once across fleets.
+    pub jobs: usize,
 }
 
 /// What `<data-dir>/daemon.json` holds while the daemon runs: how the CLI finds the API.
@@ -257,6 +259,7 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
         hook_env,
         metrics: metrics.clone(),
         clock: Arc::new(SystemClock),
+        slots: crate::pipeline::Slots::new(config.jobs),
     };
     let (commands_tx, commands_rx) = mpsc::channel(16);
     let view = crate::operator::FleetView::default();

@@ -93,6 +93,7 @@ impl World {
             hook_env: Vec::new(),
             metrics: Arc::new(Metrics::default()),
             clock: Arc::new(SystemClock),
+            slots: kiln::pipeline::Slots::default(),
         };
         let fleet_dir = data.join("fleets").join("web");
         let port = free_port();

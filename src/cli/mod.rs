@@ -173,6 +173,10 @@ pub struct RunArgs {
     /// every image in use); older images, terminated instance dirs and stale repo copies go.
     #[arg(long, value_name = "N", default_value_t = crate::gc::DEFAULT_KEEP_IMAGES)]
     pub keep_images: usize,
+    /// How many bake/reconcile steps (an export of the commit and a hook each) run at once
+    /// across all fleets; the others wait, recorded, for a slot.
+    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_JOBS)]
+    pub jobs: usize,
     /// Name of a daemon environment variable to pass through to hooks (repeatable).
     #[arg(long = "hook-env", value_name = "NAME")]
     pub hook_env: Vec<String>,
@@ -358,6 +362,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         hook_env: args.hook_env,
         kiln_exe: kiln_exe()?,
         secrets,
+        jobs: args.jobs,
     };
     crate::daemon::run(config).await?;
     Ok(ExitCode::SUCCESS)

@@ -54,6 +54,8 @@ pub struct DriverEnv {
     pub metrics: Arc<Metrics>,
     /// Wall-clock time (persisted timestamps, timeouts).
     pub clock: Arc<dyn Clock>,
+    /// The daemon-wide bound on bake/reconcile steps running at once.
+    pub slots: crate::pipeline::Slots,
 }
 
 /// Why driving a rollout stopped with an error. Failures of the rollout
@@ -582,6 +584,7 @@ async fn run_hook(
         cancel,
         hook_env: &env.hook_env,
         metrics: &env.metrics,
+        slots: &env.slots,
     };
     let baking = rollout.state == RolloutState::Baking;
     let work = async {
