@@ -141,7 +141,10 @@ struct Reconciler {
     /// Prepared fleets of planned rollouts not started yet.
     prepared: BTreeMap<RolloutId, Prepared>,
     done_tx: mpsc::UnboundedSender<JobEnded>,
-    observed_tx: mpsc::UnboundedSender<(Observation, Option<Vec<InstanceStatus>>, Option<String>)>,
+    observed_tx: mpsc::UnboundedSender<Observed>,
+    /// The provider's last list of the fleet, and when it was taken: a drift check that comes
+    /// while it is fresh uses it instead of listing again.
+    listing: Option<(tokio::time::Instant, crate::provider::Observation)>,
     observing: Option<tokio::task::JoinHandle<()>>,
     next_observe: tokio::time::Instant,
     status: FleetStatus,
@@ -179,6 +182,7 @@ impl Reconciler {
             prepared: BTreeMap::new(),
             done_tx,
             observed_tx,
+            listing: None,
             observing: None,
             // Spread the first observations of many fleets over a second.
             next_observe: tokio::time::Instant::now()
@@ -232,16 +236,19 @@ impl Reconciler {
                     let _ = self.cx.jobs_ended.send(self.name.clone());
                     self.feed(Input::JobEnded { rollout: ended.rollout, repair, outcome: ended.outcome });
                 }
-                Some((observation, instances, endpoint)) = observed_rx.recv() => {
+                Some(observed) = observed_rx.recv() => {
                     self.observing = None;
-                    if let Some(instances) = instances {
+                    if let Some(instances) = observed.instances {
                         self.status.instances = instances;
                         self.status.observed_at = Some(self.now());
                     }
-                    if endpoint.is_some() {
-                        self.status.endpoint = endpoint;
+                    if observed.endpoint.is_some() {
+                        self.status.endpoint = observed.endpoint;
                     }
-                    self.feed(Input::Observed(observation));
+                    if let Some(listing) = observed.listing {
+                        self.listing = Some((tokio::time::Instant::now(), listing));
+                    }
+                    self.feed(Input::Observed(observed.observation));
                 }
                 () = sleep_until(wake) => self.feed(Input::Wake),
                 () = tokio::time::sleep_until(self.next_observe) => self.observe(),
@@ -414,6 +421,17 @@ impl Reconciler {
             tracing::debug!(fleet = %self.name, "No drift check: never deployed.");
             return;
         };
+        // A periodic check looks at the fleet's last idle list when it is fresh (one provider
+        // call per fleet and interval, not two); `kiln drift` always lists anew.
+        let fresh = self.drift_interval().min(OBSERVE_REMOTE);
+        let listing = match trigger {
+            "interval" => self
+                .listing
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < fresh)
+                .map(|(_, listing)| listing.clone()),
+            _ => None,
+        };
         let cancel = CancellationToken::new();
         self.drift_cancel = Some(cancel.clone());
         self.drift_generation = self.lane.generation;
@@ -438,6 +456,8 @@ impl Reconciler {
                 data_dir: cx.env.data_dir.clone(),
                 hook_env: cx.env.hook_env.clone(),
                 metrics: cx.env.metrics.clone(),
+                slots: cx.env.slots.clone(),
+                listing,
                 trigger: trigger.to_owned(),
                 deadline,
                 cancel,
@@ -532,6 +552,8 @@ impl Reconciler {
     }
 
     fn start(&mut self, id: RolloutId) {
+        // The fleet is about to change: what it was listed as no longer holds.
+        self.listing = None;
         // A drift check of the fleet stops: its plan hook must not run beside the rollout's.
         if let Some(cancel) = self.drift_cancel.take() {
             cancel.cancel();
@@ -571,7 +593,7 @@ impl Reconciler {
             .await;
             let result = result.unwrap_or_else(|_| {
                 tracing::warn!(fleet = %fleet.name, "Observing the fleet timed out.");
-                (Observation { generation, ..Observation::default() }, None, None)
+                Observed::nothing(Observation { generation, ..Observation::default() })
             });
             let _ = tx.send(result);
         }));
@@ -826,7 +848,24 @@ fn record_provider_failure(
     }
 }
 
-type Observed = (Observation, Option<Vec<InstanceStatus>>, Option<String>);
+/// What one look at the fleet found.
+#[derive(Debug)]
+struct Observed {
+    /// For `decide`.
+    observation: Observation,
+    /// Instances with their health (for the status view), when the provider answered.
+    instances: Option<Vec<InstanceStatus>>,
+    /// The load balancer's address, when there is one.
+    endpoint: Option<String>,
+    /// The provider's list as it came (a drift check reuses it).
+    listing: Option<crate::provider::Observation>,
+}
+
+impl Observed {
+    fn nothing(observation: Observation) -> Observed {
+        Observed { observation, instances: None, endpoint: None, listing: None }
+    }
+}
 
 /// One look at the fleet: instances, their health, whether a rebake is due.
 async fn observe(
@@ -840,7 +879,7 @@ async fn observe(
     let mut observation = Observation { generation, ..Observation::default() };
     // Fleets never deployed have no provider yet; opening one would start a load balancer.
     let Some(deployed) = store.deployed(&fleet.name).ok().flatten() else {
-        return (observation, None, None);
+        return Observed::nothing(observation);
     };
     observation.deployed = true;
     // While a job runs, look through its provider rather than opening the deployed commit's.
@@ -858,19 +897,20 @@ async fn observe(
         Err(error) => {
             tracing::debug!(fleet = %fleet.name, error = %chain(&error), "Provider unavailable.");
             observation.deployed = false;
-            return (observation, None, None);
+            return Observed::nothing(observation);
         }
     };
     let endpoint = provider.endpoint();
-    let (instances, desired) = match provider.observe().await {
-        Ok(observed) => (observed.instances, observed.desired),
+    let listing = match provider.observe().await {
+        Ok(listing) => listing,
         Err(error) => {
             tracing::debug!(fleet = %fleet.name, error = %chain(&error), "Could not list instances.");
             observation.deployed = false;
-            return (observation, None, endpoint);
+            return Observed { endpoint, ..Observed::nothing(observation) };
         }
     };
-    for instance in &instances {
+    let (instances, desired) = (&listing.instances, listing.desired);
+    for instance in instances {
         match (instance.running, instance.image == deployed.image) {
             (false, _) => observation.dead += 1,
             (true, on_image) => {
@@ -888,10 +928,18 @@ async fn observe(
     observation.capacity =
         crate::rollout::capacity::target(fleet.rollout.capacity, desired, observation.running);
     observation.rebake_due = !busy && rebake_due(store, fleet, cx.env.clock.now());
-    let health =
-        driver::check_health(provider.clone(), &fleet.rollout.health_check.http, &instances).await;
+    // Probing each instance costs a provider call per instance for a remote provider (a process
+    // and an API request each): an idle remote fleet shows the health its `list` reported (one
+    // call for the whole fleet), or none. The local provider's probes are plain HTTP.
+    let probe = busy || fleet.rollout.provider.kind() == ProviderKind::Local;
+    let health = if probe {
+        driver::check_health(provider.clone(), &fleet.rollout.health_check.http, instances).await
+    } else {
+        instances.iter().map(|i| listing.health.get(&i.id).copied()).collect()
+    };
     let statuses = instances
-        .into_iter()
+        .iter()
+        .cloned()
         .zip(health)
         .map(|(i, healthy)| InstanceStatus {
             id: i.id,
@@ -902,7 +950,9 @@ async fn observe(
             healthy,
         })
         .collect();
-    (observation, Some(statuses), endpoint)
+    // Only an idle fleet's list stands for what it runs between rollouts.
+    let listing = (!busy).then_some(listing);
+    Observed { observation, instances: Some(statuses), endpoint, listing }
 }
 
 /// The image is older than `image.rebake` and no rebake was tried within the interval.

@@ -56,6 +56,10 @@ pub struct Observation {
     /// (an AWS Auto Scaling group's or an Alibaba ESS group's desired capacity, which scaling
     /// rules move). `None`: the manifest's `capacity` decides.
     pub desired: Option<u32>,
+    /// Health the provider reported with the list, per instance id (an exec `list` reply's
+    /// `"healthy"`: one call for the whole fleet, e.g. a target group's health). Instances it
+    /// does not name have no reported health.
+    pub health: std::collections::HashMap<InstanceId, bool>,
 }
 
 /// Errors from a provider.
@@ -107,7 +111,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The fleet's instances and, when the provider owns it, its desired count (see
     /// [`Observation`]). The default lists and reports no desired count.
     async fn observe(&self) -> Result<Observation, ProviderError> {
-        Ok(Observation { instances: self.list().await?, desired: None })
+        Ok(Observation { instances: self.list().await?, ..Observation::default() })
     }
 
     /// Launches one instance on `image`. Calling it again with the same `key` returns the

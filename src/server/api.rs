@@ -818,7 +818,19 @@ async fn drift_report(
     State(shared): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Json<DriftDto>, ApiError> {
-    match crate::drift::last_report(&shared.app.operator.store, &name)? {
+    // The fleet's reconciler holds the newest report (an unchanged clean one is not rewritten).
+    let live = shared
+        .app
+        .operator
+        .fleets
+        .read()
+        .ok()
+        .and_then(|view| view.get(&name).and_then(|status| status.drift.clone()));
+    let report = match live {
+        Some(report) => Some(report),
+        None => crate::drift::last_report(&shared.app.operator.store, &name)?,
+    };
+    match report {
         Some(report) => Ok(Json(DriftDto::from(&report))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
