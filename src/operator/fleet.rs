@@ -278,8 +278,11 @@ impl Reconciler {
     fn on_message(&mut self, msg: FleetMsg) {
         match msg {
             FleetMsg::Manifest(fleet) => {
-                self.fleet = Some(*fleet);
-                self.publish();
+                // The manifest changed somewhere; this fleet's entry perhaps not.
+                if self.fleet.as_ref() != Some(&*fleet) {
+                    self.fleet = Some(*fleet);
+                    self.publish();
+                }
             }
             FleetMsg::Planned { id, prepared } => {
                 if let Some(prepared) = prepared {

@@ -204,7 +204,10 @@ impl Recorder {
                         ..RolloutFilter::default()
                     })?
                     .is_empty());
-        let result = if planned { Planned::default() } else { self.plan_tip(&tip).await? };
+        // What was planned last: the new tip is planned against it (only what changed between
+        // the two), unless history moved back (a force push, a recreated branch): then afresh.
+        let since = if moved_back { None } else { self.store.get_meta::<Revision>(TIP_KEY)? };
+        let result = if planned { Planned::default() } else { self.plan_tip(&tip, since).await? };
         self.store.set_meta(TIP_KEY, &tip.revision)?;
         if result.fleets.is_some() || !result.rollouts.is_empty() {
             let _ = self.out.send(result);
@@ -212,13 +215,17 @@ impl Recorder {
         Ok(())
     }
 
-    async fn plan_tip(&mut self, tip: &CommitRecord) -> anyhow::Result<Planned> {
+    async fn plan_tip(
+        &mut self,
+        tip: &CommitRecord,
+        since: Option<Revision>,
+    ) -> anyhow::Result<Planned> {
         let mirror = self.mirror.clone();
         let revision = tip.revision.clone();
         let store = self.store.clone();
         let deployed = move |fleet: &str| store.deployed(fleet).ok().flatten();
         let plan = tokio::task::spawn_blocking(move || {
-            planner::plan_commit(&mirror, &revision, &deployed)
+            planner::plan_commit(&mirror, &revision, since.as_ref(), &deployed)
         })
         .await?;
         let note = match &tip.kind {
@@ -265,15 +272,17 @@ impl Recorder {
             }
             Ok(CommitPlan::Fleets(plans)) => plans,
         };
+        let fleet_count = plans.index.fleets().len();
         let mut planned = Planned {
-            fleets: Some(plans.iter().map(|p| p.fleet.clone()).collect()),
+            // The reconcilers learn the manifest again only when its fleets changed.
+            fleets: plans.manifest_changed.then(|| plans.index.fleets().to_vec()),
             rollouts: Vec::new(),
         };
+        let unchanged = fleet_count - plans.plans.len();
         let mut skipped = Vec::new();
-        let fleet_count = plans.len();
         let mut batch = Vec::new();
         let mut prepared = Vec::new();
-        for fleet_plan in plans {
+        for fleet_plan in plans.plans {
             if fleet_plan.is_noop() {
                 skipped.push(format!("{}: {}", fleet_plan.fleet.name, fleet_plan.plan.reason));
                 continue;
@@ -323,8 +332,18 @@ impl Recorder {
             tracing::info!(rollout = %rollout.id, fleet = %prepared.fleet.name, revision = %tip.revision.short(), "Rollout planned.");
             planned.rollouts.push((rollout.id, prepared));
         }
-        if !skipped.is_empty() && fleet_count == skipped.len() {
-            let reason = format!("touches no fleet's paths ({})", skipped.join("; "));
+        if skipped.len() + unchanged == fleet_count {
+            // Bounded: a commit touching none of a thousand fleets is one short line.
+            const NAMED: usize = 5;
+            let mut parts: Vec<String> = skipped.iter().take(NAMED).cloned().collect();
+            if skipped.len() > NAMED {
+                parts.push(format!("{} more like these", skipped.len() - NAMED));
+            }
+            if unchanged > 0 {
+                let s = if unchanged == 1 { "" } else { "s" };
+                parts.push(format!("{unchanged} fleet{s} with nothing they track changed"));
+            }
+            let reason = format!("touches no fleet's paths ({})", parts.join("; "));
             record_commit_level(store, tip, RolloutState::Skipped, with_note(reason))?;
         }
         Ok(planned)
