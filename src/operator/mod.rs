@@ -976,6 +976,48 @@ fn unambiguous<'a>(
 mod tests {
     use super::*;
 
+    fn succeeded(id: u64, origin: Origin, image: &str, previous: Option<&str>) -> Rollout {
+        let mut r = Rollout::new(
+            Some("web".into()),
+            Revision(format!("{id:040}")),
+            String::new(),
+            "test".into(),
+            origin,
+            crate::model::now(),
+        );
+        r.id = RolloutId(id);
+        r.state = RolloutState::Succeeded;
+        r.image = Some(image.into());
+        r.previous_image = previous.map(Into::into);
+        r
+    }
+
+    #[test]
+    fn rollback_goes_one_good_release_back_never_to_the_image_a_rollback_left() {
+        // Issue 17: a rollback after a rollback redeployed the image just rolled back from.
+        let back = |from: u64| Origin::Rollback { from: Some(RolloutId(from)) };
+        let mut history = vec![
+            succeeded(1, Origin::Commit, "a", None),
+            succeeded(2, Origin::Commit, "b", Some("a")),
+            succeeded(3, Origin::Commit, "c", Some("b")),
+        ];
+        history.reverse();
+        let target = |h: &[Rollout], current: &str| {
+            last_good(h, Some(&current.into())).and_then(|r| r.image.clone()).map(|i| i.0)
+        };
+        assert_eq!(target(&history, "c").as_deref(), Some("b"));
+        history.insert(0, succeeded(4, back(2), "b", Some("c")));
+        assert_eq!(target(&history, "b").as_deref(), Some("a"), "not c, rolled back from");
+        history.insert(0, succeeded(5, back(1), "a", Some("b")));
+        assert_eq!(target(&history, "a"), None, "nothing older");
+        // Repairs restore nothing of their own; a new commit after rollbacks is a new release.
+        history.insert(0, succeeded(6, Origin::Repair, "a", Some("a")));
+        history.insert(0, succeeded(7, Origin::Commit, "d", Some("a")));
+        assert_eq!(target(&history, "d").as_deref(), Some("a"), "b and c were left by rollbacks");
+        history.insert(0, succeeded(8, Origin::Commit, "e", Some("d")));
+        assert_eq!(target(&history, "e").as_deref(), Some("d"));
+    }
+
     #[test]
     fn rollback_prefixes_must_be_long_and_unambiguous() {
         let error = check_prefix("a").unwrap_err();

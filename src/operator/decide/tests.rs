@@ -96,6 +96,29 @@ fn abort_of_a_paused_rollout_starts_a_job_that_returns_the_fleet_to_stable() {
 }
 
 #[test]
+fn an_abort_whose_job_cannot_start_ends_aborted_and_is_never_retried() {
+    // A retry would start the rollout with `Run`, resuming the canary the operator aborted.
+    let lane = Lane { paused: Some(id(9)), ..Lane::default() };
+    let (lane, _) = run(&lane, Input::Verb(Verb::Abort), t(0));
+    let blip = Outcome::NotStarted { transient: true, error: "provider unreachable".into() };
+    let (lane, effects) =
+        run(&lane, Input::JobEnded { rollout: id(9), repair: false, outcome: blip }, t(1));
+    assert_eq!(
+        effects,
+        vec![
+            Effect::Finish {
+                rollout: id(9),
+                state: S::Aborted,
+                reason: "aborted by an operator; the fleet is left as is (provider unreachable)"
+                    .into(),
+            },
+            Effect::Observe
+        ]
+    );
+    assert_eq!((lane.running, lane.queued, lane.paused), (None, None, None));
+}
+
+#[test]
 fn abort_ends_a_queued_rollout_without_a_job() {
     let lane = Lane { queued: Some(id(9)), retry_at: Some(t(5)), ..Lane::default() };
     let (lane, effects) = run(&lane, Input::Verb(Verb::Abort), t(0));
