@@ -288,6 +288,13 @@ pub fn status(
             clean(fleet.image.as_deref().unwrap_or("-"))
         )?;
         writeln!(out, "  endpoint:  {}", clean(fleet.endpoint.as_deref().unwrap_or("-")))?;
+        if fleet.orphaned {
+            writeln!(
+                out,
+                "  ORPHANED:  not in kiln.yaml any more; `kiln down {}` retires it",
+                clean(&fleet.name)
+            )?;
+        }
         match (fleet.active_rollout, fleet.active_state) {
             (Some(id), Some(s)) => writeln!(out, "  rollout:   #{id} {}", state(s, 0, color))?,
             (Some(id), None) => writeln!(out, "  rollout:   #{id}")?,

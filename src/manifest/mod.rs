@@ -110,6 +110,10 @@ impl fmt::Display for ManifestError {
 pub struct Manifest {
     /// The fleets this repo describes.
     pub fleets: Vec<Fleet>,
+    /// The default of every fleet's `prune` (a fleet's own setting wins): retire a fleet's
+    /// instances and load balancer when a later commit removes it from this file.
+    #[serde(default)]
+    pub prune: bool,
 }
 
 /// A group of identical instances behind one load balancer.
@@ -133,6 +137,19 @@ pub struct Fleet {
     /// How often kiln inspects the fleet for drift, and what it does about it (optional).
     #[serde(default)]
     pub drift: DriftPolicy,
+    /// When a later commit removes (or renames) this fleet, drain and terminate its instances
+    /// and stop its load balancer (a `prune` rollout). Default: the manifest's top-level
+    /// `prune`, else `false` (the fleet is reported orphaned and left running until
+    /// `kiln down FLEET`).
+    #[serde(default)]
+    pub prune: Option<bool>,
+}
+
+impl Fleet {
+    /// Whether the fleet is retired when a commit removes it (see [`Fleet::prune`]).
+    pub fn prunes(&self) -> bool {
+        self.prune.unwrap_or(false)
+    }
 }
 
 /// Drift inspection: instances off the deployed image, missing, dead or unknown; load-balancer
@@ -994,7 +1011,7 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
             problems: vec![Problem { file: file.to_owned(), line, column, message }],
         });
     }
-    serde_yaml::from_str::<Manifest>(text).map_err(|error| {
+    let manifest = serde_yaml::from_str::<Manifest>(text).map_err(|error| {
         let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
         let message = error.to_string();
         // serde_yaml appends " at line X column Y"; the location is reported separately.
@@ -1008,7 +1025,14 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
             .and_then(|value| text::locate_value(&Text::new(text), value, line))
             .unwrap_or((line, column));
         ManifestError { problems: vec![Problem { file: file.to_owned(), line, column, message }] }
-    })
+    });
+    let mut manifest = manifest?;
+    // The top-level `prune` is each fleet's default: a fleet carries its own answer, so the
+    // spec kept with a deployment says whether to prune it.
+    for fleet in &mut manifest.fleets {
+        fleet.prune.get_or_insert(manifest.prune);
+    }
+    Ok(manifest)
 }
 
 /// The first `backticked` part of a message.

@@ -64,6 +64,8 @@ pub enum FleetMsg {
     },
     /// An operator verb and where to answer.
     Verb(Command, oneshot::Sender<Result<RolloutId, CommandError>>),
+    /// The newest tip's manifest no longer has the fleet.
+    Removed,
 }
 
 /// What the router, garbage collection and the reconciler share about a fleet.
@@ -157,13 +159,19 @@ struct Reconciler {
     drift_report: Option<crate::drift::DriftReport>,
     /// The lane generation the drift check in flight started under.
     drift_generation: u64,
+    /// `kiln deploy` commits resolved off the loop (git), with where to answer.
+    deploy_tx: mpsc::UnboundedSender<DeployResolved>,
 }
+
+type Reply = oneshot::Sender<Result<RolloutId, CommandError>>;
+type DeployResolved = (Result<super::Deployable, CommandError>, Reply);
 
 impl Reconciler {
     fn new(name: String, cx: Context, shared: Arc<Shared>, fleet: Option<Fleet>) -> Reconciler {
         let (done_tx, _) = mpsc::unbounded_channel();
         let (observed_tx, _) = mpsc::unbounded_channel();
         let (drift_tx, _) = mpsc::unbounded_channel();
+        let (deploy_tx, _) = mpsc::unbounded_channel();
         let interval = fleet.as_ref().map_or(DEFAULT_DRIFT_INTERVAL, |f| f.drift.interval);
         let drift = crate::drift::last_report(&cx.env.store, &name).ok().flatten();
         Reconciler {
@@ -172,6 +180,7 @@ impl Reconciler {
             next_drift: tokio::time::Instant::now() + interval,
             drift_report: None,
             drift_generation: 0,
+            deploy_tx,
             status: FleetStatus { name: name.clone(), drift, ..FleetStatus::default() },
             name,
             cx,
@@ -203,6 +212,8 @@ impl Reconciler {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let (drift_tx, mut drift_rx) = mpsc::unbounded_channel();
+        let (deploy_tx, mut deploy_rx) = mpsc::unbounded_channel();
+        self.deploy_tx = deploy_tx;
         self.done_tx = done_tx;
         self.observed_tx = observed_tx;
         self.drift_tx = drift_tx;
@@ -257,6 +268,9 @@ impl Reconciler {
                     self.feed(Input::DriftDue);
                 }
                 Some(result) = drift_rx.recv() => self.on_drift_checked(result),
+                Some((resolved, reply)) = deploy_rx.recv() => {
+                    let _ = reply.send(self.deploy(resolved));
+                }
             }
         }
         if let Some(cancel) = self.drift_cancel.take() {
@@ -284,6 +298,7 @@ impl Reconciler {
                     self.publish();
                 }
             }
+            FleetMsg::Removed => self.removed(),
             FleetMsg::Planned { id, prepared } => {
                 if let Some(prepared) = prepared {
                     self.prepared.insert(id, *prepared);
@@ -298,6 +313,18 @@ impl Reconciler {
                     Command::Drift { .. } => Verb::Drift,
                     Command::Rollback { to, .. } => {
                         let _ = reply.send(self.rollback(to.as_deref()));
+                        return;
+                    }
+                    Command::Retry { .. } => {
+                        let _ = reply.send(self.retry());
+                        return;
+                    }
+                    Command::Deploy { commit, .. } => {
+                        self.resolve_deploy(commit, reply);
+                        return;
+                    }
+                    Command::Down { .. } => {
+                        let _ = reply.send(self.down());
                         return;
                     }
                 };
@@ -331,13 +358,115 @@ impl Reconciler {
 
     fn rollback(&mut self, to: Option<&str>) -> Result<RolloutId, CommandError> {
         let id =
-            super::create_rollback(&self.cx.env.store, &self.name, to).map_err(|e| match e {
-                RollbackError::BadPrefix(message) => CommandError { status: 400, message },
-                RollbackError::Refused(message) => CommandError { status: 409, message },
-                RollbackError::Store(e) => CommandError { status: 500, message: chain(&e) },
-            })?;
+            super::create_rollback(&self.cx.env.store, &self.name, to).map_err(command_error)?;
         self.feed(Input::Planned(id));
         Ok(id)
+    }
+
+    /// The tip's manifest dropped the fleet: recorded orphaned once, and pruned when the spec
+    /// it was last seen with (or the manifest's top-level `prune`) says so.
+    fn removed(&mut self) {
+        let Some(spec) = self.fleet.take() else { return };
+        let store = &self.cx.env.store;
+        let deployed = match store.deployed(&self.name) {
+            Ok(Some(deployed)) => deployed,
+            Ok(None) => return self.publish(),
+            Err(error) => {
+                tracing::error!(fleet = %self.name, error = %chain(&error), "Could not read the deployment of a removed fleet.");
+                return self.publish();
+            }
+        };
+        let prune = spec.prunes();
+        tracing::warn!(fleet = %self.name, prune, "Fleet removed from kiln.yaml while deployed.");
+        if let Err(error) = super::record_orphaned(store, &self.name, &deployed, prune) {
+            tracing::error!(fleet = %self.name, error = %chain(&error), "Could not record an orphaned fleet.");
+        }
+        if prune {
+            match super::create_prune(
+                store,
+                &self.name,
+                &deployed,
+                "removed from kiln.yaml, prune: true",
+            ) {
+                Ok(id) => self.feed(Input::Planned(id)),
+                Err(error) => {
+                    tracing::error!(fleet = %self.name, error = %chain(&error), "Could not record a prune.")
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// `kiln down FLEET`: retires a fleet the tip's manifest no longer has.
+    fn down(&mut self) -> Result<RolloutId, CommandError> {
+        if self.fleet.is_some() {
+            return Err(CommandError {
+                status: 409,
+                message: format!(
+                    "fleet `{}` is still in kiln.yaml at the tip; remove it there first (`kiln down` retires fleets the manifest no longer has)",
+                    self.name
+                ),
+            });
+        }
+        let store = &self.cx.env.store;
+        let deployed = store
+            .deployed(&self.name)
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?
+            .ok_or_else(|| CommandError {
+                status: 409,
+                message: format!("fleet `{}` has nothing deployed to take down", self.name),
+            })?;
+        let id = super::create_prune(store, &self.name, &deployed, "kiln down")
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+        let _ = store.append_event(
+            id,
+            Level::Info,
+            EventKind::Command,
+            "down requested by an operator",
+            None,
+        );
+        self.feed(Input::Planned(id));
+        Ok(id)
+    }
+
+    fn retry(&mut self) -> Result<RolloutId, CommandError> {
+        let id = super::create_retry(&self.cx.env.store, &self.name).map_err(command_error)?;
+        self.feed(Input::Planned(id));
+        Ok(id)
+    }
+
+    /// `kiln deploy COMMIT`: the commit is resolved in the mirror off the loop (git reads);
+    /// [`Reconciler::deploy`] records the rollout when it comes back.
+    fn resolve_deploy(&mut self, commit: String, reply: Reply) {
+        let store = self.cx.env.store.clone();
+        let mirror = self.cx.env.mirror.clone();
+        let branch = self.cx.config.branch.clone();
+        let fleet = self.name.clone();
+        let tx = self.deploy_tx.clone();
+        tokio::spawn(async move {
+            let resolved = tokio::task::spawn_blocking(move || {
+                let tip = store
+                    .get_meta::<Revision>(super::TIP_KEY)
+                    .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+                super::resolve_deploy(&mirror, tip.as_ref(), &branch, &commit, &fleet)
+            })
+            .await
+            .unwrap_or_else(|e| Err(CommandError { status: 500, message: e.to_string() }));
+            let _ = tx.send((resolved, reply));
+        });
+    }
+
+    fn deploy(
+        &mut self,
+        resolved: Result<super::Deployable, CommandError>,
+    ) -> Result<RolloutId, CommandError> {
+        let deployable = resolved?;
+        let rollout = super::create_deploy(&self.cx.env.store, &deployable)
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+        tracing::info!(rollout = %rollout.id, fleet = %self.name, commit = %rollout.revision.short(), "Deploy requested.");
+        self.prepared.insert(rollout.id, deployable.prepared);
+        self.feed(Input::Planned(rollout.id));
+        Ok(rollout.id)
     }
 
     fn decide(&mut self, input: Input) -> Vec<Effect> {
@@ -358,7 +487,17 @@ impl Reconciler {
 
     fn apply(&mut self, effect: Effect) {
         match effect {
-            Effect::Start(id) => self.start(id),
+            Effect::Start(id) => self.start(id, Control::Run),
+            Effect::Revert(id) => {
+                let _ = self.cx.env.store.append_event(
+                    id,
+                    Level::Info,
+                    EventKind::Command,
+                    "aborted by an operator; returning the fleet to its stable image",
+                    None,
+                );
+                self.start(id, Control::Abort)
+            }
             Effect::Signal(control) => {
                 if let Some(job) = &self.job {
                     let _ = job.control.send(control);
@@ -541,12 +680,16 @@ impl Reconciler {
             status.provider = fleet.rollout.provider.kind().to_string();
             status.capacity = fleet.rollout.capacity.min();
         }
+        status.orphaned = self.fleet.is_none() && deployed.is_some();
         status.revision = deployed.as_ref().map(|d| d.revision.clone());
         status.image = deployed.as_ref().map(|d| d.image.clone());
         status.active_rollout = active;
         status.active_state = active.and_then(|id| store.rollout(id).ok()).map(|r| r.state);
         if self.fleet.is_none() && deployed.is_none() && active.is_none() {
-            // A fleet only known from old rollouts: not shown.
+            // A fleet only known from old rollouts (or pruned): not shown.
+            if let Ok(mut view) = self.cx.view.write() {
+                view.remove(&self.name);
+            }
             return;
         }
         if let Ok(mut view) = self.cx.view.write() {
@@ -554,14 +697,14 @@ impl Reconciler {
         }
     }
 
-    fn start(&mut self, id: RolloutId) {
+    fn start(&mut self, id: RolloutId, control: Control) {
         // The fleet is about to change: what it was listed as no longer holds.
         self.listing = None;
         // A drift check of the fleet stops: its plan hook must not run beside the rollout's.
         if let Some(cancel) = self.drift_cancel.take() {
             cancel.cancel();
         }
-        let (control, control_rx) = watch::channel(Control::Run);
+        let (control, control_rx) = watch::channel(control);
         let cx = self.cx.clone();
         let shared = self.shared.clone();
         let name = self.name.clone();
@@ -673,6 +816,14 @@ impl Reconciler {
             None,
         )?;
         Ok(Some(rollout.id))
+    }
+}
+
+fn command_error(error: RollbackError) -> CommandError {
+    match error {
+        RollbackError::BadPrefix(message) => CommandError { status: 400, message },
+        RollbackError::Refused(message) => CommandError { status: 409, message },
+        RollbackError::Store(e) => CommandError { status: 500, message: chain(&e) },
     }
 }
 

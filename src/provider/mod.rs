@@ -145,6 +145,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     fn endpoint(&self) -> Option<String> {
         None
     }
+
+    /// Retires what the fleet has besides its instances (its load balancer) once a `prune`
+    /// rollout terminated them all. Idempotent. The default does nothing: an exec provider's
+    /// load balancer belongs to the infra its hooks manage.
+    async fn retire(&self) -> Result<(), ProviderError> {
+        Ok(())
+    }
 }
 
 /// A load-balancer backend kiln did not attach.

@@ -135,6 +135,24 @@ pub enum Origin {
     Drift,
     /// Bringing a drifted fleet back to its deployed image (and infra) without a commit.
     Repair,
+    /// `kiln retry`: the same commit (and image, once baked) as a rollout that did not succeed.
+    Retry {
+        /// The rollout re-run.
+        of: RolloutId,
+    },
+    /// `kiln deploy COMMIT`: a commit of the branch's history, deployed on request.
+    Deploy,
+    /// Retiring a fleet removed from kiln.yaml (`prune: true`, `kiln run --prune` or
+    /// `kiln down`): its instances are drained and terminated, its load balancer stopped.
+    Prune,
+}
+
+impl Origin {
+    /// A rollback takes the fast path: no schedule delay, no maintenance window, no canary
+    /// gate (it restores an image that already served).
+    pub fn is_fast(&self) -> bool {
+        matches!(self, Origin::Rollback { .. } | Origin::AutoRollback { .. })
+    }
 }
 
 /// One commit's journey for one fleet. Stored under `rollouts/<id>`; history is append-only.
@@ -216,6 +234,10 @@ pub struct Rolling {
     /// The failure that started a rollback (kept for the final reason).
     #[serde(default)]
     pub failure: Option<String>,
+    /// True once an operator aborted the rollout and the fleet is being returned to its stable
+    /// image (`previous_image`, with `rollback` set); it then ends `aborted`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborting: bool,
     /// Set when the rolling phase must end: unhealthy new instances are terminated first, then
     /// the rollout moves to `ending.state`.
     #[serde(default)]

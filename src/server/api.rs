@@ -111,6 +111,9 @@ impl RolloutDto {
             Origin::Rebake => "rebake",
             Origin::Drift => "drift",
             Origin::Repair => "repair",
+            Origin::Retry { .. } => "retry",
+            Origin::Deploy => "deploy",
+            Origin::Prune => "prune",
         };
         let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
             replaced: rolling.done.len(),
@@ -259,6 +262,9 @@ pub struct FleetDto {
     /// The last drift check (`null`: never checked).
     #[serde(default)]
     pub drift: Option<DriftDto>,
+    /// The tip's kiln.yaml no longer has the fleet, but it still runs (`kiln down` retires it).
+    #[serde(default)]
+    pub orphaned: bool,
 }
 
 /// A drift check's report (`GET /fleets/{name}/drift`, and in every fleet).
@@ -336,6 +342,7 @@ impl From<&FleetStatus> for FleetDto {
             instances: fleet.instances.iter().map(InstanceDto::from).collect(),
             observed_at: fleet.observed_at,
             drift: fleet.drift.as_ref().map(DriftDto::from),
+            orphaned: fleet.orphaned,
         }
     }
 }
@@ -611,6 +618,15 @@ pub struct RollbackBody {
     pub to: Option<String>,
 }
 
+/// Body of `POST /fleets/{name}/deploy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployBody {
+    /// The commit to deploy (a full id or a prefix of at least 7 hex digits) on the tracked
+    /// branch's history.
+    pub commit: String,
+}
+
 pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/fleets", get(fleets))
@@ -769,6 +785,17 @@ async fn verb(
         "resume" => Command::Resume { fleet },
         "abort" => Command::Abort { fleet },
         "drift" => Command::Drift { fleet },
+        "retry" => Command::Retry { fleet },
+        "down" => Command::Down { fleet },
+        "deploy" => {
+            let body: DeployBody = serde_json::from_slice(&body).map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad deploy body (want {{\"commit\": \"<id>\"}}): {error}"),
+                )
+            })?;
+            Command::Deploy { fleet, commit: body.commit }
+        }
         "rollback" => {
             let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
                 RollbackBody::default()
@@ -782,7 +809,9 @@ async fn verb(
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("unknown verb `{other}` (pause, resume, abort, rollback, drift)"),
+                format!(
+                    "unknown verb `{other}` (pause, resume, abort, rollback, retry, deploy, down, drift)"
+                ),
             ));
         }
     };
