@@ -115,6 +115,7 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         hook_env: vec![],
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),
+        verify: None,
     };
     let config_exe = kiln_exe;
     let daemon = tokio::spawn(daemon::run_until(config, shutdown.clone()));
