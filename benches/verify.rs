@@ -62,7 +62,7 @@ fn main() {
         .status()
         .unwrap();
     assert!(status.success());
-    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let public = std::fs::read_to_string(format!("{}.pub", key.display())).unwrap();
     let mut parts = public.split_whitespace();
     let allowed = dir.path().join("allowed_signers");
     std::fs::write(
@@ -78,14 +78,14 @@ fn main() {
         let mut args: Vec<&str> = sign.to_vec();
         args.extend(["commit", "--quiet", "--allow-empty", "-S", "-m", message]);
         git(&work, &home, &args);
-        git(&work, &home, &["rev-parse", "HEAD"])
     };
     let started = Instant::now();
-    let base = commit("deployed");
-    let mut tip = base.clone();
+    commit("deployed");
+    let base = git(&work, &home, &["rev-parse", "HEAD"]);
     for i in 0..n {
-        tip = commit(&format!("commit {i}"));
+        commit(&format!("commit {i}"));
     }
+    let tip = git(&work, &home, &["rev-parse", "HEAD"]);
     println!(
         "verify: built {n} signed commits in {:.1} s (not timed below)",
         started.elapsed().as_secs_f64()

@@ -367,7 +367,19 @@ pub async fn check(
     let daemon = daemon.cloned();
     let tip = tip.clone();
     let (policy, commits, since) = blocking(move || {
-        let base = base.filter(|b| git::has_commit(&mirror, b).unwrap_or(false));
+        if let Some(base) = &base {
+            if !git::has_commit(&mirror, base)? {
+                // Without it there is no trust anchor and no range: fail closed, unless
+                // nothing asks for verification at all.
+                if daemon.is_none() && policy_at(&mirror, &tip)?.is_none() {
+                    return Ok((None, Vec::new(), None));
+                }
+                return Err(VerifyError::Other(format!(
+                    "the last deployed commit {} is not in the mirror",
+                    base.short()
+                )));
+            }
+        }
         let Some(policy) = policy(&mirror, &tip, base.as_ref(), daemon.as_ref())? else {
             return Ok((None, Vec::new(), None));
         };

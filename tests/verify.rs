@@ -40,14 +40,14 @@ struct SshKey {
 
 impl SshKey {
     fn new(dir: &Path, principal: &str) -> SshKey {
-        let private = dir.join(principal.replace('@', "_"));
+        let private = dir.join(principal.replace(['@', '.'], "_"));
         let status = Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-C", principal, "-f"])
             .arg(&private)
             .status()
             .unwrap();
         assert!(status.success(), "ssh-keygen failed");
-        let public = std::fs::read_to_string(private.with_extension("pub")).unwrap();
+        let public = std::fs::read_to_string(format!("{}.pub", private.display())).unwrap();
         let mut parts = public.split_whitespace();
         let line = format!("{principal} {} {}\n", parts.next().unwrap(), parts.next().unwrap());
         SshKey { private, line }

@@ -273,7 +273,9 @@ pub fn good_ssh(stdout: &str) -> Option<(String, String)> {
 }
 
 /// A GnuPG home holding only the trusted keys: `keyring` (armored or binary public keys) is
-/// imported into a fresh private home, so the daemon's own keyrings never count.
+/// imported into a fresh private home, so the daemon's own keyrings never count. Every `gpg`
+/// run has `--no-autostart`: checking public signatures needs no agent, and none is left
+/// behind when the home is removed.
 pub struct GpgHome {
     dir: ScratchDir,
 }
@@ -288,6 +290,7 @@ impl GpgHome {
             &[
                 "--batch".as_ref(),
                 "--no-tty".as_ref(),
+                "--no-autostart".as_ref(),
                 "--homedir".as_ref(),
                 dir.path().as_os_str(),
                 "--import".as_ref(),
@@ -324,6 +327,7 @@ impl GpgHome {
             &[
                 "--batch".as_ref(),
                 "--no-tty".as_ref(),
+                "--no-autostart".as_ref(),
                 "--homedir".as_ref(),
                 self.dir.path().as_os_str(),
                 "--trust-model".as_ref(),
