@@ -598,7 +598,10 @@ fn verify_needs_a_trust_file_inside_the_repo_and_says_where() {
         "{found:?}"
     );
     let found = load_with("  sshAllowedSigners: .kiln/missing\n").unwrap_err();
-    assert!(found[0].contains("verify.sshAllowedSigners `.kiln/missing` is not a file"), "{found:?}");
+    assert!(
+        found[0].contains("verify.sshAllowedSigners `.kiln/missing` is not a file"),
+        "{found:?}"
+    );
     let found = load_with("  mode: always\n  gpgKeyring: k\n").unwrap_err();
     assert!(found[0].starts_with("kiln.yaml:2:"), "{found:?}");
     assert!(found[0].contains("unknown variant `always`"), "{found:?}");
