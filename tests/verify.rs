@@ -453,3 +453,53 @@ fn gpg_and_ssh_signed_commits_in_one_range_are_both_verified() {
     assert!(reason.contains("unknown key"), "{reason}");
     assert!(reason.contains(short(&v3)), "{reason}");
 }
+
+#[test]
+fn daemon_flags_verify_a_repo_that_does_not_ask_for_it() {
+    let test = "daemon_flags_verify_a_repo_that_does_not_ask_for_it";
+    let Some(fx) = Fixture::new(test, false) else { return };
+    let alice = SshKey::new(&fx.keys, "alice@kiln.test");
+    let mallory = SshKey::new(&fx.keys, "mallory@kiln.test");
+    // The trust file lives outside the repo; the repo's kiln.yaml has no `verify:` and even
+    // ships an allowed_signers naming mallory, which must not count.
+    let outside = fx.keys.join("allowed_signers");
+    std::fs::write(&outside, &alice.line).unwrap();
+    let manifest = format!("fleets:\n{}", fleet_yaml("web", 1, 0.0, &fx.state));
+    let v1 = fx.commit(
+        Sign::Ssh(&alice),
+        "v1",
+        &[
+            ("kiln.yaml", &manifest),
+            ("hooks/cloud", CLOUD_SH),
+            ("hooks/bake", BAKE),
+            ("web/version", "1\n"),
+            (ALLOWED, &mallory.line),
+        ],
+    );
+    fx.repo.push();
+    let daemon = Daemon::start(
+        &fx.repo.url(),
+        &fx.data,
+        &[
+            "--poll",
+            "1s",
+            "--verify-mode",
+            "range",
+            "--verify-ssh-allowed-signers",
+            outside.to_str().unwrap(),
+        ],
+    );
+    let first = wait_fleet(&daemon, &v1, "succeeded");
+    let shown = show(&fx.data, &first["id"]);
+    assert_eq!(shown["verified"]["policy"], "daemon flags", "{shown:#}");
+    let deployed = running_images(&fx.state);
+
+    let evil = fx.commit(Sign::Ssh(&mallory), "v2", &[("web/version", "2\n")]);
+    fx.repo.push();
+    let blocked = wait_blocked(&daemon, &evil);
+    let reason = blocked["reason"].as_str().unwrap();
+    assert!(reason.contains(&format!("{} by Kiln Test", short(&evil))), "{reason}");
+    assert!(reason.contains("unknown key"), "{reason}");
+    assert!(reason.contains("trust from daemon flags"), "{reason}");
+    assert_eq!(running_images(&fx.state), deployed, "the fleet was touched");
+}
