@@ -42,6 +42,8 @@ pub struct DaemonConfig {
     pub secrets: crate::server::WebhookSecrets,
     /// How many bake/reconcile steps run at once across fleets.
     pub jobs: usize,
+    /// Signature verification imposed by flags (`None`: `verify:` in the manifest decides).
+    pub verify: Option<crate::verify::DaemonPolicy>,
 }
 
 /// What `<data-dir>/daemon.json` holds while the daemon runs: how the CLI finds the API.
@@ -269,6 +271,7 @@ pub async fn run_until(config: DaemonConfig, shutdown: CancellationToken) -> any
             branch: config.branch.clone(),
             kiln_exe: config.kiln_exe.clone(),
             keep_images: config.keep_images,
+            verify: config.verify.clone(),
         },
         env,
         view.clone(),

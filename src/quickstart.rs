@@ -116,6 +116,7 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),
         jobs: crate::pipeline::DEFAULT_JOBS,
+        verify: None,
     };
     let config_exe = kiln_exe;
     let daemon = tokio::spawn(daemon::run_until(config, shutdown.clone()));

@@ -134,6 +134,7 @@ impl World {
             not_before: None,
             attempt: 0,
             rolling: None,
+            verified: None,
         };
         self.env.store.create_rollout(record).expect("rollout recorded").id
     }

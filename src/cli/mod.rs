@@ -48,7 +48,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch the repo, bake, reconcile and roll fleets, serve the API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rollouts, newest first (like `git log`); with `--commits`, every commit seen and what
     /// became of it.
     Log {
@@ -237,6 +237,16 @@ pub struct RunArgs {
     /// File holding the generic receiver's HMAC secret (else $KILN_GENERIC_SECRET).
     #[arg(long, value_name = "FILE")]
     pub generic_secret_file: Option<PathBuf>,
+    /// Deploy only signed commits, whatever the repo's `verify:` says: `head` (the tip) or
+    /// `range` (every commit since the last deployed one). Needs a trust file below.
+    #[arg(long, value_name = "MODE", value_parser = ["head", "range"])]
+    pub verify_mode: Option<String>,
+    /// OpenSSH allowed_signers file (outside the repo) naming the trusted SSH keys.
+    #[arg(long, value_name = "FILE", requires = "verify_mode")]
+    pub verify_ssh_allowed_signers: Option<PathBuf>,
+    /// OpenPGP keyring (outside the repo) holding the trusted keys.
+    #[arg(long, value_name = "FILE", requires = "verify_mode")]
+    pub verify_gpg_keyring: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -310,7 +320,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let api = cli.api.clone();
     let color = cli.color;
     match cli.command {
-        Command::Run(args) => run_daemon(args, data_dir).await,
+        Command::Run(args) => run_daemon(*args, data_dir).await,
         Command::Lb(args) => {
             crate::provider::local::lb::run(args).await.map(|()| ExitCode::SUCCESS)
         }
@@ -410,6 +420,32 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         generic: read_secret(args.generic_secret_file.as_deref(), "KILN_GENERIC_SECRET")?,
     };
     let poll = args.poll.unwrap_or_else(|| crate::source::default_poll(&args.repo));
+    let verify = match args.verify_mode.as_deref() {
+        None => None,
+        Some(mode) => {
+            let mode = if mode == "head" {
+                crate::manifest::VerifyMode::Head
+            } else {
+                crate::manifest::VerifyMode::Range
+            };
+            if args.verify_ssh_allowed_signers.is_none() && args.verify_gpg_keyring.is_none() {
+                anyhow::bail!(
+                    "--verify-mode needs --verify-ssh-allowed-signers, --verify-gpg-keyring or both"
+                );
+            }
+            for path in
+                [&args.verify_ssh_allowed_signers, &args.verify_gpg_keyring].into_iter().flatten()
+            {
+                std::fs::metadata(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            }
+            Some(crate::verify::DaemonPolicy {
+                mode,
+                ssh_allowed_signers: args.verify_ssh_allowed_signers.clone(),
+                gpg_keyring: args.verify_gpg_keyring.clone(),
+            })
+        }
+    };
     let config = crate::daemon::DaemonConfig {
         repo: args.repo,
         branch: args.branch,
@@ -422,6 +458,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         kiln_exe: kiln_exe()?,
         secrets,
         jobs: args.jobs,
+        verify,
     };
     crate::daemon::run(config).await?;
     Ok(ExitCode::SUCCESS)

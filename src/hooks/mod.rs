@@ -23,6 +23,7 @@ pub mod contract;
 pub mod output;
 pub mod packer;
 pub mod process;
+pub mod signers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};

@@ -114,6 +114,52 @@ pub struct Manifest {
     /// instances and load balancer when a later commit removes it from this file.
     #[serde(default)]
     pub prune: bool,
+    /// Which commits may be deployed: signed by trusted keys (see docs/security.md). Read from
+    /// the last *deployed* commit, never from the commit being verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyPolicy>,
+}
+
+/// `verify:`: deploy only commits signed by trusted keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VerifyPolicy {
+    /// `head`: the new tip only; `range` (default): every commit since the last deployed one.
+    #[serde(default)]
+    pub mode: VerifyMode,
+    /// An OpenSSH `allowed_signers` file (repo path) naming the trusted SSH keys.
+    #[serde(default)]
+    pub ssh_allowed_signers: Option<String>,
+    /// An OpenPGP keyring (repo path, armored or binary): every key in it is trusted.
+    #[serde(default)]
+    pub gpg_keyring: Option<String>,
+    /// Who may change the trust files (and this section): SSH principals, OpenPGP
+    /// fingerprints or user ids. Empty: any trusted signer.
+    #[serde(default)]
+    pub trust_files_changed_by: Vec<String>,
+}
+
+/// How much of the history `verify:` checks.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    /// Only the commit being deployed.
+    Head,
+    /// Every commit since the last deployed one, merges' second parents included.
+    #[default]
+    Range,
+}
+
+impl VerifyMode {
+    /// `head` or `range`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Head => "head",
+            VerifyMode::Range => "range",
+        }
+    }
 }
 
 /// A group of identical instances behind one load balancer.
@@ -1111,6 +1157,32 @@ pub fn validate(
     Err(ManifestError { problems })
 }
 
+/// `verify:` names at least one trust file, and each is a regular file inside the repo.
+fn check_verify(report: &mut Report<'_>, verify: &VerifyPolicy, text: &Text<'_>, files: &Memo<'_>) {
+    if verify.ssh_allowed_signers.is_none() && verify.gpg_keyring.is_none() {
+        report.push(
+            || locate(text, "verify", "", 1),
+            "verify: names no trusted keys (set sshAllowedSigners, gpgKeyring or both)".into(),
+        );
+    }
+    let fields =
+        [("sshAllowedSigners", &verify.ssh_allowed_signers), ("gpgKeyring", &verify.gpg_keyring)];
+    for (field, path) in fields {
+        let Some(path) = path else { continue };
+        if !is_repo_path(path) || path.trim_matches('/').is_empty() {
+            report.push(
+                || locate(text, field, path, 1),
+                format!("verify.{field} `{path}` must be a relative path inside the repo"),
+            );
+        } else if files.file(path).is_none() {
+            report.push(
+                || locate(text, field, path, 1),
+                format!("verify.{field} `{path}` is not a file in the repo"),
+            );
+        }
+    }
+}
+
 fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>, files: &Memo<'_>) {
     if manifest.fleets.is_empty() {
         report.push(|| locate(text, "fleets", "", 1), "no fleets defined".into());
@@ -1124,6 +1196,9 @@ fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>,
             ),
         );
         return;
+    }
+    if let Some(verify) = &manifest.verify {
+        check_verify(report, verify, text, files);
     }
     let mut fleet_names = HashSet::new();
     let mut lb_ports = BTreeSet::new();

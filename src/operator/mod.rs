@@ -232,6 +232,8 @@ pub struct OperatorConfig {
     pub kiln_exe: PathBuf,
     /// Garbage collection keeps the images of this many successful rollouts per fleet.
     pub keep_images: usize,
+    /// Signature verification imposed by the daemon's flags (`None`: the manifest decides).
+    pub verify: Option<crate::verify::DaemonPolicy>,
 }
 
 struct FleetEntry {
@@ -314,13 +316,14 @@ impl Operator {
         }
 
         let (planned_tx, mut planned_rx) = mpsc::unbounded_channel();
-        let recorder = recorder::Recorder::new(
+        let mut recorder = recorder::Recorder::new(
             self.store().clone(),
             self.cx.env.mirror.clone(),
             self.cx.config.branch.clone(),
             self.cx.env.metrics.clone(),
             planned_tx,
         );
+        recorder.verify = self.cx.config.verify.clone();
         self.tasks.push(tokio::spawn(recorder.run(source_events, shutdown.clone())));
 
         let mut heal = tokio::time::interval(HEAL_EVERY);

@@ -44,6 +44,8 @@ pub struct Recorder {
     pub branch: String,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub out: mpsc::UnboundedSender<Planned>,
+    /// Signature verification the daemon's flags impose (else `verify:` in the manifest).
+    pub verify: Option<crate::verify::DaemonPolicy>,
     last_fetch_failure_logged: Option<tokio::time::Instant>,
     unrecorded: VecDeque<SourceEvent>,
 }
@@ -62,6 +64,7 @@ impl Recorder {
             branch,
             metrics,
             out,
+            verify: None,
             last_fetch_failure_logged: None,
             unrecorded: VecDeque::new(),
         }
@@ -273,6 +276,22 @@ impl Recorder {
             Ok(CommitPlan::Fleets(plans)) => plans,
         };
         let fleet_count = plans.index.fleets().len();
+        // Signatures are checked before anything is created: a blocked push is one failed
+        // record and no rollout (see `crate::verify`).
+        let mut verified = None;
+        if plans.plans.iter().any(|p| !p.is_noop()) {
+            let gate = crate::verify::gate(
+                store,
+                &self.mirror,
+                tip,
+                self.verify.as_ref(),
+                note.as_deref(),
+            );
+            match gate.await? {
+                crate::verify::Gate::Open(result) => verified = result,
+                crate::verify::Gate::Closed => return Ok(Planned::default()),
+            }
+        }
         let mut planned = Planned {
             // The reconcilers learn the manifest again only when its fleets changed.
             fleets: plans.manifest_changed.then(|| plans.index.fleets().to_vec()),
@@ -299,6 +318,7 @@ impl Recorder {
             );
             record.plan = fleet_plan.plan.clone();
             record.previous_image = previous_image;
+            record.verified = verified.clone();
             let mut events = Vec::new();
             if let Some(note) = &note {
                 events.push(Event::new(

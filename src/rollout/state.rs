@@ -203,6 +203,33 @@ pub struct Rollout {
     /// The rolling phase's persisted state machine.
     #[serde(default)]
     pub rolling: Option<Rolling>,
+    /// How the commit passed signature verification, when `verify:` required it (records
+    /// written before verification existed read as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+/// How a commit passed signature verification (see `crate::verify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    /// `head` or `range`.
+    pub mode: String,
+    /// Where the trust came from: `daemon flags` or `kiln.yaml at <commit>`.
+    pub policy: String,
+    /// The last deployed commit the range starts after (`None`: the tip alone was checked).
+    #[serde(default)]
+    pub since: Option<Revision>,
+    /// How many commits were verified.
+    pub commits: usize,
+    /// The tip's signature: `ssh` or `gpg`.
+    pub method: String,
+    /// Who signed the tip: the allowed-signers principal or the OpenPGP user id.
+    pub signer: String,
+    /// The tip's key: `SHA256:…` (SSH) or the OpenPGP fingerprint.
+    pub key: String,
+    /// Every distinct `method signer key` in the range.
+    #[serde(default)]
+    pub signers: Vec<String>,
 }
 
 /// The persisted state of instance replacement (owned by `rollout::step`/`driver`).
@@ -378,6 +405,7 @@ impl Rollout {
             not_before: None,
             attempt: 0,
             rolling: None,
+            verified: None,
         }
     }
 }

@@ -77,6 +77,30 @@ pub struct RolloutDto {
     /// The timeline (only in the one-rollout view).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventDto>>,
+    /// How the commit passed signature verification (`verify:`), when it was required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedDto>,
+}
+
+/// How a rollout's commit passed signature verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedDto {
+    /// `head` or `range`.
+    pub mode: String,
+    /// Where the trust came from: `daemon flags` or `kiln.yaml at <commit>`.
+    pub policy: String,
+    /// The deployed commit the verified range starts after (`null`: the tip alone).
+    pub since: Option<String>,
+    /// Commits verified.
+    pub commits: usize,
+    /// `ssh` or `gpg`: how the tip is signed.
+    pub method: String,
+    /// The tip's signer (allowed-signers principal or OpenPGP user id).
+    pub signer: String,
+    /// The tip's key (`SHA256:…` or OpenPGP fingerprint).
+    pub key: String,
+    /// Every distinct `method signer key` in the range.
+    pub signers: Vec<String>,
 }
 
 /// The planner's decision for one fleet.
@@ -147,6 +171,16 @@ impl RolloutDto {
             started_at: rollout.started_at,
             finished_at: rollout.finished_at,
             events: None,
+            verified: rollout.verified.as_ref().map(|v| VerifiedDto {
+                mode: v.mode.clone(),
+                policy: v.policy.clone(),
+                since: v.since.as_ref().map(|r| r.0.clone()),
+                commits: v.commits,
+                method: v.method.clone(),
+                signer: v.signer.clone(),
+                key: v.key.clone(),
+                signers: v.signers.clone(),
+            }),
         }
     }
 }

@@ -663,6 +663,95 @@ pub fn commits_since(
     Ok(records)
 }
 
+/// A commit as signature verification sees it: who wrote it, its signature (the `gpgsig`
+/// header) with the bytes that signature covers, and which of the asked-about paths it changed.
+#[derive(Debug, Clone)]
+pub struct SignedCommit {
+    /// The commit.
+    pub revision: Revision,
+    /// `Name <email>` of its author.
+    pub author: String,
+    /// Its first line.
+    pub summary: String,
+    /// `(signature, signed payload)`, `None` for an unsigned commit.
+    pub signature: Option<(Vec<u8>, Vec<u8>)>,
+    /// The asked-about paths whose content this commit introduced: different from every
+    /// parent's (a merge that takes a file from one side changed nothing itself).
+    pub changed: Vec<String>,
+}
+
+/// The commits to verify for `tip`, oldest first: every commit reachable from `tip` and not
+/// from `base` (merges' second parents included; after a force push that is everything since
+/// the merge base), or only `tip` when `base` is `None`. `base` must be in the mirror.
+/// `paths` are the files whose changes matter ([`SignedCommit::changed`]).
+pub fn signed_commits(
+    mirror: &Path,
+    tip: &Revision,
+    base: Option<&Revision>,
+    paths: &[String],
+) -> Result<Vec<SignedCommit>, GitError> {
+    let repo = open(mirror)?;
+    let tip_oid = find_commit(&repo, tip)?.id();
+    let mut oids = Vec::new();
+    match base {
+        None => oids.push(tip_oid),
+        Some(base) => {
+            let base_oid = find_commit(&repo, base)?.id();
+            let action = || format!("walk the history of {tip} since {base}");
+            let mut walk = repo.revwalk().map_err(GitError::git(action()))?;
+            walk.set_sorting(Sort::TOPOLOGICAL | Sort::REVERSE).map_err(GitError::git(action()))?;
+            walk.push(tip_oid).map_err(GitError::git(action()))?;
+            walk.hide(base_oid).map_err(GitError::git(action()))?;
+            for oid in walk {
+                oids.push(oid.map_err(GitError::git(action()))?);
+            }
+        }
+    }
+    let path_id = |tree: &git2::Tree<'_>, path: &str| -> Option<Oid> {
+        let path = clean_path(path);
+        tree.get_path(Path::new(path)).ok().map(|entry| entry.id())
+    };
+    let mut commits = Vec::with_capacity(oids.len());
+    for oid in oids {
+        let action = || format!("read commit {oid}");
+        let commit = repo.find_commit(oid).map_err(GitError::git(action()))?;
+        let signature = match repo.extract_signature(&oid, None) {
+            Ok((signature, payload)) => Some((signature.to_vec(), payload.to_vec())),
+            Err(e) if e.code() == ErrorCode::NotFound => None,
+            Err(e) => return Err(GitError::git(format!("read the signature of {oid}"))(e)),
+        };
+        let mut changed = Vec::new();
+        if !paths.is_empty() {
+            let tree = commit.tree().map_err(GitError::git(action()))?;
+            let parents = commit
+                .parents()
+                .map(|parent| parent.tree())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(GitError::git(action()))?;
+            for path in paths {
+                let now = path_id(&tree, path);
+                let introduced = if parents.is_empty() {
+                    now.is_some()
+                } else {
+                    parents.iter().all(|parent| path_id(parent, path) != now)
+                };
+                if introduced {
+                    changed.push(path.clone());
+                }
+            }
+        }
+        let record = record_of(&commit, CommitKind::Push);
+        commits.push(SignedCommit {
+            revision: record.revision,
+            author: record.author,
+            summary: record.summary,
+            signature,
+            changed,
+        });
+    }
+    Ok(commits)
+}
+
 fn refspec(branch: &str) -> String {
     format!("+refs/heads/{branch}:{}", tracking_ref(branch))
 }
@@ -976,6 +1065,38 @@ mod tests {
 
     fn oid(revision: &Revision) -> Oid {
         Oid::from_str(revision.as_str()).expect("oid")
+    }
+
+    #[test]
+    fn signed_commits_cover_merged_side_branches_and_the_files_each_commit_changed() {
+        let work = Work::new();
+        work.write("trust", "alice\n", false);
+        let base = work.commit("deployed");
+        work.write("a", "1", false);
+        let main = work.commit("main work");
+        // A side branch off the deployed commit that changes the trust file.
+        work.write("trust", "alice\nmallory\n", false);
+        fs::remove_file(work.path.join("a")).expect("rm");
+        let side = work.commit_with("side", &[oid(&base)]);
+        // The merge takes the side's trust file: it introduces nothing itself.
+        work.write("a", "1", false);
+        let merge = work.commit_with("merge", &[oid(&main), oid(&side)]);
+        let paths = vec!["trust".to_owned()];
+        let commits = signed_commits(&work.path, &merge, Some(&base), &paths).expect("walk");
+        let ids: Vec<&Revision> = commits.iter().map(|c| &c.revision).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert!(ids.contains(&&side) && ids.contains(&&main), "{ids:?}");
+        assert_eq!(ids.last(), Some(&&merge), "the tip comes last");
+        let changed =
+            |r: &Revision| commits.iter().find(|c| &c.revision == r).expect("c").changed.clone();
+        assert_eq!(changed(&side), ["trust"]);
+        assert!(changed(&main).is_empty() && changed(&merge).is_empty());
+        assert!(commits.iter().all(|c| c.signature.is_none()), "git2 commits are unsigned");
+        assert_eq!(commits[0].author, "Ada <ada@example.com>");
+        // Head mode: the tip alone.
+        let tip = signed_commits(&work.path, &merge, None, &[]).expect("tip");
+        assert_eq!(tip.len(), 1);
+        assert_eq!(tip[0].revision, merge);
     }
 
     #[test]

@@ -1162,6 +1162,19 @@ impl Store {
         })
     }
 
+    /// What every fleet runs now, in fleet order.
+    pub fn deployed_all(&self) -> Result<Vec<Deployed>> {
+        self.with(|t| {
+            t.deployed
+                .iter()
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("deployed", &v)
+                })
+                .collect()
+        })
+    }
+
     /// Records what a fleet runs now (flushed).
     pub fn set_deployed(&self, deployed: &Deployed) -> Result<()> {
         let value = Self::encode("deployed", deployed)?;

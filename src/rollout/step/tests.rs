@@ -44,6 +44,7 @@ fn base_rollout(state: RolloutState) -> Rollout {
         not_before: None,
         attempt: 0,
         rolling: None,
+        verified: None,
     }
 }
 
