@@ -11,6 +11,11 @@
 //!
 //! Validation must be linear in the fleet count: the ms-per-fleet column stays flat.
 //!
+//! Then, in a git repository of the same checkout (one directory per fleet, every fleet
+//! deployed), the daemon's planning of a commit that touches one fleet: read the manifest at
+//! the commit, compare each fleet's trees with what it runs, decide (`planner::plan_commit`,
+//! what a push costs before its rollout is recorded).
+//!
 //! `cargo bench --bench validate` (`KILN_VALIDATE_ROUNDS` rounds per size, default 5; the
 //! median is printed).
 
@@ -81,6 +86,86 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=bench", "-c", "user.email=bench@example.com"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn head(dir: &Path) -> kiln::model::Revision {
+    let out = Command::new("git").args(["rev-parse", "HEAD"]).current_dir(dir).output().unwrap();
+    kiln::model::Revision(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Planning a commit that touches one fleet, every fleet deployed: median of `rounds` commits.
+fn plan_one(fleets: usize, rounds: usize) -> (Duration, Duration) {
+    use kiln::planner::{CommitPlan, plan_commit};
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path();
+    write_checkout(repo);
+    std::fs::write(repo.join("kiln.yaml"), manifest(fleets)).unwrap();
+    std::fs::create_dir_all(repo.join("image/base")).unwrap();
+    std::fs::write(repo.join("image/base/Dockerfile"), "FROM scratch\n").unwrap();
+    for i in 0..fleets {
+        let app = repo.join(format!("fleets/fleet-{i:04}/app"));
+        std::fs::create_dir_all(&app).unwrap();
+        std::fs::write(app.join("version"), "0\n").unwrap();
+    }
+    git(repo, &["init", "-q", "-b", "main"]);
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-q", "-m", "fleets"]);
+    let first = head(repo);
+    let Ok(CommitPlan::Fleets(plans)) = plan_commit(repo, &first, None, &|_| None) else {
+        panic!("the first commit plans");
+    };
+    let deployed: std::collections::HashMap<String, kiln::store::Deployed> = plans
+        .plans
+        .into_iter()
+        .map(|p| {
+            let name = p.fleet.name.clone();
+            let deployed = kiln::store::Deployed {
+                fleet: name.clone(),
+                revision: first.clone(),
+                image: "img".into(),
+                rollout: kiln::model::RolloutId(1),
+                trees: p.trees,
+                at: kiln::model::now(),
+            };
+            (name, deployed)
+        })
+        .collect();
+    let lookup = |fleet: &str| deployed.get(fleet).cloned();
+    let (mut full, mut incremental) = (Vec::new(), Vec::new());
+    let mut previous = first.clone();
+    for round in 0..rounds {
+        let fleet = format!("fleet-{:04}", (round * 97) % fleets);
+        std::fs::write(
+            repo.join(format!("fleets/{fleet}/app/version")),
+            format!("{}\n", round + 1),
+        )
+        .unwrap();
+        git(repo, &["commit", "-q", "-am", &format!("{fleet} v{round}")]);
+        let revision = head(repo);
+        // Incremental first (as the daemon plans a push), then afresh (as after a force push);
+        // the manifest cache is keyed by commit, so the second reuses the first's parse.
+        for (samples, since) in [(&mut incremental, Some(&previous)), (&mut full, None)] {
+            let started = Instant::now();
+            let plan = plan_commit(repo, &revision, since, &lookup).unwrap();
+            samples.push(started.elapsed());
+            let CommitPlan::Fleets(plans) = plan else { panic!("plans") };
+            let busy: Vec<_> = plans.plans.iter().filter(|p| !p.is_noop()).collect();
+            assert_eq!(busy.len(), 1, "one fleet to roll");
+            assert_eq!(busy[0].fleet.name, fleet);
+        }
+        previous = revision;
+    }
+    (median(incremental), median(full))
+}
+
 fn main() {
     let rounds: usize =
         std::env::var("KILN_VALIDATE_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
@@ -124,5 +209,14 @@ fn main() {
             ms(load) / fleets as f64,
             ms(median(command)),
         );
+    }
+    println!();
+    println!(
+        "{:>7} {:>30} {:>30}",
+        "fleets", "plan a one-fleet push ms", "every fleet (manifest cached) ms"
+    );
+    for fleets in SIZES {
+        let (incremental, full) = plan_one(fleets, rounds);
+        println!("{fleets:>7} {:>30.2} {:>30.2}", ms(incremental), ms(full));
     }
 }

@@ -42,6 +42,10 @@ pub struct DaemonConfig {
     pub secrets: crate::server::WebhookSecrets,
     /// The ports the local provider's instances listen on (`None`: any free port).
     pub instance_ports: Option<crate::provider::local::PortRange>,
+    /// How many bake/reconcile steps run at once across fleets.
+    pub jobs: usize,
+    /// Signature verification imposed by flags (`None`: `verify:` in the manifest decides).
+    pub verify: Option<crate::verify::DaemonPolicy>,
 }
 
 /// What `<data-dir>/daemon.json` holds while the daemon runs: how the CLI finds the API.
@@ -272,6 +276,7 @@ pub async fn run_until_ready(
         hook_env,
         metrics: metrics.clone(),
         clock: Arc::new(SystemClock),
+        slots: crate::pipeline::Slots::new(config.jobs),
     };
     let (commands_tx, commands_rx) = mpsc::channel(16);
     let view = crate::operator::FleetView::default();
@@ -282,6 +287,7 @@ pub async fn run_until_ready(
             kiln_exe: config.kiln_exe.clone(),
             keep_images: config.keep_images,
             instance_ports: config.instance_ports,
+            verify: config.verify.clone(),
         },
         env,
         view.clone(),

@@ -318,6 +318,10 @@ pub struct CheckInput {
     pub hook_env: Vec<(String, String)>,
     /// Metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The daemon-wide bound on pipeline steps (the plan hook takes a slot).
+    pub slots: crate::pipeline::Slots,
+    /// The provider's recent list of the idle fleet, used instead of listing again.
+    pub listing: Option<crate::provider::Observation>,
     /// `interval` or `command`.
     pub trigger: String,
     /// The whole check ends by then (the plan hook is killed).
@@ -339,7 +343,11 @@ pub async fn check_fleet(input: CheckInput) -> Option<DriftReport> {
         ..Observed::default()
     };
     let work = async {
-        match input.provider.observe().await {
+        let listed = match input.listing.clone() {
+            Some(listing) => Ok(listing),
+            None => input.provider.observe().await,
+        };
+        match listed {
             Ok(seen) => {
                 // What the fleet should run: an autoscaler's count, else the manifest's.
                 let running = seen.instances.iter().filter(|i| i.running).count();
@@ -391,6 +399,7 @@ pub async fn check_fleet(input: CheckInput) -> Option<DriftReport> {
             cancel: &input.cancel,
             hook_env: &input.hook_env,
             metrics: &input.metrics,
+            slots: &input.slots,
         };
         match crate::pipeline::reconcile::plan_fleet(&cx, &input.deployed.image).await {
             Ok(Some(crate::pipeline::reconcile::PlanOutcome::Drift { summary })) => {
@@ -457,6 +466,13 @@ pub fn record(store: &Store, mut report: DriftReport) -> Result<DriftReport, Sto
     });
     if report.clean() {
         report.record = None;
+        // A clean check after a clean one changes nothing worth a write (the daemon shows the
+        // fresh report from memory): an idle fleet's periodic checks cost no disk flushes.
+        // `checked_at` on record stays that of the first clean check, which only widens the
+        // window the next check reads deaths from the journal in (each reported once anyway).
+        if previous.as_ref().is_some_and(|p| p.clean()) && report.trigger != "command" {
+            return Ok(report);
+        }
     } else if unchanged && report.trigger != "command" {
         report.record = previous.and_then(|p| p.record);
     } else {

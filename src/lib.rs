@@ -30,3 +30,4 @@ pub mod rollout;
 pub mod server;
 pub mod source;
 pub mod store;
+pub mod verify;

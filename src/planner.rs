@@ -40,27 +40,58 @@ pub enum CommitPlan {
     NoManifest,
     /// The manifest is broken; nothing is deployed from this commit.
     Invalid(ManifestError),
-    /// One plan per fleet in the manifest.
-    Fleets(Vec<FleetPlan>),
+    /// The fleets the commit may change, planned.
+    Fleets(FleetPlans),
 }
 
-/// Files as they are in a commit of the mirror.
-struct CommitFiles<'a>(&'a git::CommitTree);
+/// The plans of a commit with a valid manifest.
+#[derive(Debug, Clone)]
+pub struct FleetPlans {
+    /// The manifest at the commit.
+    pub index: Arc<ManifestIndex>,
+    /// One plan per fleet the commit may change: every fleet, or, planned against an earlier
+    /// planned commit, the fleets new since, whose manifest entry changed, or whose tracked
+    /// paths (see [`tracked_paths`]) changed. The others' plans are what they were.
+    pub plans: Vec<FleetPlan>,
+    /// Whether the fleets in the manifest may differ from the earlier commit's (always true
+    /// for a full plan).
+    pub manifest_changed: bool,
+}
+
+/// Files as they are in a commit of the mirror; every path validation looks at is noted (a later
+/// commit that changed none of them, nor the manifest, validates the same).
+struct CommitFiles<'a> {
+    commit: &'a git::CommitTree,
+    consulted: std::cell::RefCell<std::collections::BTreeSet<String>>,
+}
+
+impl<'a> CommitFiles<'a> {
+    fn new(commit: &'a git::CommitTree) -> Self {
+        CommitFiles { commit, consulted: Default::default() }
+    }
+
+    fn note(&self, path: &str) {
+        self.consulted.borrow_mut().insert(clean(path).to_owned());
+    }
+}
 
 impl RepoFiles for CommitFiles<'_> {
     fn file(&self, path: &str) -> Option<bool> {
-        self.0.file_mode(path).ok().flatten()
+        self.note(path);
+        self.commit.file_mode(path).ok().flatten()
     }
 
     fn symlink(&self, path: &str) -> bool {
-        self.0.symlink_in_path(path).unwrap_or(false)
+        self.note(path);
+        self.commit.symlink_in_path(path).unwrap_or(false)
     }
 
     fn read(&self, path: &str, max_bytes: u64) -> Result<Option<String>, String> {
-        if self.0.symlink_in_path(path).map_err(|e| e.to_string())? {
+        self.note(path);
+        if self.commit.symlink_in_path(path).map_err(|e| e.to_string())? {
             return Err("it is a symbolic link (or lies under one)".into());
         }
-        match self.0.read_file_capped(path, max_bytes).map_err(|e| e.to_string())? {
+        match self.commit.read_file_capped(path, max_bytes).map_err(|e| e.to_string())? {
             git::FileAt::Absent => Ok(None),
             git::FileAt::Symlink => Err("it is a symbolic link".into()),
             git::FileAt::TooLarge(size) => {
@@ -78,11 +109,24 @@ pub fn manifest_at(
     mirror: &Path,
     revision: &Revision,
 ) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
-    manifest_in(&git::CommitTree::open(mirror, revision)?)
+    Ok(manifest_in(&git::CommitTree::open(mirror, revision)?)?.0)
 }
 
+/// The manifest at the commit, and the repo paths its validation looked at (the manifest
+/// included, sorted).
+#[allow(clippy::type_complexity)]
 fn manifest_in(
     commit: &git::CommitTree,
+) -> Result<(Option<Result<Manifest, ManifestError>>, Vec<String>), GitError> {
+    let files = CommitFiles::new(commit);
+    files.note(manifest::MANIFEST_FILE);
+    let loaded = load_in(commit, &files)?;
+    Ok((loaded, files.consulted.into_inner().into_iter().collect()))
+}
+
+fn load_in(
+    commit: &git::CommitTree,
+    files: &CommitFiles<'_>,
 ) -> Result<Option<Result<Manifest, ManifestError>>, GitError> {
     let file = manifest::MANIFEST_FILE;
     // Checked in git before reading: a symlink is not followed, an oversized blob not loaded.
@@ -95,24 +139,27 @@ fn manifest_in(
     let Ok(text) = String::from_utf8(bytes) else {
         return Ok(Some(Err(ManifestError::whole_file(file, "not valid UTF-8"))));
     };
-    Ok(Some(manifest::load(&text, file, &CommitFiles(commit))))
+    Ok(Some(manifest::load(&text, file, files)))
 }
 
 /// A commit's valid manifest, parsed and validated once, with its fleets indexed by name.
 #[derive(Debug)]
 pub struct ManifestIndex {
-    /// The commit it was read from.
+    /// The commit it was first read from (later commits that changed neither the manifest nor
+    /// a file its validation looked at share it).
     pub revision: Revision,
     manifest: Manifest,
     by_name: HashMap<String, usize>,
+    /// The repo paths validation looked at, sorted.
+    consulted: Vec<String>,
 }
 
 impl ManifestIndex {
-    /// Indexes a manifest read at `revision`.
-    pub fn new(revision: Revision, manifest: Manifest) -> ManifestIndex {
+    /// Indexes a manifest read at `revision`, whose validation looked at `consulted`.
+    pub fn new(revision: Revision, manifest: Manifest, consulted: Vec<String>) -> ManifestIndex {
         let by_name =
             manifest.fleets.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
-        ManifestIndex { revision, manifest, by_name }
+        ManifestIndex { revision, manifest, by_name, consulted }
     }
 
     /// The fleet named `name` (one hash lookup).
@@ -173,12 +220,18 @@ fn index_in(
     if let Some(index) = cached(mirror, revision) {
         return Ok(Some(Ok(index)));
     }
-    let manifest = match manifest_in(commit)? {
-        None => return Ok(None),
-        Some(Err(error)) => return Ok(Some(Err(error))),
-        Some(Ok(manifest)) => manifest,
+    let (manifest, consulted) = match manifest_in(commit)? {
+        (None, _) => return Ok(None),
+        (Some(Err(error)), _) => return Ok(Some(Err(error))),
+        (Some(Ok(manifest)), consulted) => (manifest, consulted),
     };
-    let index = Arc::new(ManifestIndex::new(revision.clone(), manifest));
+    let index = Arc::new(ManifestIndex::new(revision.clone(), manifest, consulted));
+    keep(mirror, revision, &index);
+    Ok(Some(Ok(index)))
+}
+
+/// Keeps `index` as the manifest at (`mirror`, `revision`).
+fn keep(mirror: &Path, revision: &Revision, index: &Arc<ManifestIndex>) {
     if let Ok(mut cache) = cache().lock() {
         if !cache.iter().any(|(m, r, _)| m == mirror && r == revision) {
             cache.push_back((mirror.to_owned(), revision.clone(), index.clone()));
@@ -187,7 +240,6 @@ fn index_in(
             }
         }
     }
-    Ok(Some(Ok(index)))
 }
 
 /// The fleet named `name` in the manifest at a commit (blocking: git). Through
@@ -210,23 +262,54 @@ pub fn fleet_trees(
 }
 
 fn trees_in(commit: &git::CommitTree, fleet: &Fleet) -> Result<BTreeMap<String, String>, GitError> {
-    let id = |path: &str| -> Result<String, GitError> {
-        let clean = path.trim_start_matches("./").trim_end_matches('/');
-        Ok(commit.tree_id(clean)?.unwrap_or_else(|| "-".into()))
-    };
     let mut trees = BTreeMap::new();
-    for path in fleet.watched_paths() {
-        trees.insert(format!("path:{path}"), id(&path)?);
-    }
-    for stage in &fleet.image.stages {
-        trees.insert(format!("stage:{}", stage.name), id(&stage.path)?);
-        trees.insert(format!("bake:{}", stage.name), id(&stage.bake)?);
-    }
-    if let Some(infra) = &fleet.infra {
-        trees.insert("infra".into(), id(&infra.path)?);
-        trees.insert("reconcile".into(), id(&infra.reconcile)?);
+    for (key, path) in tracked_paths(fleet) {
+        let id = commit.tree_id(clean(&path))?.unwrap_or_else(|| "-".into());
+        trees.insert(key, id);
     }
     Ok(trees)
+}
+
+/// Everything that shapes a fleet, keyed as its trees are (`path:<p>`, `stage:<name>`,
+/// `bake:<name>`, `infra`, `reconcile`): a commit that changes none of these paths, nor the
+/// fleet's manifest entry, cannot change what the fleet needs.
+pub fn tracked_paths(fleet: &Fleet) -> Vec<(String, String)> {
+    let mut paths = Vec::new();
+    for path in fleet.watched_paths() {
+        paths.push((format!("path:{path}"), path));
+    }
+    for stage in &fleet.image.stages {
+        paths.push((format!("stage:{}", stage.name), stage.path.clone()));
+        paths.push((format!("bake:{}", stage.name), stage.bake.clone()));
+    }
+    if let Some(infra) = &fleet.infra {
+        paths.push(("infra".into(), infra.path.clone()));
+        paths.push(("reconcile".into(), infra.reconcile.clone()));
+    }
+    paths
+}
+
+/// `./image/base/` → `image/base`; `.`, `./` and `/` → `""` (the root).
+fn clean(path: &str) -> &str {
+    let path = path.trim_start_matches("./").trim_matches('/');
+    if path == "." { "" } else { path }
+}
+
+/// Whether a change to the (sorted) `changed` file paths touches `path` (a file or a directory
+/// of the repo): the path itself changed, something below it did, or one of its parents did
+/// (it became a file or a link). The root is touched by any change.
+pub fn touched(changed: &[String], path: &str) -> bool {
+    let path = clean(path);
+    if path.is_empty() {
+        return !changed.is_empty();
+    }
+    let has = |p: &str| changed.binary_search_by(|c| c.as_str().cmp(p)).is_ok();
+    let below = format!("{path}/");
+    let first_below = changed.partition_point(|c| c.as_str() < below.as_str());
+    if has(path) || changed.get(first_below).is_some_and(|c| c.starts_with(&below)) {
+        return true;
+    }
+    path.match_indices('/').any(|(i, _)| has(&path[..i]))
 }
 
 /// Decides for one fleet from its trees at the commit and what it runs now (pure).
@@ -285,13 +368,37 @@ pub fn decide(
     }
 }
 
-/// Plans a commit for every fleet (blocking: git). `deployed` answers what a fleet runs now.
+/// Plans a commit (blocking: git). `deployed` answers what a fleet runs now.
+///
+/// With `since`, an earlier commit that was planned, only what changed between the two is
+/// planned: git compares the trees (skipping identical subtrees), and a fleet whose manifest
+/// entry and tracked paths are all unchanged keeps the plan it had, so a push touching one
+/// fleet of a thousand costs one fleet's plan. The manifest is validated again only when it or
+/// a file its validation looked at changed. Without `since` (or when it is gone from the
+/// mirror, or its manifest was not valid), every fleet is planned.
 pub fn plan_commit(
     mirror: &Path,
     revision: &Revision,
+    since: Option<&Revision>,
     deployed: &dyn Fn(&str) -> Option<Deployed>,
 ) -> Result<CommitPlan, GitError> {
     let commit = git::CommitTree::open(mirror, revision)?;
+    let earlier = match since.filter(|since| *since != revision) {
+        Some(since) => {
+            match (manifest_index_at(mirror, since), git::changed_paths(mirror, since, revision)) {
+                (Ok(Some(Ok(index))), Ok(Some(changed))) => Some((index, changed)),
+                _ => None,
+            }
+        }
+        None => None,
+    };
+    // The earlier manifest stands for this commit's when neither it nor anything its validation
+    // read changed: no second parse and validation of a thousand fleets.
+    if let Some((index, changed)) = &earlier {
+        if !index.consulted.iter().any(|path| touched(changed, path)) {
+            keep(mirror, revision, index);
+        }
+    }
     // Indexed and kept: the rollouts this plan starts look their fleets up without a parse.
     let index = match index_in(mirror, revision, &commit)? {
         None => return Ok(CommitPlan::NoManifest),
@@ -299,12 +406,22 @@ pub fn plan_commit(
         Some(Ok(index)) => index,
     };
     let mut plans = Vec::new();
+    let mut manifest_changed = true;
     for fleet in index.fleets() {
+        if let Some((before, changed)) = &earlier {
+            let same_entry = before.fleet(&fleet.name).is_some_and(|b| b == fleet);
+            if same_entry && !tracked_paths(fleet).iter().any(|(_, path)| touched(changed, path)) {
+                continue;
+            }
+        }
         let trees = trees_in(&commit, fleet)?;
         let plan = decide(fleet, &trees, deployed(&fleet.name).as_ref());
         plans.push(FleetPlan { fleet: fleet.clone(), plan, trees });
     }
-    Ok(CommitPlan::Fleets(plans))
+    if let Some((before, _)) = &earlier {
+        manifest_changed = !Arc::ptr_eq(before, &index) && before.fleets() != index.fleets();
+    }
+    Ok(CommitPlan::Fleets(FleetPlans { index, plans, manifest_changed }))
 }
 
 #[cfg(test)]
@@ -388,6 +505,31 @@ mod tests {
         let plan = decide(&fleet(), &now, Some(&deployed(trees(&[]))));
         assert!(plan.bake.is_empty() && plan.reconcile && !plan.roll);
         assert_eq!(plan.reason, "infra changed");
+    }
+
+    #[test]
+    fn a_path_is_touched_by_itself_what_lies_below_and_its_parents() {
+        let changed: Vec<String> = ["f1-x/a", "f1/version", "hooks", "infra/main.tf"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert!(touched(&changed, "f1/"));
+        assert!(touched(&changed, "./f1"));
+        assert!(touched(&changed, "f1/version"));
+        assert!(!touched(&changed, "f1/other"));
+        assert!(!touched(&changed, "f"));
+        assert!(!touched(&changed, "f2/"));
+        // `f1-x/a` sorts between `f1` and `f1/`: still found, and not taken for `f1`'s.
+        assert!(touched(&changed, "f1-x"));
+        assert!(!touched(&["f1-x/a".to_owned()], "f1"));
+        // A parent that changed (became a file, a link) touches everything below it.
+        assert!(touched(&changed, "hooks/bake"));
+        assert!(touched(&changed, "infra"));
+        assert!(!touched(&changed, "image/base"));
+        // The root is touched by any change, and nothing by none.
+        assert!(touched(&changed, "."));
+        assert!(!touched(&[], "."));
+        assert!(!touched(&[], "f1"));
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),
         instance_ports: None,
+        jobs: crate::pipeline::DEFAULT_JOBS,
+        verify: None,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut daemon = tokio::spawn(daemon::run_until_ready(config, shutdown.clone(), ready_tx));

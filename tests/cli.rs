@@ -116,6 +116,7 @@ fn rollout(fleet: &str, commit: &str, state: RolloutState) -> Rollout {
         not_before: None,
         attempt: 0,
         rolling: None,
+        verified: None,
     }
 }
 

@@ -91,34 +91,44 @@ fn a_slow_provider_delays_neither_verbs_nor_another_fleet() {
     assert!(call_in_flight(&cloud, "slow"), "pause waited for the slow provider call");
     wait_state(&daemon, &slow_commit, "slow", "paused");
 
-    // A push: the other fleet rolls, and the slow fleet (not on the tip yet) gets a rollout
-    // that supersedes the paused one and calls its slow provider again.
+    // A push touching only the other fleet: it rolls while the slow fleet's provider is slow,
+    // and the slow fleet's paused rollout stays as it is (nothing it tracks changed).
     let fast_commit = repo.commit("fast fleet v2", &[("fast/version", "2\n")]);
-    let deadline = Instant::now() + WAIT;
-    while !call_in_flight(&cloud, "slow") {
-        assert!(
-            Instant::now() < deadline,
-            "the slow fleet's new rollout never called\n{}",
-            daemon.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let log = daemon.wait_log("the fast fleet's rollout to end", WAIT, |log| {
         matches!(state(log, &fast_commit, "fast").as_str(), "succeeded" | "failed" | "rolled_back")
     });
     assert_eq!(state(&log, &fast_commit, "fast"), "succeeded", "{log:#?}");
+    assert_eq!(state(&log, &slow_commit, "slow"), "paused", "{log:#?}\n{}", daemon.logs());
+    assert!(entry(&log, &fast_commit, "slow").is_none(), "an unrelated push replanned slow");
+
+    // Resumed, the slow rollout calls its slow provider again; the fast fleet rolls meanwhile.
+    let (code, out, err) = kiln(&data, &["resume", "slow"]);
+    assert_eq!(code, 0, "resume answered: {out}{err}");
+    let fast_again = repo.commit("fast fleet v3", &[("fast/version", "3\n")]);
+    let deadline = Instant::now() + WAIT;
+    while !call_in_flight(&cloud, "slow") {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed slow rollout never called\n{}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = daemon.wait_log("the fast fleet's second rollout to end", WAIT, |log| {
+        matches!(state(log, &fast_again, "fast").as_str(), "succeeded" | "failed" | "rolled_back")
+    });
+    assert_eq!(state(&log, &fast_again, "fast"), "succeeded", "{log:#?}");
     assert!(
         call_in_flight(&cloud, "slow"),
         "the fast fleet's rollout finished only after the slow fleet's provider call"
     );
-    assert_eq!(state(&log, &slow_commit, "slow"), "superseded", "{log:#?}\n{}", daemon.logs());
 
     // Abort is answered while a call is in flight too, and ends the rollout at the next safe
     // point.
     let (code, out, err) = kiln(&data, &["abort", "slow"]);
     assert_eq!(code, 0, "abort answered: {out}{err}");
     assert!(call_in_flight(&cloud, "slow"), "abort waited for the slow provider call");
-    let log = wait_state(&daemon, &fast_commit, "slow", "aborted");
-    let aborted = entry(&log, &fast_commit, "slow").expect("entry");
+    let log = wait_state(&daemon, &slow_commit, "slow", "aborted");
+    let aborted = entry(&log, &slow_commit, "slow").expect("entry");
     assert!(aborted["reason"].as_str().unwrap_or("").contains("aborted"), "{aborted}");
 }

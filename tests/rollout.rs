@@ -93,6 +93,7 @@ impl World {
             hook_env: Vec::new(),
             metrics: Arc::new(Metrics::default()),
             clock: Arc::new(SystemClock),
+            slots: kiln::pipeline::Slots::default(),
         };
         let fleet_dir = data.join("fleets").join("web");
         let port = free_port();
@@ -133,6 +134,7 @@ impl World {
             not_before: None,
             attempt: 0,
             rolling: None,
+            verified: None,
         };
         self.env.store.create_rollout(record).expect("rollout recorded").id
     }
@@ -735,7 +737,8 @@ async fn an_instance_failing_its_checks_is_journaled_unhealthy_and_counted_faile
 
 /// Issue 9: `abort` was ignored while a new instance waited out a long `minHealthy`; the
 /// rollout ran on to its progress deadline. Verbs act at the next step: the unproven instance
-/// is terminated and the rollout ends `aborted`, long before minHealthy (10 min) is over.
+/// is terminated, the fleet is back on the stable image and the rollout ends `aborted`, long
+/// before minHealthy (10 min) is over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_during_a_long_min_healthy_ends_the_rollout_promptly() {
     if !have_python3() {
@@ -778,7 +781,8 @@ async fn abort_during_a_long_min_healthy_ends_the_rollout_promptly() {
     let record = world.env.store.rollout(id).expect("rollout");
     let reason = record.reason.unwrap_or_default();
     assert!(reason.contains("aborted by operator"), "{reason}");
-    assert!(reason.contains("terminated without waiting"), "{reason}");
+    // Issue 17: an abort returns the fleet to the stable image (here: it never left it).
+    assert!(reason.contains("back on the stable image"), "{reason}");
     assert!(journaled(&world, id, InstanceAction::Attached).is_empty(), "nothing attached");
     let terminated = journaled(&world, id, InstanceAction::Terminated);
     assert_eq!(terminated.len(), 1, "the unproven instance was terminated: {terminated:?}");

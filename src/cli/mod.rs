@@ -19,6 +19,7 @@ use crate::client;
 pub use crate::client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
 
 use crate::model::RolloutId;
+use crate::rollout::state::RolloutState;
 use crate::server::api::{
     CommitDto, EventDto, EventPage, FleetDto, MAX_LIMIT, RolloutDto, RolloutPage,
 };
@@ -64,7 +65,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch the repo, bake, reconcile and roll fleets, serve the API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Rollouts, newest first (like `git log`); with `--commits`, every commit seen and what
     /// became of it.
     Log {
@@ -89,9 +90,28 @@ pub enum Command {
         /// Print one JSON document.
         #[arg(long)]
         json: bool,
-        /// Stream new events until the rollout ends (needs the daemon).
+        /// Stream new events until the rollout ends (needs the daemon). Exit status: 0 when it
+        /// succeeded, 1 when it ended otherwise (failed, rolled back, aborted, superseded).
         #[arg(long, short = 'f')]
         follow: bool,
+    },
+    /// Wait until a rollout ends, for CI (like `kubectl rollout status`). Exit status: 0 when
+    /// it succeeded; 1 when it ended otherwise (failed, rolled back, aborted, superseded,
+    /// skipped); 2 when `--timeout` passed first. With `--commit`, waits for the rollout(s) of
+    /// that commit (of `--fleet`, or of every fleet it concerns) to appear and end.
+    Wait {
+        /// Rollout id (`12` or `#12`).
+        #[arg(required_unless_present = "commit", conflicts_with = "commit")]
+        rollout: Option<String>,
+        /// A commit (prefix of at least 7 hex digits) whose rollouts to wait for.
+        #[arg(long)]
+        commit: Option<String>,
+        /// With `--commit`: only this fleet's rollout.
+        #[arg(long, requires = "commit")]
+        fleet: Option<String>,
+        /// Give up after this long (exit status 2).
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        timeout: Duration,
     },
     /// The event feed of every rollout, oldest first, from a sequence number on (for scripts:
     /// store the last `seq` you handled and pass it as `--after` next time).
@@ -129,18 +149,40 @@ pub enum Command {
         /// Fleet.
         fleet: String,
     },
-    /// Stop the fleet's rollout for good at the next safe point.
+    /// Stop the fleet's rollout for good and return its instances to the stable image (the one
+    /// it ran before the rollout); a paused canary's instances are replaced too.
     Abort {
         /// Fleet.
         fleet: String,
     },
-    /// Put the fleet back on a previous image.
+    /// Put the fleet back on its last successful image at once (no canary gate, window or
+    /// delay). A second rollback goes one good release further back.
     Rollback {
         /// Fleet.
         fleet: String,
         /// Restore the image of this commit (prefix) instead of the previous one.
         #[arg(long)]
         to: Option<String>,
+    },
+    /// Run the fleet's last rollout again (it failed, rolled back or was aborted, e.g. on a
+    /// cloud outage): same commit, same image once baked, through the usual gates.
+    Retry {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Retire a fleet removed from kiln.yaml: drain and terminate its instances and stop its
+    /// load balancer (recorded as a `prune` rollout in `kiln log`).
+    Down {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Deploy a commit of the tracked branch's history to the fleet (bake, reconcile, roll
+    /// through the usual gates).
+    Deploy {
+        /// Fleet.
+        fleet: String,
+        /// The commit: a full id or a prefix of at least 7 hex digits.
+        commit: String,
     },
     /// Check fleets for drift now and print what differs from what kiln deployed (instances,
     /// load balancer backends, infra through the reconcile hook in plan mode). Exit status 0: no
@@ -201,6 +243,10 @@ pub struct RunArgs {
     /// firewall or a shared host. Default: any free port the kernel picks.
     #[arg(long, env = "KILN_INSTANCE_PORTS", value_name = "LOW-HIGH")]
     pub instance_ports: Option<crate::provider::local::PortRange>,
+    /// How many bake/reconcile steps (an export of the commit and a hook each) run at once
+    /// across all fleets; the others wait, recorded, for a slot.
+    #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_JOBS)]
+    pub jobs: usize,
     /// Name of a daemon environment variable to pass through to hooks (repeatable).
     #[arg(long = "hook-env", value_name = "NAME")]
     pub hook_env: Vec<String>,
@@ -219,6 +265,16 @@ pub struct RunArgs {
     /// File holding the generic receiver's HMAC secret (else $KILN_GENERIC_SECRET).
     #[arg(long, value_name = "FILE")]
     pub generic_secret_file: Option<PathBuf>,
+    /// Deploy only signed commits, whatever the repo's `verify:` says: `head` (the tip) or
+    /// `range` (every commit since the last deployed one). Needs a trust file below.
+    #[arg(long, value_name = "MODE", value_parser = ["head", "range"])]
+    pub verify_mode: Option<String>,
+    /// OpenSSH allowed_signers file (outside the repo) naming the trusted SSH keys.
+    #[arg(long, value_name = "FILE", requires = "verify_mode")]
+    pub verify_ssh_allowed_signers: Option<PathBuf>,
+    /// OpenPGP keyring (outside the repo) holding the trusted keys.
+    #[arg(long, value_name = "FILE", requires = "verify_mode")]
+    pub verify_gpg_keyring: Option<PathBuf>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -306,7 +362,7 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
     let api = cli.api.clone();
     let color = cli.color;
     match cli.command {
-        Command::Run(args) => run_daemon(args, data_dir).await,
+        Command::Run(args) => run_daemon(*args, data_dir).await,
         Command::Lb(args) => {
             crate::provider::local::lb::run(args).await.map(|()| ExitCode::SUCCESS)
         }
@@ -336,6 +392,17 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
                 rollout.parse().map_err(|_| anyhow!("`{rollout}` is not a rollout id"))?;
             show(client::connect(api.as_deref(), &data_dir)?, id, json, follow, color, out).await
         }
+        Command::Wait { rollout, commit, fleet, timeout } => {
+            let client = need_daemon(api, &data_dir, "wait")?;
+            let what = match (rollout, commit) {
+                (Some(rollout), _) => WaitFor::Rollout(
+                    rollout.parse().map_err(|_| anyhow!("`{rollout}` is not a rollout id"))?,
+                ),
+                (None, Some(commit)) => WaitFor::Commit { commit, fleet },
+                (None, None) => bail!("give a rollout id or --commit"),
+            };
+            wait(&client, what, timeout, out).await
+        }
         Command::Events { after, follow, json } => {
             events(api, &data_dir, after, follow, json, out).await
         }
@@ -345,6 +412,12 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Pause { fleet } => verb(api, &data_dir, &fleet, "pause", None, out).await,
         Command::Resume { fleet } => verb(api, &data_dir, &fleet, "resume", None, out).await,
         Command::Abort { fleet } => verb(api, &data_dir, &fleet, "abort", None, out).await,
+        Command::Retry { fleet } => verb(api, &data_dir, &fleet, "retry", None, out).await,
+        Command::Down { fleet } => verb(api, &data_dir, &fleet, "down", None, out).await,
+        Command::Deploy { fleet, commit } => {
+            let body = serde_json::json!({ "commit": commit });
+            verb(api, &data_dir, &fleet, "deploy", Some(body), out).await
+        }
         Command::Rollback { fleet, to } => {
             let body = serde_json::json!({ "to": to });
             verb(api, &data_dir, &fleet, "rollback", Some(body), out).await
@@ -394,6 +467,32 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         generic: read_secret(args.generic_secret_file.as_deref(), "KILN_GENERIC_SECRET")?,
     };
     let poll = args.poll.unwrap_or_else(|| crate::source::default_poll(&args.repo));
+    let verify = match args.verify_mode.as_deref() {
+        None => None,
+        Some(mode) => {
+            let mode = if mode == "head" {
+                crate::manifest::VerifyMode::Head
+            } else {
+                crate::manifest::VerifyMode::Range
+            };
+            if args.verify_ssh_allowed_signers.is_none() && args.verify_gpg_keyring.is_none() {
+                anyhow::bail!(
+                    "--verify-mode needs --verify-ssh-allowed-signers, --verify-gpg-keyring or both"
+                );
+            }
+            for path in
+                [&args.verify_ssh_allowed_signers, &args.verify_gpg_keyring].into_iter().flatten()
+            {
+                std::fs::metadata(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            }
+            Some(crate::verify::DaemonPolicy {
+                mode,
+                ssh_allowed_signers: args.verify_ssh_allowed_signers.clone(),
+                gpg_keyring: args.verify_gpg_keyring.clone(),
+            })
+        }
+    };
     let config = crate::daemon::DaemonConfig {
         repo: args.repo,
         branch: args.branch,
@@ -406,6 +505,8 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         kiln_exe: kiln_exe()?,
         secrets,
         instance_ports: args.instance_ports,
+        jobs: args.jobs,
+        verify,
     };
     crate::daemon::run(config).await?;
     Ok(ExitCode::SUCCESS)
@@ -629,8 +730,106 @@ async fn show(
     let Target::Api(client) = target else {
         bail!("--follow needs a running daemon (none found for this data dir; set KILN_API?)");
     };
-    follow_events(&client, id, json, out).await?;
-    Ok(ExitCode::SUCCESS)
+    let state = follow_events(&client, id, json, out).await?;
+    Ok(exit_for(state))
+}
+
+/// 0 for a rollout that succeeded, 1 for one that ended otherwise (the CI gate of `--follow`
+/// and `wait`).
+fn exit_for(state: RolloutState) -> ExitCode {
+    if state == RolloutState::Succeeded { ExitCode::SUCCESS } else { ExitCode::from(1) }
+}
+
+/// What `kiln wait` waits for.
+enum WaitFor {
+    Rollout(RolloutId),
+    Commit { commit: String, fleet: Option<String> },
+}
+
+/// How often `kiln wait` looks at the rollout.
+const WAIT_POLL: Duration = Duration::from_millis(500);
+
+/// `kiln wait`: polls the API until the rollout(s) end or `timeout` passes. A daemon that
+/// restarts meanwhile is waited for too (its rollouts resume).
+async fn wait(
+    client: &ApiClient,
+    what: WaitFor,
+    timeout: Duration,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (label, path) = match &what {
+        WaitFor::Rollout(id) => (format!("rollout #{id}"), format!("/rollouts/{id}")),
+        WaitFor::Commit { commit, fleet } => {
+            let commit = commit.trim().to_ascii_lowercase();
+            if commit.len() < crate::operator::MIN_COMMIT_PREFIX
+                || !commit.chars().all(|c| c.is_ascii_hexdigit())
+            {
+                bail!(
+                    "`{commit}` is not a commit id: give at least {} hex digits",
+                    crate::operator::MIN_COMMIT_PREFIX
+                );
+            }
+            let mut path = format!("/rollouts?commit={commit}&limit=100");
+            if let Some(fleet) = fleet {
+                path.push_str(&format!("&fleet={}", encode(fleet)));
+            }
+            let label = match fleet {
+                Some(fleet) => format!("the rollout of commit {commit} for fleet `{fleet}`"),
+                None => format!("the rollouts of commit {commit}"),
+            };
+            (label, path)
+        }
+    };
+    let mut last_error: Option<String>;
+    loop {
+        let seen: anyhow::Result<Vec<RolloutDto>> = match &what {
+            WaitFor::Rollout(_) => client.get::<RolloutDto>(&path).await.map(|r| vec![r]),
+            WaitFor::Commit { .. } => client
+                .get::<RolloutPage>(&path)
+                .await
+                // Drift records are reports, not rollouts to wait for.
+                .map(|page| page.rollouts.into_iter().filter(|r| r.origin != "drift").collect()),
+        };
+        match seen {
+            Ok(rollouts)
+                if !rollouts.is_empty() && rollouts.iter().all(|r| r.state.is_terminal()) =>
+            {
+                let mut state = RolloutState::Succeeded;
+                for r in &rollouts {
+                    let fleet = r.fleet.as_deref().unwrap_or("-");
+                    let reason = r
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {}", render::escape_control(r, false)))
+                        .unwrap_or_default();
+                    writeln!(out, "rollout #{} ({fleet}) {}{reason}", r.id, r.state)?;
+                    if r.state != RolloutState::Succeeded {
+                        state = r.state;
+                    }
+                }
+                return Ok(exit_for(state));
+            }
+            Ok(_) => last_error = None,
+            Err(error) => {
+                if let Some(failure) = error.downcast_ref::<ApiFailure>() {
+                    if failure.status == 404 {
+                        bail!("no {label}");
+                    }
+                }
+                last_error = Some(format!("{error:#}"));
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let why = last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default();
+            eprintln!(
+                "kiln: timed out after {} waiting for {label}{why}",
+                crate::manifest::format_duration(timeout)
+            );
+            return Ok(ExitCode::from(2));
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline - tokio::time::Instant::now())).await;
+    }
 }
 
 /// Streams the SSE follow endpoint: prints every event (a JSON line each with `--json`) and,
@@ -640,7 +839,7 @@ async fn follow_events(
     id: RolloutId,
     json: bool,
     out: &mut dyn Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RolloutState> {
     let mut response = client.stream(&format!("/rollouts/{id}/events")).await?;
     let bar = !json && std::io::stderr().is_terminal();
     let mut buffer = String::new();
@@ -678,7 +877,7 @@ async fn follow_events(
                     } else {
                         writeln!(out, "rollout #{id} ended: {}", rollout.state)?;
                     }
-                    return Ok(());
+                    return Ok(rollout.state);
                 }
                 _ => {
                     let event: EventDto =

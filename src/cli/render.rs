@@ -130,6 +130,13 @@ pub fn log_table(
             }
         }
         line.push_str(&clean(&rollout.summary));
+        if let Some(verified) = &rollout.verified {
+            line.push_str(&format!(
+                " [verified: {} {}]",
+                clean(&verified.method),
+                clean(&verified.signer)
+            ));
+        }
         if let Some(reason) = &rollout.reason {
             line.push_str(&format!(" ({})", clean(reason)));
         }
@@ -208,6 +215,26 @@ pub fn rollout_header(
         rollout.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
         age(rollout.created_at, now)
     )?;
+    if let Some(v) = &rollout.verified {
+        let scope = match &v.since {
+            Some(since) => format!("{} commits since {}", v.commits, clean(short(since))),
+            None => "the tip".to_owned(),
+        };
+        writeln!(
+            out,
+            "verified:  signed by {} ({} key {}); {} mode, {scope}, trust from {}",
+            clean(&v.signer),
+            clean(&v.method),
+            clean(&v.key),
+            clean(&v.mode),
+            clean(&v.policy)
+        )?;
+        if v.signers.len() > 1 {
+            for signer in &v.signers {
+                writeln!(out, "  signer {}", clean(signer))?;
+            }
+        }
+    }
     writeln!(out, "took:      {}", took(rollout, now))?;
     if let Some(reason) = &rollout.reason {
         writeln!(out, "reason:    {}", escape_control(reason, true))?;
@@ -299,6 +326,13 @@ pub fn status(
             clean(fleet.image.as_deref().unwrap_or("-"))
         )?;
         writeln!(out, "  endpoint:  {}", clean(fleet.endpoint.as_deref().unwrap_or("-")))?;
+        if fleet.orphaned {
+            writeln!(
+                out,
+                "  ORPHANED:  not in kiln.yaml any more; `kiln down {}` retires it",
+                clean(&fleet.name)
+            )?;
+        }
         match (fleet.active_rollout, fleet.active_state) {
             (Some(id), Some(s)) => writeln!(out, "  rollout:   #{id} {}", state(s, 0, color))?,
             (Some(id), None) => writeln!(out, "  rollout:   #{id}")?,
@@ -478,6 +512,16 @@ mod tests {
             started_at: None,
             finished_at: None,
             events: None,
+            verified: Some(crate::server::api::VerifiedDto {
+                mode: "range".into(),
+                policy: "kiln.yaml at 01234567".into(),
+                since: Some("89abcdef0123456789abcdef0123456789abcdef".into()),
+                commits: 3,
+                method: "gpg".into(),
+                signer: "Eve \x1b[2J<e@x>".into(),
+                key: "AAAA".into(),
+                signers: vec!["gpg Eve \x1b[2J<e@x> AAAA".into(), "ssh bob@x SHA256:k".into()],
+            }),
         }
     }
 
@@ -495,6 +539,13 @@ mod tests {
             rollout_header(&mut show, &rollout, now, color).expect("render");
             let show = String::from_utf8(show).expect("utf-8");
             assert!(show.contains("output k\\x1b=v\\x07"), "{show}");
+            assert!(table.contains("[verified: gpg Eve \\x1b[2J<e@x>]"), "{table}");
+            assert!(
+                show.contains("verified:  signed by Eve \\x1b[2J<e@x> (gpg key AAAA)"),
+                "{show}"
+            );
+            assert!(show.contains("range mode, 3 commits since 89abcdef"), "{show}");
+            assert!(show.contains("  signer ssh bob@x SHA256:k"), "{show}");
             for text in [&table, &show] {
                 // The only escape sequences left are kiln's own colours.
                 let without_colours =

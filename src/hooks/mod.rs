@@ -23,6 +23,7 @@ pub mod contract;
 pub mod output;
 pub mod packer;
 pub mod process;
+pub mod signers;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -360,9 +361,13 @@ async fn run_once(
     let mut guard = GroupGuard {
         pgid: None,
         marker: marker.clone(),
+        window: None,
         record: record.map(Path::to_owned),
         armed: true,
     };
+    // Before the spawn: every process of the run gets a pid allocated after this point.
+    let window = process::PidWindow::start();
+    guard.window = window;
     let mut child = command.spawn().map_err(spawn_error)?;
     let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
     guard.pgid = pgid;
@@ -403,12 +408,12 @@ async fn run_once(
         // it (setsid) but carrying the run's marker, which also closes the pipes those
         // processes held.
         signal_group(pgid, Signal::SIGTERM);
-        signal_marked(&marker, Signal::SIGTERM);
+        signal_marked(&marker, window, Signal::SIGTERM);
         if !pumps_done {
             let _ = tokio::time::timeout(KILL_GRACE, &mut pumps).await;
         }
         signal_group(pgid, Signal::SIGKILL);
-        signal_marked(&marker, Signal::SIGKILL);
+        signal_marked(&marker, window, Signal::SIGKILL);
         status
     };
     let res = tokio::select! {
@@ -423,7 +428,7 @@ async fn run_once(
         Err(error) => {
             tracing::warn!(hook = %spec.name, error = %error, "Killing the hook's process group.");
             kill_group(&mut child, pgid).await;
-            signal_marked(&marker, Signal::SIGKILL);
+            signal_marked(&marker, window, Signal::SIGKILL);
             guard.disarm();
             return Err(error);
         }
@@ -494,8 +499,10 @@ async fn kill_group(child: &mut tokio::process::Child, pgid: Option<Pid>) {
 
 /// Sends `signal` to every process carrying the run's marker (see [`contract::KILN_HOOK_RUN`]):
 /// what the hook started, including what left its process group.
-fn signal_marked(marker: &str, signal: Signal) {
-    for found in process::find_by_env(contract::KILN_HOOK_RUN, |value| value == marker) {
+fn signal_marked(marker: &str, window: Option<process::PidWindow>, signal: Signal) {
+    for found in
+        process::find_by_env_since(contract::KILN_HOOK_RUN, |value| value == marker, window)
+    {
         if found.is_group_leader() {
             found.process.signal(signal);
         }
@@ -508,6 +515,8 @@ fn signal_marked(marker: &str, signal: Signal) {
 struct GroupGuard {
     pgid: Option<Pid>,
     marker: String,
+    /// Where pid allocation stood when the run started (narrows the marker sweep).
+    window: Option<process::PidWindow>,
     record: Option<PathBuf>,
     armed: bool,
 }
@@ -523,7 +532,7 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             signal_group(self.pgid, Signal::SIGKILL);
-            signal_marked(&self.marker, Signal::SIGKILL);
+            signal_marked(&self.marker, self.window, Signal::SIGKILL);
         }
         if let Some(path) = &self.record {
             let _ = std::fs::remove_file(path);

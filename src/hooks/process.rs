@@ -116,18 +116,97 @@ pub fn find_by_env(name: &str, accept: impl Fn(&str) -> bool) -> Vec<Found> {
         if pid == me || entry.metadata().map(|m| m.uid()).ok() != Some(uid) {
             continue;
         }
-        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
-        let value = environ
-            .split(|b| *b == 0)
-            .find_map(|var| var.strip_prefix(prefix.as_bytes()))
-            .map(|v| String::from_utf8_lossy(v).into_owned());
-        let Some(value) = value.filter(|v| accept(v)) else { continue };
-        let Ok(pid) = i32::try_from(pid) else { continue };
-        if let Some((pgid, start_ticks)) = stat(pid) {
-            found.push(Found { process: ProcessRef { pid, start_ticks }, pgid, value });
-        }
+        found.extend(marked(pid, &prefix, &accept));
     }
     found
+}
+
+/// Where the kernel's pid allocation stood when a run started: the run's processes all got pids
+/// after it, so a sweep for them need only look at the pids allocated since (see
+/// [`find_by_env_since`]) instead of reading every process's environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidWindow {
+    /// The last pid allocated before the run started (`/proc/sys/kernel/ns_last_pid`).
+    last_pid: u32,
+    /// Processes forked since boot at that moment (`/proc/stat` `processes`).
+    forks: u64,
+}
+
+/// Pids at most this far apart are probed one by one; a wider window is swept through `/proc`.
+const PROBE_AT_MOST: u32 = 2048;
+
+impl PidWindow {
+    /// The window starting now; `None` where `/proc` does not tell (then sweeps read everything).
+    pub fn start() -> Option<PidWindow> {
+        Some(PidWindow { last_pid: last_pid()?, forks: forks_since_boot()? })
+    }
+
+    /// The pids allocated since the window started, oldest first, or `None` when they cannot
+    /// be told apart from older ones (the pid space may have wrapped around since: then every
+    /// pid is a candidate).
+    fn pids_since(&self) -> Option<Vec<u32>> {
+        let (now, forks) = (last_pid()?, forks_since_boot()?);
+        let max = pid_max()?;
+        // Fewer forks than half the pid space: no pid allocated before the window was reused.
+        if forks.checked_sub(self.forks)? >= u64::from(max / 2) || now >= max {
+            return None;
+        }
+        let span =
+            if now >= self.last_pid { now - self.last_pid } else { max - self.last_pid + now };
+        if span > PROBE_AT_MOST {
+            return None;
+        }
+        Some((1..=span).map(|i| (self.last_pid + i) % max).filter(|&pid| pid != 0).collect())
+    }
+}
+
+fn last_pid() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid").ok()?.trim().parse().ok()
+}
+
+fn pid_max() -> Option<u32> {
+    static MAX: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/pid_max").ok()?.trim().parse().ok()
+    })
+}
+
+fn forks_since_boot() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines().find_map(|line| line.strip_prefix("processes ")?.trim().parse().ok())
+}
+
+/// [`find_by_env`] for processes started since `window` (a hook run's): only the pids allocated
+/// since are read, one by one, when there are few; else (or without a window) every process.
+/// Cheap enough to run after every provider call of a thousand fleets.
+pub fn find_by_env_since(
+    name: &str,
+    accept: impl Fn(&str) -> bool,
+    window: Option<PidWindow>,
+) -> Vec<Found> {
+    let Some(pids) = window.and_then(|w| w.pids_since()) else {
+        return find_by_env(name, accept);
+    };
+    let me = std::process::id();
+    let prefix = format!("{name}=");
+    pids.into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| marked(pid, &prefix, &accept))
+        .collect()
+}
+
+/// The process `pid` if its initial environment sets the variable (`prefix` is `NAME=`) to a
+/// value `accept` takes. Processes of other users cannot be read and are skipped.
+fn marked(pid: u32, prefix: &str, accept: &impl Fn(&str) -> bool) -> Option<Found> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let value = environ
+        .split(|b| *b == 0)
+        .find_map(|var| var.strip_prefix(prefix.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .filter(|v| accept(v))?;
+    let pid = i32::try_from(pid).ok()?;
+    let (pgid, start_ticks) = stat(pid)?;
+    Some(Found { process: ProcessRef { pid, start_ticks }, pgid, value })
 }
 
 /// SIGKILLs every process [`find_by_env`] finds (and the groups they lead), e.g. what a hook run
@@ -199,4 +278,61 @@ pub fn kill_orphaned_group(process: ProcessRef) -> bool {
         return false;
     }
     killpg(Pid::from_raw(process.pid), Signal::SIGKILL).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process started after the window opened is found by reading only the pids allocated
+    /// since, and one started before it is not a candidate at all.
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a plain test thread, no runtime to block
+    fn a_pid_window_finds_what_started_after_it() {
+        let spawn = |marker: &str| {
+            // `sleep` itself: no second exec whose moment a read of its environment could hit.
+            std::process::Command::new("sleep")
+                .arg("30")
+                .env("KILN_TEST_WINDOW", marker)
+                .spawn()
+                .expect("sh starts")
+        };
+        let before_marker = format!("before-{}", std::process::id());
+        let mut before = spawn(&before_marker);
+        let Some(window) = PidWindow::start() else {
+            eprintln!("SKIP: /proc does not expose ns_last_pid here");
+            let _ = before.kill();
+            let _ = before.wait();
+            return;
+        };
+        let marker = format!("after-{}", std::process::id());
+        let mut after = spawn(&marker);
+        let pids = window.pids_since().expect("few pids allocated since");
+        assert!(pids.contains(&after.id()), "{pids:?} lacks {}", after.id());
+        assert!(!pids.contains(&before.id()), "{pids:?} holds {}", before.id());
+        // A process whose exec is still finishing shows an empty environment for a moment
+        // (the spawner is released before the kernel has laid out the new one): look again.
+        let eventually = |find: &dyn Fn() -> Vec<Found>| {
+            for _ in 0..200 {
+                let found = find();
+                if !found.is_empty() {
+                    return found;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Vec::new()
+        };
+        let found =
+            eventually(&|| find_by_env_since("KILN_TEST_WINDOW", |v| v == marker, Some(window)));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].process.pid, i32::try_from(after.id()).expect("pid"));
+        // Without a window, every process is read: the earlier one is found as well.
+        let found =
+            eventually(&|| find_by_env_since("KILN_TEST_WINDOW", |v| v == before_marker, None));
+        assert_eq!(found.len(), 1, "{found:?}");
+        for child in [&mut before, &mut after] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

@@ -110,6 +110,56 @@ impl fmt::Display for ManifestError {
 pub struct Manifest {
     /// The fleets this repo describes.
     pub fleets: Vec<Fleet>,
+    /// The default of every fleet's `prune` (a fleet's own setting wins): retire a fleet's
+    /// instances and load balancer when a later commit removes it from this file.
+    #[serde(default)]
+    pub prune: bool,
+    /// Which commits may be deployed: signed by trusted keys (see docs/security.md). Read from
+    /// the last *deployed* commit, never from the commit being verified.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyPolicy>,
+}
+
+/// `verify:`: deploy only commits signed by trusted keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct VerifyPolicy {
+    /// `head`: the new tip only; `range` (default): every commit since the last deployed one.
+    #[serde(default)]
+    pub mode: VerifyMode,
+    /// An OpenSSH `allowed_signers` file (repo path) naming the trusted SSH keys.
+    #[serde(default)]
+    pub ssh_allowed_signers: Option<String>,
+    /// An OpenPGP keyring (repo path, armored or binary): every key in it is trusted.
+    #[serde(default)]
+    pub gpg_keyring: Option<String>,
+    /// Who may change the trust files (and this section): SSH principals, OpenPGP
+    /// fingerprints or user ids. Empty: any trusted signer.
+    #[serde(default)]
+    pub trust_files_changed_by: Vec<String>,
+}
+
+/// How much of the history `verify:` checks.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyMode {
+    /// Only the commit being deployed.
+    Head,
+    /// Every commit since the last deployed one, merges' second parents included.
+    #[default]
+    Range,
+}
+
+impl VerifyMode {
+    /// `head` or `range`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerifyMode::Head => "head",
+            VerifyMode::Range => "range",
+        }
+    }
 }
 
 /// A group of identical instances behind one load balancer.
@@ -133,6 +183,19 @@ pub struct Fleet {
     /// How often kiln inspects the fleet for drift, and what it does about it (optional).
     #[serde(default)]
     pub drift: DriftPolicy,
+    /// When a later commit removes (or renames) this fleet, drain and terminate its instances
+    /// and stop its load balancer (a `prune` rollout). Default: the manifest's top-level
+    /// `prune`, else `false` (the fleet is reported orphaned and left running until
+    /// `kiln down FLEET`).
+    #[serde(default)]
+    pub prune: Option<bool>,
+}
+
+impl Fleet {
+    /// Whether the fleet is retired when a commit removes it (see [`Fleet::prune`]).
+    pub fn prunes(&self) -> bool {
+        self.prune.unwrap_or(false)
+    }
 }
 
 /// Drift inspection: instances off the deployed image, missing, dead or unknown; load-balancer
@@ -1004,7 +1067,7 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
             problems: vec![Problem { file: file.to_owned(), line, column, message }],
         });
     }
-    serde_yaml::from_str::<Manifest>(text).map_err(|error| {
+    let manifest = serde_yaml::from_str::<Manifest>(text).map_err(|error| {
         let (line, column) = error.location().map_or((0, 0), |l| (l.line(), l.column()));
         let message = error.to_string();
         // serde_yaml appends " at line X column Y"; the location is reported separately.
@@ -1018,7 +1081,14 @@ pub fn parse(text: &str, file: &str) -> Result<Manifest, ManifestError> {
             .and_then(|value| text::locate_value(&Text::new(text), value, line))
             .unwrap_or((line, column));
         ManifestError { problems: vec![Problem { file: file.to_owned(), line, column, message }] }
-    })
+    });
+    let mut manifest = manifest?;
+    // The top-level `prune` is each fleet's default: a fleet carries its own answer, so the
+    // spec kept with a deployment says whether to prune it.
+    for fleet in &mut manifest.fleets {
+        fleet.prune.get_or_insert(manifest.prune);
+    }
+    Ok(manifest)
 }
 
 /// The first `backticked` part of a message.
@@ -1097,6 +1167,32 @@ pub fn validate(
     Err(ManifestError { problems })
 }
 
+/// `verify:` names at least one trust file, and each is a regular file inside the repo.
+fn check_verify(report: &mut Report<'_>, verify: &VerifyPolicy, text: &Text<'_>, files: &Memo<'_>) {
+    if verify.ssh_allowed_signers.is_none() && verify.gpg_keyring.is_none() {
+        report.push(
+            || locate(text, "verify", "", 1),
+            "verify: names no trusted keys (set sshAllowedSigners, gpgKeyring or both)".into(),
+        );
+    }
+    let fields =
+        [("sshAllowedSigners", &verify.ssh_allowed_signers), ("gpgKeyring", &verify.gpg_keyring)];
+    for (field, path) in fields {
+        let Some(path) = path else { continue };
+        if !is_repo_path(path) || path.trim_matches('/').is_empty() {
+            report.push(
+                || locate(text, field, path, 1),
+                format!("verify.{field} `{path}` must be a relative path inside the repo"),
+            );
+        } else if files.file(path).is_none() {
+            report.push(
+                || locate(text, field, path, 1),
+                format!("verify.{field} `{path}` is not a file in the repo"),
+            );
+        }
+    }
+}
+
 fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>, files: &Memo<'_>) {
     if manifest.fleets.is_empty() {
         report.push(|| locate(text, "fleets", "", 1), "no fleets defined".into());
@@ -1110,6 +1206,9 @@ fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>,
             ),
         );
         return;
+    }
+    if let Some(verify) = &manifest.verify {
+        check_verify(report, verify, text, files);
     }
     let mut fleet_names = HashSet::new();
     let mut lb_ports = BTreeSet::new();

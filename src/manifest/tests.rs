@@ -567,3 +567,42 @@ fn each_fleet_is_located_at_its_own_name() {
         found.iter().filter_map(|p| p.strip_suffix(": capacity must be at least 1")).collect();
     assert_eq!(at, ["kiln.yaml:12:17", "kiln.yaml:31:17"], "{found:?}");
 }
+
+#[test]
+fn verify_needs_a_trust_file_inside_the_repo_and_says_where() {
+    const TRUST: Files = Files(&[
+        ("hooks/bake-base", true),
+        ("hooks/bake-app", true),
+        ("hooks/reconcile", true),
+        (".kiln/allowed_signers", false),
+    ]);
+    let load_with = |verify: &str| {
+        let text = format!("verify:\n{verify}{GOOD}");
+        match load(&text, "kiln.yaml", &TRUST) {
+            Ok(manifest) => Ok(manifest),
+            Err(e) => Err(e.problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
+        }
+    };
+    let manifest = load_with("  sshAllowedSigners: .kiln/allowed_signers\n").unwrap();
+    let verify = manifest.verify.unwrap();
+    assert_eq!(verify.mode, VerifyMode::Range, "range is the default");
+    assert!(verify.trust_files_changed_by.is_empty());
+
+    let found = load_with("  mode: head\n").unwrap_err();
+    assert!(found[0].starts_with("kiln.yaml:1:1: verify: names no trusted keys"), "{found:?}");
+    let found = load_with("  gpgKeyring: ../keys.asc\n").unwrap_err();
+    assert!(
+        found[0].starts_with(
+            "kiln.yaml:2:15: verify.gpgKeyring `../keys.asc` must be a relative path inside the repo"
+        ),
+        "{found:?}"
+    );
+    let found = load_with("  sshAllowedSigners: .kiln/missing\n").unwrap_err();
+    assert!(
+        found[0].contains("verify.sshAllowedSigners `.kiln/missing` is not a file"),
+        "{found:?}"
+    );
+    let found = load_with("  mode: always\n  gpgKeyring: k\n").unwrap_err();
+    assert!(found[0].starts_with("kiln.yaml:2:"), "{found:?}");
+    assert!(found[0].contains("unknown variant `always`"), "{found:?}");
+}

@@ -9,8 +9,10 @@
 //! Rules, in words:
 //! - one job per fleet; a newer rollout supersedes the queued and paused ones at once and asks
 //!   the running one to stop at its next safe point;
-//! - verbs are answered at once: pause/abort signal the running job (it stops at a safe point),
-//!   abort ends a queued or paused rollout, resume restarts a paused one when the lane is free;
+//! - verbs are answered at once: pause/abort signal the running job (it stops at a safe point;
+//!   an abort returns the fleet to its stable image), abort ends a queued rollout and starts a
+//!   job that returns a paused one's fleet to the stable image, resume restarts a paused one
+//!   when the lane is free;
 //! - a start that failed for a reason that may pass (a provider unreachable) stays queued and is
 //!   retried with backoff; any other failure to start fails the rollout;
 //! - an idle, deployed fleet whose observation shows a lost, dead or unattached instance (or an
@@ -165,6 +167,9 @@ pub enum Input {
 pub enum Effect {
     /// Start a job driving this rollout (with `Control::Run`; a paused rollout resumes).
     Start(RolloutId),
+    /// Start a job driving this paused rollout with `Control::Abort`: the fleet returns to its
+    /// stable image (a paused canary's instances are replaced) and the rollout ends `aborted`.
+    Revert(RolloutId),
     /// Send this control to the running job.
     Signal(Control),
     /// End a rollout no job drives (queued or paused) in `state` with `reason`.
@@ -250,7 +255,7 @@ pub fn decide(lane: &Lane, input: Input, fleet: &str, now: Timestamp) -> (Lane, 
         }
         Input::Verb(verb) => on_verb(&mut lane, &mut effects, verb, fleet),
         Input::JobEnded { rollout, repair, outcome } => {
-            if lane.running.is_some_and(|r| r.rollout == rollout) {
+            if let Some(running) = lane.running.filter(|r| r.rollout == rollout) {
                 lane.running = None;
                 lane.generation += 1;
                 let requeued = matches!(outcome, Outcome::NotStarted { transient: true, .. });
@@ -258,7 +263,7 @@ pub fn decide(lane: &Lane, input: Input, fleet: &str, now: Timestamp) -> (Lane, 
                     let succeeded = outcome == Outcome::Ended(RolloutState::Succeeded);
                     lane = repair_ended(&lane, succeeded, now);
                 }
-                on_ended(&mut lane, &mut effects, rollout, outcome, now);
+                on_ended(&mut lane, &mut effects, running, outcome, now);
                 start_queued(&mut lane, &mut effects, now);
                 if lane.running.is_none() {
                     effects.push(Effect::Observe);
@@ -358,7 +363,20 @@ fn on_verb(lane: &mut Lane, effects: &mut Vec<Effect>, verb: Verb, fleet: &str) 
                 }
                 return;
             }
-            match lane.paused.take().or_else(|| lane.queued.take()) {
+            if let Some(id) = lane.paused.take() {
+                // A paused rollout may have moved instances (a manual canary serves): a job
+                // returns them to the stable image, or ends it at once if none moved.
+                if let Some(queued) = lane.queued.take() {
+                    effects.push(aborted(queued));
+                }
+                lane.retry_at = None;
+                lane.running = Some(Running { rollout: id, control: Control::Abort });
+                lane.generation += 1;
+                effects.push(Effect::Revert(id));
+                effects.push(Effect::Reply(Ok(id)));
+                return;
+            }
+            match lane.queued.take() {
                 Some(id) => {
                     lane.retry_at = None;
                     effects.push(aborted(id));
@@ -405,11 +423,21 @@ fn aborted(id: RolloutId) -> Effect {
 fn on_ended(
     lane: &mut Lane,
     effects: &mut Vec<Effect>,
-    rollout: RolloutId,
+    running: Running,
     outcome: Outcome,
     now: Timestamp,
 ) {
+    let rollout = running.rollout;
     match outcome {
+        // An aborted rollout whose job could not start is not retried (a retry would run it):
+        // it ends here, and the fleet stays as it is.
+        Outcome::NotStarted { error, .. } if running.control == Control::Abort => {
+            effects.push(Effect::Finish {
+                rollout,
+                state: RolloutState::Aborted,
+                reason: format!("aborted by an operator; the fleet is left as is ({error})"),
+            })
+        }
         Outcome::Ended(RolloutState::Paused) => match lane.queued {
             // A newer rollout arrived while it paused: it takes over.
             Some(newer) => effects.push(superseded(rollout, newer)),

@@ -64,6 +64,8 @@ pub enum FleetMsg {
     },
     /// An operator verb and where to answer.
     Verb(Command, oneshot::Sender<Result<RolloutId, CommandError>>),
+    /// The newest tip's manifest no longer has the fleet.
+    Removed,
 }
 
 /// What the router, garbage collection and the reconciler share about a fleet.
@@ -141,7 +143,10 @@ struct Reconciler {
     /// Prepared fleets of planned rollouts not started yet.
     prepared: BTreeMap<RolloutId, Prepared>,
     done_tx: mpsc::UnboundedSender<JobEnded>,
-    observed_tx: mpsc::UnboundedSender<(Observation, Option<Vec<InstanceStatus>>, Option<String>)>,
+    observed_tx: mpsc::UnboundedSender<Observed>,
+    /// The provider's last list of the fleet, and when it was taken: a drift check that comes
+    /// while it is fresh uses it instead of listing again.
+    listing: Option<(tokio::time::Instant, crate::provider::Observation)>,
     observing: Option<tokio::task::JoinHandle<()>>,
     next_observe: tokio::time::Instant,
     status: FleetStatus,
@@ -154,13 +159,19 @@ struct Reconciler {
     drift_report: Option<crate::drift::DriftReport>,
     /// The lane generation the drift check in flight started under.
     drift_generation: u64,
+    /// `kiln deploy` commits resolved off the loop (git), with where to answer.
+    deploy_tx: mpsc::UnboundedSender<DeployResolved>,
 }
+
+type Reply = oneshot::Sender<Result<RolloutId, CommandError>>;
+type DeployResolved = (Result<super::Deployable, CommandError>, Reply);
 
 impl Reconciler {
     fn new(name: String, cx: Context, shared: Arc<Shared>, fleet: Option<Fleet>) -> Reconciler {
         let (done_tx, _) = mpsc::unbounded_channel();
         let (observed_tx, _) = mpsc::unbounded_channel();
         let (drift_tx, _) = mpsc::unbounded_channel();
+        let (deploy_tx, _) = mpsc::unbounded_channel();
         let interval = fleet.as_ref().map_or(DEFAULT_DRIFT_INTERVAL, |f| f.drift.interval);
         let drift = crate::drift::last_report(&cx.env.store, &name).ok().flatten();
         Reconciler {
@@ -169,6 +180,7 @@ impl Reconciler {
             next_drift: tokio::time::Instant::now() + interval,
             drift_report: None,
             drift_generation: 0,
+            deploy_tx,
             status: FleetStatus { name: name.clone(), drift, ..FleetStatus::default() },
             name,
             cx,
@@ -179,6 +191,7 @@ impl Reconciler {
             prepared: BTreeMap::new(),
             done_tx,
             observed_tx,
+            listing: None,
             observing: None,
             // Spread the first observations of many fleets over a second.
             next_observe: tokio::time::Instant::now()
@@ -199,6 +212,8 @@ impl Reconciler {
         let (done_tx, mut done_rx) = mpsc::unbounded_channel();
         let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
         let (drift_tx, mut drift_rx) = mpsc::unbounded_channel();
+        let (deploy_tx, mut deploy_rx) = mpsc::unbounded_channel();
+        self.deploy_tx = deploy_tx;
         self.done_tx = done_tx;
         self.observed_tx = observed_tx;
         self.drift_tx = drift_tx;
@@ -232,16 +247,19 @@ impl Reconciler {
                     let _ = self.cx.jobs_ended.send(self.name.clone());
                     self.feed(Input::JobEnded { rollout: ended.rollout, repair, outcome: ended.outcome });
                 }
-                Some((observation, instances, endpoint)) = observed_rx.recv() => {
+                Some(observed) = observed_rx.recv() => {
                     self.observing = None;
-                    if let Some(instances) = instances {
+                    if let Some(instances) = observed.instances {
                         self.status.instances = instances;
                         self.status.observed_at = Some(self.now());
                     }
-                    if endpoint.is_some() {
-                        self.status.endpoint = endpoint;
+                    if observed.endpoint.is_some() {
+                        self.status.endpoint = observed.endpoint;
                     }
-                    self.feed(Input::Observed(observation));
+                    if let Some(listing) = observed.listing {
+                        self.listing = Some((tokio::time::Instant::now(), listing));
+                    }
+                    self.feed(Input::Observed(observed.observation));
                 }
                 () = sleep_until(wake) => self.feed(Input::Wake),
                 () = tokio::time::sleep_until(self.next_observe) => self.observe(),
@@ -250,6 +268,9 @@ impl Reconciler {
                     self.feed(Input::DriftDue);
                 }
                 Some(result) = drift_rx.recv() => self.on_drift_checked(result),
+                Some((resolved, reply)) = deploy_rx.recv() => {
+                    let _ = reply.send(self.deploy(resolved));
+                }
             }
         }
         if let Some(cancel) = self.drift_cancel.take() {
@@ -271,9 +292,13 @@ impl Reconciler {
     fn on_message(&mut self, msg: FleetMsg) {
         match msg {
             FleetMsg::Manifest(fleet) => {
-                self.fleet = Some(*fleet);
-                self.publish();
+                // The manifest changed somewhere; this fleet's entry perhaps not.
+                if self.fleet.as_ref() != Some(&*fleet) {
+                    self.fleet = Some(*fleet);
+                    self.publish();
+                }
             }
+            FleetMsg::Removed => self.removed(),
             FleetMsg::Planned { id, prepared } => {
                 if let Some(prepared) = prepared {
                     self.prepared.insert(id, *prepared);
@@ -288,6 +313,18 @@ impl Reconciler {
                     Command::Drift { .. } => Verb::Drift,
                     Command::Rollback { to, .. } => {
                         let _ = reply.send(self.rollback(to.as_deref()));
+                        return;
+                    }
+                    Command::Retry { .. } => {
+                        let _ = reply.send(self.retry());
+                        return;
+                    }
+                    Command::Deploy { commit, .. } => {
+                        self.resolve_deploy(commit, reply);
+                        return;
+                    }
+                    Command::Down { .. } => {
+                        let _ = reply.send(self.down());
                         return;
                     }
                 };
@@ -321,13 +358,115 @@ impl Reconciler {
 
     fn rollback(&mut self, to: Option<&str>) -> Result<RolloutId, CommandError> {
         let id =
-            super::create_rollback(&self.cx.env.store, &self.name, to).map_err(|e| match e {
-                RollbackError::BadPrefix(message) => CommandError { status: 400, message },
-                RollbackError::Refused(message) => CommandError { status: 409, message },
-                RollbackError::Store(e) => CommandError { status: 500, message: chain(&e) },
-            })?;
+            super::create_rollback(&self.cx.env.store, &self.name, to).map_err(command_error)?;
         self.feed(Input::Planned(id));
         Ok(id)
+    }
+
+    /// The tip's manifest dropped the fleet: recorded orphaned once, and pruned when the spec
+    /// it was last seen with (or the manifest's top-level `prune`) says so.
+    fn removed(&mut self) {
+        let Some(spec) = self.fleet.take() else { return };
+        let store = &self.cx.env.store;
+        let deployed = match store.deployed(&self.name) {
+            Ok(Some(deployed)) => deployed,
+            Ok(None) => return self.publish(),
+            Err(error) => {
+                tracing::error!(fleet = %self.name, error = %chain(&error), "Could not read the deployment of a removed fleet.");
+                return self.publish();
+            }
+        };
+        let prune = spec.prunes();
+        tracing::warn!(fleet = %self.name, prune, "Fleet removed from kiln.yaml while deployed.");
+        if let Err(error) = super::record_orphaned(store, &self.name, &deployed, prune) {
+            tracing::error!(fleet = %self.name, error = %chain(&error), "Could not record an orphaned fleet.");
+        }
+        if prune {
+            match super::create_prune(
+                store,
+                &self.name,
+                &deployed,
+                "removed from kiln.yaml, prune: true",
+            ) {
+                Ok(id) => self.feed(Input::Planned(id)),
+                Err(error) => {
+                    tracing::error!(fleet = %self.name, error = %chain(&error), "Could not record a prune.")
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// `kiln down FLEET`: retires a fleet the tip's manifest no longer has.
+    fn down(&mut self) -> Result<RolloutId, CommandError> {
+        if self.fleet.is_some() {
+            return Err(CommandError {
+                status: 409,
+                message: format!(
+                    "fleet `{}` is still in kiln.yaml at the tip; remove it there first (`kiln down` retires fleets the manifest no longer has)",
+                    self.name
+                ),
+            });
+        }
+        let store = &self.cx.env.store;
+        let deployed = store
+            .deployed(&self.name)
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?
+            .ok_or_else(|| CommandError {
+                status: 409,
+                message: format!("fleet `{}` has nothing deployed to take down", self.name),
+            })?;
+        let id = super::create_prune(store, &self.name, &deployed, "kiln down")
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+        let _ = store.append_event(
+            id,
+            Level::Info,
+            EventKind::Command,
+            "down requested by an operator",
+            None,
+        );
+        self.feed(Input::Planned(id));
+        Ok(id)
+    }
+
+    fn retry(&mut self) -> Result<RolloutId, CommandError> {
+        let id = super::create_retry(&self.cx.env.store, &self.name).map_err(command_error)?;
+        self.feed(Input::Planned(id));
+        Ok(id)
+    }
+
+    /// `kiln deploy COMMIT`: the commit is resolved in the mirror off the loop (git reads);
+    /// [`Reconciler::deploy`] records the rollout when it comes back.
+    fn resolve_deploy(&mut self, commit: String, reply: Reply) {
+        let store = self.cx.env.store.clone();
+        let mirror = self.cx.env.mirror.clone();
+        let branch = self.cx.config.branch.clone();
+        let fleet = self.name.clone();
+        let tx = self.deploy_tx.clone();
+        tokio::spawn(async move {
+            let resolved = tokio::task::spawn_blocking(move || {
+                let tip = store
+                    .get_meta::<Revision>(super::TIP_KEY)
+                    .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+                super::resolve_deploy(&mirror, tip.as_ref(), &branch, &commit, &fleet)
+            })
+            .await
+            .unwrap_or_else(|e| Err(CommandError { status: 500, message: e.to_string() }));
+            let _ = tx.send((resolved, reply));
+        });
+    }
+
+    fn deploy(
+        &mut self,
+        resolved: Result<super::Deployable, CommandError>,
+    ) -> Result<RolloutId, CommandError> {
+        let deployable = resolved?;
+        let rollout = super::create_deploy(&self.cx.env.store, &deployable)
+            .map_err(|e| CommandError { status: 500, message: chain(&e) })?;
+        tracing::info!(rollout = %rollout.id, fleet = %self.name, commit = %rollout.revision.short(), "Deploy requested.");
+        self.prepared.insert(rollout.id, deployable.prepared);
+        self.feed(Input::Planned(rollout.id));
+        Ok(rollout.id)
     }
 
     fn decide(&mut self, input: Input) -> Vec<Effect> {
@@ -348,7 +487,17 @@ impl Reconciler {
 
     fn apply(&mut self, effect: Effect) {
         match effect {
-            Effect::Start(id) => self.start(id),
+            Effect::Start(id) => self.start(id, Control::Run),
+            Effect::Revert(id) => {
+                let _ = self.cx.env.store.append_event(
+                    id,
+                    Level::Info,
+                    EventKind::Command,
+                    "aborted by an operator; returning the fleet to its stable image",
+                    None,
+                );
+                self.start(id, Control::Abort)
+            }
             Effect::Signal(control) => {
                 if let Some(job) = &self.job {
                     let _ = job.control.send(control);
@@ -414,6 +563,17 @@ impl Reconciler {
             tracing::debug!(fleet = %self.name, "No drift check: never deployed.");
             return;
         };
+        // A periodic check looks at the fleet's last idle list when it is fresh (one provider
+        // call per fleet and interval, not two); `kiln drift` always lists anew.
+        let fresh = self.drift_interval().min(OBSERVE_REMOTE);
+        let listing = match trigger {
+            "interval" => self
+                .listing
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < fresh)
+                .map(|(_, listing)| listing.clone()),
+            _ => None,
+        };
         let cancel = CancellationToken::new();
         self.drift_cancel = Some(cancel.clone());
         self.drift_generation = self.lane.generation;
@@ -438,6 +598,8 @@ impl Reconciler {
                 data_dir: cx.env.data_dir.clone(),
                 hook_env: cx.env.hook_env.clone(),
                 metrics: cx.env.metrics.clone(),
+                slots: cx.env.slots.clone(),
+                listing,
                 trigger: trigger.to_owned(),
                 deadline,
                 cancel,
@@ -518,12 +680,16 @@ impl Reconciler {
             status.provider = fleet.rollout.provider.kind().to_string();
             status.capacity = fleet.rollout.capacity.min();
         }
+        status.orphaned = self.fleet.is_none() && deployed.is_some();
         status.revision = deployed.as_ref().map(|d| d.revision.clone());
         status.image = deployed.as_ref().map(|d| d.image.clone());
         status.active_rollout = active;
         status.active_state = active.and_then(|id| store.rollout(id).ok()).map(|r| r.state);
         if self.fleet.is_none() && deployed.is_none() && active.is_none() {
-            // A fleet only known from old rollouts: not shown.
+            // A fleet only known from old rollouts (or pruned): not shown.
+            if let Ok(mut view) = self.cx.view.write() {
+                view.remove(&self.name);
+            }
             return;
         }
         if let Ok(mut view) = self.cx.view.write() {
@@ -531,12 +697,14 @@ impl Reconciler {
         }
     }
 
-    fn start(&mut self, id: RolloutId) {
+    fn start(&mut self, id: RolloutId, control: Control) {
+        // The fleet is about to change: what it was listed as no longer holds.
+        self.listing = None;
         // A drift check of the fleet stops: its plan hook must not run beside the rollout's.
         if let Some(cancel) = self.drift_cancel.take() {
             cancel.cancel();
         }
-        let (control, control_rx) = watch::channel(Control::Run);
+        let (control, control_rx) = watch::channel(control);
         let cx = self.cx.clone();
         let shared = self.shared.clone();
         let name = self.name.clone();
@@ -571,7 +739,7 @@ impl Reconciler {
             .await;
             let result = result.unwrap_or_else(|_| {
                 tracing::warn!(fleet = %fleet.name, "Observing the fleet timed out.");
-                (Observation { generation, ..Observation::default() }, None, None)
+                Observed::nothing(Observation { generation, ..Observation::default() })
             });
             let _ = tx.send(result);
         }));
@@ -648,6 +816,14 @@ impl Reconciler {
             None,
         )?;
         Ok(Some(rollout.id))
+    }
+}
+
+fn command_error(error: RollbackError) -> CommandError {
+    match error {
+        RollbackError::BadPrefix(message) => CommandError { status: 400, message },
+        RollbackError::Refused(message) => CommandError { status: 409, message },
+        RollbackError::Store(e) => CommandError { status: 500, message: chain(&e) },
     }
 }
 
@@ -827,7 +1003,24 @@ fn record_provider_failure(
     }
 }
 
-type Observed = (Observation, Option<Vec<InstanceStatus>>, Option<String>);
+/// What one look at the fleet found.
+#[derive(Debug)]
+struct Observed {
+    /// For `decide`.
+    observation: Observation,
+    /// Instances with their health (for the status view), when the provider answered.
+    instances: Option<Vec<InstanceStatus>>,
+    /// The load balancer's address, when there is one.
+    endpoint: Option<String>,
+    /// The provider's list as it came (a drift check reuses it).
+    listing: Option<crate::provider::Observation>,
+}
+
+impl Observed {
+    fn nothing(observation: Observation) -> Observed {
+        Observed { observation, instances: None, endpoint: None, listing: None }
+    }
+}
 
 /// One look at the fleet: instances, their health, whether a rebake is due.
 async fn observe(
@@ -841,7 +1034,7 @@ async fn observe(
     let mut observation = Observation { generation, ..Observation::default() };
     // Fleets never deployed have no provider yet; opening one would start a load balancer.
     let Some(deployed) = store.deployed(&fleet.name).ok().flatten() else {
-        return (observation, None, None);
+        return Observed::nothing(observation);
     };
     observation.deployed = true;
     // While a job runs, look through its provider rather than opening the deployed commit's.
@@ -859,19 +1052,20 @@ async fn observe(
         Err(error) => {
             tracing::debug!(fleet = %fleet.name, error = %chain(&error), "Provider unavailable.");
             observation.deployed = false;
-            return (observation, None, None);
+            return Observed::nothing(observation);
         }
     };
     let endpoint = provider.endpoint();
-    let (instances, desired) = match provider.observe().await {
-        Ok(observed) => (observed.instances, observed.desired),
+    let listing = match provider.observe().await {
+        Ok(listing) => listing,
         Err(error) => {
             tracing::debug!(fleet = %fleet.name, error = %chain(&error), "Could not list instances.");
             observation.deployed = false;
-            return (observation, None, endpoint);
+            return Observed { endpoint, ..Observed::nothing(observation) };
         }
     };
-    for instance in &instances {
+    let (instances, desired) = (&listing.instances, listing.desired);
+    for instance in instances {
         match (instance.running, instance.image == deployed.image) {
             (false, _) => observation.dead += 1,
             (true, on_image) => {
@@ -889,10 +1083,18 @@ async fn observe(
     observation.capacity =
         crate::rollout::capacity::target(fleet.rollout.capacity, desired, observation.running);
     observation.rebake_due = !busy && rebake_due(store, fleet, cx.env.clock.now());
-    let health =
-        driver::check_health(provider.clone(), &fleet.rollout.health_check.http, &instances).await;
+    // Probing each instance costs a provider call per instance for a remote provider (a process
+    // and an API request each): an idle remote fleet shows the health its `list` reported (one
+    // call for the whole fleet), or none. The local provider's probes are plain HTTP.
+    let probe = busy || fleet.rollout.provider.kind() == ProviderKind::Local;
+    let health = if probe {
+        driver::check_health(provider.clone(), &fleet.rollout.health_check.http, instances).await
+    } else {
+        instances.iter().map(|i| listing.health.get(&i.id).copied()).collect()
+    };
     let statuses = instances
-        .into_iter()
+        .iter()
+        .cloned()
         .zip(health)
         .map(|(i, healthy)| InstanceStatus {
             id: i.id,
@@ -903,7 +1105,9 @@ async fn observe(
             healthy,
         })
         .collect();
-    (observation, Some(statuses), endpoint)
+    // Only an idle fleet's list stands for what it runs between rollouts.
+    let listing = (!busy).then_some(listing);
+    Observed { observation, instances: Some(statuses), endpoint, listing }
 }
 
 /// The image is older than `image.rebake` and no rebake was tried within the interval.

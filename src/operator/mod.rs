@@ -61,6 +61,26 @@ pub enum Command {
         #[serde(default)]
         to: Option<String>,
     },
+    /// Run again, as a new rollout (origin `retry`), the fleet's last rollout when it failed,
+    /// rolled back or was aborted: the same commit, and the same image once it was baked.
+    Retry {
+        /// Fleet.
+        fleet: String,
+    },
+    /// Deploy a commit of the tracked branch's history (a full id or a prefix of at least 7
+    /// hex digits) as a new rollout (origin `deploy`).
+    Deploy {
+        /// Fleet.
+        fleet: String,
+        /// The commit.
+        commit: String,
+    },
+    /// Retire a fleet removed from kiln.yaml: drain and terminate its instances and stop its
+    /// load balancer (a `prune` rollout). Refused for a fleet the tip's manifest still has.
+    Down {
+        /// Fleet.
+        fleet: String,
+    },
     /// Check the fleet for drift now (in the background; the report lands in
     /// `FleetStatus::drift`). Answers [`NO_ROLLOUT`].
     Drift {
@@ -80,6 +100,9 @@ impl Command {
             | Command::Resume { fleet }
             | Command::Abort { fleet }
             | Command::Rollback { fleet, .. }
+            | Command::Retry { fleet }
+            | Command::Deploy { fleet, .. }
+            | Command::Down { fleet }
             | Command::Drift { fleet } => fleet,
         }
     }
@@ -162,6 +185,10 @@ pub struct FleetStatus {
     /// The last drift check's report, if the fleet was ever checked.
     #[serde(default)]
     pub drift: Option<crate::drift::DriftReport>,
+    /// The tip's kiln.yaml no longer has the fleet, but it has a deployment (instances, a load
+    /// balancer): `kiln down FLEET` retires it, `prune: true` does so by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub orphaned: bool,
 }
 
 /// One instance as `kiln status` shows it.
@@ -207,6 +234,8 @@ pub struct OperatorConfig {
     pub keep_images: usize,
     /// The ports local instances listen on (`None`: any free port).
     pub instance_ports: Option<crate::provider::local::PortRange>,
+    /// Signature verification imposed by the daemon's flags (`None`: the manifest decides).
+    pub verify: Option<crate::verify::DaemonPolicy>,
 }
 
 struct FleetEntry {
@@ -281,15 +310,22 @@ impl Operator {
             // Unfinished rollouts of a fleet the tip no longer has: finished all the same.
             self.spawn_fleet(&name, None, recovered, &shutdown);
         }
+        // Deployed fleets the tip no longer has are orphaned: shown, and `kiln down` reaches them.
+        for name in self.store().deployed_fleets().unwrap_or_default() {
+            if !self.fleets.contains_key(&name) {
+                self.spawn_fleet(&name, None, Vec::new(), &shutdown);
+            }
+        }
 
         let (planned_tx, mut planned_rx) = mpsc::unbounded_channel();
-        let recorder = recorder::Recorder::new(
+        let mut recorder = recorder::Recorder::new(
             self.store().clone(),
             self.cx.env.mirror.clone(),
             self.cx.config.branch.clone(),
             self.cx.env.metrics.clone(),
             planned_tx,
         );
+        recorder.verify = self.cx.config.verify.clone();
         self.tasks.push(tokio::spawn(recorder.run(source_events, shutdown.clone())));
 
         let mut heal = tokio::time::interval(HEAL_EVERY);
@@ -301,7 +337,7 @@ impl Operator {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(planned) = planned_rx.recv() => self.on_planned(planned, &shutdown).await,
-                Some(request) = commands.recv() => self.on_command(request),
+                Some(request) = commands.recv() => self.on_command(request, &shutdown),
                 Some(_fleet) = self.jobs_ended.recv() => {
                     let soon = tokio::time::Instant::now() + GC_AFTER_JOB;
                     gc_due = Some(gc_due.map_or(soon, |at| at.min(soon)));
@@ -371,6 +407,18 @@ impl Operator {
     }
 
     async fn on_planned(&mut self, planned: recorder::Planned, shutdown: &CancellationToken) {
+        if let Some(fleets) = &planned.fleets {
+            // A fleet the tip's (valid) manifest no longer has was removed (or renamed).
+            let removed: Vec<mpsc::Sender<fleet::FleetMsg>> = self
+                .fleets
+                .iter()
+                .filter(|(name, _)| !fleets.iter().any(|f| &f.name == *name))
+                .map(|(_, entry)| entry.tx.clone())
+                .collect();
+            for tx in removed {
+                let _ = tx.send(fleet::FleetMsg::Removed).await;
+            }
+        }
         for spec in planned.fleets.into_iter().flatten() {
             let name = spec.name.clone();
             match self.fleets.get(&name) {
@@ -393,8 +441,14 @@ impl Operator {
         }
     }
 
-    fn on_command(&mut self, request: CommandRequest) {
+    fn on_command(&mut self, request: CommandRequest, shutdown: &CancellationToken) {
         let name = request.command.fleet().to_owned();
+        if matches!(request.command, Command::Down { .. })
+            && !self.fleets.contains_key(&name)
+            && self.store().deployed(&name).ok().flatten().is_some()
+        {
+            self.spawn_fleet(&name, None, Vec::new(), shutdown);
+        }
         let Some(entry) = self.fleets.get(&name) else {
             let message = format!("no fleet `{name}`");
             let _ = request.reply.send(Err(CommandError { status: 404, message }));
@@ -564,16 +618,17 @@ pub(crate) fn create_rollback(
         ..RolloutFilter::default()
     })?;
     let current = deployed.as_ref().map(|d| d.image.clone());
-    let target = succeeded
-        .into_iter()
-        .filter(|r| r.image.is_some())
-        .find(|r| to.is_some() || r.image != current)
-        .ok_or_else(|| {
-            RollbackError::Refused(match to {
-                Some(to) => format!("no succeeded rollout of fleet `{fleet}` at commit `{to}`"),
-                None => format!("fleet `{fleet}` has no earlier image to roll back to"),
-            })
-        })?;
+    let target = match to {
+        Some(_) => succeeded.iter().find(|r| r.image.is_some()),
+        None => last_good(&succeeded, current.as_ref()),
+    }
+    .cloned()
+    .ok_or_else(|| {
+        RollbackError::Refused(match to {
+            Some(to) => format!("no succeeded rollout of fleet `{fleet}` at commit `{to}`"),
+            None => format!("fleet `{fleet}` has no earlier image to roll back to"),
+        })
+    })?;
     let now = crate::model::now();
     let mut record = Rollout::new(
         Some(fleet.to_owned()),
@@ -587,7 +642,10 @@ pub(crate) fn create_rollback(
         bake: vec![],
         reconcile: false,
         roll: true,
-        reason: format!("manual rollback to the image of rollout #{}", target.id),
+        reason: format!(
+            "manual rollback to the image of rollout #{} (fast path: no canary gate, window or delay)",
+            target.id
+        ),
     };
     record.image = target.image.clone();
     record.stage_images = target.stage_images.clone();
@@ -602,6 +660,261 @@ pub(crate) fn create_rollback(
         None,
     )?;
     Ok(rollout.id)
+}
+
+/// The image `rollback` restores: the newest succeeded rollout's image that is neither the
+/// current one nor one a rollback moved away from. So a rollback after a rollback goes one
+/// good release further back, never to the image just rolled back from. `succeeded` is newest
+/// first; repairs and drift records restore nothing of their own and are passed over.
+pub(crate) fn last_good<'a>(
+    succeeded: &'a [Rollout],
+    current: Option<&crate::model::ImageRef>,
+) -> Option<&'a Rollout> {
+    let mut skip: Vec<&crate::model::ImageRef> = current.into_iter().collect();
+    for rollout in succeeded {
+        if rollout.origin.is_fast() {
+            skip.extend(rollout.previous_image.as_ref());
+            continue;
+        }
+        if matches!(rollout.origin, Origin::Repair | Origin::Drift) {
+            continue;
+        }
+        match &rollout.image {
+            Some(image) if !skip.contains(&image) => return Some(rollout),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `kiln retry FLEET`: records a rollout that runs the fleet's last rollout again when it
+/// failed, rolled back or was aborted (a cause outside the commit: a cloud API outage, a quota).
+/// Repairs and drift records are not what an operator retries and are passed over.
+pub(crate) fn create_retry(store: &Store, fleet: &str) -> Result<RolloutId, RollbackError> {
+    let recent = store.rollouts(&RolloutFilter {
+        fleet: Some(fleet.to_owned()),
+        limit: Some(200),
+        ..RolloutFilter::default()
+    })?;
+    let last = recent
+        .into_iter()
+        .find(|r| !matches!(r.origin, Origin::Repair | Origin::Drift))
+        .ok_or_else(|| {
+            RollbackError::Refused(format!("fleet `{fleet}` has no rollout to retry"))
+        })?;
+    match last.state {
+        RolloutState::Failed | RolloutState::RolledBack | RolloutState::Aborted => {}
+        state if !state.is_terminal() => {
+            return Err(RollbackError::Refused(format!(
+                "rollout #{} of fleet `{fleet}` is still {state}; retry re-runs a rollout that failed, rolled back or was aborted",
+                last.id
+            )));
+        }
+        state => {
+            return Err(RollbackError::Refused(format!(
+                "the last rollout of fleet `{fleet}` (#{}) {state}; retry re-runs a rollout that failed, rolled back or was aborted",
+                last.id
+            )));
+        }
+    }
+    let current = store.deployed(fleet)?.map(|d| d.image);
+    let mut record = Rollout::new(
+        Some(fleet.to_owned()),
+        last.revision.clone(),
+        last.summary.clone(),
+        "command".into(),
+        Origin::Retry { of: last.id },
+        crate::model::now(),
+    );
+    record.plan = Plan {
+        reason: format!("retry of rollout #{} ({}): {}", last.id, last.state, last.plan.reason),
+        ..last.plan.clone()
+    };
+    // A baked image is reused (the bake is not what failed, or it would have none).
+    record.image = last.image.clone();
+    record.stage_images = last.stage_images.clone();
+    record.previous_image = current;
+    let rollout = store.create_rollout(record)?;
+    store.append_event(
+        rollout.id,
+        Level::Info,
+        EventKind::Command,
+        format!("retry of rollout #{} requested by an operator", last.id),
+        None,
+    )?;
+    Ok(rollout.id)
+}
+
+/// Records that `fleet` was removed from kiln.yaml while deployed: a fleet-level entry in the
+/// log (`skipped`, with an `orphaned` plan event) saying what still runs and what to do.
+pub(crate) fn record_orphaned(
+    store: &Store,
+    fleet: &str,
+    deployed: &crate::store::Deployed,
+    prune: bool,
+) -> Result<Rollout, StoreError> {
+    let now = crate::model::now();
+    let tip = store.get_meta::<Revision>(TIP_KEY)?.unwrap_or_else(|| deployed.revision.clone());
+    let mut record = Rollout::new(
+        Some(fleet.to_owned()),
+        tip.clone(),
+        format!("fleet `{fleet}` removed from kiln.yaml"),
+        "plan".into(),
+        Origin::Commit,
+        now,
+    );
+    let next = if prune {
+        "prune is set: its instances and load balancer are being retired".to_owned()
+    } else {
+        format!(
+            "its instances and load balancer still run on {}; `kiln down {fleet}` retires them (or set `prune: true`)",
+            deployed.image
+        )
+    };
+    let reason =
+        format!("orphaned: fleet `{fleet}` is not in kiln.yaml at {}; {next}", tip.short());
+    record.state = RolloutState::Skipped;
+    record.plan = Plan { reason: reason.clone(), ..Plan::default() };
+    record.reason = Some(reason.clone());
+    record.previous_image = Some(deployed.image.clone());
+    record.finished_at = Some(now);
+    let rollout = store.create_rollout(record)?;
+    store.append_event(rollout.id, Level::Warn, EventKind::Plan, reason, None)?;
+    store.append_state_change(
+        rollout.id,
+        Level::Warn,
+        RolloutState::Pending,
+        RolloutState::Skipped,
+        "skipped: orphaned".to_owned(),
+    )?;
+    Ok(rollout)
+}
+
+/// Records a `prune` rollout retiring `fleet` (its deployed commit's spec drives it).
+pub(crate) fn create_prune(
+    store: &Store,
+    fleet: &str,
+    deployed: &crate::store::Deployed,
+    why: &str,
+) -> Result<RolloutId, StoreError> {
+    let summary = store
+        .rollout(deployed.rollout)
+        .map(|r| r.summary)
+        .unwrap_or_else(|_| format!("fleet `{fleet}`"));
+    let mut record = Rollout::new(
+        Some(fleet.to_owned()),
+        deployed.revision.clone(),
+        format!("prune: {summary}"),
+        "command".into(),
+        Origin::Prune,
+        crate::model::now(),
+    );
+    record.plan = Plan {
+        bake: vec![],
+        reconcile: false,
+        roll: true,
+        reason: format!(
+            "retiring fleet `{fleet}` ({why}): drain and terminate its instances, stop its load balancer"
+        ),
+    };
+    record.image = Some(deployed.image.clone());
+    record.previous_image = Some(deployed.image.clone());
+    let rollout = store.create_rollout(record)?;
+    store.append_event(
+        rollout.id,
+        Level::Warn,
+        EventKind::Plan,
+        rollout.plan.reason.clone(),
+        None,
+    )?;
+    Ok(rollout.id)
+}
+
+/// A commit `kiln deploy` may deploy, resolved in the mirror (blocking git reads).
+#[derive(Debug)]
+pub(crate) struct Deployable {
+    /// The commit.
+    pub commit: CommitRecord,
+    /// The fleet at that commit.
+    pub prepared: fleet::Prepared,
+}
+
+/// Resolves `commit` (a prefix) for `kiln deploy`: it must be on the tracked branch's history
+/// (an ancestor of the last tip kiln recorded, or that tip) and its kiln.yaml must describe
+/// `fleet`. Blocking: run it off the async loops.
+pub(crate) fn resolve_deploy(
+    mirror: &std::path::Path,
+    tip: Option<&Revision>,
+    branch: &str,
+    commit: &str,
+    fleet: &str,
+) -> Result<Deployable, CommandError> {
+    let refuse = |status: u16, message: String| CommandError { status, message };
+    let prefix = check_prefix(commit).map_err(|m| refuse(400, m))?;
+    let Some(tip) = tip else {
+        return Err(refuse(409, format!("no commit of branch `{branch}` was recorded yet")));
+    };
+    let wanted = Revision(prefix.clone());
+    let record = crate::source::git::commit_record(mirror, &wanted).map_err(|e| {
+        refuse(404, format!("no commit `{prefix}` in the repository ({})", crate::error::chain(&e)))
+    })?;
+    let on_branch = crate::source::git::is_ancestor(mirror, &record.revision, tip)
+        .map_err(|e| refuse(500, crate::error::chain(&e)))?;
+    if !on_branch {
+        return Err(refuse(
+            409,
+            format!(
+                "commit {} is not on the history of branch `{branch}` (tip {}); kiln deploys only commits of its branch",
+                record.revision.short(),
+                tip.short()
+            ),
+        ));
+    }
+    let spec = planner::fleet_at(mirror, &record.revision, fleet)
+        .map_err(|e| refuse(500, crate::error::chain(&e)))?
+        .ok_or_else(|| {
+            refuse(
+                409,
+                format!(
+                    "fleet `{fleet}` is not in kiln.yaml at {} (or that kiln.yaml is invalid)",
+                    record.revision.short()
+                ),
+            )
+        })?;
+    let trees = planner::fleet_trees(mirror, &record.revision, &spec)
+        .map_err(|e| refuse(500, crate::error::chain(&e)))?;
+    Ok(Deployable { commit: record, prepared: fleet::Prepared { fleet: spec, trees } })
+}
+
+/// Records the rollout of `kiln deploy`: every stage baked (the bake cache makes an image
+/// already built free), the reconcile hook run, instances rolled through the fleet's gates.
+pub(crate) fn create_deploy(store: &Store, deployable: &Deployable) -> Result<Rollout, StoreError> {
+    let spec = &deployable.prepared.fleet;
+    let commit = &deployable.commit;
+    let mut record = Rollout::new(
+        Some(spec.name.clone()),
+        commit.revision.clone(),
+        commit.summary.clone(),
+        "command".into(),
+        Origin::Deploy,
+        crate::model::now(),
+    );
+    record.plan = Plan {
+        bake: spec.image.stages.iter().map(|s| s.name.clone()).collect(),
+        reconcile: spec.infra.is_some(),
+        roll: true,
+        reason: format!("deploy of commit {} requested by an operator", commit.revision.short()),
+    };
+    record.previous_image = store.deployed(&spec.name)?.map(|d| d.image);
+    let rollout = store.create_rollout(record)?;
+    store.append_event(
+        rollout.id,
+        Level::Info,
+        EventKind::Command,
+        rollout.plan.reason.clone(),
+        None,
+    )?;
+    Ok(rollout)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -667,6 +980,48 @@ fn unambiguous<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn succeeded(id: u64, origin: Origin, image: &str, previous: Option<&str>) -> Rollout {
+        let mut r = Rollout::new(
+            Some("web".into()),
+            Revision(format!("{id:040}")),
+            String::new(),
+            "test".into(),
+            origin,
+            crate::model::now(),
+        );
+        r.id = RolloutId(id);
+        r.state = RolloutState::Succeeded;
+        r.image = Some(image.into());
+        r.previous_image = previous.map(Into::into);
+        r
+    }
+
+    #[test]
+    fn rollback_goes_one_good_release_back_never_to_the_image_a_rollback_left() {
+        // Issue 17: a rollback after a rollback redeployed the image just rolled back from.
+        let back = |from: u64| Origin::Rollback { from: Some(RolloutId(from)) };
+        let mut history = vec![
+            succeeded(1, Origin::Commit, "a", None),
+            succeeded(2, Origin::Commit, "b", Some("a")),
+            succeeded(3, Origin::Commit, "c", Some("b")),
+        ];
+        history.reverse();
+        let target = |h: &[Rollout], current: &str| {
+            last_good(h, Some(&current.into())).and_then(|r| r.image.clone()).map(|i| i.0)
+        };
+        assert_eq!(target(&history, "c").as_deref(), Some("b"));
+        history.insert(0, succeeded(4, back(2), "b", Some("c")));
+        assert_eq!(target(&history, "b").as_deref(), Some("a"), "not c, rolled back from");
+        history.insert(0, succeeded(5, back(1), "a", Some("b")));
+        assert_eq!(target(&history, "a"), None, "nothing older");
+        // Repairs restore nothing of their own; a new commit after rollbacks is a new release.
+        history.insert(0, succeeded(6, Origin::Repair, "a", Some("a")));
+        history.insert(0, succeeded(7, Origin::Commit, "d", Some("a")));
+        assert_eq!(target(&history, "d").as_deref(), Some("a"), "b and c were left by rollbacks");
+        history.insert(0, succeeded(8, Origin::Commit, "e", Some("d")));
+        assert_eq!(target(&history, "e").as_deref(), Some("d"));
+    }
 
     #[test]
     fn rollback_prefixes_must_be_long_and_unambiguous() {

@@ -44,6 +44,8 @@ pub struct Recorder {
     pub branch: String,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub out: mpsc::UnboundedSender<Planned>,
+    /// Signature verification the daemon's flags impose (else `verify:` in the manifest).
+    pub verify: Option<crate::verify::DaemonPolicy>,
     last_fetch_failure_logged: Option<tokio::time::Instant>,
     unrecorded: VecDeque<SourceEvent>,
 }
@@ -62,6 +64,7 @@ impl Recorder {
             branch,
             metrics,
             out,
+            verify: None,
             last_fetch_failure_logged: None,
             unrecorded: VecDeque::new(),
         }
@@ -204,7 +207,10 @@ impl Recorder {
                         ..RolloutFilter::default()
                     })?
                     .is_empty());
-        let result = if planned { Planned::default() } else { self.plan_tip(&tip).await? };
+        // What was planned last: the new tip is planned against it (only what changed between
+        // the two), unless history moved back (a force push, a recreated branch): then afresh.
+        let since = if moved_back { None } else { self.store.get_meta::<Revision>(TIP_KEY)? };
+        let result = if planned { Planned::default() } else { self.plan_tip(&tip, since).await? };
         self.store.set_meta(TIP_KEY, &tip.revision)?;
         if result.fleets.is_some() || !result.rollouts.is_empty() {
             let _ = self.out.send(result);
@@ -212,13 +218,17 @@ impl Recorder {
         Ok(())
     }
 
-    async fn plan_tip(&mut self, tip: &CommitRecord) -> anyhow::Result<Planned> {
+    async fn plan_tip(
+        &mut self,
+        tip: &CommitRecord,
+        since: Option<Revision>,
+    ) -> anyhow::Result<Planned> {
         let mirror = self.mirror.clone();
         let revision = tip.revision.clone();
         let store = self.store.clone();
         let deployed = move |fleet: &str| store.deployed(fleet).ok().flatten();
         let plan = tokio::task::spawn_blocking(move || {
-            planner::plan_commit(&mirror, &revision, &deployed)
+            planner::plan_commit(&mirror, &revision, since.as_ref(), &deployed)
         })
         .await?;
         let note = match &tip.kind {
@@ -265,15 +275,33 @@ impl Recorder {
             }
             Ok(CommitPlan::Fleets(plans)) => plans,
         };
+        let fleet_count = plans.index.fleets().len();
+        // Signatures are checked before anything is created: a blocked push is one failed
+        // record and no rollout (see `crate::verify`).
+        let mut verified = None;
+        if plans.plans.iter().any(|p| !p.is_noop()) {
+            let gate = crate::verify::gate(
+                store,
+                &self.mirror,
+                tip,
+                self.verify.as_ref(),
+                note.as_deref(),
+            );
+            match gate.await? {
+                crate::verify::Gate::Open(result) => verified = result,
+                crate::verify::Gate::Closed => return Ok(Planned::default()),
+            }
+        }
         let mut planned = Planned {
-            fleets: Some(plans.iter().map(|p| p.fleet.clone()).collect()),
+            // The reconcilers learn the manifest again only when its fleets changed.
+            fleets: plans.manifest_changed.then(|| plans.index.fleets().to_vec()),
             rollouts: Vec::new(),
         };
+        let unchanged = fleet_count - plans.plans.len();
         let mut skipped = Vec::new();
-        let fleet_count = plans.len();
         let mut batch = Vec::new();
         let mut prepared = Vec::new();
-        for fleet_plan in plans {
+        for fleet_plan in plans.plans {
             if fleet_plan.is_noop() {
                 skipped.push(format!("{}: {}", fleet_plan.fleet.name, fleet_plan.plan.reason));
                 continue;
@@ -290,6 +318,7 @@ impl Recorder {
             );
             record.plan = fleet_plan.plan.clone();
             record.previous_image = previous_image;
+            record.verified = verified.clone();
             let mut events = Vec::new();
             if let Some(note) = &note {
                 events.push(Event::new(
@@ -323,8 +352,18 @@ impl Recorder {
             tracing::info!(rollout = %rollout.id, fleet = %prepared.fleet.name, revision = %tip.revision.short(), "Rollout planned.");
             planned.rollouts.push((rollout.id, prepared));
         }
-        if !skipped.is_empty() && fleet_count == skipped.len() {
-            let reason = format!("touches no fleet's paths ({})", skipped.join("; "));
+        if skipped.len() + unchanged == fleet_count {
+            // Bounded: a commit touching none of a thousand fleets is one short line.
+            const NAMED: usize = 5;
+            let mut parts: Vec<String> = skipped.iter().take(NAMED).cloned().collect();
+            if skipped.len() > NAMED {
+                parts.push(format!("{} more like these", skipped.len() - NAMED));
+            }
+            if unchanged > 0 {
+                let s = if unchanged == 1 { "" } else { "s" };
+                parts.push(format!("{unchanged} fleet{s} with nothing they track changed"));
+            }
+            let reason = format!("touches no fleet's paths ({})", parts.join("; "));
             record_commit_level(store, tip, RolloutState::Skipped, with_note(reason))?;
         }
         Ok(planned)

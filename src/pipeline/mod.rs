@@ -12,7 +12,7 @@ pub mod reconcile;
 pub(crate) mod workspace;
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,48 @@ pub(crate) use workspace::{Workspace, git};
 const BATCH: usize = 512;
 /// How often buffered output lines are written while a hook runs.
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+
+/// How many pipeline steps run at once across all fleets by default (`kiln run --jobs`).
+pub const DEFAULT_JOBS: usize = 8;
+
+/// Bounds how many pipeline steps (each an export of the commit and a hook run: bake, reconcile,
+/// a drift check's plan) run at once across every fleet, so that a push touching a thousand
+/// fleets bakes them a few at a time instead of a thousand exports and hooks fighting over the
+/// disk, the CPU and the blocking pool. A step waiting for a slot is recorded as such.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    permits: Arc<tokio::sync::Semaphore>,
+    size: usize,
+}
+
+impl Slots {
+    /// `size` steps at once (at least one).
+    pub fn new(size: usize) -> Slots {
+        let size = size.max(1);
+        Slots { permits: Arc::new(tokio::sync::Semaphore::new(size)), size }
+    }
+
+    /// How many steps may run at once.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// A slot at once, if one is free.
+    pub(crate) fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().try_acquire_owned().ok()
+    }
+
+    /// Waits for a slot (the semaphore is never closed).
+    pub(crate) async fn acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+}
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots::new(DEFAULT_JOBS)
+    }
+}
 
 /// Everything a pipeline step needs. Borrowed from the driver for one step.
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +93,8 @@ pub struct StepContext<'a> {
     pub hook_env: &'a [(String, String)],
     /// Where durations are observed.
     pub metrics: &'a crate::metrics::Metrics,
+    /// The daemon-wide bound on steps running at once.
+    pub slots: &'a Slots,
 }
 
 impl StepContext<'_> {

@@ -27,11 +27,35 @@ pub(crate) struct Workspace {
     pub tree: PathBuf,
     /// `<data dir>/work/<rollout>-<name>.out`: `$KILN_OUTPUT_DIR`.
     pub out: PathBuf,
+    /// The step's pipeline slot, held until the workspace is removed.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Workspace {
-    /// Exports `cx.revision` afresh (a leftover from a crashed run is removed first).
+    /// Takes a pipeline slot (waiting, recorded, while all are in use), then exports
+    /// `cx.revision` afresh (a leftover from a crashed run is removed first).
     pub async fn export(cx: &StepContext<'_>, name: &str) -> Result<Workspace, StepError> {
+        let slot = match cx.slots.try_acquire() {
+            Some(slot) => Some(slot),
+            None => {
+                let message = format!(
+                    "{name}: waiting for a pipeline slot ({} steps run at once across fleets; `kiln run --jobs`)",
+                    cx.slots.size()
+                );
+                tracing::info!(rollout = %cx.rollout, fleet = %cx.fleet.name, "{message}");
+                if cx.rollout.0 != 0 {
+                    cx.event(crate::store::Level::Info, crate::store::EventKind::Rollout, message);
+                }
+                tokio::select! {
+                    slot = cx.slots.acquire() => slot,
+                    () = cx.cancel.cancelled() => {
+                        return Err(StepError::Hook(crate::hooks::HookError::Cancelled {
+                            name: name.to_owned(),
+                        }));
+                    }
+                }
+            }
+        };
         let work = cx.data_dir.join("work");
         // `name` comes from the manifest: joined so that it can never leave the work dir.
         let join = |file: String| {
@@ -50,7 +74,7 @@ impl Workspace {
         let exported =
             git(cx, move |mirror, revision| crate::source::git::export(mirror, revision, &dest))
                 .await;
-        let workspace = Workspace { tree, out };
+        let workspace = Workspace { tree, out, _slot: slot };
         if let Err(error) = exported {
             // A half-written export must not linger in the data dir.
             workspace.remove().await;

@@ -54,6 +54,9 @@ pub struct ExecInstance {
     /// The idempotency key it was launched with.
     #[serde(default)]
     pub launch_key: Option<String>,
+    /// Whether it serves, when the script can tell in its `list` reply (optional).
+    #[serde(default)]
+    pub healthy: Option<bool>,
 }
 
 fn yes() -> bool {
@@ -257,12 +260,17 @@ impl ExecProvider {
                 }
             },
         };
-        let instances = reply
-            .instances
-            .into_iter()
-            .map(|reported| Self::instance("list", script, reported, None))
-            .collect::<Result<_, _>>()?;
-        Ok(Observation { instances, desired })
+        let mut health = std::collections::HashMap::new();
+        let mut instances = Vec::with_capacity(reply.instances.len());
+        for reported in reply.instances {
+            let healthy = reported.healthy;
+            let instance = Self::instance("list", script, reported, None)?;
+            if let Some(healthy) = healthy {
+                health.insert(instance.id.clone(), healthy);
+            }
+            instances.push(instance);
+        }
+        Ok(Observation { instances, desired, health })
     }
 
     /// An acknowledgement: nothing, or a JSON object.
@@ -398,6 +406,7 @@ mod tests {
             attached: false,
             launched_at: None,
             launch_key: None,
+            healthy: None,
         };
         let image = ImageRef::from("ami-1");
         let ok = ExecProvider::instance(

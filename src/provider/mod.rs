@@ -56,6 +56,10 @@ pub struct Observation {
     /// (an AWS Auto Scaling group's or an Alibaba ESS group's desired capacity, which scaling
     /// rules move). `None`: the manifest's `capacity` decides.
     pub desired: Option<u32>,
+    /// Health the provider reported with the list, per instance id (an exec `list` reply's
+    /// `"healthy"`: one call for the whole fleet, e.g. a target group's health). Instances it
+    /// does not name have no reported health.
+    pub health: std::collections::HashMap<InstanceId, bool>,
 }
 
 /// Errors from a provider.
@@ -107,7 +111,7 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The fleet's instances and, when the provider owns it, its desired count (see
     /// [`Observation`]). The default lists and reports no desired count.
     async fn observe(&self) -> Result<Observation, ProviderError> {
-        Ok(Observation { instances: self.list().await?, desired: None })
+        Ok(Observation { instances: self.list().await?, ..Observation::default() })
     }
 
     /// Launches one instance on `image`. Calling it again with the same `key` returns the
@@ -140,6 +144,13 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
     /// The address clients use (the load balancer URL), when there is one.
     fn endpoint(&self) -> Option<String> {
         None
+    }
+
+    /// Retires what the fleet has besides its instances (its load balancer) once a `prune`
+    /// rollout terminated them all. Idempotent. The default does nothing: an exec provider's
+    /// load balancer belongs to the infra its hooks manage.
+    async fn retire(&self) -> Result<(), ProviderError> {
+        Ok(())
     }
 }
 
@@ -209,7 +220,7 @@ pub fn open_key(fleet: &crate::manifest::Fleet, revision: &crate::model::Revisio
 
 /// The provider factory: opens the provider `fleet` names in its manifest at `revision`.
 /// May be slow (the local provider starts or adopts its load balancer, the exec provider exports
-/// the commit's scripts): callers run it off any shared loop.
+/// the directories of its scripts at the commit): callers run it off any shared loop.
 pub async fn open(
     fleet: &crate::manifest::Fleet,
     revision: &crate::model::Revision,
@@ -236,8 +247,17 @@ pub async fn open(
             if !repo_dir.exists() {
                 let (mirror, revision, dest) =
                     (cx.mirror.clone(), revision.clone(), repo_dir.clone());
+                // The directories that hold the scripts, not the whole repo: a repo of a
+                // thousand fleets is not copied once per fleet.
+                let dirs: Vec<String> = spec
+                    .scripts()
+                    .map(|(_, script)| {
+                        let script = script.trim_start_matches("./");
+                        script.rsplit_once('/').map_or(String::new(), |(dir, _)| dir.to_owned())
+                    })
+                    .collect();
                 tokio::task::spawn_blocking(move || {
-                    crate::source::git::export(&mirror, &revision, &dest)
+                    crate::source::git::export_dirs(&mirror, &revision, &dest, &dirs)
                 })
                 .await
                 .map_err(|e| setup(format!("exporting the provider scripts: {e}")))?

@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::model::{Clock, ImageRef, InstanceId, RolloutId, Timestamp};
 use crate::pipeline::StepContext;
 use crate::provider::{Health, Instance, Provider, ProviderError, SharedProvider};
-use crate::rollout::state::{Action, Rollout, RolloutState};
+use crate::rollout::state::{Action, Origin, Rollout, RolloutState};
 use crate::store::{
     Deployed, Event, EventKind, InstanceAction, InstanceEvent, Level, Store, StoreError,
 };
@@ -54,6 +54,8 @@ pub struct DriverEnv {
     pub metrics: Arc<Metrics>,
     /// Wall-clock time (persisted timestamps, timeouts).
     pub clock: Arc<dyn Clock>,
+    /// The daemon-wide bound on bake/reconcile steps running at once.
+    pub slots: crate::pipeline::Slots,
 }
 
 /// Why driving a rollout stopped with an error. Failures of the rollout
@@ -429,7 +431,10 @@ async fn drive_turns(
             Next::Done(state) => {
                 // A store failure between recording success and recording the deployment
                 // leaves a succeeded rollout that is not deployed: finish that here.
-                if state == RolloutState::Succeeded && rollout.plan.roll {
+                if state == RolloutState::Succeeded && rollout.origin == Origin::Prune {
+                    // Recorded pruned, then killed before the load balancer went: finish it.
+                    retire(env, provider.as_ref(), &rollout).await?;
+                } else if state == RolloutState::Succeeded && rollout.plan.roll {
                     let recorded = store
                         .deployed(&fleet.name)
                         .map_err(|source| DriveError::Store { id, source })?;
@@ -440,6 +445,21 @@ async fn drive_turns(
                 return Ok(state);
             }
             Next::Record { rollout: next, message } => {
+                if next.state == RolloutState::Succeeded && next.origin == Origin::Prune {
+                    if let Err(error) = provider.retire().await {
+                        let text = format!("stopping the load balancer: {}", chain(&error));
+                        warn!(error = %text, "Provider failed; retrying.");
+                        let retry = on_error(&rollout, error.class(), &text, env.clock.now());
+                        commit(store, &rollout, &retry, &text)?;
+                        if let Some(until) = retry.not_before {
+                            nap(env.clock.as_ref(), control, until, MAX_NAP).await;
+                        }
+                        continue;
+                    }
+                    commit(store, &rollout, &next, &message)?;
+                    retire(env, provider.as_ref(), &next).await?;
+                    return Ok(next.state);
+                }
                 commit(store, &rollout, &next, &message)?;
                 if next.state == RolloutState::Succeeded {
                     deployed(env, fleet, &next, trees)?;
@@ -543,6 +563,28 @@ pub fn stop_before_rolling(
     }
 }
 
+/// After a `prune` rollout: the load balancer stopped (idempotent) and the deployment
+/// forgotten, so the fleet no longer shows in `kiln status`.
+async fn retire(
+    env: &DriverEnv,
+    provider: &dyn Provider,
+    rollout: &Rollout,
+) -> Result<(), DriveError> {
+    if let Err(error) = provider.retire().await {
+        warn!(error = %chain(&error), "Could not stop the pruned fleet's load balancer.");
+    }
+    let Some(fleet) = rollout.fleet.as_deref() else { return Ok(()) };
+    let store = &env.store;
+    let deployed =
+        store.deployed(fleet).map_err(|source| DriveError::Store { id: rollout.id, source })?;
+    if deployed.is_some_and(|d| d.rollout < rollout.id) {
+        store
+            .clear_deployed(fleet)
+            .map_err(|source| DriveError::Store { id: rollout.id, source })?;
+    }
+    Ok(())
+}
+
 /// Records what the fleet runs after a successful rollout.
 fn deployed(
     env: &DriverEnv,
@@ -582,6 +624,7 @@ async fn run_hook(
         cancel,
         hook_env: &env.hook_env,
         metrics: &env.metrics,
+        slots: &env.slots,
     };
     let baking = rollout.state == RolloutState::Baking;
     let work = async {

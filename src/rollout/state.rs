@@ -135,6 +135,24 @@ pub enum Origin {
     Drift,
     /// Bringing a drifted fleet back to its deployed image (and infra) without a commit.
     Repair,
+    /// `kiln retry`: the same commit (and image, once baked) as a rollout that did not succeed.
+    Retry {
+        /// The rollout re-run.
+        of: RolloutId,
+    },
+    /// `kiln deploy COMMIT`: a commit of the branch's history, deployed on request.
+    Deploy,
+    /// Retiring a fleet removed from kiln.yaml (`prune: true`, `kiln run --prune` or
+    /// `kiln down`): its instances are drained and terminated, its load balancer stopped.
+    Prune,
+}
+
+impl Origin {
+    /// A rollback takes the fast path: no schedule delay, no maintenance window, no canary
+    /// gate (it restores an image that already served).
+    pub fn is_fast(&self) -> bool {
+        matches!(self, Origin::Rollback { .. } | Origin::AutoRollback { .. })
+    }
 }
 
 /// One commit's journey for one fleet. Stored under `rollouts/<id>`; history is append-only.
@@ -185,6 +203,33 @@ pub struct Rollout {
     /// The rolling phase's persisted state machine.
     #[serde(default)]
     pub rolling: Option<Rolling>,
+    /// How the commit passed signature verification, when `verify:` required it (records
+    /// written before verification existed read as `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<Verified>,
+}
+
+/// How a commit passed signature verification (see `crate::verify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verified {
+    /// `head` or `range`.
+    pub mode: String,
+    /// Where the trust came from: `daemon flags` or `kiln.yaml at <commit>`.
+    pub policy: String,
+    /// The last deployed commit the range starts after (`None`: the tip alone was checked).
+    #[serde(default)]
+    pub since: Option<Revision>,
+    /// How many commits were verified.
+    pub commits: usize,
+    /// The tip's signature: `ssh` or `gpg`.
+    pub method: String,
+    /// Who signed the tip: the allowed-signers principal or the OpenPGP user id.
+    pub signer: String,
+    /// The tip's key: `SHA256:…` (SSH) or the OpenPGP fingerprint.
+    pub key: String,
+    /// Every distinct `method signer key` in the range.
+    #[serde(default)]
+    pub signers: Vec<String>,
 }
 
 /// The persisted state of instance replacement (owned by `rollout::step`/`driver`).
@@ -216,6 +261,10 @@ pub struct Rolling {
     /// The failure that started a rollback (kept for the final reason).
     #[serde(default)]
     pub failure: Option<String>,
+    /// True once an operator aborted the rollout and the fleet is being returned to its stable
+    /// image (`previous_image`, with `rollback` set); it then ends `aborted`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborting: bool,
     /// Set when the rolling phase must end: unhealthy new instances are terminated first, then
     /// the rollout moves to `ending.state`.
     #[serde(default)]
@@ -369,6 +418,7 @@ impl Rollout {
             not_before: None,
             attempt: 0,
             rolling: None,
+            verified: None,
         }
     }
 }

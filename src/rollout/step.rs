@@ -35,7 +35,9 @@ pub enum Control {
     Run,
     /// Stop at the next safe point, state `paused`.
     Pause,
-    /// Stop at the next safe point for good, state `aborted`; the fleet is left as is.
+    /// Stop for good, state `aborted`. A rollout that moved instances returns the fleet to its
+    /// stable image (`previous_image`) first: new instances are detached and replaced by
+    /// stable ones. Without a stable image (a first deployment) the fleet is left as is.
     Abort,
     /// A newer rollout takes over: stop at once before rolling, or after the replacement in
     /// flight while rolling.
@@ -152,6 +154,42 @@ fn stop_of(control: &Control) -> Option<(RolloutState, String)> {
     }
 }
 
+/// `abort` of a rollout that moved instances: the fleet goes back to the stable image (the one
+/// it ran before, `previous_image`) through the rolling machine, which then ends `aborted`.
+/// `None` when there is nothing to return to (no stable image, a first deployment, nothing
+/// rolled yet) or the rollout is already going back.
+fn revert(rollout: &Rollout, now: Timestamp) -> Option<Next> {
+    let rolling = rollout.rolling.as_ref()?;
+    if rolling.rollback || rolling.aborting || rolling.intent.is_some() {
+        return None;
+    }
+    let stable = rollout.previous_image.clone()?;
+    if rolling.target.as_ref().or(rollout.image.as_ref()) == Some(&stable) {
+        return None;
+    }
+    let mut r = rollout.clone();
+    let rr = r.rolling.as_mut()?;
+    rr.rollback = true;
+    rr.aborting = true;
+    rr.target = Some(stable.clone());
+    rr.failure = None;
+    rr.ending = None;
+    rr.batch_left = 0;
+    rr.canary_done = true;
+    rr.canary_hold = false;
+    rr.probes.clear();
+    rr.last_progress = Some(now);
+    r.state = RolloutState::Rolling;
+    r.paused_from = None;
+    r.not_before = None;
+    r.attempt = 0;
+    r.reason = None;
+    Some(record(
+        r,
+        format!("aborted by operator; returning the fleet to the stable image {stable}"),
+    ))
+}
+
 /// Describes which images the fleet runs, for abort reasons (`2 on img-b, 1 on img-a`).
 fn image_mix(instances: &[Instance]) -> String {
     let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
@@ -205,6 +243,11 @@ pub fn step(
     if matches!(rollout.state, S::Pending | S::Scheduled | S::Baking | S::Reconciling | S::Paused) {
         match control {
             Control::Abort | Control::Supersede(_) => {
+                if *control == Control::Abort {
+                    if let Some(next) = revert(rollout, now) {
+                        return next;
+                    }
+                }
                 let (state, mut reason) = stop_of(control).unwrap_or((S::Aborted, String::new()));
                 if rollout.rolling.is_some() {
                     reason =
@@ -223,6 +266,7 @@ pub fn step(
         S::Paused => Next::Done(S::Paused),
         S::Pending => {
             let delay = policy.schedule.as_ref().and_then(|s| s.delay);
+            let delay = delay.filter(|_| !rollout.origin.is_fast());
             let mut r = rollout.clone();
             r.started_at.get_or_insert(now);
             if let Some(delay) = delay {
@@ -341,10 +385,18 @@ fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
-fn probe_ready(probe: Option<&Probe>, policy: &RolloutPolicy, now: Timestamp) -> bool {
+/// Healthy for `healthyThreshold` checks and `minHealthy`. Returning to the stable image after
+/// an abort does not wait out `minHealthy`: that image served until the rollout began.
+fn probe_ready(
+    probe: Option<&Probe>,
+    policy: &RolloutPolicy,
+    aborting: bool,
+    now: Timestamp,
+) -> bool {
+    let min_healthy = if aborting { Duration::ZERO } else { policy.min_healthy };
     probe.is_some_and(|p| {
         p.ok_streak >= policy.health_check.healthy_threshold.max(1)
-            && p.healthy_since.is_some_and(|h| add(h, policy.min_healthy) <= now)
+            && p.healthy_since.is_some_and(|h| add(h, min_healthy) <= now)
     })
 }
 
@@ -359,7 +411,20 @@ fn step_rolling(
     let Some(image) = rollout.image.clone() else {
         return finish(rollout, S::Failed, Some("no image to roll out".into()), now);
     };
+    let prune = rollout.origin == crate::rollout::state::Origin::Prune;
     let Some(rolling) = &rollout.rolling else {
+        if prune {
+            let mut r = rollout.clone();
+            let todo: Vec<InstanceId> = observed.instances.iter().map(|i| i.id.clone()).collect();
+            let message = format!("pruning: draining and terminating {} instance(s)", todo.len());
+            r.rolling = Some(Rolling {
+                todo,
+                canary_done: true,
+                last_progress: Some(now),
+                ..Rolling::default()
+            });
+            return record(r, message);
+        }
         let olds: Vec<InstanceId> = observed
             .instances
             .iter()
@@ -370,7 +435,7 @@ fn step_rolling(
         let message = format!("rolling {} old instance(s) onto {image}", olds.len());
         let seen = observed.instances.iter().filter(|i| i.running).map(|i| i.id.clone()).collect();
         r.rolling = Some(Rolling {
-            canary_done: policy.canary.is_none() || olds.is_empty(),
+            canary_done: policy.canary.is_none() || olds.is_empty() || rollout.origin.is_fast(),
             todo: olds,
             seen,
             target: Some(image),
@@ -384,6 +449,14 @@ fn step_rolling(
     // is idempotent (launches through their key), so completing it never duplicates it.
     if let Some(intent) = &rolling.intent {
         return Next::Act(intent.action.clone());
+    }
+    if prune {
+        return step_prune(rollout, rolling, observed, control, now);
+    }
+    if *control == Control::Abort {
+        if let Some(next) = revert(rollout, now) {
+            return next;
+        }
     }
     let view = View::new(observed.instances, &target);
     // The count this rollout converges to, as of now (see `capacity::target`).
@@ -418,7 +491,10 @@ fn step_rolling(
         return finish(rollout, ending.state, Some(reason), now);
     }
 
-    let stopping = stop_of(control);
+    // A fleet going back to its stable image (an abort, a failed rollout) keeps going: that
+    // is what an abort asks for.
+    let stopping =
+        if rolling.rollback && *control == Control::Abort { None } else { stop_of(control) };
 
     // Failures: a new instance that died or stayed unhealthy too long, or no progress at all.
     // `failed` collects the new instances that failed, with the check that failed.
@@ -507,7 +583,13 @@ fn step_rolling(
         && view.pending.is_empty()
         && view.new_attached.len() >= capacity as usize
     {
-        return if rolling.rollback {
+        return if rolling.aborting {
+            let reason = format!(
+                "aborted by operator; the fleet is back on the stable image {target} ({} instance(s))",
+                view.new_attached.len()
+            );
+            finish(rollout, S::Aborted, Some(reason), now)
+        } else if rolling.rollback {
             let reason = format!(
                 "rolled back to {target}: {}",
                 rolling.failure.as_deref().unwrap_or("new instances failed")
@@ -519,8 +601,10 @@ fn step_rolling(
     }
 
     // Finish replacements in flight: attach healthy new instances, retire surplus old ones.
-    if let Some(instance) =
-        view.pending.iter().find(|i| probe_ready(rolling.probes.get(i.id.as_str()), policy, now))
+    if let Some(instance) = view
+        .pending
+        .iter()
+        .find(|i| probe_ready(rolling.probes.get(i.id.as_str()), policy, rolling.aborting, now))
     {
         return Next::Act(Action::Attach { id: instance.id.clone() });
     }
@@ -619,7 +703,7 @@ fn step_rolling(
         if in_flight || remaining == 0 {
             return probe_or_sleep(rollout, rolling, policy, &view, now);
         }
-        if !rolling.rollback {
+        if !rolling.rollback && !rollout.origin.is_fast() {
             if let Some(window) = policy.schedule.as_ref().and_then(|s| s.window.as_ref()) {
                 if let Err(until) = window_check(window, now) {
                     return Next::Sleep {
@@ -661,6 +745,44 @@ fn step_rolling(
     probe_or_sleep(rollout, rolling, policy, &view, now)
 }
 
+/// A `prune` rollout: every instance of the removed fleet is detached (drained), then
+/// terminated; then the rollout succeeds (the driver stops the load balancer and forgets the
+/// deployment). Pause does not stop a teardown; abort, or a newer commit that brings the fleet
+/// back, stops it between two actions, leaving what still runs.
+fn step_prune(
+    rollout: &Rollout,
+    rolling: &Rolling,
+    observed: &Observed<'_>,
+    control: &Control,
+    now: Timestamp,
+) -> Next {
+    if let (Control::Abort | Control::Supersede(_), Some((state, reason))) =
+        (control, stop_of(control))
+    {
+        let reason = format!("{reason}; fleet left as is: {}", image_mix(observed.instances));
+        return finish(rollout, state, Some(reason), now);
+    }
+    if let Some(until) = rollout.not_before.filter(|t| *t > now && rollout.attempt > 0) {
+        return Next::Sleep { until, why: "retrying after an error".into() };
+    }
+    let mut sorted: Vec<&Instance> = observed.instances.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    if let Some(instance) = sorted.iter().find(|i| i.running && i.attached) {
+        return Next::Act(Action::Detach { id: instance.id.clone() });
+    }
+    if let Some(instance) = sorted.first() {
+        return Next::Act(Action::Terminate {
+            id: instance.id.clone(),
+            why: "pruned: the fleet was removed from kiln.yaml".into(),
+        });
+    }
+    let reason = format!(
+        "pruned: {} instance(s) drained and terminated; load balancer stopped",
+        rolling.done.len()
+    );
+    finish(rollout, RolloutState::Succeeded, Some(reason), now)
+}
+
 /// Terminates `instance`; one that failed its health checks is terminated as `unhealthy`,
 /// whatever else `why` says (it was not replaced: it never served).
 fn terminate(rolling: &Rolling, instance: &Instance, why: &str) -> Next {
@@ -682,6 +804,11 @@ fn on_failure(
     let Some(rr) = r.rolling.as_mut() else { return Next::Done(rollout.state) };
     rr.ending = Some(if let Some((state, stop_reason)) = stopping {
         Ending { state, reason: format!("{stop_reason}; {reason}") }
+    } else if rolling.aborting {
+        Ending {
+            state: S::Failed,
+            reason: format!("aborted, but returning to the stable image {target} failed: {reason}"),
+        }
     } else if rolling.rollback {
         Ending {
             state: S::Failed,

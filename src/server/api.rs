@@ -77,6 +77,30 @@ pub struct RolloutDto {
     /// The timeline (only in the one-rollout view).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<Vec<EventDto>>,
+    /// How the commit passed signature verification (`verify:`), when it was required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedDto>,
+}
+
+/// How a rollout's commit passed signature verification.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedDto {
+    /// `head` or `range`.
+    pub mode: String,
+    /// Where the trust came from: `daemon flags` or `kiln.yaml at <commit>`.
+    pub policy: String,
+    /// The deployed commit the verified range starts after (`null`: the tip alone).
+    pub since: Option<String>,
+    /// Commits verified.
+    pub commits: usize,
+    /// `ssh` or `gpg`: how the tip is signed.
+    pub method: String,
+    /// The tip's signer (allowed-signers principal or OpenPGP user id).
+    pub signer: String,
+    /// The tip's key (`SHA256:…` or OpenPGP fingerprint).
+    pub key: String,
+    /// Every distinct `method signer key` in the range.
+    pub signers: Vec<String>,
 }
 
 /// The planner's decision for one fleet.
@@ -114,6 +138,9 @@ impl RolloutDto {
             Origin::Rebake => "rebake",
             Origin::Drift => "drift",
             Origin::Repair => "repair",
+            Origin::Retry { .. } => "retry",
+            Origin::Deploy => "deploy",
+            Origin::Prune => "prune",
         };
         let progress = rollout.rolling.as_ref().map(|rolling| ProgressDto {
             replaced: rolling.done.len(),
@@ -148,6 +175,16 @@ impl RolloutDto {
             started_at: rollout.started_at,
             finished_at: rollout.finished_at,
             events: None,
+            verified: rollout.verified.as_ref().map(|v| VerifiedDto {
+                mode: v.mode.clone(),
+                policy: v.policy.clone(),
+                since: v.since.as_ref().map(|r| r.0.clone()),
+                commits: v.commits,
+                method: v.method.clone(),
+                signer: v.signer.clone(),
+                key: v.key.clone(),
+                signers: v.signers.clone(),
+            }),
         }
     }
 }
@@ -263,6 +300,9 @@ pub struct FleetDto {
     /// The last drift check (`null`: never checked).
     #[serde(default)]
     pub drift: Option<DriftDto>,
+    /// The tip's kiln.yaml no longer has the fleet, but it still runs (`kiln down` retires it).
+    #[serde(default)]
+    pub orphaned: bool,
 }
 
 /// A drift check's report (`GET /fleets/{name}/drift`, and in every fleet).
@@ -340,6 +380,7 @@ impl From<&FleetStatus> for FleetDto {
             instances: fleet.instances.iter().map(InstanceDto::from).collect(),
             observed_at: fleet.observed_at,
             drift: fleet.drift.as_ref().map(DriftDto::from),
+            orphaned: fleet.orphaned,
         }
     }
 }
@@ -615,6 +656,15 @@ pub struct RollbackBody {
     pub to: Option<String>,
 }
 
+/// Body of `POST /fleets/{name}/deploy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployBody {
+    /// The commit to deploy (a full id or a prefix of at least 7 hex digits) on the tracked
+    /// branch's history.
+    pub commit: String,
+}
+
 pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/fleets", get(fleets))
@@ -773,6 +823,17 @@ async fn verb(
         "resume" => Command::Resume { fleet },
         "abort" => Command::Abort { fleet },
         "drift" => Command::Drift { fleet },
+        "retry" => Command::Retry { fleet },
+        "down" => Command::Down { fleet },
+        "deploy" => {
+            let body: DeployBody = serde_json::from_slice(&body).map_err(|error| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("bad deploy body (want {{\"commit\": \"<id>\"}}): {error}"),
+                )
+            })?;
+            Command::Deploy { fleet, commit: body.commit }
+        }
         "rollback" => {
             let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
                 RollbackBody::default()
@@ -786,7 +847,9 @@ async fn verb(
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("unknown verb `{other}` (pause, resume, abort, rollback, drift)"),
+                format!(
+                    "unknown verb `{other}` (pause, resume, abort, rollback, retry, deploy, down, drift)"
+                ),
             ));
         }
     };
@@ -822,7 +885,19 @@ async fn drift_report(
     State(shared): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Json<DriftDto>, ApiError> {
-    match crate::drift::last_report(&shared.app.operator.store, &name)? {
+    // The fleet's reconciler holds the newest report (an unchanged clean one is not rewritten).
+    let live = shared
+        .app
+        .operator
+        .fleets
+        .read()
+        .ok()
+        .and_then(|view| view.get(&name).and_then(|status| status.drift.clone()));
+    let report = match live {
+        Some(report) => Some(report),
+        None => crate::drift::last_report(&shared.app.operator.store, &name)?,
+    };
+    match report {
         Some(report) => Ok(Json(DriftDto::from(&report))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -319,6 +319,46 @@ impl CommitTree {
     }
 }
 
+/// More changed paths than this between two commits: [`changed_paths`] gives up (planning every
+/// fleet is then cheaper than matching each against the list).
+pub const MAX_CHANGED_PATHS: usize = 100_000;
+
+/// The paths that differ between two commits' trees (added, removed, changed, or changed type,
+/// on either side), sorted and deduplicated; identical subtrees are skipped by id, so the cost
+/// follows the change, not the repository. `None` when `from` is not in the mirror (history
+/// rewritten and collected) or more than [`MAX_CHANGED_PATHS`] paths changed.
+pub fn changed_paths(
+    mirror: &Path,
+    from: &Revision,
+    to: &Revision,
+) -> Result<Option<Vec<String>>, GitError> {
+    let repo = open(mirror)?;
+    let Ok(old) = find_commit(&repo, from)
+        .and_then(|c| c.tree().map_err(GitError::git(format!("read the tree of {from}"))))
+    else {
+        return Ok(None);
+    };
+    let new =
+        find_commit(&repo, to)?.tree().map_err(GitError::git(format!("read the tree of {to}")))?;
+    let mut options = git2::DiffOptions::new();
+    options.skip_binary_check(true).include_typechange(true).ignore_submodules(false);
+    let diff = repo
+        .diff_tree_to_tree(Some(&old), Some(&new), Some(&mut options))
+        .map_err(GitError::git(format!("compare {from} with {to}")))?;
+    let mut paths = std::collections::BTreeSet::new();
+    for delta in diff.deltas() {
+        for file in [delta.old_file(), delta.new_file()] {
+            if let Some(path) = file.path_bytes() {
+                paths.insert(String::from_utf8_lossy(path).into_owned());
+            }
+        }
+        if paths.len() > MAX_CHANGED_PATHS {
+            return Ok(None);
+        }
+    }
+    Ok(Some(paths.into_iter().collect()))
+}
+
 /// Whether `path` exists at the commit as a file, and if so whether it is executable.
 pub fn file_mode(mirror: &Path, revision: &Revision, path: &str) -> Result<Option<bool>, GitError> {
     let repo = open(mirror)?;
@@ -354,15 +394,73 @@ fn safe_name(name: &str) -> bool {
 /// symlinks as symlinks. Never touches the mirror's own work tree (it has none). Submodules
 /// become empty directories (their content is not in this repository).
 pub fn export(mirror: &Path, revision: &Revision, dest: &Path) -> Result<(), GitError> {
+    export_dirs(mirror, revision, dest, &[String::new()])
+}
+
+/// [`export`] of some directories only (`""` is the whole tree), each at its own place under
+/// `dest`: what the exec provider's scripts need, without writing a copy of a thousand fleets'
+/// directories for every fleet. A directory absent at the commit (or not a directory) is left
+/// out; one under another listed directory comes with it.
+pub fn export_dirs(
+    mirror: &Path,
+    revision: &Revision,
+    dest: &Path,
+    dirs: &[String],
+) -> Result<(), GitError> {
     let repo = open(mirror)?;
     let commit = find_commit(&repo, revision)?;
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(GitError::io(format!("create {}", parent.display())))?;
     }
     fs::create_dir(dest).map_err(GitError::io(format!("create {}", dest.display())))?;
+    let mut dirs: Vec<&str> = dirs.iter().map(|d| clean_path(d)).collect();
+    dirs.sort_unstable();
+    dirs.dedup();
+    let mut exported: Vec<&str> = Vec::new();
+    for dir in dirs {
+        if exported.iter().any(|done| done.is_empty() || dir.starts_with(&format!("{done}/"))) {
+            continue;
+        }
+        let tree = if dir.is_empty() {
+            commit.tree_id()
+        } else {
+            match entry_at(&repo, revision, dir)? {
+                Some(entry) if entry.kind() == Some(ObjectType::Tree) => entry.id(),
+                _ => continue,
+            }
+        };
+        // The directory's own path, component by component (each a safe name).
+        let mut target = dest.to_path_buf();
+        for part in dir.split('/').filter(|p| !p.is_empty()) {
+            if !safe_name(part) {
+                return Err(GitError::Io {
+                    action: format!("export {revision}: unsafe path {dir:?}"),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidData),
+                });
+            }
+            target.push(part);
+            match fs::create_dir(&target) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                    return Err(GitError::io(format!("create {}", target.display()))(e));
+                }
+                _ => {}
+            }
+        }
+        export_tree(&repo, revision, tree, &target)?;
+        exported.push(dir);
+    }
+    Ok(())
+}
 
+/// Writes the tree `root` into the existing, empty directory `dest`.
+fn export_tree(
+    repo: &Repository,
+    revision: &Revision,
+    root: Oid,
+    dest: &Path,
+) -> Result<(), GitError> {
     // An explicit stack instead of recursion: deep trees cannot overflow the blocking thread.
-    let mut stack: Vec<(Oid, PathBuf)> = vec![(commit.tree_id(), dest.to_path_buf())];
+    let mut stack: Vec<(Oid, PathBuf)> = vec![(root, dest.to_path_buf())];
     while let Some((tree_oid, dir)) = stack.pop() {
         let tree = repo
             .find_tree(tree_oid)
@@ -563,6 +661,95 @@ pub fn commits_since(
         last.tip = true;
     }
     Ok(records)
+}
+
+/// A commit as signature verification sees it: who wrote it, its signature (the `gpgsig`
+/// header) with the bytes that signature covers, and which of the asked-about paths it changed.
+#[derive(Debug, Clone)]
+pub struct SignedCommit {
+    /// The commit.
+    pub revision: Revision,
+    /// `Name <email>` of its author.
+    pub author: String,
+    /// Its first line.
+    pub summary: String,
+    /// `(signature, signed payload)`, `None` for an unsigned commit.
+    pub signature: Option<(Vec<u8>, Vec<u8>)>,
+    /// The asked-about paths whose content this commit introduced: different from every
+    /// parent's (a merge that takes a file from one side changed nothing itself).
+    pub changed: Vec<String>,
+}
+
+/// The commits to verify for `tip`, oldest first: every commit reachable from `tip` and not
+/// from `base` (merges' second parents included; after a force push that is everything since
+/// the merge base), or only `tip` when `base` is `None`. `base` must be in the mirror.
+/// `paths` are the files whose changes matter ([`SignedCommit::changed`]).
+pub fn signed_commits(
+    mirror: &Path,
+    tip: &Revision,
+    base: Option<&Revision>,
+    paths: &[String],
+) -> Result<Vec<SignedCommit>, GitError> {
+    let repo = open(mirror)?;
+    let tip_oid = find_commit(&repo, tip)?.id();
+    let mut oids = Vec::new();
+    match base {
+        None => oids.push(tip_oid),
+        Some(base) => {
+            let base_oid = find_commit(&repo, base)?.id();
+            let action = || format!("walk the history of {tip} since {base}");
+            let mut walk = repo.revwalk().map_err(GitError::git(action()))?;
+            walk.set_sorting(Sort::TOPOLOGICAL | Sort::REVERSE).map_err(GitError::git(action()))?;
+            walk.push(tip_oid).map_err(GitError::git(action()))?;
+            walk.hide(base_oid).map_err(GitError::git(action()))?;
+            for oid in walk {
+                oids.push(oid.map_err(GitError::git(action()))?);
+            }
+        }
+    }
+    let path_id = |tree: &git2::Tree<'_>, path: &str| -> Option<Oid> {
+        let path = clean_path(path);
+        tree.get_path(Path::new(path)).ok().map(|entry| entry.id())
+    };
+    let mut commits = Vec::with_capacity(oids.len());
+    for oid in oids {
+        let action = || format!("read commit {oid}");
+        let commit = repo.find_commit(oid).map_err(GitError::git(action()))?;
+        let signature = match repo.extract_signature(&oid, None) {
+            Ok((signature, payload)) => Some((signature.to_vec(), payload.to_vec())),
+            Err(e) if e.code() == ErrorCode::NotFound => None,
+            Err(e) => return Err(GitError::git(format!("read the signature of {oid}"))(e)),
+        };
+        let mut changed = Vec::new();
+        if !paths.is_empty() {
+            let tree = commit.tree().map_err(GitError::git(action()))?;
+            let parents = commit
+                .parents()
+                .map(|parent| parent.tree())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(GitError::git(action()))?;
+            for path in paths {
+                let now = path_id(&tree, path);
+                let introduced = if parents.is_empty() {
+                    now.is_some()
+                } else {
+                    parents.iter().all(|parent| path_id(parent, path) != now)
+                };
+                if introduced {
+                    changed.push(path.clone());
+                }
+            }
+        }
+        let record = record_of(&commit, CommitKind::Push);
+        commits.push(SignedCommit {
+            revision: record.revision,
+            author: record.author,
+            summary: record.summary,
+            signature,
+            changed,
+        });
+    }
+    Ok(commits)
 }
 
 fn refspec(branch: &str) -> String {
@@ -881,6 +1068,38 @@ mod tests {
     }
 
     #[test]
+    fn signed_commits_cover_merged_side_branches_and_the_files_each_commit_changed() {
+        let work = Work::new();
+        work.write("trust", "alice\n", false);
+        let base = work.commit("deployed");
+        work.write("a", "1", false);
+        let main = work.commit("main work");
+        // A side branch off the deployed commit that changes the trust file.
+        work.write("trust", "alice\nmallory\n", false);
+        fs::remove_file(work.path.join("a")).expect("rm");
+        let side = work.commit_with("side", &[oid(&base)]);
+        // The merge takes the side's trust file: it introduces nothing itself.
+        work.write("a", "1", false);
+        let merge = work.commit_with("merge", &[oid(&main), oid(&side)]);
+        let paths = vec!["trust".to_owned()];
+        let commits = signed_commits(&work.path, &merge, Some(&base), &paths).expect("walk");
+        let ids: Vec<&Revision> = commits.iter().map(|c| &c.revision).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert!(ids.contains(&&side) && ids.contains(&&main), "{ids:?}");
+        assert_eq!(ids.last(), Some(&&merge), "the tip comes last");
+        let changed =
+            |r: &Revision| commits.iter().find(|c| &c.revision == r).expect("c").changed.clone();
+        assert_eq!(changed(&side), ["trust"]);
+        assert!(changed(&main).is_empty() && changed(&merge).is_empty());
+        assert!(commits.iter().all(|c| c.signature.is_none()), "git2 commits are unsigned");
+        assert_eq!(commits[0].author, "Ada <ada@example.com>");
+        // Head mode: the tip alone.
+        let tip = signed_commits(&work.path, &merge, None, &[]).expect("tip");
+        assert_eq!(tip.len(), 1);
+        assert_eq!(tip[0].revision, merge);
+    }
+
+    #[test]
     fn capped_reads_report_symlinks_and_sizes_without_reading() {
         let work = Work::new();
         work.write("kiln.yaml", "fleets: []\n", false);
@@ -995,6 +1214,41 @@ mod tests {
 
         let err = export(&work.path, &rev, &dest).expect_err("dest exists");
         assert!(err.to_string().contains("create"), "{err}");
+    }
+
+    #[test]
+    fn export_dirs_writes_only_the_directories_asked_for() {
+        let work = Work::new();
+        work.write("hooks/provider/x/list", "#!/bin/sh\n", true);
+        work.write("hooks/provider/x/lib.py", "x = 1\n", false);
+        work.write("hooks/provider/x/deep/more", "m\n", false);
+        work.write("hooks/bake", "#!/bin/sh\n", true);
+        work.write("fleets/a/v", "0\n", false);
+        work.write("kiln.yaml", "fleets: []\n", false);
+        let rev = work.commit("first");
+
+        let out = tempfile::tempdir().expect("temp dir");
+        let dest = out.path().join("copy");
+        let dirs = ["hooks/provider/x", "./hooks/provider/x/deep", "absent", "kiln.yaml"];
+        let dirs: Vec<String> = dirs.iter().map(|d| d.to_string()).collect();
+        export_dirs(&work.path, &rev, &dest, &dirs).expect("export");
+        let list = dest.join("hooks/provider/x/list");
+        assert_eq!(fs::metadata(&list).expect("list").permissions().mode() & 0o777, 0o755);
+        assert_eq!(
+            fs::read_to_string(dest.join("hooks/provider/x/lib.py")).expect("lib"),
+            "x = 1\n"
+        );
+        assert!(dest.join("hooks/provider/x/deep/more").is_file());
+        // Nothing else: no sibling hook, no fleet directory, no file asked for as a directory.
+        assert!(!dest.join("hooks/bake").exists());
+        assert!(!dest.join("fleets").exists());
+        assert!(!dest.join("kiln.yaml").exists());
+        assert!(!dest.join("absent").exists());
+
+        // The root is the whole tree.
+        let whole = out.path().join("whole");
+        export_dirs(&work.path, &rev, &whole, &[String::new()]).expect("export");
+        assert!(whole.join("fleets/a/v").is_file() && whole.join("hooks/bake").is_file());
     }
 
     #[test]

@@ -1154,6 +1154,39 @@ impl Store {
         bytes.map(|b| Self::decode("deployed", &b)).transpose()
     }
 
+    /// Forgets what a fleet runs (it was pruned: nothing runs), flushed.
+    pub fn clear_deployed(&self, fleet: &str) -> Result<()> {
+        self.write(|t| {
+            t.deployed.remove(fleet.as_bytes()).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
+    }
+
+    /// Every fleet with a deployed record, by name.
+    pub fn deployed_fleets(&self) -> Result<Vec<String>> {
+        self.with(|t| {
+            let mut names = Vec::new();
+            for kv in t.deployed.iter() {
+                let (key, _) = kv.map_err(|e| self.db_err(e))?;
+                names.push(String::from_utf8_lossy(&key).into_owned());
+            }
+            Ok(names)
+        })
+    }
+
+    /// What every fleet runs now, in fleet order.
+    pub fn deployed_all(&self) -> Result<Vec<Deployed>> {
+        self.with(|t| {
+            t.deployed
+                .iter()
+                .map(|kv| {
+                    let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                    Self::decode("deployed", &v)
+                })
+                .collect()
+        })
+    }
+
     /// Records what a fleet runs now (flushed).
     pub fn set_deployed(&self, deployed: &Deployed) -> Result<()> {
         let value = Self::encode("deployed", deployed)?;

@@ -80,6 +80,8 @@ pub enum EventKind {
     Manifest,
     /// A note about how the commit arrived (force push, recreated branch).
     Source,
+    /// A commit that failed signature verification (`verify:`), or how the range passed.
+    Verify,
     /// The rollout's driver stopped on an error.
     Driver,
     /// A stage's image came from the bake cache.
@@ -126,7 +128,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// Every kind this build writes, in a stable order (for docs and tests).
-    pub const KNOWN: [EventKind; 34] = [
+    pub const KNOWN: [EventKind; 35] = [
         EventKind::State,
         EventKind::Rollout,
         EventKind::Plan,
@@ -134,6 +136,7 @@ impl EventKind {
         EventKind::Command,
         EventKind::Manifest,
         EventKind::Source,
+        EventKind::Verify,
         EventKind::Driver,
         EventKind::BakeCached,
         EventKind::BakeStart,
@@ -173,6 +176,7 @@ impl EventKind {
             EventKind::Command => "command",
             EventKind::Manifest => "manifest",
             EventKind::Source => "source",
+            EventKind::Verify => "verify",
             EventKind::Driver => "driver",
             EventKind::BakeCached => "bake.cached",
             EventKind::BakeStart => "bake.start",

@@ -24,6 +24,7 @@ fn rollout(fleet: &str, revision: &str, state: RolloutState) -> Rollout {
         not_before: None,
         attempt: 0,
         rolling: None,
+        verified: None,
     }
 }
 

@@ -60,6 +60,7 @@ pub struct Harness {
     pub store: Store,
     /// Metrics observed by steps.
     pub metrics: Metrics,
+    pub slots: kiln::pipeline::Slots,
     /// The cancellation token given to steps.
     pub cancel: CancellationToken,
     /// `--hook-env` pairs given to steps.
@@ -78,6 +79,7 @@ impl Harness {
             data_dir,
             store,
             metrics: Metrics::default(),
+            slots: kiln::pipeline::Slots::default(),
             cancel: CancellationToken::new(),
             hook_env: Vec::new(),
         }
@@ -100,6 +102,7 @@ impl Harness {
             cancel: &self.cancel,
             hook_env: &self.hook_env,
             metrics: &self.metrics,
+            slots: &self.slots,
         }
     }
 

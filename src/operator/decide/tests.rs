@@ -75,8 +75,52 @@ fn verbs_are_answered_at_once() {
 }
 
 #[test]
-fn abort_ends_a_paused_rollout_without_a_job() {
+fn abort_of_a_paused_rollout_starts_a_job_that_returns_the_fleet_to_stable() {
+    // Issue 17: ending a paused canary without a job left the canary taking traffic.
     let lane = Lane { paused: Some(id(9)), ..Lane::default() };
+    let (lane, effects) = run(&lane, Input::Verb(Verb::Abort), t(0));
+    assert_eq!(effects, vec![Effect::Revert(id(9)), Effect::Reply(Ok(id(9)))]);
+    assert_eq!(lane.running, Some(Running { rollout: id(9), control: Control::Abort }));
+    assert_eq!(lane.paused, None);
+    // A second abort while it goes back is answered, not signalled again.
+    let (lane, effects) = run(&lane, Input::Verb(Verb::Abort), t(1));
+    assert_eq!(effects, vec![Effect::Reply(Ok(id(9)))]);
+    // Pause and resume do not interfere with the return.
+    assert!(is_conflict(&run(&lane, Input::Verb(Verb::Pause), t(1)).1));
+    assert!(is_conflict(&run(&lane, Input::Verb(Verb::Resume), t(1)).1));
+    let ended =
+        Input::JobEnded { rollout: id(9), repair: false, outcome: Outcome::Ended(S::Aborted) };
+    let (lane, effects) = run(&lane, ended, t(2));
+    assert_eq!(effects, vec![Effect::Observe]);
+    assert_eq!((lane.running, lane.queued, lane.paused), (None, None, None));
+}
+
+#[test]
+fn an_abort_whose_job_cannot_start_ends_aborted_and_is_never_retried() {
+    // A retry would start the rollout with `Run`, resuming the canary the operator aborted.
+    let lane = Lane { paused: Some(id(9)), ..Lane::default() };
+    let (lane, _) = run(&lane, Input::Verb(Verb::Abort), t(0));
+    let blip = Outcome::NotStarted { transient: true, error: "provider unreachable".into() };
+    let (lane, effects) =
+        run(&lane, Input::JobEnded { rollout: id(9), repair: false, outcome: blip }, t(1));
+    assert_eq!(
+        effects,
+        vec![
+            Effect::Finish {
+                rollout: id(9),
+                state: S::Aborted,
+                reason: "aborted by an operator; the fleet is left as is (provider unreachable)"
+                    .into(),
+            },
+            Effect::Observe
+        ]
+    );
+    assert_eq!((lane.running, lane.queued, lane.paused), (None, None, None));
+}
+
+#[test]
+fn abort_ends_a_queued_rollout_without_a_job() {
+    let lane = Lane { queued: Some(id(9)), retry_at: Some(t(5)), ..Lane::default() };
     let (lane, effects) = run(&lane, Input::Verb(Verb::Abort), t(0));
     assert_eq!(effects, vec![aborted(id(9)), Effect::Reply(Ok(id(9)))]);
     assert_eq!(lane, Lane::default());
@@ -263,6 +307,13 @@ impl World {
                 assert!(!matches!(rec, Rec::Done(_)), "started a finished rollout: {log:#?}");
                 *rec = Rec::Active; // a paused rollout resumes
                 self.job = Some((id, Control::Run));
+            }
+            Effect::Revert(id) => {
+                assert!(self.job.is_none(), "two jobs at once: {log:#?}");
+                let rec = self.store.get_mut(&id).expect("reverted an unknown rollout");
+                assert_eq!(*rec, Rec::Paused, "only a paused rollout is reverted: {log:#?}");
+                *rec = Rec::Active;
+                self.job = Some((id, Control::Abort));
             }
             Effect::Signal(control) => {
                 let job = self.job.as_mut().expect("signal without a job");

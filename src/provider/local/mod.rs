@@ -677,6 +677,11 @@ impl Provider for LocalProvider {
         "local"
     }
 
+    async fn retire(&self) -> Result<(), ProviderError> {
+        self.stop_load_balancer().await;
+        Ok(())
+    }
+
     async fn list(&self) -> Result<Vec<Instance>, ProviderError> {
         let backends = self.backends().await?;
         // A `launching` record is not an instance (yet): an interrupted launch whose process

@@ -44,6 +44,7 @@ fn base_rollout(state: RolloutState) -> Rollout {
         not_before: None,
         attempt: 0,
         rolling: None,
+        verified: None,
     }
 }
 
@@ -538,9 +539,15 @@ fn pause_abort_supersede_stop_at_safe_points() {
                 assert!(sim.running() >= sim.floor, "serving floor kept: {:?}", sim.log);
                 assert!(sim.instances.iter().all(|i| i.running), "{:?}", sim.instances);
             }
-            if want == S::Aborted || want == S::Superseded {
-                let reason = sim.rollout.reason.clone().unwrap_or_default();
+            let reason = sim.rollout.reason.clone().unwrap_or_default();
+            if want == S::Superseded {
                 assert!(reason.contains("fleet left as is"), "{reason}");
+            }
+            if want == S::Aborted {
+                // Issue 17: an abort returns the fleet to the stable image, at capacity.
+                assert!(reason.contains("back on the stable image img-a"), "{reason}");
+                assert!(sim.images().iter().all(|i| i == A), "{:?}", sim.log);
+                assert_eq!(sim.running(), 4, "capacity restored: {:?}", sim.log);
             }
             if want == S::Paused {
                 assert_eq!(sim.rollout.paused_from, Some(S::Rolling));
@@ -591,10 +598,8 @@ fn abort_does_not_wait_out_min_healthy() {
         assert!(sim.instances.iter().all(|i| i.attached), "{:?}", sim.instances);
         let reason = sim.rollout.reason.clone().unwrap_or_default();
         assert!(reason.contains("aborted by operator"), "{reason}");
-        assert!(reason.contains("terminated without waiting"), "{reason}");
-        assert!(reason.contains("fleet left as is"), "{reason}");
-        let log = sim.log.join("\n");
-        assert!(!log.contains("Attach"), "nothing was attached after the abort:\n{log}");
+        assert!(reason.contains("back on the stable image"), "{reason}");
+        assert_eq!(sim.running(), 3, "capacity restored: {:#?}", sim.log);
     }
 }
 
@@ -1094,4 +1099,86 @@ fn randomized_autoscaling_keeps_the_invariants() {
         let keys: BTreeSet<&String> = sim.created.iter().collect();
         assert_eq!(keys.len(), sim.created.len(), "case {case}: duplicate launch");
     }
+}
+
+#[test]
+fn abort_of_a_manual_canary_returns_every_instance_to_the_stable_image() {
+    // Issue 17: `abort` used to end the rollout with the canary still taking traffic.
+    let mut p = policy(3, N(1), N(0));
+    p.canary = Some(Canary { count: 1, pause: None, manual: true });
+    let mut sim = Sim::new(p, 3);
+    assert_eq!(sim.run(), S::Paused);
+    assert!(sim.instances.iter().any(|i| i.image.as_str() == B && i.attached), "canary serves");
+    sim.control = Control::Abort;
+    assert_eq!(sim.run(), S::Aborted, "{:#?}", sim.log);
+    assert!(sim.images().iter().all(|i| i == A), "{:#?}", sim.log);
+    assert_eq!((sim.running(), sim.serving()), (3, 3), "{:#?}", sim.log);
+    // The canary was detached before it was terminated: never killed while serving.
+    let log = sim.log.join("\n");
+    let canary = sim
+        .log
+        .iter()
+        .find_map(|l| l.strip_prefix("Attach { id: InstanceId(\""))
+        .map(|l| l.split('"').next().unwrap_or("").to_owned())
+        .unwrap_or_default();
+    let detach =
+        log.find(&format!("Detach {{ id: InstanceId(\"{canary}\")")).expect("canary detached");
+    let terminate =
+        log.find(&format!("Terminate {{ id: InstanceId(\"{canary}\")")).expect("canary terminated");
+    assert!(detach < terminate, "{log}");
+    assert!(sim.rollout.rolling.as_ref().is_some_and(|r| r.aborting));
+}
+
+#[test]
+fn abort_of_a_first_deployment_leaves_the_fleet_as_is() {
+    // No stable image to go back to: unproven instances go, the rest stays.
+    let mut sim = Sim::new(policy(2, N(1), N(0)), 0);
+    sim.rollout.previous_image = None;
+    sim.run_acts(1);
+    sim.control = Control::Abort;
+    assert_eq!(sim.run(), S::Aborted);
+    let reason = sim.rollout.reason.clone().unwrap_or_default();
+    assert!(reason.contains("fleet left as is"), "{reason}");
+}
+
+#[test]
+fn a_rollback_skips_the_canary_gate_the_window_and_the_delay() {
+    // Issue 17: `rollback` is a fast path; before, it paused at a manual canary.
+    let mut p = policy(3, N(1), N(0));
+    p.canary = Some(Canary { count: 1, pause: None, manual: true });
+    p.schedule = Some(Schedule {
+        delay: Some(secs(3600)),
+        window: Some(Window { start: "03:00".into(), end: "04:00".into() }),
+    });
+    let mut sim = Sim::new(p.clone(), 3);
+    sim.rollout.origin = Origin::Rollback { from: Some(RolloutId(3)) };
+    assert_eq!(sim.run(), S::Succeeded, "{:#?}", sim.log);
+    assert!(sim.images().iter().all(|i| i == B));
+    assert_eq!(sim.now.date_naive(), t0().date_naive(), "no window wait");
+    assert!(sim.now < add(t0(), secs(3600)), "no schedule delay: {}", sim.now);
+    // A commit with the same policy waits for all three.
+    let mut sim = Sim::new(p, 3);
+    assert_ne!(sim.run(), S::Succeeded);
+}
+
+#[test]
+fn a_prune_drains_then_terminates_every_instance_and_succeeds() {
+    // Issue 17: a fleet removed from kiln.yaml is retired by a `prune` rollout.
+    let mut sim = Sim::new(policy(3, N(1), N(0)), 3);
+    sim.rollout.origin = Origin::Prune;
+    sim.rollout.image = Some(A.into());
+    sim.instances.push(instance("stray", B, false));
+    sim.floor = 0;
+    sim.expected = 0;
+    assert_eq!(sim.run(), S::Succeeded, "{:#?}", sim.log);
+    assert!(sim.instances.is_empty(), "{:?}", sim.instances);
+    assert!(sim.created.is_empty(), "nothing launched");
+    // Every serving instance was detached before its termination.
+    for id in ["old0", "old1", "old2"] {
+        let detach = sim.log.iter().position(|l| l.starts_with("Detach") && l.contains(id));
+        let terminate = sim.log.iter().position(|l| l.starts_with("Terminate") && l.contains(id));
+        assert!(detach.is_some() && detach < terminate, "{id}: {:#?}", sim.log);
+    }
+    let reason = sim.rollout.reason.clone().unwrap_or_default();
+    assert!(reason.contains("pruned: 4 instance(s)"), "{reason}");
 }
