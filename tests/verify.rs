@@ -503,3 +503,34 @@ fn daemon_flags_verify_a_repo_that_does_not_ask_for_it() {
     assert!(reason.contains("trust from daemon flags"), "{reason}");
     assert_eq!(running_images(&fx.state), deployed, "the fleet was touched");
 }
+
+/// In `head` mode a blocked push is not forgotten: the next push, signed, is planned against
+/// the last push that was applied, so the blocked push's change to the fleet deploys with it
+/// even though the new commit itself touches no fleet.
+#[test]
+fn a_blocked_push_is_planned_again_with_the_next_one() {
+    let test = "a_blocked_push_is_planned_again_with_the_next_one";
+    let Some(fx) = Fixture::new(test, false) else { return };
+    let alice = SshKey::new(&fx.keys, "alice@kiln.test");
+    let head = "  mode: head\n  sshAllowedSigners: .kiln/allowed_signers\n";
+    let files = fx.first_files(head, &alice.line, None);
+    let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (p.as_str(), c.as_str())).collect();
+    let v1 = fx.commit(Sign::Ssh(&alice), "v1", &files);
+    fx.repo.push();
+    let daemon = fx.start();
+    wait_fleet(&daemon, &v1, "succeeded");
+    let deployed = running_images(&fx.state);
+
+    // An unsigned tip changing the fleet: blocked, nothing moves.
+    let unsigned = fx.commit(Sign::None, "v2 unsigned", &[("web/version", "2\n")]);
+    fx.repo.push();
+    wait_blocked(&daemon, &unsigned);
+    assert_eq!(running_images(&fx.state), deployed, "the fleet was touched");
+
+    // A signed tip that touches no fleet: the change below it is planned with it and deploys.
+    let readme = fx.commit(Sign::Ssh(&alice), "readme", &[("README.md", "hello\n")]);
+    fx.repo.push();
+    let rolled = wait_fleet(&daemon, &readme, "succeeded");
+    assert!(rolled["plan"]["bake"].as_array().is_some_and(|b| !b.is_empty()), "{rolled:#}");
+    assert_ne!(running_images(&fx.state), deployed, "the fleet kept the old image");
+}

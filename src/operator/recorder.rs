@@ -29,6 +29,20 @@ const RETRY: Duration = Duration::from_secs(2);
 /// Bound on queued events while the store fails (each holds a fetch's new commits).
 const MAX_UNRECORDED: usize = 1024;
 
+/// Where the next push is planned from: the last tip whose plan was applied (meta key).
+pub const PLANNED_KEY: &str = "plan.base";
+
+/// Whether a tip's plan was applied.
+enum Applied {
+    /// Its rollouts were created (or none was needed).
+    Yes(Planned),
+    /// The commit could not be planned (no manifest, a broken one, unreadable): plan the next
+    /// push afresh.
+    Afresh,
+    /// The signature gate refused the push: nothing of it applies.
+    Blocked,
+}
+
 /// What planning a tip produced.
 #[derive(Debug, Default)]
 pub struct Planned {
@@ -209,7 +223,7 @@ impl Recorder {
                     .is_empty());
         // What was planned last: the new tip is planned against it (only what changed between
         // the two), unless history moved back (a force push, a recreated branch): then afresh.
-        let since = if moved_back { None } else { self.store.get_meta::<Revision>(TIP_KEY)? };
+        let since = if moved_back { None } else { self.store.get_meta::<Revision>(PLANNED_KEY)? };
         let result = if planned { Planned::default() } else { self.plan_tip(&tip, since).await? };
         self.store.set_meta(TIP_KEY, &tip.revision)?;
         if result.fleets.is_some() || !result.rollouts.is_empty() {
@@ -218,11 +232,32 @@ impl Recorder {
         Ok(())
     }
 
+    /// Plans the tip against `since` and creates its rollouts. Only a plan that was applied
+    /// (its rollouts created, or none needed) becomes the base the next push is planned
+    /// against ([`PLANNED_KEY`]); a broken manifest or a commit that could not be read plans
+    /// the next push afresh, and a push the signature gate blocked leaves the base where it was.
     async fn plan_tip(
         &mut self,
         tip: &CommitRecord,
         since: Option<Revision>,
     ) -> anyhow::Result<Planned> {
+        let planned = self.plan_and_create(tip, since).await?;
+        match &planned {
+            Applied::Yes(_) => self.store.set_meta(PLANNED_KEY, &tip.revision)?,
+            Applied::Afresh => self.store.remove_meta(PLANNED_KEY)?,
+            Applied::Blocked => {}
+        }
+        Ok(match planned {
+            Applied::Yes(planned) => planned,
+            Applied::Afresh | Applied::Blocked => Planned::default(),
+        })
+    }
+
+    async fn plan_and_create(
+        &mut self,
+        tip: &CommitRecord,
+        since: Option<Revision>,
+    ) -> anyhow::Result<Applied> {
         let mirror = self.mirror.clone();
         let revision = tip.revision.clone();
         let store = self.store.clone();
@@ -247,7 +282,7 @@ impl Recorder {
             Err(error) => {
                 let reason = format!("could not read the commit: {}", crate::error::chain(&error));
                 record_commit_level(store, tip, RolloutState::Failed, with_note(reason))?;
-                return Ok(Planned::default());
+                return Ok(Applied::Afresh);
             }
             Ok(CommitPlan::NoManifest) => {
                 let reason = format!(
@@ -255,7 +290,7 @@ impl Recorder {
                     crate::manifest::MANIFEST_FILE
                 );
                 record_commit_level(store, tip, RolloutState::Skipped, with_note(reason))?;
-                return Ok(Planned::default());
+                return Ok(Applied::Afresh);
             }
             Ok(CommitPlan::Invalid(error)) => {
                 let reason = format!("invalid manifest, fleets left as they are: {error}");
@@ -271,7 +306,7 @@ impl Recorder {
                     )?;
                 }
                 tracing::error!(revision = %tip.revision.short(), error = %error, "Invalid manifest.");
-                return Ok(Planned::default());
+                return Ok(Applied::Afresh);
             }
             Ok(CommitPlan::Fleets(plans)) => plans,
         };
@@ -289,7 +324,11 @@ impl Recorder {
             );
             match gate.await? {
                 crate::verify::Gate::Open(result) => verified = result,
-                crate::verify::Gate::Closed => return Ok(Planned::default()),
+                crate::verify::Gate::Closed => {
+                    // Nothing of this push was applied: the next one is planned against the
+                    // last push that was (or afresh), so this push's fleets are not forgotten.
+                    return Ok(Applied::Blocked);
+                }
             }
         }
         let mut planned = Planned {
@@ -366,6 +405,6 @@ impl Recorder {
             let reason = format!("touches no fleet's paths ({})", parts.join("; "));
             record_commit_level(store, tip, RolloutState::Skipped, with_note(reason))?;
         }
-        Ok(planned)
+        Ok(Applied::Yes(planned))
     }
 }
