@@ -220,7 +220,7 @@ pub fn open_key(fleet: &crate::manifest::Fleet, revision: &crate::model::Revisio
 
 /// The provider factory: opens the provider `fleet` names in its manifest at `revision`.
 /// May be slow (the local provider starts or adopts its load balancer, the exec provider exports
-/// the directories of its scripts at the commit): callers run it off any shared loop.
+/// the commit's scripts): callers run it off any shared loop.
 pub async fn open(
     fleet: &crate::manifest::Fleet,
     revision: &crate::model::Revision,
@@ -247,17 +247,8 @@ pub async fn open(
             if !repo_dir.exists() {
                 let (mirror, revision, dest) =
                     (cx.mirror.clone(), revision.clone(), repo_dir.clone());
-                // The directories that hold the scripts, not the whole repo: a repo of a
-                // thousand fleets is not copied once per fleet.
-                let dirs: Vec<String> = spec
-                    .scripts()
-                    .map(|(_, script)| {
-                        let script = script.trim_start_matches("./");
-                        script.rsplit_once('/').map_or(String::new(), |(dir, _)| dir.to_owned())
-                    })
-                    .collect();
                 tokio::task::spawn_blocking(move || {
-                    crate::source::git::export_dirs(&mirror, &revision, &dest, &dirs)
+                    crate::source::git::export(&mirror, &revision, &dest)
                 })
                 .await
                 .map_err(|e| setup(format!("exporting the provider scripts: {e}")))?
