@@ -1,14 +1,18 @@
 //! Checking commit signatures with the tools that own the formats: `ssh-keygen -Y` for SSH
-//! signatures and `gpg --verify` for OpenPGP ones. No cryptography is done here; this module
-//! only runs those programs (it lives in `hooks/`, the only module that spawns processes) and
-//! reads their answers: `ssh-keygen`'s exit status and "Good signature" line, `gpg`'s
-//! machine-readable `--status-fd` lines.
+//! signatures and `gpg --verify` for OpenPGP ones. This module runs those programs (it lives in
+//! `hooks/`, the only module that spawns processes) and reads their answers: `ssh-keygen`'s exit
+//! status and "Good signature" line, `gpg`'s machine-readable `--status-fd` lines. Trust is
+//! always `ssh-keygen`'s verdict on the allowed_signers file; once it has accepted a key, the
+//! key's further signatures in the same check are verified in-process by the RustCrypto
+//! `ssh-key` crate (no hand-written cryptography), which turns a 1,000-commit range from a
+//! thousand processes into a few.
 //!
 //! Every program runs with a cleared environment (the daemon's `PATH` only), stdin from the
 //! signed payload or /dev/null, and a timeout; nothing it prints reaches a terminal unescaped.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -128,9 +132,40 @@ fn last_line(text: &str) -> String {
     text.lines().rev().map(str::trim).find(|l| !l.is_empty()).unwrap_or("").to_owned()
 }
 
-/// Principals found per signing key (the public key's wire bytes) for one allowed_signers
-/// file: `find-principals` runs once per key, not once per commit.
-pub type Principals = std::sync::Mutex<std::collections::HashMap<Vec<u8>, String>>;
+/// What one check learned per signing key (the public key's wire bytes) for one
+/// allowed_signers file. A key is *vouched for* once `ssh-keygen -Y verify -n git` accepted a
+/// signature by it: the file allows it for that principal and namespace now. Later signatures
+/// by the same key are checked in-process (`ssh-key`, RustCrypto), which costs microseconds
+/// instead of a process. A key `find-principals` refused stays refused. The map lives for one
+/// check, so a changed trust file is never answered from it.
+#[derive(Default)]
+pub struct Principals {
+    keys: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Arc<tokio::sync::Mutex<KeyState>>>>,
+}
+
+/// What is known of one signing key.
+#[derive(Default, Clone)]
+enum KeyState {
+    #[default]
+    Unseen,
+    /// `find-principals` named this principal; no signature by the key was accepted yet.
+    Principal(String),
+    /// `ssh-keygen -Y verify` accepted a signature by the key: `(principal, fingerprint)`.
+    Vouched(String, String),
+    /// `find-principals` found no principal (unknown or expired key): every signature by the
+    /// key gets this answer.
+    Refused(Checked),
+}
+
+impl Principals {
+    fn slot(&self, key: &[u8]) -> Arc<tokio::sync::Mutex<KeyState>> {
+        match self.keys.lock() {
+            Ok(mut keys) => keys.entry(key.to_vec()).or_default().clone(),
+            // A poisoned map only costs the fast path.
+            Err(_) => Arc::default(),
+        }
+    }
+}
 
 /// The public key inside an armored SSH signature (`SSHSIG` blob: magic, version, then the
 /// public key as an SSH string), or `None` if it is not one. Only a lookup key for
@@ -148,11 +183,23 @@ pub fn ssh_signature_key(armored: &[u8]) -> Option<Vec<u8>> {
     rest.get(4..4 + len).map(<[u8]>::to_vec)
 }
 
+/// Checks `sig` over `payload` in-process for the `git` namespace, by the key it carries
+/// (which the caller has matched to a vouched-for key): `true` only for a valid signature.
+/// Certificates and algorithms `ssh-key` does not know fail here, and the caller asks
+/// `ssh-keygen` instead.
+fn ssh_signature_valid(sig: &[u8], payload: &[u8]) -> bool {
+    let Ok(parsed) = ssh_key::SshSig::from_pem(sig) else { return false };
+    let key = ssh_key::PublicKey::from(parsed.public_key().clone());
+    key.verify("git", payload, &parsed).is_ok()
+}
+
 /// Checks an SSH signature (`sig`, the armored `SSHSIG`) over `payload` against the
 /// `allowed_signers` file, as git does: `ssh-keygen -Y find-principals` names the principals
-/// the signing key is allowed for (remembered per key in `principals`), then `ssh-keygen -Y
-/// verify -n git` checks the signature for the first of them. `scratch` holds the signature
-/// file while it is checked. An `Err` means `ssh-keygen` could not be run.
+/// the signing key is allowed for, then `ssh-keygen -Y verify -n git` checks the signature for
+/// the first of them. Once that accepted one signature by a key, the key's later signatures in
+/// this check are verified in-process (see [`Principals`]); one that fails there is handed to
+/// `ssh-keygen` again, for its verdict and message. `scratch` holds the signature file while
+/// it is checked. An `Err` means `ssh-keygen` could not be run.
 pub async fn check_ssh(
     allowed_signers: &Path,
     principals: &Principals,
@@ -160,35 +207,85 @@ pub async fn check_ssh(
     payload: &[u8],
     scratch: &Path,
 ) -> Result<Checked, String> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let sig_file = scratch.join(format!("sig-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
-    std::fs::write(&sig_file, sig)
-        .map_err(|e| format!("could not write {}: {e}", sig_file.display()))?;
-    let key = ssh_signature_key(sig);
-    let known = key
-        .as_ref()
-        .and_then(|key| principals.lock().ok().and_then(|found| found.get(key).cloned()));
-    let result = match known {
-        Some(principal) => verify_ssh_file(allowed_signers, &principal, &sig_file, payload).await,
-        None => {
-            let result = check_ssh_file(allowed_signers, &sig_file, payload).await;
-            if let (Ok(Checked::Good { signer, .. }), Some(key)) = (&result, key) {
-                if let Ok(mut found) = principals.lock() {
-                    found.insert(key, signer.clone());
-                }
+    let Some(key) = ssh_signature_key(sig) else {
+        let file = SigFile::new(scratch, sig)?;
+        return match find_principal(allowed_signers, &file.0).await? {
+            Ok(principal) => verify_ssh_file(allowed_signers, &principal, &file.0, payload).await,
+            Err(refused) => Ok(refused),
+        };
+    };
+    // Signatures by one key wait while the first is put to `ssh-keygen`, so a range signed
+    // by one key costs one pair of runs, not a pair per task in flight.
+    let slot = principals.slot(&key);
+    let mut state = slot.lock().await;
+    match state.clone() {
+        KeyState::Vouched(signer, fingerprint) => {
+            drop(state);
+            if ssh_signature_valid(sig, payload) {
+                return Ok(Checked::Good { signer, key: fingerprint });
+            }
+            let file = SigFile::new(scratch, sig)?;
+            verify_ssh_file(allowed_signers, &signer, &file.0, payload).await
+        }
+        KeyState::Refused(answer) => Ok(answer),
+        KeyState::Principal(principal) => {
+            drop(state);
+            let file = SigFile::new(scratch, sig)?;
+            let result = verify_ssh_file(allowed_signers, &principal, &file.0, payload).await;
+            if let Ok(Checked::Good { signer, key: fingerprint }) = &result {
+                *slot.lock().await = KeyState::Vouched(signer.clone(), fingerprint.clone());
             }
             result
         }
-    };
-    let _ = std::fs::remove_file(&sig_file);
-    result
+        KeyState::Unseen => {
+            let file = SigFile::new(scratch, sig)?;
+            let principal = match find_principal(allowed_signers, &file.0).await? {
+                Ok(principal) => principal,
+                Err(refused) => {
+                    // Only a well-formed signature's refusal is about the key itself.
+                    if ssh_key::SshSig::from_pem(sig).is_ok() {
+                        *state = KeyState::Refused(refused.clone());
+                    }
+                    return Ok(refused);
+                }
+            };
+            let result = verify_ssh_file(allowed_signers, &principal, &file.0, payload).await;
+            *state = match &result {
+                Ok(Checked::Good { signer, key: fingerprint }) => {
+                    KeyState::Vouched(signer.clone(), fingerprint.clone())
+                }
+                _ => KeyState::Principal(principal),
+            };
+            result
+        }
+    }
 }
 
-async fn check_ssh_file(
+/// A signature written to the scratch dir for `ssh-keygen`, removed when dropped.
+struct SigFile(PathBuf);
+
+impl SigFile {
+    fn new(scratch: &Path, sig: &[u8]) -> Result<SigFile, String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = scratch.join(format!("sig-{}", NEXT.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&path, sig)
+            .map_err(|e| format!("could not write {}: {e}", path.display()))?;
+        Ok(SigFile(path))
+    }
+}
+
+impl Drop for SigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The first principal `ssh-keygen -Y find-principals` names for the signature's key, or the
+/// answer for a key the file does not allow (unknown, or outside its validity).
+async fn find_principal(
     allowed_signers: &Path,
     sig_file: &Path,
-    payload: &[u8],
-) -> Result<Checked, String> {
+) -> Result<Result<String, Checked>, String> {
     let find = run(
         "ssh-keygen",
         &[
@@ -204,19 +301,19 @@ async fn check_ssh_file(
     )
     .await?;
     let principal = find.stdout.lines().map(str::trim).find(|l| !l.is_empty()).map(str::to_owned);
-    let Some(principal) = principal.filter(|_| find.success) else {
-        let why = last_line(&find.stderr);
-        return Ok(if why.contains("not valid") || why.contains("expired") {
-            Checked::ExpiredKey(why)
+    if let Some(principal) = principal.filter(|_| find.success) {
+        return Ok(Ok(principal));
+    }
+    let why = last_line(&find.stderr);
+    Ok(Err(if why.contains("not valid") || why.contains("expired") {
+        Checked::ExpiredKey(why)
+    } else {
+        Checked::UnknownKey(if why.is_empty() {
+            "no principal in the allowed signers".into()
         } else {
-            Checked::UnknownKey(if why.is_empty() {
-                "no principal in the allowed signers".into()
-            } else {
-                why
-            })
-        });
-    };
-    verify_ssh_file(allowed_signers, &principal, sig_file, payload).await
+            why
+        })
+    }))
 }
 
 async fn verify_ssh_file(
@@ -436,6 +533,102 @@ mod tests {
         let other = base64::engine::general_purpose::STANDARD.encode(b"NOTSIG\0\0\0\x01");
         assert_eq!(ssh_signature_key(other.as_bytes()), None);
         assert_eq!(ssh_signature_key(b"-----BEGIN SSH SIGNATURE-----\n!!!\n"), None);
+    }
+
+    /// Signs `payload` with `key` as git does (`ssh-keygen -Y sign -n git`).
+    fn ssh_sign(key: &Path, payload: &[u8]) -> Vec<u8> {
+        let dir = key.parent().unwrap_or(Path::new("."));
+        let file = dir.join(format!("payload-{}", fastrand::u64(..)));
+        std::fs::write(&file, payload).expect("write payload");
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-Y", "sign", "-n", "git", "-f"])
+            .arg(key)
+            .arg(&file)
+            .stderr(Stdio::null())
+            .status()
+            .expect("ssh-keygen runs");
+        assert!(status.success(), "ssh-keygen -Y sign failed");
+        std::fs::read(format!("{}.sig", file.display())).expect("read signature")
+    }
+
+    fn ssh_key(dir: &Path, name: &str) -> (PathBuf, String) {
+        let private = dir.join(name);
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&private)
+            .status()
+            .expect("ssh-keygen runs");
+        assert!(status.success());
+        let public = std::fs::read_to_string(format!("{}.pub", private.display())).expect("pub");
+        let mut parts = public.split_whitespace();
+        let line = format!(
+            "{name}@kiln.test {} {}\n",
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default()
+        );
+        (private, line)
+    }
+
+    /// The in-process path after `ssh-keygen` vouched for a key: good signatures by the key are
+    /// good, a good signature moved onto another payload (a replayed commit signature) or made
+    /// for another namespace is not, and a key the file does not name is refused every time.
+    #[tokio::test]
+    async fn a_vouched_key_s_signatures_are_still_each_checked() {
+        if std::process::Command::new("ssh-keygen").arg("-?").output().is_err() {
+            assert!(std::env::var_os("CI").is_none(), "ssh-keygen is required under CI");
+            eprintln!("SKIP: ssh-keygen is not installed");
+            return;
+        }
+        let dir = ScratchDir::new("kiln-signers-test").expect("scratch");
+        let (alice, line) = ssh_key(dir.path(), "alice");
+        let (mallory, _) = ssh_key(dir.path(), "mallory");
+        let allowed = dir.path().join("allowed_signers");
+        std::fs::write(&allowed, line).expect("write allowed_signers");
+        let principals = Principals::default();
+        let check = |sig: Vec<u8>, payload: &'static [u8]| {
+            let (allowed, principals, scratch) = (&allowed, &principals, dir.path());
+            async move { check_ssh(allowed, principals, &sig, payload, scratch).await }
+        };
+
+        let first = check(ssh_sign(&alice, b"tree 1\n"), b"tree 1\n").await.expect("runs");
+        let Checked::Good { signer, key } = first else { panic!("{first:?}") };
+        assert_eq!(signer, "alice@kiln.test");
+        assert!(key.starts_with("SHA256:"), "{key}");
+        // Vouched now: the next signatures by alice take the in-process path.
+        assert!(matches!(
+            principals
+                .slot(&ssh_signature_key(&ssh_sign(&alice, b"x")).expect("key"))
+                .lock()
+                .await
+                .clone(),
+            KeyState::Vouched(..)
+        ));
+        let second = check(ssh_sign(&alice, b"tree 2\n"), b"tree 2\n").await.expect("runs");
+        assert_eq!(second, Checked::Good { signer: signer.clone(), key: key.clone() });
+        // Alice's good signature replayed onto another commit's payload.
+        let replayed = check(ssh_sign(&alice, b"tree 2\n"), b"tree 3\n").await.expect("runs");
+        assert!(matches!(replayed, Checked::BadSignature(_)), "{replayed:?}");
+        // Mallory is not in the file, first time and (answered from the map) second time.
+        for payload in [&b"tree 4\n"[..], b"tree 5\n"] {
+            let sig = ssh_sign(&mallory, payload);
+            let answer = check_ssh(&allowed, &principals, &sig, payload, dir.path()).await;
+            assert!(matches!(answer, Ok(Checked::UnknownKey(_))), "{answer:?}");
+        }
+        // A signature for another namespace by the vouched key is not a git signature.
+        let file = dir.path().join("other");
+        std::fs::write(&file, b"tree 6\n").expect("write");
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-Y", "sign", "-n", "file", "-f"])
+            .arg(&alice)
+            .arg(&file)
+            .stderr(Stdio::null())
+            .status()
+            .expect("ssh-keygen runs");
+        assert!(status.success());
+        let sig = std::fs::read(format!("{}.sig", file.display())).expect("sig");
+        assert!(!ssh_signature_valid(&sig, b"tree 6\n"));
+        let answer = check_ssh(&allowed, &principals, &sig, b"tree 6\n", dir.path()).await;
+        assert!(matches!(answer, Ok(Checked::BadSignature(_))), "{answer:?}");
     }
 
     #[test]
