@@ -6,7 +6,7 @@
 
 mod render;
 
-use std::io::{IsTerminal as _, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::client;
 pub use crate::client::{ApiClient, ApiFailure, DaemonFile, Target, find_daemon};
@@ -284,7 +285,9 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    cli.color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // A terminal, unless NO_COLOR; CLICOLOR=0 turns it off and CLICOLOR_FORCE on (anstream
+    // reads the conventions clap's own help follows).
+    cli.color = anstream::AutoStream::choice(&std::io::stdout()) != anstream::ColorChoice::Never;
     match cli.command {
         Command::Run(_) | Command::Lb(_) => init_tracing("info", cli.log_format),
         // The quickstart prints what to do; only problems are logged.
@@ -351,9 +354,10 @@ fn init_tracing(default: &str, format: LogFormat) {
     };
 }
 
-/// Colour in log lines only on a terminal, and never with NO_COLOR set (<https://no-color.org>).
+/// Colour in log lines only on a terminal, and never with NO_COLOR set (<https://no-color.org>)
+/// or CLICOLOR=0; CLICOLOR_FORCE forces it.
 fn colour_on_stderr() -> bool {
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    anstream::AutoStream::choice(&std::io::stderr()) != anstream::ColorChoice::Never
 }
 
 /// Runs one parsed command, writing its output to `out`.
@@ -841,7 +845,15 @@ async fn follow_events(
     out: &mut dyn Write,
 ) -> anyhow::Result<RolloutState> {
     let mut response = client.stream(&format!("/rollouts/{id}/events")).await?;
-    let bar = !json && std::io::stderr().is_terminal();
+    // Progress on stderr when it is a terminal (indicatif hides the bar otherwise); event lines
+    // go to `out` with the bar lifted while they print.
+    let bar = (!json).then(|| {
+        ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_style(
+            ProgressStyle::with_template("[{bar:30}] {pos}/{len} instances replaced")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("#>-"),
+        )
+    });
     let mut buffer = String::new();
     loop {
         let chunk = response.chunk().await.context("the event stream broke")?;
@@ -865,13 +877,13 @@ async fn follow_events(
             if data.is_empty() {
                 continue;
             }
-            if bar {
-                eprint!("\r\x1b[2K");
-            }
             match kind {
                 "end" => {
                     let rollout: RolloutDto = serde_json::from_str(&data)
                         .context("unreadable end of the event stream")?;
+                    if let Some(bar) = &bar {
+                        bar.finish_and_clear();
+                    }
                     if json {
                         writeln!(out, "{}", serde_json::to_string(&rollout)?)?;
                     } else {
@@ -882,23 +894,27 @@ async fn follow_events(
                 _ => {
                     let event: EventDto =
                         serde_json::from_str(&data).context("unreadable event in the stream")?;
-                    if json {
-                        writeln!(out, "{}", serde_json::to_string(&event)?)?;
-                    } else {
-                        render::event_line(out, &event)?;
+                    match &bar {
+                        None => writeln!(out, "{}", serde_json::to_string(&event)?)?,
+                        Some(bar) => bar.suspend(|| render::event_line(out, &event))?,
                     }
                     out.flush()?;
-                    if bar && (event.kind == "state" || event.kind.starts_with("instance")) {
+                    let moved = event.kind == "state" || event.kind.starts_with("instance");
+                    if let Some(bar) = bar.as_ref().filter(|b| moved && !b.is_hidden()) {
                         if let Ok(now) = client.get::<RolloutDto>(&format!("/rollouts/{id}")).await
                         {
-                            if let Some(p) =
-                                now.progress.filter(|_| now.state.as_str() == "rolling")
-                            {
-                                if p.total == 0 {
-                                    eprint!("{}", render::progress_text(p));
-                                } else {
-                                    eprint!("{}", render::progress_bar(p.replaced, p.total));
+                            match now.progress.filter(|_| now.state.as_str() == "rolling") {
+                                // A first deployment replaces nothing: say what is in service.
+                                Some(p) if p.total == 0 => {
+                                    bar.set_style(ProgressStyle::default_spinner());
+                                    bar.set_message(render::progress_text(p));
+                                    bar.tick();
                                 }
+                                Some(p) => {
+                                    bar.set_length(p.total as u64);
+                                    bar.set_position(p.replaced as u64);
+                                }
+                                None => {}
                             }
                         }
                     }

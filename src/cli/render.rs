@@ -40,21 +40,29 @@ fn clean(text: &str) -> Cow<'_, str> {
     escape_control(text, false)
 }
 
-/// ANSI colour for a state.
-fn colour(state: RolloutState) -> &'static str {
+/// The style a state is shown in (`anstyle`, the styling types clap itself uses).
+fn colour(state: RolloutState) -> anstyle::Style {
+    use anstyle::AnsiColor;
     match state {
-        RolloutState::Succeeded => "\x1b[32m",
-        RolloutState::Failed | RolloutState::RolledBack | RolloutState::Aborted => "\x1b[31m",
-        RolloutState::Paused | RolloutState::Superseded => "\x1b[33m",
-        RolloutState::Skipped => "\x1b[2m",
-        _ => "\x1b[36m",
+        RolloutState::Succeeded => AnsiColor::Green.on_default(),
+        RolloutState::Failed | RolloutState::RolledBack | RolloutState::Aborted => {
+            AnsiColor::Red.on_default()
+        }
+        RolloutState::Paused | RolloutState::Superseded => AnsiColor::Yellow.on_default(),
+        RolloutState::Skipped => anstyle::Style::new().dimmed(),
+        _ => AnsiColor::Cyan.on_default(),
     }
 }
 
 /// The state name, padded to `width`, coloured when `color`.
 pub fn state(state: RolloutState, width: usize, color: bool) -> String {
     let text = format!("{:<width$}", state.as_str());
-    if color { format!("{}{text}\x1b[0m", colour(state)) } else { text }
+    if color {
+        let style = colour(state);
+        format!("{style}{text}{style:#}")
+    } else {
+        text
+    }
 }
 
 /// `5s`, `3m20s`, `2h05m`, `4d03h`.
@@ -253,19 +261,6 @@ pub fn progress_text(progress: crate::server::api::ProgressDto) -> String {
     }
 }
 
-/// A one-line progress bar (`[#####-----] 2/4 replaced`).
-pub fn progress_bar(replaced: usize, total: usize) -> String {
-    const WIDTH: usize = 30;
-    let filled =
-        (replaced.saturating_mul(WIDTH)).checked_div(total).map_or(WIDTH, |f| f.min(WIDTH));
-    format!(
-        "[{}{}] {replaced}/{total} instances replaced",
-        "#".repeat(filled),
-        "-".repeat(WIDTH - filled)
-    )
-}
-
-/// `kiln status`.
 /// The `drift:` line of `kiln status` (and each finding under it).
 fn drift_lines(out: &mut dyn Write, drift: Option<&DriftDto>) -> std::io::Result<()> {
     let Some(drift) = drift else {
@@ -302,6 +297,7 @@ pub fn drift_report(out: &mut dyn Write, drift: &DriftDto) -> std::io::Result<()
     drift_lines(out, Some(drift))
 }
 
+/// `kiln status`.
 pub fn status(
     out: &mut dyn Write,
     fleets: &[FleetDto],
@@ -548,8 +544,9 @@ mod tests {
             assert!(show.contains("  signer ssh bob@x SHA256:k"), "{show}");
             for text in [&table, &show] {
                 // The only escape sequences left are kiln's own colours.
-                let without_colours =
-                    text.replace("\x1b[0m", "").replace(colour(rollout.state), "");
+                let without_colours = text
+                    .replace("\x1b[0m", "")
+                    .replace(&colour(rollout.state).render().to_string(), "");
                 assert!(!without_colours.contains('\x1b'), "{text:?}");
                 assert!(!without_colours.contains('\x07') && !without_colours.contains('\u{9b}'));
             }
@@ -578,6 +575,5 @@ mod tests {
         assert_eq!(duration(200), "3m20s");
         assert_eq!(duration(7500), "2h05m");
         assert_eq!(duration(-3), "0s");
-        assert_eq!(progress_bar(1, 2).matches('#').count(), 15);
     }
 }
