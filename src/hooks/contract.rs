@@ -45,9 +45,13 @@ pub const KILN_INFRA_PATH: &str = "KILN_INFRA_PATH";
 /// e.g. for Terraform's local state.
 pub const KILN_STATE_DIR: &str = "KILN_STATE_DIR";
 /// A key that is the same for every attempt of the same operation (retries, a resumed rollout
-/// after a restart) and differs otherwise: bake = the cache key; reconcile = a hash of fleet,
-/// rollout, commit and image. Use it to make side effects idempotent.
+/// after a restart) and differs otherwise: bake = the cache key, or for a scheduled rebake a
+/// hash of the cache key and the rebake's rollout (a rebake must build anew); reconcile = a hash
+/// of fleet, rollout, commit and image. Use it to make side effects idempotent.
 pub const KILN_IDEMPOTENCY_KEY: &str = "KILN_IDEMPOTENCY_KEY";
+/// Bake: `1` when the bake is a scheduled rebake (the inputs did not change; the image should be
+/// rebuilt anyway, e.g. to pick up security updates), absent otherwise.
+pub const KILN_REBAKE: &str = "KILN_REBAKE";
 /// Reconcile: `apply` (a rollout; also when absent) or `plan` (a drift check: change nothing,
 /// exit 0 = no drift, [`EXIT_DRIFT`] = drift, anything else = the check failed).
 pub const KILN_MODE: &str = "KILN_MODE";

@@ -148,6 +148,16 @@ async fn bake_stage(
             ))
         })?;
     let key = cache_key(fleet, &stage.name, &tree_id, parent, &hook);
+    // A scheduled rebake has the inputs of a cached bake and must still build anew: the hook
+    // gets a key of its own (stable for this rollout's retries and resumes), and the image it
+    // had before, to tell a real rebuild from a hook that returned its earlier output.
+    let (hook_key, before) = if options.force {
+        let epoch = cx.rollout.to_string();
+        let hook_key = pipeline::digest(&[b"kiln-rebake-v1", key.as_bytes(), epoch.as_bytes()]);
+        (hook_key, cx.store.bake(&key)?.map(|b| b.image))
+    } else {
+        (key.clone(), None)
+    };
 
     if !options.force {
         if let Some(hit) = cx.store.bake(&key)? {
@@ -181,7 +191,8 @@ async fn bake_stage(
     );
     let res = async {
         let workspace = Workspace::export(cx, &stage.name).await?;
-        let res = run_bake_hook(cx, stage, parent, &tree_id, &key, &workspace).await;
+        let res =
+            run_bake_hook(cx, stage, parent, &tree_id, &hook_key, options.force, &workspace).await;
         workspace.remove().await;
         res
     }
@@ -190,6 +201,22 @@ async fn bake_stage(
     cx.metrics.bake(fleet, seconds);
     match res {
         Ok((image, outputs)) => {
+            if before.as_ref() == Some(&image) {
+                cx.event_with(
+                    Level::Warn,
+                    EventKind::BakeDone,
+                    format!(
+                        "stage {}: the rebake produced the same image {image} as before: the \
+                         hook returned its earlier output, so nothing new will be deployed \
+                         (a rebake gets a fresh KILN_IDEMPOTENCY_KEY and KILN_REBAKE=1; see \
+                         docs/hooks.md)",
+                        stage.name
+                    ),
+                    Some(serde_json::json!({
+                        "stage": stage.name, "key": key, "image": image, "unchanged": true,
+                    })),
+                );
+            }
             cx.store.put_bake(&BakeRecord {
                 key: key.clone(),
                 fleet: fleet.clone(),
@@ -228,6 +255,7 @@ async fn run_bake_hook(
     parent: Option<&ImageRef>,
     tree_id: &str,
     key: &str,
+    rebake: bool,
     workspace: &Workspace,
 ) -> Result<(ImageRef, BTreeMap<String, String>), StepError> {
     let image_store = cx.data_dir.join("images");
@@ -247,6 +275,9 @@ async fn run_bake_hook(
     ];
     if let Some(parent) = parent {
         inputs.push((abi::KILN_PARENT_IMAGE, parent.to_string()));
+    }
+    if rebake {
+        inputs.push((abi::KILN_REBAKE, "1".to_owned()));
     }
     let program = crate::fsutil::safe_join(&workspace.tree, &stage.bake)
         .map_err(|e| StepError::Other(format!("bake hook of stage {}: {e}", stage.name)))?;
