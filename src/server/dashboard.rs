@@ -56,6 +56,19 @@ fn opt(value: Option<&str>) -> String {
     value.map_or_else(|| "–".to_owned(), escape)
 }
 
+/// An image shown in a table cell: a directory image by its last path component (the whole
+/// id is the cell's tooltip), anything else (an AMI id) as it is.
+fn image_cell(image: Option<&str>) -> String {
+    match image {
+        Some(image) => {
+            let tail = image.trim_end_matches('/').rsplit('/').next().unwrap_or(image);
+            let tail = if tail.is_empty() { image } else { tail };
+            format!("<code title=\"{}\">{}</code>", escape(image), escape(tail))
+        }
+        None => "–".to_owned(),
+    }
+}
+
 fn short(commit: &str) -> &str {
     commit.get(..8).unwrap_or(commit)
 }
@@ -332,9 +345,9 @@ pub(crate) fn render_live(view: &View, operate: bool) -> String {
             };
             let _ = write!(
                 html,
-                "<tr><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{health}</td></tr>",
+                "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{health}</td></tr>",
                 escape(&instance.id),
-                escape(&instance.image),
+                image_cell(Some(&instance.image)),
                 opt(instance.address.as_deref()),
                 if instance.running { "yes" } else { "no" },
                 if instance.attached { "yes" } else { "no" },
@@ -349,16 +362,16 @@ pub(crate) fn render_live(view: &View, operate: bool) -> String {
         }
         html.push_str("</article>");
     }
-    html.push_str("</section><section id=\"rollouts\"><h2>Recent rollouts</h2><div class=\"scroll\"><table><tr><th>id</th><th>state</th><th>fleet</th><th>origin</th><th>commit</th><th>image</th><th>created</th><th>summary</th><th>reason</th></tr>");
+    html.push_str("</section><section id=\"rollouts\"><h2>Recent rollouts</h2><div class=\"scroll\"><table><tr><th>id</th><th>state</th><th>fleet</th><th>origin</th><th>commit</th><th>image</th><th>created (UTC)</th><th>summary</th><th>reason</th></tr>");
     for rollout in &view.rollouts {
         let _ = write!(
             html,
-            "<tr><td><a href=\"/api/v1/rollouts/{id}\">#{id}</a></td><td class=\"state {state}\">{state}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td><a href=\"/api/v1/rollouts/{id}\">#{id}</a></td><td class=\"state {state}\">{state}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             opt(rollout.fleet.as_deref()),
             escape(&rollout.origin),
             escape(short(&rollout.commit)),
-            opt(rollout.image.as_deref()),
-            rollout.created_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            image_cell(rollout.image.as_deref()),
+            rollout.created_at.format("%Y-%m-%d %H:%M:%S"),
             escape(&rollout.summary),
             opt(rollout.reason.as_deref()),
             id = rollout.id,
@@ -449,7 +462,7 @@ pub(crate) fn render_page(view: &View, parts: &PageParts<'_>) -> String {
     let after = parts.events.last().map_or(0, |e| e.seq);
     let _ = write!(
         html,
-        "</div><section id=\"timeline-section\"><h2>Live timeline <span id=\"stream-state\">connecting…</span></h2>\
+        "</div><section id=\"timeline-section\"><h2>Live timeline (UTC) <span id=\"stream-state\">connecting…</span></h2>\
          <ol id=\"timeline\" data-after=\"{after}\">"
     );
     for event in parts.events.iter().rev() {

@@ -33,7 +33,7 @@
     }
     busy = true;
     var kept = {};
-    live.querySelectorAll("select[id]").forEach(function (select) {
+    live.querySelectorAll("select[id][data-chosen]").forEach(function (select) {
       kept[select.id] = select.value;
     });
     fetch("/ui/live", { credentials: "same-origin", cache: "no-store" })
@@ -47,6 +47,7 @@
             var select = document.getElementById(id);
             if (select && Array.prototype.some.call(select.options, function (o) { return o.value === kept[id]; })) {
               select.value = kept[id];
+              select.setAttribute("data-chosen", "1");
             }
           });
         }
@@ -122,6 +123,13 @@
   }
   // Health and load-balancer changes are observations, not events: look again now and then.
   setInterval(refresh, 3000);
+
+  // A menu the operator chose in keeps its choice across refreshes; the others show the newest.
+  document.addEventListener("change", function (event) {
+    if (event.target && event.target.tagName === "SELECT") {
+      event.target.setAttribute("data-chosen", "1");
+    }
+  });
 
   document.addEventListener("click", function (event) {
     var target = event.target;
