@@ -1,8 +1,9 @@
 //! The dashboard in a real headless Chromium, driven over W3C WebDriver (`chromedriver` on
 //! 127.0.0.1, plain HTTP calls through reqwest): the real `kiln` daemon deploys a real fleet
 //! (directory images, python instances, `kiln lb`); the browser logs in with the API token,
-//! promotes a canary waiting at its manual gate, pauses the live rollout and resumes it, each
-//! through the page's confirmation dialog, and the test checks the page and `kiln log`.
+//! promotes a canary waiting at its manual gate, pauses the live rollout and resumes it, deploys
+//! an earlier commit and aborts it at its canary, and rolls back to a chosen earlier rollout, each
+//! through the page's confirmation dialog; the test checks the page and `kiln log`.
 //! It also takes the screenshots at 1280×800 and at phone width (375 px), and checks that the
 //! page does not overflow a phone's width.
 //!
@@ -294,7 +295,7 @@ fn wait_state(daemon: &Daemon, sha: &str, what: &str, cond: impl Fn(&str) -> boo
 }
 
 #[test]
-fn an_operator_logs_in_promotes_a_canary_pauses_and_resumes_a_live_rollout_in_chromium() {
+fn an_operator_logs_in_and_works_every_verb_on_a_live_rollout_in_chromium() {
     let test =
         "an_operator_logs_in_promotes_a_canary_pauses_and_resumes_a_live_rollout_in_chromium";
     if !require_git(test) || !have_python3() {
@@ -432,4 +433,36 @@ fn an_operator_logs_in_promotes_a_canary_pauses_and_resumes_a_live_rollout_in_ch
     let resumes = changes.iter().filter(|(from, _)| from == "paused").count();
     assert_eq!((pauses, resumes), (2, 2), "state changes of #{id}: {changes:?}");
     assert_eq!(entry(&daemon, &sha).unwrap()["state"], "succeeded");
+
+    // Deploy the first commit again from the menu: it stops at the canary gate; abort it.
+    browser.click(&format!("select#deploy-0 option[value='{first}']"));
+    browser.verb_confirmed("button[data-verb='deploy']", "Deploy to web the commit");
+    let log = daemon.wait_log("the deploy to reach the canary gate", WAIT, |log| {
+        for_commit(log, &first).iter().any(|e| e["origin"] == "deploy" && e["state"] == "paused")
+    });
+    let deploy = for_commit(&log, &first).into_iter().find(|e| e["origin"] == "deploy").unwrap();
+    browser.wait("the deploy's canary on the page", |b| !b.find_all("button.promote").is_empty());
+    browser.verb_confirmed("button[data-verb='abort']", "Abort the rollout of web");
+    let log = daemon.wait_log("the abort", WAIT, |log| {
+        log.iter().any(|e| e["id"] == deploy["id"] && e["state"] == "aborted")
+    });
+    assert!(log.iter().any(|e| e["id"] == deploy["id"] && e["state"] == "aborted"));
+    browser
+        .wait("the page to show the abort", |b| b.find_all("button[data-verb='abort']").is_empty());
+
+    // Roll back to the first rollout, chosen in the menu (the fast path: no canary gate).
+    browser.click(&format!("select#rollback-0 option[value='{first}']"));
+    browser.verb_confirmed("button[data-verb='rollback']", "Roll web back");
+    let log = daemon.wait_log("the rollback to end", WAIT, |log| {
+        for_commit(log, &first).iter().any(|e| {
+            e["origin"] == "rollback"
+                && ["succeeded", "failed", "aborted"].contains(&e["state"].as_str().unwrap_or(""))
+        })
+    });
+    let rollback =
+        for_commit(&log, &first).into_iter().find(|e| e["origin"] == "rollback").unwrap();
+    assert_eq!(rollback["state"], "succeeded", "{rollback}\n{}", daemon.logs());
+    browser.wait("the page to show the fleet back on the first commit", |b| {
+        b.text("article.fleet[data-fleet='web'] dl").contains(&first[..8])
+    });
 }

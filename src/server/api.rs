@@ -790,8 +790,8 @@ async fn verb(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    // The token is checked before a byte of the body is read.
-    authorize(&shared, &headers)?;
+    // The token (or session and CSRF token) is checked before a byte of the body is read.
+    let by = super::auth::authorize(&shared, &headers)?;
     let body = shared
         .bodies
         .read(&headers, body, super::MAX_API_BODY, shared.app.config.limits.body_timeout)
@@ -833,7 +833,7 @@ async fn verb(
             ));
         }
     };
-    tracing::info!(command = ?command, "Operator verb received over the API.");
+    tracing::info!(command = ?command, by = ?by, "Operator verb received over the API.");
     match shared.app.operator.command(command).await {
         Ok(id) => Ok((
             StatusCode::ACCEPTED,
