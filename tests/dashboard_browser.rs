@@ -58,7 +58,7 @@ Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 const RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
 
 /// Three instances behind kiln's load balancer, a manual canary of one, and replacements slow
-/// enough (3 s healthy before each attach) that a pause lands while the rollout is live.
+/// enough (5 s healthy before each attach) that a pause lands while the rollout is live.
 const MANIFEST: &str = "fleets:
   - name: web
     paths: [web/, hooks/]
@@ -72,7 +72,7 @@ const MANIFEST: &str = "fleets:
       maxSurge: 1
       maxUnavailable: 0
       healthCheck: { http: /healthz, interval: 200ms, healthyThreshold: 1, timeout: 5s }
-      minHealthy: 3s
+      minHealthy: 5s
       drain: 500ms
       progressDeadline: 3m
       onFailure: rollback

@@ -9,6 +9,7 @@
 //! session's CSRF token. Without a login the page is read-only (`auth.rs`). A Content Security
 //! Policy allows only kiln's own script and style, so markup that slipped through could not run.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use axum::body::Body;
@@ -27,6 +28,8 @@ const RECENT: usize = 25;
 const DEPLOY_CHOICES: usize = 20;
 /// How many earlier rollouts the rollback menu offers per fleet.
 const ROLLBACK_CHOICES: usize = 10;
+/// How many successful rollouts (newest first) the rollback menus are chosen from.
+const ROLLBACK_SCAN: usize = 5000;
 /// How many events the timeline starts with.
 const TIMELINE: u64 = 40;
 
@@ -134,6 +137,29 @@ fn gather(shared: &Shared) -> View {
             note(e);
             Vec::new()
         });
+    // Rollback choices for every fleet from one pass over the newest successful rollouts (not
+    // one scan per fleet): up to ROLLBACK_CHOICES + 1 distinct commits each, the current one
+    // dropped below.
+    let mut earlier: BTreeMap<String, Vec<RolloutDto>> = BTreeMap::new();
+    let succeeded = RolloutFilter {
+        state: Some(RolloutState::Succeeded),
+        limit: Some(ROLLBACK_SCAN),
+        ..RolloutFilter::default()
+    };
+    match store.rollouts(&succeeded) {
+        Ok(found) => {
+            for rollout in &found {
+                let Some(fleet) = rollout.fleet.as_ref() else { continue };
+                let list = earlier.entry(fleet.clone()).or_default();
+                if list.len() <= ROLLBACK_CHOICES
+                    && !list.iter().any(|t| t.commit == rollout.revision.0)
+                {
+                    list.push(RolloutDto::from_rollout(rollout));
+                }
+            }
+        }
+        Err(error) => note(error),
+    }
     let mut fleets = Vec::new();
     for status in shared.app.operator.fleet_status() {
         let fleet = FleetDto::from(&status);
@@ -145,28 +171,9 @@ fn gather(shared: &Shared) -> View {
                 .is_some_and(|rolling| rolling.canary_hold && !rolling.canary_done),
             _ => false,
         };
-        let filter = RolloutFilter {
-            fleet: Some(fleet.name.clone()),
-            state: Some(RolloutState::Succeeded),
-            limit: Some(ROLLBACK_CHOICES * 3),
-            ..RolloutFilter::default()
-        };
-        let mut rollback_targets: Vec<RolloutDto> = Vec::new();
-        match store.rollouts(&filter) {
-            Ok(found) => {
-                for rollout in &found {
-                    let dto = RolloutDto::from_rollout(rollout);
-                    let current = fleet.revision.as_deref() == Some(dto.commit.as_str());
-                    if !current
-                        && rollback_targets.len() < ROLLBACK_CHOICES
-                        && !rollback_targets.iter().any(|t| t.commit == dto.commit)
-                    {
-                        rollback_targets.push(dto);
-                    }
-                }
-            }
-            Err(error) => note(error),
-        }
+        let mut rollback_targets = earlier.remove(&fleet.name).unwrap_or_default();
+        rollback_targets.retain(|t| fleet.revision.as_deref() != Some(t.commit.as_str()));
+        rollback_targets.truncate(ROLLBACK_CHOICES);
         fleets.push(FleetView { fleet, canary_waiting, rollback_targets });
     }
     View { fleets, rollouts, commits, store_error: (!errors.is_empty()).then(|| errors.join("; ")) }
@@ -521,15 +528,26 @@ fn full_page(
     html_response(status, render_page(&view, &parts))
 }
 
+/// Runs `render` (store reads) on the blocking pool.
+async fn blocking(render: impl FnOnce() -> Response + Send + 'static) -> Response {
+    tokio::task::spawn_blocking(render).await.unwrap_or_else(|error| {
+        super::ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("dashboard: {error}"))
+            .into_response()
+    })
+}
+
 /// `GET /`.
 pub(crate) async fn page(State(shared): State<Shared>, headers: HeaderMap) -> Response {
-    full_page(&shared, &headers, StatusCode::OK, None)
+    blocking(move || full_page(&shared, &headers, StatusCode::OK, None)).await
 }
 
 /// `GET /ui/live`: the fleet view alone, for the script to swap in.
 pub(crate) async fn live(State(shared): State<Shared>, headers: HeaderMap) -> Response {
-    let operate = auth::session(&shared, &headers).is_some();
-    html_response(StatusCode::OK, render_live(&gather(&shared), operate))
+    blocking(move || {
+        let operate = auth::session(&shared, &headers).is_some();
+        html_response(StatusCode::OK, render_live(&gather(&shared), operate))
+    })
+    .await
 }
 
 /// `GET /ui/kiln.js`.
