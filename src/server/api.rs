@@ -681,30 +681,10 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/trigger", post(trigger))
 }
 
-/// Bearer-token check for mutating calls, in constant time.
+/// The check of every mutating call: same origin, then the API token or a dashboard session
+/// with its CSRF token (`auth.rs`).
 fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = &shared.app.config.api_token;
-    if token.0.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "this kiln has no API token configured; mutating calls are disabled",
-        ));
-    }
-    let sent = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing `Authorization: Bearer <token>` (the token is in <data-dir>/token)",
-            )
-        })?;
-    if token.matches(sent.trim().as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "wrong API token"))
-    }
+    super::auth::authorize(shared, headers).map(|_| ())
 }
 
 fn parse_id(text: &str) -> Result<RolloutId, ApiError> {
@@ -810,8 +790,8 @@ async fn verb(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    // The token is checked before a byte of the body is read.
-    authorize(&shared, &headers)?;
+    // The token (or session and CSRF token) is checked before a byte of the body is read.
+    let by = super::auth::authorize(&shared, &headers)?;
     let body = shared
         .bodies
         .read(&headers, body, super::MAX_API_BODY, shared.app.config.limits.body_timeout)
@@ -853,7 +833,7 @@ async fn verb(
             ));
         }
     };
-    tracing::info!(command = ?command, "Operator verb received over the API.");
+    tracing::info!(command = ?command, by = ?by, "Operator verb received over the API.");
     match shared.app.operator.command(command).await {
         Ok(id) => Ok((
             StatusCode::ACCEPTED,

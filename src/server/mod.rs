@@ -5,8 +5,9 @@
 //! ```text
 //! POST /hooks/{gitlab,github,gitea,generic}  ─▶ verify ─▶ dedup ─▶ match repo/ref ─▶ source.trigger()  (202)
 //! GET  /api/v1/...                           ─▶ store / fleet view (read only)
-//! POST /api/v1/fleets/{name}/{verb}, /trigger ─▶ bearer token ─▶ operator command channel
+//! POST /api/v1/fleets/{name}/{verb}, /trigger ─▶ bearer token or session + CSRF ─▶ operator command channel
 //! GET  /metrics, /healthz, /                  ─▶ Prometheus text, liveness, dashboard
+//! POST /login, /logout                        ─▶ dashboard session cookie (auth.rs, docs/dashboard.md)
 //! ```
 //!
 //! The listener (`listen.rs`) is hyper's HTTP/1 connection builder in kiln's own accept loop:
@@ -18,6 +19,7 @@
 //! are the contract with the daemon. See docs/api.md for the wire format.
 
 pub mod api;
+mod auth;
 pub mod body;
 mod dashboard;
 mod listen;
@@ -152,6 +154,8 @@ pub(crate) struct Shared {
     pub(crate) deliveries: Arc<webhooks::DeliveryLog>,
     pub(crate) gate: Arc<tokio::sync::Semaphore>,
     pub(crate) bodies: body::BodyBudget,
+    /// Dashboard login sessions (`auth.rs`).
+    pub(crate) sessions: Arc<auth::Sessions>,
 }
 
 /// The whole HTTP surface.
@@ -162,9 +166,15 @@ pub fn router(state: AppState) -> axum::Router {
         deliveries: Arc::new(webhooks::DeliveryLog::new(DEDUP_CAPACITY)),
         gate: Arc::new(tokio::sync::Semaphore::new(MAX_WEBHOOKS_IN_FLIGHT)),
         bodies,
+        sessions: Arc::new(auth::Sessions::default()),
     };
     axum::Router::new()
         .route("/", get(dashboard::page))
+        .route("/login", post(dashboard::login))
+        .route("/logout", post(dashboard::logout))
+        .route("/ui/live", get(dashboard::live))
+        .route("/ui/kiln.js", get(dashboard::script))
+        .route("/ui/kiln.css", get(dashboard::style))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/metrics", get(api::metrics))
