@@ -420,8 +420,7 @@ impl SmtpServer {
             while let Ok((stream, _)) = listener.accept().await {
                 let (acceptor, mode, mails) = (acceptor.clone(), *m.lock().unwrap(), ms.clone());
                 tokio::spawn(async move {
-                    if let Some(mail) = smtp_session(stream, acceptor, mode, user, password).await
-                    {
+                    if let Some(mail) = smtp_session(stream, acceptor, mode, user, password).await {
                         mails.lock().unwrap().push(mail);
                     }
                 });
@@ -470,7 +469,8 @@ impl Session {
             return (String::new(), Step::Continue);
         }
         if let Some(stage) = self.auth_login {
-            let decoded = String::from_utf8(B64.decode(line.trim()).unwrap_or_default()).unwrap_or_default();
+            let decoded =
+                String::from_utf8(B64.decode(line.trim()).unwrap_or_default()).unwrap_or_default();
             if stage == 0 {
                 self.mail.user = decoded;
                 self.auth_login = Some(1);
@@ -489,8 +489,10 @@ impl Session {
         } else if upper.starts_with("AUTH PLAIN") {
             let arg = line[10..].trim();
             let decoded = B64.decode(arg).unwrap_or_default();
-            let parts: Vec<String> =
-                decoded.split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+            let parts: Vec<String> = decoded
+                .split(|b| *b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
             self.mail.user = parts.get(1).cloned().unwrap_or_default();
             let password = parts.get(2).cloned().unwrap_or_default();
             self.login(&password)
@@ -499,7 +501,10 @@ impl Session {
             ("334 VXNlcm5hbWU6\r\n".into(), Step::Continue)
         } else if upper.starts_with("MAIL FROM:") {
             if !tls {
-                return ("530 5.7.0 Must issue a STARTTLS command first\r\n".into(), Step::Continue);
+                return (
+                    "530 5.7.0 Must issue a STARTTLS command first\r\n".into(),
+                    Step::Continue,
+                );
             }
             if !self.authed {
                 return ("530 5.7.0 Authentication required\r\n".into(), Step::Continue);
@@ -851,7 +856,13 @@ fn a_broken_image_fails_the_commit_status_and_tells_every_sink_once_across_a_kil
         (
             "wecom",
             titles(&wecom, |b| {
-                b["markdown"]["content"].as_str().unwrap_or("").lines().next().unwrap_or("").to_owned()
+                b["markdown"]["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
             }),
         ),
         ("dingtalk", titles(&ding, |b| b["markdown"]["title"].as_str().unwrap_or("").to_owned())),
@@ -868,7 +879,12 @@ fn a_broken_image_fails_the_commit_status_and_tells_every_sink_once_across_a_kil
         assert_eq!(set, want, "{name}: {titles:?}");
     }
     let rolled_back = format!("web: rollout #{broken_id} rolled back");
-    let slack_msg = slack.accepted().into_iter().map(|r| r.json()).find(|b| b["text"] == rolled_back.as_str()).unwrap();
+    let slack_msg = slack
+        .accepted()
+        .into_iter()
+        .map(|r| r.json())
+        .find(|b| b["text"] == rolled_back.as_str())
+        .unwrap();
     let slack_text = slack_msg.to_string();
     assert!(slack_text.contains("failed step:* rolling: health check"), "{slack_text}");
     assert!(slack_text.contains("GET /healthz"), "the reason names the check: {slack_text}");
@@ -977,10 +993,7 @@ fn github_and_gitea_statuses_follow_their_documented_apis() {
     std::fs::write(token_dir.path().join("gitea"), "gitea-token").unwrap();
     let sender = Sender::new().unwrap();
     let sha = "0123456789abcdef0123456789abcdef01234567";
-    let cases = [
-        (ForgeKind::Github, &github, "gh"),
-        (ForgeKind::Gitea, &gitea, "gitea"),
-    ];
+    let cases = [(ForgeKind::Github, &github, "gh"), (ForgeKind::Gitea, &gitea, "gitea")];
     for (kind, receiver, file) in cases {
         let forge = Forge {
             kind,
@@ -1000,7 +1013,8 @@ fn github_and_gitea_statuses_follow_their_documented_apis() {
                 description: "web: rolled back".into(),
                 target_url: "https://kiln.example.com/#rollout-3".into(),
             };
-            let payload = serde_json::to_value(Payload::Forge { forge: forge.clone(), status }).unwrap();
+            let payload =
+                serde_json::to_value(Payload::Forge { forge: forge.clone(), status }).unwrap();
             let entry = kiln::store::OutboxEntry {
                 seq: i as u64 + 1,
                 sink: "forge:kiln/rollout".into(),
@@ -1083,7 +1097,8 @@ fn secrets_in_the_repo_are_refused_with_their_location() {
         ("forge.project `ops` must be `owner/repo`", 5),
         ("forge needs its token", 5),
     ] {
-        let found = text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {text}"));
+        let found =
+            text.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {text}"));
         assert!(found.contains(&format!("kiln.yaml:{line}:")), "{needle} at line {line}: {found}");
     }
 }

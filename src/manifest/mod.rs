@@ -25,12 +25,12 @@ pub use limits::{
     MAX_EXEC_ENV, MAX_FLEETS, MAX_MANIFEST_BYTES, MAX_NODES, MAX_PATHS, MAX_SCALAR_BYTES,
     MAX_STAGES,
 };
+pub use notify::{
+    Forge, ForgeKind, MAX_SINKS, NotifyEvent, SecretRef, Sink, SinkKind, Smtp, SmtpTls,
+};
 pub use settings::{
     MAX_SETTINGS_BYTES, ProviderSettings, SETTINGS_FILE, SettingDecl, parse_settings,
     setting_env_name,
-};
-pub use notify::{
-    Forge, ForgeKind, MAX_SINKS, NotifyEvent, SecretRef, Sink, SinkKind, Smtp, SmtpTls,
 };
 use text::{Text, locate};
 

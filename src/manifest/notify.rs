@@ -32,9 +32,7 @@ impl SecretRef {
 }
 
 /// What a sink delivers to.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SinkKind {
     /// A JSON POST signed per the Standard Webhooks spec (`webhook-id`, `webhook-timestamp`,
@@ -75,7 +73,16 @@ impl SinkKind {
 
 /// What a sink can be told about.
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
     schemars::JsonSchema,
 )]
 pub enum NotifyEvent {
@@ -250,9 +257,7 @@ fn default_smtp_port() -> u16 {
 }
 
 /// Which forge receives commit statuses.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ForgeKind {
     /// `POST /api/v4/projects/:id/statuses/:sha` with a `PRIVATE-TOKEN`.
@@ -488,7 +493,10 @@ fn check_sink(report: &mut Report<'_>, sink: &Sink, text: &Text<'_>, at: usize) 
         if set {
             report.push(
                 || locate(text, key, "", at),
-                format!("{what}: `{key}` is a setting of email sinks, not of {} sinks", kind.as_str()),
+                format!(
+                    "{what}: `{key}` is a setting of email sinks, not of {} sinks",
+                    kind.as_str()
+                ),
             );
         }
     }
@@ -527,9 +535,10 @@ fn check_sink(report: &mut Report<'_>, sink: &Sink, text: &Text<'_>, at: usize) 
     }
     match kind {
         SinkKind::Slack | SinkKind::Wecom => {
-            for (key, set) in
-                [("secretEnv", sink.secret_env.is_some()), ("secretFile", sink.secret_file.is_some())]
-            {
+            for (key, set) in [
+                ("secretEnv", sink.secret_env.is_some()),
+                ("secretFile", sink.secret_file.is_some()),
+            ] {
                 if set {
                     report.push(
                         || locate(text, key, "", at),
@@ -538,16 +547,9 @@ fn check_sink(report: &mut Report<'_>, sink: &Sink, text: &Text<'_>, at: usize) 
                 }
             }
         }
-        SinkKind::Webhook => check_pair(
-            report,
-            text,
-            at,
-            &what,
-            "secret",
-            &sink.secret_env,
-            &sink.secret_file,
-            true,
-        ),
+        SinkKind::Webhook => {
+            check_pair(report, text, at, &what, "secret", &sink.secret_env, &sink.secret_file, true)
+        }
         SinkKind::Dingtalk | SinkKind::Feishu => check_pair(
             report,
             text,

@@ -18,7 +18,8 @@ const SMTP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Sends the notice as a plain-text email whose Message-ID is the entry's idempotency id.
 pub async fn send(entry: &OutboxEntry, sink: &Sink, notice: &Notice) -> Result<(), Failure> {
-    let permanent = |what: &str, e: &dyn std::fmt::Display| Failure::Permanent(format!("{what}: {e}"));
+    let permanent =
+        |what: &str, e: &dyn std::fmt::Display| Failure::Permanent(format!("{what}: {e}"));
     let smtp = sink.smtp.as_ref().ok_or_else(|| Failure::Permanent("no smtp settings".into()))?;
     let mut message = Message::builder()
         .from(sink.from.as_deref().unwrap_or_default().parse().map_err(|e| permanent("from", &e))?)

@@ -102,7 +102,17 @@ impl Notice {
 
 /// `text` without backticks and line breaks (it goes inside a code span or a one-line quote).
 fn code_free(text: &str) -> String {
-    text.chars().map(|c| if c == '`' { '\'' } else if c.is_control() { ' ' } else { c }).collect()
+    text.chars()
+        .map(|c| {
+            if c == '`' {
+                '\''
+            } else if c.is_control() {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// `1h 2m 3s`.
@@ -303,9 +313,7 @@ pub fn statuses(event: &Event, rollout: &Rollout, public_url: &str) -> Vec<Statu
         } else if change.from == stage {
             match change.to {
                 S::Failed | S::RolledBack => push(context, T::Failed, why.to_owned()),
-                S::Superseded | S::Aborted => {
-                    push(context, T::Canceled, format!("{}", change.to))
-                }
+                S::Superseded | S::Aborted => push(context, T::Canceled, format!("{}", change.to)),
                 S::Paused => {}
                 _ => push(context, T::Success, format!("{} done", &context[5..])),
             }
@@ -363,7 +371,12 @@ mod tests {
             (S::Rolling, S::Succeeded, "", Some(NotifyEvent::RolloutSucceeded)),
             (S::Baking, S::Failed, "baking → failed: exit 1", Some(NotifyEvent::RolloutFailed)),
             (S::Rolling, S::RolledBack, "", Some(NotifyEvent::RolloutRolledBack)),
-            (S::Rolling, S::Paused, "rolling → paused: by operator", Some(NotifyEvent::RolloutPaused)),
+            (
+                S::Rolling,
+                S::Paused,
+                "rolling → paused: by operator",
+                Some(NotifyEvent::RolloutPaused),
+            ),
             (
                 S::Rolling,
                 S::Paused,
@@ -379,7 +392,8 @@ mod tests {
         let bake = Event::new(RolloutId(4), Level::Error, EventKind::BakeFailed, "exit 2", None);
         assert_eq!(classify(&bake, &r, false), Some(NotifyEvent::BakeFailed));
 
-        let failed = change(S::Rolling, S::RolledBack, "rolling → rolled_back: health check failed");
+        let failed =
+            change(S::Rolling, S::RolledBack, "rolling → rolled_back: health check failed");
         let got = statuses(&failed, &r, "http://kiln:1/");
         assert_eq!(got.len(), 1);
         assert_eq!((got[0].context.as_str(), got[0].state), ("kiln/rollout", StatusState::Failed));

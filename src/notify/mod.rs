@@ -285,7 +285,10 @@ impl Enqueuer {
         );
         let first_drift = drift
             && self.store.events(rollout.id, 0).is_ok_and(|events| {
-                events.iter().find(|e| relevant(&e.kind) && e.kind != EventKind::State).map(|e| e.seq)
+                events
+                    .iter()
+                    .find(|e| relevant(&e.kind) && e.kind != EventKind::State)
+                    .map(|e| e.seq)
                     == Some(event.seq)
             });
         let kind = classify(event, &rollout, first_drift);
@@ -438,16 +441,16 @@ async fn deliver_one(store: &Store, sender: &Sender, mut entry: OutboxEntry) {
         Err(failure) => {
             entry.attempts += 1;
             entry.last_error = Some(failure.message().to_owned());
-            let give_up = matches!(failure, Failure::Permanent(_)) || entry.attempts >= MAX_ATTEMPTS;
+            let give_up =
+                matches!(failure, Failure::Permanent(_)) || entry.attempts >= MAX_ATTEMPTS;
             if give_up {
                 entry.dead_at = Some(crate::model::now());
                 tracing::warn!(sink = %entry.sink, id = %entry.id, attempts = entry.attempts, error = %failure.message(), "Notification dead-lettered.");
                 store.outbox_dead_letter(&entry)
             } else {
                 let wait = crate::retry::nth_delay(&RETRY, entry.attempts - 1);
-                entry.next_at = chrono::Duration::from_std(wait)
-                    .ok()
-                    .map(|wait| crate::model::now() + wait);
+                entry.next_at =
+                    chrono::Duration::from_std(wait).ok().map(|wait| crate::model::now() + wait);
                 tracing::warn!(sink = %entry.sink, id = %entry.id, attempts = entry.attempts, error = %failure.message(), "Notification failed; retrying.");
                 store.outbox_retry(&entry)
             }

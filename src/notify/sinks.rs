@@ -16,6 +16,8 @@ use crate::store::OutboxEntry;
 /// manifest again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "to", rename_all = "snake_case")]
+// Built once per entry and serialized at once: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Payload {
     /// A notification.
     Sink {
@@ -151,7 +153,10 @@ async fn answer(response: reqwest::Response) -> Result<String, Failure> {
 /// must be 0.
 fn robot_ok(kind: SinkKind, body: &str) -> Result<(), Failure> {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(body) else {
-        return Err(Failure::Transient(format!("{} answered something else than JSON", kind.as_str())));
+        return Err(Failure::Transient(format!(
+            "{} answered something else than JSON",
+            kind.as_str()
+        )));
     };
     let code = ["errcode", "code", "StatusCode"].iter().find_map(|k| value.get(*k)?.as_i64());
     match code {
@@ -163,7 +168,9 @@ fn robot_ok(kind: SinkKind, body: &str) -> Result<(), Failure> {
                 .unwrap_or("");
             Err(Failure::Transient(format!("{} error {code}: {msg}", kind.as_str())))
         }
-        None => Err(Failure::Transient(format!("{} answered without a result code", kind.as_str()))),
+        None => {
+            Err(Failure::Transient(format!("{} answered without a result code", kind.as_str())))
+        }
     }
 }
 
@@ -263,7 +270,12 @@ impl Sender {
         }
     }
 
-    async fn notify(&self, entry: &OutboxEntry, sink: &Sink, notice: &Notice) -> Result<(), Failure> {
+    async fn notify(
+        &self,
+        entry: &OutboxEntry,
+        sink: &Sink,
+        notice: &Notice,
+    ) -> Result<(), Failure> {
         if sink.kind == SinkKind::Email {
             return super::email::send(entry, sink, notice).await;
         }
@@ -299,8 +311,12 @@ impl Sender {
                 answer(response).await.map(drop)
             }
             SinkKind::Slack => {
-                let response =
-                    self.post(&url, &entry.id).json(&slack_body(notice)).send().await.map_err(http_error)?;
+                let response = self
+                    .post(&url, &entry.id)
+                    .json(&slack_body(notice))
+                    .send()
+                    .await
+                    .map_err(http_error)?;
                 answer(response).await.map(drop)
             }
             SinkKind::Wecom => {
@@ -308,7 +324,8 @@ impl Sender {
                     "msgtype": "markdown",
                     "markdown": { "content": cap_bytes(notice.markdown(""), 4096) },
                 });
-                let response = self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
+                let response =
+                    self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
                 robot_ok(sink.kind, &answer(response).await?)
             }
             SinkKind::Dingtalk => {
@@ -327,7 +344,8 @@ impl Sender {
                     "msgtype": "markdown",
                     "markdown": { "title": notice.title, "text": notice.markdown("#### ") },
                 });
-                let response = self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
+                let response =
+                    self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
                 robot_ok(sink.kind, &answer(response).await?)
             }
             SinkKind::Feishu => {
@@ -340,7 +358,8 @@ impl Sender {
                     body["timestamp"] = ts.to_string().into();
                     body["sign"] = feishu_sign(secret, ts).into();
                 }
-                let response = self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
+                let response =
+                    self.post(&url, &entry.id).json(&body).send().await.map_err(http_error)?;
                 robot_ok(sink.kind, &answer(response).await?)
             }
             SinkKind::Email => Ok(()),
@@ -369,14 +388,17 @@ impl Sender {
                     StatusState::Failed => "failed",
                     StatusState::Canceled => "canceled",
                 };
-                self.post(&format!("{base}/api/v4/projects/{project}/statuses/{}", status.sha), &entry.id)
-                    .header("PRIVATE-TOKEN", token)
-                    .json(&serde_json::json!({
-                        "state": state,
-                        "name": status.context,
-                        "target_url": status.target_url,
-                        "description": status.description,
-                    }))
+                self.post(
+                    &format!("{base}/api/v4/projects/{project}/statuses/{}", status.sha),
+                    &entry.id,
+                )
+                .header("PRIVATE-TOKEN", token)
+                .json(&serde_json::json!({
+                    "state": state,
+                    "name": status.context,
+                    "target_url": status.target_url,
+                    "description": status.description,
+                }))
             }
             ForgeKind::Github | ForgeKind::Gitea => {
                 let state = match status.state {
@@ -392,18 +414,21 @@ impl Sender {
                     "description": status.description,
                 });
                 if forge.kind == ForgeKind::Github {
-                    self.post(&format!("{base}/repos/{}/statuses/{}", forge.project, status.sha), &entry.id)
-                        .bearer_auth(token)
-                        .header("accept", "application/vnd.github+json")
-                        .header("x-github-api-version", "2022-11-28")
-                        .json(&body)
+                    self.post(
+                        &format!("{base}/repos/{}/statuses/{}", forge.project, status.sha),
+                        &entry.id,
+                    )
+                    .bearer_auth(token)
+                    .header("accept", "application/vnd.github+json")
+                    .header("x-github-api-version", "2022-11-28")
+                    .json(&body)
                 } else {
                     self.post(
                         &format!("{base}/api/v1/repos/{}/statuses/{}", forge.project, status.sha),
                         &entry.id,
                     )
-                        .header("authorization", format!("token {token}"))
-                        .json(&body)
+                    .header("authorization", format!("token {token}"))
+                    .json(&body)
                 }
             }
         };
@@ -431,8 +456,9 @@ mod tests {
         // computed independently here (key = base64-decoded secret, content id.ts.body).
         let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
         let body = br#"{"test": 2432232314}"#;
-        let sig = standard_webhook_signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
-            .expect("sign");
+        let sig =
+            standard_webhook_signature(secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+                .expect("sign");
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
         assert!(matches!(
             standard_webhook_signature("whsec_***", "id", 1, b""),
@@ -451,8 +477,10 @@ mod tests {
     #[test]
     fn robot_answers_are_read() {
         assert_eq!(robot_ok(SinkKind::Wecom, r#"{"errcode":0,"errmsg":"ok"}"#), Ok(()));
-        assert!(robot_ok(SinkKind::Dingtalk, r#"{"errcode":310000,"errmsg":"sign not match"}"#)
-            .is_err_and(|e| e.message().contains("310000")));
+        assert!(
+            robot_ok(SinkKind::Dingtalk, r#"{"errcode":310000,"errmsg":"sign not match"}"#)
+                .is_err_and(|e| e.message().contains("310000"))
+        );
         assert_eq!(robot_ok(SinkKind::Feishu, r#"{"code":0,"msg":"success"}"#), Ok(()));
         assert!(robot_ok(SinkKind::Feishu, "<html>").is_err());
     }

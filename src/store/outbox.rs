@@ -108,10 +108,8 @@ impl Store {
     /// Writes `entries` (those not already pending) and moves the cursor to `cursor`, in one
     /// transaction (flushed).
     pub fn outbox_enqueue(&self, entries: &[OutboxEntry], cursor: u64) -> Result<()> {
-        let encoded: Vec<(Vec<u8>, Vec<u8>)> = entries
-            .iter()
-            .map(|e| Ok((e.key(), Self::encode(TREE, e)?)))
-            .collect::<Result<_>>()?;
+        let encoded: Vec<(Vec<u8>, Vec<u8>)> =
+            entries.iter().map(|e| Ok((e.key(), Self::encode(TREE, e)?))).collect::<Result<_>>()?;
         let cursor = Self::encode("meta", &cursor)?;
         self.write(|t| {
             let outbox = self.outbox_tree(t, TREE)?;
