@@ -809,10 +809,17 @@ fn a_broken_image_fails_the_commit_status_and_tells_every_sink_once_across_a_kil
 
     let last = wait_state(&daemon, &v2, &TERMINAL);
     assert_eq!(last["state"], "rolled_back", "{last}\n{}", daemon.logs());
-    wait_until("the outbox to drain", &daemon, || {
-        let o = outbox(&rt, &daemon);
-        o["pending"] == 0 && o["delivered"].as_u64().unwrap_or(0) > 0
+    // Everything owed arrives: four notices per chat sink, four mails, the failed status.
+    wait_until("every message to arrive", &daemon, || {
+        receivers[..5].iter().all(|(_, r)| r.accepted().len() >= 4)
+            && smtp.mails().len() >= 4
+            && gitlab.accepted().iter().any(|r| {
+                r.path.ends_with(&v2)
+                    && r.json()["name"] == "kiln/rollout"
+                    && r.json()["state"] == "failed"
+            })
     });
+    wait_until("the outbox to drain", &daemon, || outbox(&rt, &daemon)["pending"] == 0);
     let status = outbox(&rt, &daemon);
     assert_eq!(status["dead"], 0, "nothing dead-lettered: {status}");
 
@@ -899,7 +906,6 @@ fn a_broken_image_fails_the_commit_status_and_tells_every_sink_once_across_a_kil
     assert!(wecom_msg.contains(&format!("https://kiln.example.com/#rollout-{broken_id}")));
 
     // Email: the four messages over STARTTLS with AUTH, Message-IDs distinct.
-    wait_until("four emails", &daemon, || smtp.mails().len() >= 4);
     let mails = smtp.mails();
     assert_eq!(mails.len(), 4, "{mails:?}");
     assert!(mails.iter().all(|m| m.tls && m.user == "kiln"), "STARTTLS and AUTH: {mails:?}");
