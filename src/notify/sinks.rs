@@ -298,8 +298,7 @@ impl Sender {
                     .ok_or_else(|| Failure::Permanent("the webhook sink has no secret".into()))?;
                 let signature = standard_webhook_signature(&secret, &entry.id, ts, &body)?;
                 let response = self
-                    .http
-                    .post(&url)
+                    .post(&url, &entry.id)
                     .header("content-type", "application/json")
                     .header("webhook-id", &entry.id)
                     .header("webhook-timestamp", ts.to_string())
