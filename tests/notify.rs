@@ -993,7 +993,7 @@ fn github_and_gitea_statuses_follow_their_documented_apis() {
     let rt = runtime();
     let github = Receiver::start(&rt, check_forge("github", "gh-token", "ops/infra"));
     let gitea = Receiver::start(&rt, check_forge("gitea", "gitea-token", "ops/infra"));
-    // SAFETY of the environment: a name only this test uses.
+    // Tokens from files on the daemon's host (`tokenFile`), trailing newline or not.
     let token_dir = tempfile::tempdir().unwrap();
     std::fs::write(token_dir.path().join("gh"), "gh-token\n").unwrap();
     std::fs::write(token_dir.path().join("gitea"), "gitea-token").unwrap();

@@ -391,6 +391,15 @@ mod tests {
         }
         let bake = Event::new(RolloutId(4), Level::Error, EventKind::BakeFailed, "exit 2", None);
         assert_eq!(classify(&bake, &r, false), Some(NotifyEvent::BakeFailed));
+        // A drift record: one `drift.found` for its first finding, none for the others, and its
+        // record's own state (created `failed`) is not a failed rollout.
+        let mut drift = rollout(S::Failed);
+        drift.origin = Origin::Drift;
+        let finding = Event::new(RolloutId(4), Level::Warn, EventKind::DriftInstance, "off", None);
+        assert_eq!(classify(&finding, &drift, true), Some(NotifyEvent::DriftFound));
+        assert_eq!(classify(&finding, &drift, false), None);
+        assert_eq!(classify(&change(S::Pending, S::Failed, ""), &drift, false), None);
+        assert!(statuses(&change(S::Pending, S::Failed, ""), &drift, "http://k").is_empty());
 
         let failed =
             change(S::Rolling, S::RolledBack, "rolling → rolled_back: health check failed");
