@@ -46,6 +46,8 @@ pub struct DaemonConfig {
     pub jobs: usize,
     /// Signature verification imposed by flags (`None`: `verify:` in the manifest decides).
     pub verify: Option<crate::verify::DaemonPolicy>,
+    /// Base URL of links in notifications and commit statuses (`None`: the API's address).
+    pub public_url: Option<String>,
 }
 
 /// What `<data-dir>/daemon.json` holds while the daemon runs: how the CLI finds the API.
@@ -323,9 +325,21 @@ pub async fn run_until_ready(
     let _ = ready.send(api.clone());
 
     let server = tokio::spawn(crate::server::serve(listener, state, shutdown.clone()));
+    // Notifications and commit statuses: their own tasks, fed by the event feed.
+    let notifier = crate::notify::spawn(
+        store.clone(),
+        crate::notify::NotifyConfig {
+            public_url: config.public_url.clone().unwrap_or_else(|| api.clone()),
+            mirror: data_dir.join("mirror.git"),
+        },
+        shutdown.clone(),
+    );
     operator.run(source_rx, commands_rx, shutdown.clone()).await;
     shutdown.cancel();
     let _ = server.await;
+    for task in notifier {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&info_path);
     store.flush()?;
     Ok(())

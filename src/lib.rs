@@ -20,6 +20,7 @@ pub mod hooks;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod operator;
 pub mod pipeline;
 pub mod planner;

@@ -118,6 +118,7 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         instance_ports: None,
         jobs: crate::pipeline::DEFAULT_JOBS,
         verify: None,
+        public_url: None,
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut daemon = tokio::spawn(daemon::run_until_ready(config, shutdown.clone(), ready_tx));

@@ -248,6 +248,10 @@ pub struct RunArgs {
     /// across all fleets; the others wait, recorded, for a slot.
     #[arg(long, value_name = "N", default_value_t = crate::pipeline::DEFAULT_JOBS)]
     pub jobs: usize,
+    /// The URL people reach kiln's dashboard at, for links in notifications and commit
+    /// statuses (default: the API's listen address).
+    #[arg(long, env = "KILN_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
     /// Name of a daemon environment variable to pass through to hooks (repeatable).
     #[arg(long = "hook-env", value_name = "NAME")]
     pub hook_env: Vec<String>,
@@ -511,6 +515,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         instance_ports: args.instance_ports,
         jobs: args.jobs,
         verify,
+        public_url: args.public_url,
     };
     crate::daemon::run(config).await?;
     Ok(ExitCode::SUCCESS)
@@ -1059,6 +1064,19 @@ async fn status(
         eprintln!("kiln: no fleets yet");
     } else {
         render::status(out, &fleets, live, color)?;
+    }
+    if !json {
+        // The notification outbox (`GET /notify`; an older daemon without it shows nothing).
+        let outbox = match &target {
+            Target::Api(client) => client.get::<crate::notify::OutboxStatus>("/notify").await.ok(),
+            Target::Offline(store) => {
+                let store = store.clone();
+                tokio::task::spawn_blocking(move || crate::notify::status(&store).ok()).await?
+            }
+        };
+        if let Some(outbox) = outbox {
+            render::notifications(out, &outbox)?;
+        }
     }
     Ok(if fleets.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }

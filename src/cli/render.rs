@@ -454,6 +454,50 @@ pub fn commit_table(
     Ok(())
 }
 
+/// The notification outbox under `kiln status`: counts, each sink's backlog and the newest dead
+/// letters (nothing when no sink ever had work).
+pub fn notifications(
+    out: &mut dyn Write,
+    outbox: &crate::notify::OutboxStatus,
+) -> std::io::Result<()> {
+    if outbox.pending == 0 && outbox.dead == 0 && outbox.delivered == 0 {
+        return Ok(());
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "notifications: {} pending, {} dead-lettered, {} delivered",
+        outbox.pending, outbox.dead, outbox.delivered
+    )?;
+    for sink in &outbox.sinks {
+        let error = sink
+            .last_error
+            .as_deref()
+            .map(|e| format!(" (attempt {}: {})", sink.attempts, clean(e)))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  pending  {} ({}): {}{error}",
+            clean(&sink.sink),
+            clean(&sink.kind),
+            sink.pending
+        )?;
+    }
+    for dead in &outbox.dead_letters {
+        writeln!(
+            out,
+            "  DEAD     {} ({}): {} of rollout #{} after {} attempt(s): {}",
+            clean(&dead.sink),
+            clean(&dead.kind),
+            clean(&dead.topic),
+            dead.rollout,
+            dead.attempts,
+            clean(dead.error.as_deref().unwrap_or("-"))
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 
 mod duration;
 mod limits;
+mod notify;
 mod settings;
 mod text;
 
@@ -23,6 +24,9 @@ pub use duration::{format_duration, parse_duration};
 pub use limits::{
     MAX_EXEC_ENV, MAX_FLEETS, MAX_MANIFEST_BYTES, MAX_NODES, MAX_PATHS, MAX_SCALAR_BYTES,
     MAX_STAGES,
+};
+pub use notify::{
+    Forge, ForgeKind, MAX_SINKS, NotifyEvent, SecretRef, Sink, SinkKind, Smtp, SmtpTls,
 };
 pub use settings::{
     MAX_SETTINGS_BYTES, ProviderSettings, SETTINGS_FILE, SettingDecl, parse_settings,
@@ -118,6 +122,12 @@ pub struct Manifest {
     /// the last *deployed* commit, never from the commit being verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyPolicy>,
+    /// Notification sinks told about every fleet's rollouts (see docs/notifications.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<Sink>,
+    /// Commit statuses on the forge hosting the repo (see docs/notifications.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forge: Option<Forge>,
 }
 
 /// `verify:`: deploy only commits signed by trusted keys.
@@ -189,6 +199,9 @@ pub struct Fleet {
     /// `kiln down FLEET`).
     #[serde(default)]
     pub prune: Option<bool>,
+    /// Notification sinks told about this fleet only (besides the top-level `notify:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<Sink>,
 }
 
 impl Fleet {
@@ -1210,6 +1223,7 @@ fn check_manifest(report: &mut Report<'_>, manifest: &Manifest, text: &Text<'_>,
     if let Some(verify) = &manifest.verify {
         check_verify(report, verify, text, files);
     }
+    notify::check(report, manifest, text);
     let mut fleet_names = HashSet::new();
     let mut lb_ports = BTreeSet::new();
     // Fleets are in file order: each one's `name:` is searched from the line after the

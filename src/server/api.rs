@@ -678,6 +678,7 @@ pub(crate) fn routes() -> Router<Shared> {
         .route("/events/stream", get(event_stream))
         .route("/commits", get(commits))
         .route("/gc", get(gc))
+        .route("/notify", get(notify_status))
         .route("/trigger", post(trigger))
 }
 
@@ -782,6 +783,13 @@ async fn gc(State(shared): State<Shared>) -> Result<Json<GcDto>, ApiError> {
         last: store.get_meta(crate::gc::LAST_KEY)?,
         totals: store.get_meta(crate::gc::TOTALS_KEY)?.unwrap_or_default(),
     }))
+}
+
+/// `GET /notify`: the notification outbox (pending per sink, dead letters).
+async fn notify_status(
+    State(shared): State<Shared>,
+) -> Result<Json<crate::notify::OutboxStatus>, ApiError> {
+    Ok(Json(crate::notify::status(&shared.app.operator.store)?))
 }
 
 async fn verb(

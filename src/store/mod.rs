@@ -33,6 +33,7 @@
 //! and the next operation reopens the database, which recovers exactly what was flushed, as a
 //! restart would. Callers retry with backoff; [`Store::heal`] probes a failing store.
 
+mod outbox;
 mod records;
 
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ use sled::Transactional as _;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::broadcast;
 
+pub use outbox::{MAX_DEAD, OutboxEntry, OutboxStats};
 pub use records::{
     BakeRecord, CommitKind, CommitRecord, Deployed, Event, EventKind, InstanceAction,
     InstanceEvent, Level, StateChange,
