@@ -561,3 +561,136 @@ fn a_batch_of_rollouts_is_one_write_with_dense_ids_and_a_contiguous_feed() {
     let store = Store::open(dir.path(), 0).unwrap();
     assert_eq!(store.rollout(created[2].id).unwrap().fleet.as_deref(), Some("f2"));
 }
+
+/// What the v1 fixture holds, read through the store's API (compared after migration).
+fn dump(store: &Store) -> serde_json::Value {
+    let rollouts = store.rollouts(&RolloutFilter::default()).unwrap();
+    let events: Vec<Vec<Event>> =
+        rollouts.iter().map(|r| store.events(r.id, 0).unwrap()).collect();
+    let fleets = ["web", "api"];
+    serde_json::json!({
+        "commits": store.commits(1000).unwrap(),
+        "rollouts": rollouts,
+        "events": events,
+        "feed": store.events_after(0, MAX_FEED_PAGE).unwrap(),
+        "instances": fleets.iter().map(|f| store.instance_journal(f).unwrap()).collect::<Vec<_>>(),
+        "bakes": store.bakes().unwrap(),
+        "deployed": store.deployed_all().unwrap(),
+        "tip": store.get_meta::<Revision>("source.tip").unwrap(),
+    })
+}
+
+/// The directory of the store written by kiln at schema version 1 (commit a1cad96).
+fn v1_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1")
+}
+
+/// Writes `tests/fixtures/store-v1` (a data dir) and its `expected.json` with the code of the
+/// day (run once, at a1cad96, the last schema-1 release: `cargo test --lib
+/// store::tests::write_v1_fixture -- --ignored`); the migration test reads it.
+#[test]
+#[ignore = "writes the committed v1 fixture; run by hand on the schema-1 code only"]
+fn write_v1_fixture() {
+    use crate::model::InstanceId;
+    let root = v1_fixture();
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let store = Store::open(&data, 0).unwrap();
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        let rev = format!("{i:x}{}", "ab".repeat(19) + "c");
+        let kind = if i == 0 { CommitKind::Initial } else { CommitKind::Push };
+        store.record_commit(&commit(&rev, kind)).unwrap();
+        revs.push(rev);
+    }
+    store.record_commit(&commit(&revs[5], CommitKind::BranchDeleted)).unwrap();
+    let states = [
+        RolloutState::Succeeded,
+        RolloutState::Failed,
+        RolloutState::Succeeded,
+        RolloutState::Superseded,
+        RolloutState::Rolling,
+        RolloutState::Pending,
+    ];
+    for (i, rev) in revs.iter().enumerate() {
+        for fleet in ["web", "api"] {
+            let state = states[(i + usize::from(fleet == "api")) % states.len()];
+            let mut r = rollout(fleet, rev, RolloutState::Pending);
+            r.image = Some(ImageRef(format!("img-{fleet}-{i}")));
+            let created = store
+                .create_rollouts(vec![(
+                    r,
+                    vec![Event::new(
+                        RolloutId(0),
+                        Level::Info,
+                        EventKind::Plan,
+                        "plan: bake app",
+                        Some(serde_json::json!({"bake": ["app"]})),
+                    )],
+                )])
+                .unwrap()
+                .remove(0);
+            let mut moved = created.clone();
+            moved.state = state;
+            store
+                .put_rollout_with_change(&moved, RolloutState::Pending, Level::Info, "moved")
+                .unwrap();
+            let journal = vec![InstanceEvent {
+                seq: 0,
+                fleet: fleet.into(),
+                instance: InstanceId(format!("{fleet}-{i}")),
+                image: moved.image.clone(),
+                rollout: Some(moved.id),
+                action: InstanceAction::Launched,
+                at: now(),
+                reason: None,
+            }];
+            let events = vec![Event::new(
+                moved.id,
+                Level::Warn,
+                EventKind::HookStdout,
+                "baking https://user:pw@example.com/x",
+                None,
+            )];
+            store.record_step(&moved, journal, events).unwrap();
+            if state == RolloutState::Succeeded {
+                store
+                    .set_deployed(&Deployed {
+                        fleet: fleet.into(),
+                        revision: Revision(rev.clone()),
+                        image: ImageRef(format!("img-{fleet}-{i}")),
+                        rollout: moved.id,
+                        trees: [("app".to_owned(), "t".repeat(40))].into(),
+                        at: now(),
+                    })
+                    .unwrap();
+                store
+                    .put_bake(&BakeRecord {
+                        key: format!("key-{fleet}-{i}"),
+                        fleet: fleet.into(),
+                        stage: "app".into(),
+                        image: ImageRef(format!("img-{fleet}-{i}")),
+                        revision: Revision(rev.clone()),
+                        rollout: moved.id,
+                        baked_at: now(),
+                        outputs: [("ami".to_owned(), "ami-1".to_owned())].into(),
+                    })
+                    .unwrap();
+            }
+        }
+    }
+    // A commit-level record (no fleet).
+    let mut skipped = rollout("web", &revs[3], RolloutState::Skipped);
+    skipped.fleet = None;
+    skipped.reason = Some("no fleet changed".into());
+    store.create_rollout(skipped).unwrap();
+    store.set_meta("source.tip", &Revision(revs[5].clone())).unwrap();
+    let expected = dump(&store);
+    drop(store);
+    std::fs::write(
+        root.join("expected.json"),
+        serde_json::to_string_pretty(&expected).unwrap() + "\n",
+    )
+    .unwrap();
+}
