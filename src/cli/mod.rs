@@ -639,9 +639,7 @@ async fn known_fleets(target: &Target) -> anyhow::Result<Vec<String>> {
         Target::Api(client) => {
             client.get::<Vec<FleetDto>>("/fleets").await?.into_iter().map(|f| f.name).collect()
         }
-        Target::Offline(store) => {
-            store.rollouts(&RolloutFilter::default())?.into_iter().filter_map(|r| r.fleet).collect()
-        }
+        Target::Offline(store) => store.rollout_fleets()?,
     };
     names.sort();
     names.dedup();
@@ -1135,18 +1133,23 @@ async fn drift(
 /// daemon's mirror, as the daemon reads them (blocking: git).
 fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto>> {
     let mirror = store.dir().join("mirror.git");
-    let rollouts = store.rollouts(&RolloutFilter::default())?;
-    let mut names: Vec<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
-    names.sort();
-    names.dedup();
+    // From the indexes: the fleets, and per fleet its unfinished and newest rollouts.
+    let names = store.rollout_fleets()?;
+    let active_all = store.active_rollouts()?;
     let mut fleets = Vec::new();
     for name in names {
         let deployed = store.deployed(&name)?;
-        // Newest first, so the first non-terminal one is the active rollout.
-        let active = rollouts
-            .iter()
-            .find(|r| r.fleet.as_deref() == Some(name.as_str()) && !r.state.is_terminal());
-        let newest = rollouts.iter().find(|r| r.fleet.as_deref() == Some(name.as_str()));
+        // Newest first, so the first one is the active rollout.
+        let active = active_all.iter().rev().find(|r| r.fleet.as_deref() == Some(name.as_str()));
+        let newest = store
+            .rollouts(&RolloutFilter {
+                fleet: Some(name.clone()),
+                limit: Some(1),
+                ..RolloutFilter::default()
+            })?
+            .into_iter()
+            .next();
+        let newest = newest.as_ref();
         let spec =
             deployed.as_ref().map(|d| &d.revision).or(newest.map(|r| &r.revision)).and_then(
                 |revision| crate::planner::fleet_at(&mirror, revision, &name).ok().flatten(),
