@@ -1022,10 +1022,8 @@ fn link_tree(from: &Path, to: &Path, top: bool) -> std::io::Result<()> {
         let kind = entry.file_type()?;
         if kind.is_dir() {
             link_tree(&src, &dst, false)?;
-        } else if kind.is_file() && !dst.exists() {
-            if fs::hard_link(&src, &dst).is_err() {
-                fs::copy(&src, &dst)?;
-            }
+        } else if kind.is_file() && !dst.exists() && fs::hard_link(&src, &dst).is_err() {
+            fs::copy(&src, &dst)?;
         }
     }
     Ok(())
