@@ -68,7 +68,7 @@ fn make_repo(root: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn sample_rollout(i: usize, fleets: usize) -> Rollout {
-    let t = chrono::Utc::now() - chrono::Duration::seconds(1_000_000 - i as i64 % 1_000_000);
+    let t = kiln::model::now() - chrono::Duration::seconds(1_000_000 - i as i64 % 1_000_000);
     let instances: Vec<InstanceId> =
         (0..3).map(|n| InstanceId(format!("i-{:08x}{n}", i as u32))).collect();
     let probes = instances
