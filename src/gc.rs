@@ -273,14 +273,15 @@ fn plan(
     input: &Input,
     report: &mut Report,
 ) -> Result<Decision, GcError> {
-    let rollouts = store.rollouts(&RolloutFilter::default())?; // newest first
+    // From the indexes: the unfinished rollouts and the fleets; each fleet's history is read a
+    // page at a time below, so a run holds a page of rollouts, not the whole history.
+    let active = store.active_rollouts()?;
     let bakes = store.bakes()?;
-    let mut fleets: BTreeSet<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
+    let mut fleets: BTreeSet<String> = store.rollout_fleets()?.into_iter().collect();
     fleets.extend(bakes.iter().map(|b| b.fleet.clone()));
     fleets.extend(roots.fleet_dirs());
     let busy = |fleet: &str| {
-        input.busy.contains(fleet)
-            || rollouts.iter().any(|r| r.fleet.as_deref() == Some(fleet) && !r.state.is_terminal())
+        input.busy.contains(fleet) || active.iter().any(|r| r.fleet.as_deref() == Some(fleet))
     };
 
     // --- images ---
@@ -291,31 +292,44 @@ fn plan(
         if let Some(deployed) = store.deployed(fleet)? {
             keep.insert(deployed.image);
         }
-        let mine: Vec<&Rollout> =
-            rollouts.iter().filter(|r| r.fleet.as_deref() == Some(fleet.as_str())).collect();
         let mut kept_successes = 0;
         let mut seen = BTreeSet::new();
-        for rollout in &mine {
-            let names = rollout_images(rollout);
-            if busy(fleet) || !rollout.state.is_terminal() {
-                // Its previous image too: an automatic rollback returns to it.
-                keep.extend(names.iter().cloned());
-            } else if rollout.state == RolloutState::Succeeded {
-                if let Some(image) = &rollout.image {
-                    if kept_successes < input.keep_images || seen.contains(image) {
-                        if seen.insert(image.clone()) {
-                            kept_successes += 1;
+        let mut before = None;
+        loop {
+            const PAGE: usize = 500;
+            let page = store.rollouts(&RolloutFilter {
+                fleet: Some(fleet.clone()),
+                before,
+                limit: Some(PAGE),
+                ..RolloutFilter::default()
+            })?;
+            before = page.last().map(|r| r.id);
+            let last_page = page.len() < PAGE;
+            for rollout in &page {
+                let names = rollout_images(rollout);
+                if busy(fleet) || !rollout.state.is_terminal() {
+                    // Its previous image too: an automatic rollback returns to it.
+                    keep.extend(names.iter().cloned());
+                } else if rollout.state == RolloutState::Succeeded {
+                    if let Some(image) = &rollout.image {
+                        if kept_successes < input.keep_images || seen.contains(image) {
+                            if seen.insert(image.clone()) {
+                                kept_successes += 1;
+                            }
+                            // The image and its stages (a later bake layers onto a cached base),
+                            // not the image it replaced: that one is kept only if it is itself
+                            // among the last successes.
+                            keep.insert(image.clone());
+                            keep.extend(rollout.stage_images.values().cloned());
                         }
-                        // The image and its stages (a later bake layers onto a cached base),
-                        // not the image it replaced: that one is kept only if it is itself
-                        // among the last successes.
-                        keep.insert(image.clone());
-                        keep.extend(rollout.stage_images.values().cloned());
                     }
                 }
+                for name in names {
+                    known.entry(name).or_insert_with(|| fleet.clone());
+                }
             }
-            for name in names {
-                known.entry(name).or_insert_with(|| fleet.clone());
+            if last_page {
+                break;
             }
         }
     }

@@ -34,6 +34,7 @@
 //! restart would. Callers retry with backoff; [`Store::heal`] probes a failing store.
 
 mod codec;
+mod compact;
 mod index;
 mod records;
 
@@ -46,6 +47,7 @@ use sled::Transactional as _;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::broadcast;
 
+pub use compact::{CURSOR_KEY as COMPACT_CURSOR_KEY, Compacted};
 pub use records::{
     BakeRecord, CommitKind, CommitRecord, Deployed, Event, EventKind, InstanceAction,
     InstanceEvent, Level, StateChange,

@@ -957,3 +957,71 @@ fn a_newer_record_format_is_a_clear_error() {
         .unwrap();
     assert!(matches!(store.rollout(r.id), Err(StoreError::NewerSchema { found: 7 })));
 }
+
+#[test]
+fn old_event_streams_compact_to_summaries_and_keep_the_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let day = chrono::Duration::days(1);
+    let old = now() - day * 40;
+    let make = |state: RolloutState, created: Timestamp, finished: Option<Timestamp>| {
+        let mut r = rollout("web", "abcd", state);
+        r.created_at = created;
+        r.finished_at = finished;
+        r.image = Some(ImageRef("img-1".into()));
+        let events = vec![
+            Event::new(RolloutId(0), Level::Info, EventKind::Plan, "plan", None),
+            Event::new(RolloutId(0), Level::Info, EventKind::HookStdout, "line 1", None),
+            Event::new(RolloutId(0), Level::Error, EventKind::BakeFailed, "bake failed", None),
+            Event::new(RolloutId(0), Level::Info, EventKind::HookStdout, "line 2", None),
+        ];
+        let created = store.create_rollouts(vec![(r.clone(), events)]).unwrap().remove(0);
+        store
+            .put_rollout_with_change(&created, RolloutState::Pending, Level::Info, "ended")
+            .unwrap();
+        created
+    };
+    let done = make(RolloutState::Succeeded, old, Some(old));
+    let running = make(RolloutState::Rolling, old, None);
+    let later = make(RolloutState::Failed, old + day, Some(old + day));
+    let young = make(RolloutState::Succeeded, now(), Some(now()));
+    let before_feed = store.events_after(0, MAX_FEED_PAGE).unwrap();
+
+    let cutoff = now() - day * 30;
+    let run = store.compact_events(cutoff, 100).unwrap();
+    assert_eq!(run, Compacted { rollouts: 2, events: 6, more: false });
+    for r in [&done, &later] {
+        let events = store.events(r.id, 0).unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["gc", "bake.failed", "state"], "{events:#?}");
+        let summary = &events[0];
+        assert_eq!(summary.data.as_ref().unwrap()["compacted"], 3);
+        assert_eq!(summary.data.as_ref().unwrap()["kinds"]["hook.stdout"], 2);
+        assert_eq!(summary.fleet.as_deref(), Some("web"), "filled in from the rollout");
+        // The summary has the number of the first event it replaced.
+        let first = before_feed.iter().find(|e| e.rollout == r.id).unwrap();
+        assert_eq!(summary.seq, first.seq);
+        // The rollout itself is untouched.
+        assert_eq!(&store.rollout(r.id).unwrap(), r);
+    }
+    assert_eq!(store.events(running.id, 0).unwrap().len(), 5, "not ended: kept whole");
+    assert_eq!(store.events(young.id, 0).unwrap().len(), 5, "young: kept whole");
+    // The feed is still ordered, without the replaced events.
+    let feed = store.events_after(0, MAX_FEED_PAGE).unwrap();
+    assert!(feed.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(feed.len(), before_feed.len() - 6 + 2);
+
+    // Nothing more to do; the old running rollout held the cursor. Once it ends it is compacted.
+    assert_eq!(store.compact_events(cutoff, 100).unwrap().rollouts, 0);
+    let mut ended = running.clone();
+    ended.state = RolloutState::Aborted;
+    ended.finished_at = Some(old);
+    store.put_rollout(&ended).unwrap();
+    assert_eq!(
+        store.compact_events(cutoff, 100).unwrap(),
+        Compacted { rollouts: 1, events: 3, more: false }
+    );
+    assert_eq!(store.get_meta::<u64>(COMPACT_CURSOR_KEY).unwrap(), Some(young.id.0));
+    // A budget stops a run and says so.
+    assert!(store.compact_events(now() + day, 1).unwrap().more);
+}
