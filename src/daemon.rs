@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub retention: usize,
     /// Garbage collection keeps the images of this many successful rollouts per fleet.
     pub keep_images: usize,
+    /// Event streams of rollouts that ended longer ago than this are compacted (`None`: never).
+    pub compact_after: Option<Duration>,
     /// Names of daemon environment variables passed through to hooks.
     pub hook_env: Vec<String>,
     /// The kiln executable (the local provider starts `kiln lb` from it).
@@ -288,6 +290,7 @@ pub async fn run_until_ready(
             branch: config.branch.clone(),
             kiln_exe: config.kiln_exe.clone(),
             keep_images: config.keep_images,
+            compact_after: config.compact_after,
             instance_ports: config.instance_ports,
             verify: config.verify.clone(),
         },

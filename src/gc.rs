@@ -51,6 +51,11 @@ pub const PENDING_KEY: &str = "gc.pending";
 pub const LAST_KEY: &str = "gc.last";
 /// The meta key of the running totals.
 pub const TOTALS_KEY: &str = "gc.totals";
+/// Default of `kiln run --compact-after` and `kiln gc --compact-after`: finished rollouts older
+/// than this keep their record and a summary of their events.
+pub const DEFAULT_COMPACT_AFTER: &str = "90d";
+/// At most this many rollouts are looked at per run (the rest in the next run).
+pub const COMPACT_BUDGET: usize = 5000;
 
 /// What is removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -101,6 +106,8 @@ pub struct Input {
     pub in_use_known: bool,
     /// Revisions whose repo copy an open provider uses, per fleet.
     pub repo_in_use: BTreeMap<String, BTreeSet<String>>,
+    /// Event streams of rollouts that ended longer ago than this are compacted (`None`: never).
+    pub compact_after: Option<Duration>,
 }
 
 /// The outcome of one run.
@@ -123,6 +130,9 @@ pub struct Report {
     pub more: bool,
     /// What could not be removed, in words.
     pub errors: Vec<String>,
+    /// Event streams compacted to summaries (`--compact-after`).
+    #[serde(default)]
+    pub compacted: crate::store::Compacted,
 }
 
 /// Running totals over every run.
@@ -134,6 +144,9 @@ pub struct Totals {
     pub removed: u64,
     /// Bytes freed.
     pub bytes: u64,
+    /// Events replaced by summaries.
+    #[serde(default)]
+    pub compacted_events: u64,
 }
 
 /// Errors of a run (the store; file errors are collected in the report instead).
@@ -156,10 +169,12 @@ pub async fn run(
     store: Store,
     data_dir: PathBuf,
     keep_images: usize,
+    compact_after: Option<Duration>,
     busy: BTreeSet<String>,
     providers: Vec<(String, String, crate::provider::SharedProvider)>,
 ) -> Option<Report> {
-    let mut input = Input { keep_images, busy, in_use_known: true, ..Input::default() };
+    let mut input =
+        Input { keep_images, busy, in_use_known: true, compact_after, ..Input::default() };
     for (fleet, key, provider) in providers {
         let Some(revision) = key.strip_prefix("exec:") else {
             // Local instances are read from their records on disk by `collect`.
@@ -205,6 +220,7 @@ pub fn collect(store: &Store, data_dir: &Path, input: &Input) -> Result<Report, 
         ..Report::default()
     };
     let roots = Roots::new(data_dir);
+    compact(store, input, &mut report)?;
 
     let decision = plan(store, &roots, input, &mut report)?;
     let mut todo = decision.removals;
@@ -231,6 +247,9 @@ pub fn collect(store: &Store, data_dir: &Path, input: &Input) -> Result<Report, 
     if todo.is_empty() {
         if had_pending {
             store.remove_meta(PENDING_KEY)?;
+        }
+        if report.compacted.rollouts > 0 {
+            record(store, &report)?;
         }
         return Ok(report);
     }
@@ -273,14 +292,15 @@ fn plan(
     input: &Input,
     report: &mut Report,
 ) -> Result<Decision, GcError> {
-    let rollouts = store.rollouts(&RolloutFilter::default())?; // newest first
+    // From the indexes: the unfinished rollouts and the fleets; each fleet's history is read a
+    // page at a time below, so a run holds a page of rollouts, not the whole history.
+    let active = store.active_rollouts()?;
     let bakes = store.bakes()?;
-    let mut fleets: BTreeSet<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
+    let mut fleets: BTreeSet<String> = store.rollout_fleets()?.into_iter().collect();
     fleets.extend(bakes.iter().map(|b| b.fleet.clone()));
     fleets.extend(roots.fleet_dirs());
     let busy = |fleet: &str| {
-        input.busy.contains(fleet)
-            || rollouts.iter().any(|r| r.fleet.as_deref() == Some(fleet) && !r.state.is_terminal())
+        input.busy.contains(fleet) || active.iter().any(|r| r.fleet.as_deref() == Some(fleet))
     };
 
     // --- images ---
@@ -291,31 +311,44 @@ fn plan(
         if let Some(deployed) = store.deployed(fleet)? {
             keep.insert(deployed.image);
         }
-        let mine: Vec<&Rollout> =
-            rollouts.iter().filter(|r| r.fleet.as_deref() == Some(fleet.as_str())).collect();
         let mut kept_successes = 0;
         let mut seen = BTreeSet::new();
-        for rollout in &mine {
-            let names = rollout_images(rollout);
-            if busy(fleet) || !rollout.state.is_terminal() {
-                // Its previous image too: an automatic rollback returns to it.
-                keep.extend(names.iter().cloned());
-            } else if rollout.state == RolloutState::Succeeded {
-                if let Some(image) = &rollout.image {
-                    if kept_successes < input.keep_images || seen.contains(image) {
-                        if seen.insert(image.clone()) {
-                            kept_successes += 1;
+        let mut before = None;
+        loop {
+            const PAGE: usize = 500;
+            let page = store.rollouts(&RolloutFilter {
+                fleet: Some(fleet.clone()),
+                before,
+                limit: Some(PAGE),
+                ..RolloutFilter::default()
+            })?;
+            before = page.last().map(|r| r.id);
+            let last_page = page.len() < PAGE;
+            for rollout in &page {
+                let names = rollout_images(rollout);
+                if busy(fleet) || !rollout.state.is_terminal() {
+                    // Its previous image too: an automatic rollback returns to it.
+                    keep.extend(names.iter().cloned());
+                } else if rollout.state == RolloutState::Succeeded {
+                    if let Some(image) = &rollout.image {
+                        if kept_successes < input.keep_images || seen.contains(image) {
+                            if seen.insert(image.clone()) {
+                                kept_successes += 1;
+                            }
+                            // The image and its stages (a later bake layers onto a cached base),
+                            // not the image it replaced: that one is kept only if it is itself
+                            // among the last successes.
+                            keep.insert(image.clone());
+                            keep.extend(rollout.stage_images.values().cloned());
                         }
-                        // The image and its stages (a later bake layers onto a cached base),
-                        // not the image it replaced: that one is kept only if it is itself
-                        // among the last successes.
-                        keep.insert(image.clone());
-                        keep.extend(rollout.stage_images.values().cloned());
                     }
                 }
+                for name in names {
+                    known.entry(name).or_insert_with(|| fleet.clone());
+                }
             }
-            for name in names {
-                known.entry(name).or_insert_with(|| fleet.clone());
+            if last_page {
+                break;
             }
         }
     }
@@ -419,9 +452,47 @@ fn record(store: &Store, report: &Report) -> Result<(), GcError> {
     totals.runs += 1;
     totals.removed += report.removed.len() as u64;
     totals.bytes += report.bytes;
+    totals.compacted_events += report.compacted.events;
     store.set_meta(TOTALS_KEY, &totals)?;
     store.set_meta(LAST_KEY, report)?;
     Ok(())
+}
+
+/// Compacts the event streams of rollouts that ended before `now - input.compact_after` (see
+/// `store/compact.rs`): the history keeps every rollout, its commit, image and outcome, and
+/// stops growing by the events of old ones.
+fn compact(store: &Store, input: &Input, report: &mut Report) -> Result<(), GcError> {
+    let Some(age) = input.compact_after else { return Ok(()) };
+    let Ok(age) = chrono::Duration::from_std(age) else { return Ok(()) };
+    let Some(cutoff) = crate::model::now().checked_sub_signed(age) else { return Ok(()) };
+    report.compacted = store.compact_events(cutoff, COMPACT_BUDGET)?;
+    report.more |= report.compacted.more;
+    if report.compacted.rollouts > 0 {
+        tracing::info!(
+            rollouts = report.compacted.rollouts,
+            events = report.compacted.events,
+            "Compacted the event streams of old rollouts."
+        );
+    }
+    Ok(())
+}
+
+/// Compaction alone, for `kiln gc` on a stopped daemon's data dir: runs it until nothing more
+/// is due and records the run like the daemon's (`GET /api/v1/gc`, totals).
+pub fn compact_only(store: &Store, compact_after: Duration) -> Result<Report, GcError> {
+    let input = Input { compact_after: Some(compact_after), ..Input::default() };
+    let mut report = Report { at: Some(crate::model::now()), ..Report::default() };
+    loop {
+        let mut run = Report::default();
+        compact(store, &input, &mut run)?;
+        report.compacted.rollouts += run.compacted.rollouts;
+        report.compacted.events += run.compacted.events;
+        if !run.compacted.more {
+            break;
+        }
+    }
+    record(store, &report)?;
+    Ok(report)
 }
 
 fn event(store: &Store, rollout: RolloutId, removal: &Removal) -> Result<(), StoreError> {

@@ -112,6 +112,7 @@ pub async fn run(args: QuickstartArgs, kiln_exe: PathBuf) -> anyhow::Result<()> 
         poll: crate::source::default_poll(&bare.to_string_lossy()),
         retention: 1000,
         keep_images: crate::gc::DEFAULT_KEEP_IMAGES,
+        compact_after: None,
         hook_env: vec![],
         kiln_exe: kiln_exe.clone(),
         secrets: Default::default(),

@@ -257,7 +257,7 @@ pub fn blocked_reason(scope: &str, failures: &[Failure]) -> String {
 
 /// The last deployed commit: the newest `deployed` record of any fleet.
 fn last_deployed(store: &Store) -> Result<Option<Revision>, StoreError> {
-    Ok(store.deployed_all()?.into_iter().max_by_key(|d| d.at).map(|d| d.revision))
+    Ok(store.latest_deployed()?.map(|d| d.revision))
 }
 
 async fn blocking<T: Send + 'static>(

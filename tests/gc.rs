@@ -544,3 +544,95 @@ fn the_daemon_removes_exec_repo_copies_of_old_revisions() {
         || format!("{:?}", names(&copies)),
     );
 }
+
+/// Writes an old finished rollout with `n` hook lines and a young one into a fresh store at
+/// `data`; returns their ids.
+fn old_and_young(data: &Path, n: usize) -> (RolloutId, RolloutId) {
+    use kiln::store::{Event, EventKind, Level};
+    let store = Store::open(data, 0).unwrap();
+    let long_ago = kiln::model::now() - chrono::Duration::days(60);
+    let mut ids = Vec::new();
+    for (i, at) in [long_ago, kiln::model::now()].into_iter().enumerate() {
+        let mut r = rollout("web", i as u32 + 1, RolloutState::Succeeded, None);
+        r.image = Some(ImageRef(format!("img-{i}")));
+        r.created_at = at;
+        r.finished_at = Some(at);
+        let events = (0..n)
+            .map(|k| {
+                Event::new(
+                    RolloutId(0),
+                    Level::Info,
+                    EventKind::HookStdout,
+                    format!("line {k}"),
+                    None,
+                )
+            })
+            .collect();
+        let created = store.create_rollouts(vec![(r, events)]).unwrap().remove(0);
+        store
+            .put_rollout_with_change(&created, RolloutState::Pending, Level::Info, "done")
+            .unwrap();
+        ids.push(created.id);
+    }
+    (ids[0], ids[1])
+}
+
+#[test]
+fn kiln_gc_compacts_old_event_streams_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (old, young) = old_and_young(&data, 40);
+
+    let (code, out, err) = kiln(&data, &["gc", "--compact-after", "30d"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("compacted the events of 1 rollout(s): 40 event(s)"), "{out}");
+
+    let store = Store::open(&data, 0).unwrap();
+    let kinds = |id| -> Vec<String> {
+        store.events(id, 0).unwrap().iter().map(|e| e.kind.to_string()).collect()
+    };
+    assert_eq!(kinds(old), ["gc", "state"], "the summary and the state change");
+    assert_eq!(kinds(young).len(), 41, "a young rollout keeps every event");
+    let kept = store.rollout(old).unwrap();
+    assert_eq!(kept.image, Some(ImageRef("img-0".into())), "the rollout itself stays");
+    assert_eq!(kept.state, RolloutState::Succeeded);
+    let last: kiln::gc::Report = store.get_meta(kiln::gc::LAST_KEY).unwrap().unwrap();
+    assert_eq!((last.compacted.rollouts, last.compacted.events), (1, 40));
+    let totals: kiln::gc::Totals = store.get_meta(kiln::gc::TOTALS_KEY).unwrap().unwrap();
+    assert_eq!(totals.compacted_events, 40);
+    drop(store);
+
+    // Nothing more is due.
+    let (code, out, _) = kiln(&data, &["gc", "--compact-after", "30d"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("of 0 rollout(s)"), "{out}");
+}
+
+#[test]
+fn the_daemon_compacts_old_event_streams_by_itself() {
+    if !require_git("the_daemon_compacts_old_event_streams_by_itself") {
+        return;
+    }
+    let repo = TestRepo::new();
+    repo.commit("empty manifest", &[("kiln.yaml", "fleets: []\n")]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (old, _) = old_and_young(&data, 10);
+    let daemon = Daemon::start(&repo.url(), &data, &["--compact-after", "30d"]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = support::metrics::get(&data, "/api/v1/gc");
+        let gc: Value = serde_json::from_str(&body).unwrap_or_default();
+        if status == 200 && gc["totals"]["compacted_events"] == 10 {
+            assert_eq!(gc["last"]["compacted"]["rollouts"], 1, "{gc}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never compacted: {body}\n{}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, body) = support::metrics::get(&data, &format!("/api/v1/rollouts/{}", old.0));
+    let shown: Value = serde_json::from_str(&body).unwrap();
+    let kinds: Vec<&str> =
+        shown["events"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(kinds, ["gc", "state"], "{shown}");
+}

@@ -128,6 +128,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compacts the event streams of old finished rollouts now: each keeps its record (commit,
+    /// image, outcome), its state changes and errors, and one summary of the rest. The daemon
+    /// does this by itself (`kiln run --compact-after`); with it running, this shows its last
+    /// garbage collection instead.
+    Gc {
+        /// Rollouts that ended longer ago than this are compacted.
+        #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = crate::gc::DEFAULT_COMPACT_AFTER)]
+        compact_after: Duration,
+        /// Print one JSON document (the run's report).
+        #[arg(long)]
+        json: bool,
+    },
     /// Fleets, their endpoint and instances (image, health, attached).
     Status {
         /// Print one JSON document (an array of fleets).
@@ -240,6 +252,10 @@ pub struct RunArgs {
     /// every image in use); older images, terminated instance dirs and stale repo copies go.
     #[arg(long, value_name = "N", default_value_t = crate::gc::DEFAULT_KEEP_IMAGES)]
     pub keep_images: usize,
+    /// Finished rollouts older than this keep their record (commit, image, outcome) and a
+    /// summary of their events instead of every event (`0s` keeps every event).
+    #[arg(long, value_name = "AGE", value_parser = parse_duration, default_value = crate::gc::DEFAULT_COMPACT_AFTER)]
+    pub compact_after: Duration,
     /// Ports the local provider's instances listen on, on 127.0.0.1 (`20000-20999`), for a
     /// firewall or a shared host. Default: any free port the kernel picks.
     #[arg(long, env = "KILN_INSTANCE_PORTS", value_name = "LOW-HIGH")]
@@ -414,6 +430,9 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> anyhow::Result<ExitCode> {
         Command::Events { after, follow, json } => {
             events(api, &data_dir, after, follow, json, out).await
         }
+        Command::Gc { compact_after, json } => {
+            gc(client::connect(api.as_deref(), &data_dir)?, compact_after, json, out).await
+        }
         Command::Status { json } => {
             status(client::connect(api.as_deref(), &data_dir)?, json, color, out).await
         }
@@ -509,6 +528,7 @@ async fn run_daemon(args: RunArgs, data_dir: PathBuf) -> anyhow::Result<ExitCode
         poll,
         retention: args.retention,
         keep_images: args.keep_images,
+        compact_after: Some(args.compact_after).filter(|d| !d.is_zero()),
         hook_env: args.hook_env,
         kiln_exe: kiln_exe()?,
         secrets,
@@ -641,6 +661,57 @@ async fn log(
     Ok(if rollouts.is_empty() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// `kiln gc`: compacts old event streams offline; with the daemon running, shows its last run.
+async fn gc(
+    target: Target,
+    compact_after: Duration,
+    json: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
+    let report = match target {
+        Target::Api(client) => {
+            let dto: serde_json::Value = client.get("/gc").await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&dto)?)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            writeln!(
+                out,
+                "The daemon collects by itself (every 10 minutes, `kiln run --compact-after`); its last run:"
+            )?;
+            match serde_json::from_value::<crate::gc::Report>(dto["last"].clone()) {
+                Ok(report) => report,
+                Err(_) => {
+                    writeln!(out, "none yet")?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        Target::Offline(store) => {
+            tokio::task::spawn_blocking(move || crate::gc::compact_only(&store, compact_after))
+                .await??
+        }
+    };
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "compacted the events of {} rollout(s): {} event(s) replaced by summaries",
+            report.compacted.rollouts, report.compacted.events
+        )?;
+        if !report.removed.is_empty() {
+            writeln!(
+                out,
+                "removed {} file(s), {} freed",
+                report.removed.len(),
+                crate::gc::human_bytes(report.bytes)
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The fleets kiln knows: the daemon's (those of the tip's manifest and any with rollouts),
 /// or without one those named by rollouts in the store.
 async fn known_fleets(target: &Target) -> anyhow::Result<Vec<String>> {
@@ -648,9 +719,7 @@ async fn known_fleets(target: &Target) -> anyhow::Result<Vec<String>> {
         Target::Api(client) => {
             client.get::<Vec<FleetDto>>("/fleets").await?.into_iter().map(|f| f.name).collect()
         }
-        Target::Offline(store) => {
-            store.rollouts(&RolloutFilter::default())?.into_iter().filter_map(|r| r.fleet).collect()
-        }
+        Target::Offline(store) => store.rollout_fleets()?,
     };
     names.sort();
     names.dedup();
@@ -1169,18 +1238,23 @@ async fn drift(
 /// daemon's mirror, as the daemon reads them (blocking: git).
 fn fleets_from_store(store: &crate::store::Store) -> anyhow::Result<Vec<FleetDto>> {
     let mirror = store.dir().join("mirror.git");
-    let rollouts = store.rollouts(&RolloutFilter::default())?;
-    let mut names: Vec<String> = rollouts.iter().filter_map(|r| r.fleet.clone()).collect();
-    names.sort();
-    names.dedup();
+    // From the indexes: the fleets, and per fleet its unfinished and newest rollouts.
+    let names = store.rollout_fleets()?;
+    let active_all = store.active_rollouts()?;
     let mut fleets = Vec::new();
     for name in names {
         let deployed = store.deployed(&name)?;
-        // Newest first, so the first non-terminal one is the active rollout.
-        let active = rollouts
-            .iter()
-            .find(|r| r.fleet.as_deref() == Some(name.as_str()) && !r.state.is_terminal());
-        let newest = rollouts.iter().find(|r| r.fleet.as_deref() == Some(name.as_str()));
+        // Newest first, so the first one is the active rollout.
+        let active = active_all.iter().rev().find(|r| r.fleet.as_deref() == Some(name.as_str()));
+        let newest = store
+            .rollouts(&RolloutFilter {
+                fleet: Some(name.clone()),
+                limit: Some(1),
+                ..RolloutFilter::default()
+            })?
+            .into_iter()
+            .next();
+        let newest = newest.as_ref();
         let spec =
             deployed.as_ref().map(|d| &d.revision).or(newest.map(|r| &r.revision)).and_then(
                 |revision| crate::planner::fleet_at(&mirror, revision, &name).ok().flatten(),

@@ -232,6 +232,8 @@ pub struct OperatorConfig {
     pub kiln_exe: PathBuf,
     /// Garbage collection keeps the images of this many successful rollouts per fleet.
     pub keep_images: usize,
+    /// Garbage collection compacts the events of rollouts that ended longer ago than this.
+    pub compact_after: Option<Duration>,
     /// The ports local instances listen on (`None`: any free port).
     pub instance_ports: Option<crate::provider::local::PortRange>,
     /// Signature verification imposed by the daemon's flags (`None`: the manifest decides).
@@ -518,6 +520,7 @@ async fn collect_garbage(
         cx.env.store.clone(),
         cx.config.data_dir.clone(),
         cx.config.keep_images,
+        cx.config.compact_after,
         busy,
         providers,
     )

@@ -523,13 +523,19 @@ pub struct CommitRolloutDto {
 /// offline `kiln log --commits`.
 pub fn commit_log(store: &crate::store::Store, limit: usize) -> Result<Vec<CommitDto>, StoreError> {
     let commits = store.commits(limit)?;
+    // Each commit's rollouts through the commit index: the cost follows the page.
     let mut by_revision: BTreeMap<&str, Vec<Rollout>> = BTreeMap::new();
-    let wanted: std::collections::BTreeSet<&str> =
-        commits.iter().map(|c| c.revision.as_str()).collect();
-    for rollout in store.rollouts(&RolloutFilter::default())? {
-        if let Some(key) = wanted.get(rollout.revision.as_str()) {
-            by_revision.entry(key).or_default().push(rollout);
+    for commit in &commits {
+        if by_revision.contains_key(commit.revision.as_str()) {
+            continue;
         }
+        let found = store.rollouts(&RolloutFilter {
+            commit: Some(commit.revision.0.clone()),
+            ..RolloutFilter::default()
+        })?;
+        // The index matches a prefix; a full revision only matches itself, but be exact.
+        let found = found.into_iter().filter(|r| r.revision == commit.revision).collect();
+        by_revision.insert(commit.revision.as_str(), found);
     }
     // Newest first: a branch deletion (recorded after the commit it names) claims the newest
     // commit-level record of that revision; the commit's own entry gets the rest.
@@ -907,8 +913,8 @@ async fn trigger(
 pub(crate) async fn metrics(State(shared): State<Shared>) -> Result<Response, ApiError> {
     let mut by_state: BTreeMap<String, u64> =
         ALL_STATES.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
-    for rollout in shared.app.operator.store.rollouts(&RolloutFilter::default())? {
-        *by_state.entry(rollout.state.as_str().to_owned()).or_default() += 1;
+    for (state, n) in shared.app.operator.store.rollout_counts()? {
+        *by_state.entry(state.as_str().to_owned()).or_default() += n;
     }
     let text = shared.app.operator.metrics.render(&by_state);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())

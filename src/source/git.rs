@@ -925,12 +925,29 @@ pub fn fetch_observed(
     if let Some(error) = remote.url().and_then(missing_local_remote) {
         return Err(GitError::Io { action: format!("fetch {branch} from {shown}"), source: error });
     }
+    let tracking = tracking_ref(branch);
+    // A first fetch from a local path: share the source's object files, as `git clone`
+    // does for a local path (libgit2's local transport re-packs every object, minutes for a
+    // large repository). Later fetches go through libgit2 and transfer only what is new.
+    if repo.find_reference(&tracking).is_err() {
+        let source = remote.url().and_then(super::local_path);
+        if let Some(source) = source {
+            if let Some(tip) = link_local(&repo, &source, branch)? {
+                progress.fetch_add(1, Ordering::Relaxed);
+                drop(remote);
+                repo.reference(&tracking, tip, true, "kiln: first fetch from a local path")
+                    .map_err(GitError::git(format!("update {tracking}")))?;
+                repo.reference(&format!("refs/heads/{branch}"), tip, true, "kiln: fetch")
+                    .map_err(GitError::git(format!("update the mirror's {branch}")))?;
+                return Ok(Some(Revision(tip.to_string())));
+            }
+        }
+    }
     let mut options = FetchOptions::new();
     options.remote_callbacks(callbacks(progress));
     options.download_tags(AutotagOption::None);
     options.update_fetchhead(false);
     options.prune(FetchPrune::On);
-    let tracking = tracking_ref(branch);
     let refspec = format!("+refs/heads/{branch}:{tracking}");
     remote
         .fetch(&[refspec], Some(&mut options), None)
@@ -944,6 +961,72 @@ pub fn fetch_observed(
     repo.reference(&format!("refs/heads/{branch}"), tip, true, "kiln: fetch")
         .map_err(GitError::git(format!("update the mirror's {branch}")))?;
     Ok(Some(Revision(tip.to_string())))
+}
+
+/// The first fetch of `branch` from the repository at `source` (a local path) into `mirror`:
+/// hard-links the source's object files (packs, loose objects; copies them when the two are on
+/// different file systems) and its alternates into the mirror, as `git clone` does for a local
+/// path. Objects are immutable and named by their content, so sharing the files is safe.
+/// Returns the branch's tip, or `None` (nothing done, the caller fetches as usual) when the
+/// source has no such branch or is not a plain repository; the tip must read back in the
+/// mirror, else the caller's normal fetch runs.
+fn link_local(mirror: &Repository, source: &Path, branch: &str) -> Result<Option<Oid>, GitError> {
+    let Ok(origin) = Repository::open(source) else { return Ok(None) };
+    let Ok(tip) = origin.refname_to_id(&format!("refs/heads/{branch}")) else { return Ok(None) };
+    let from = origin.path().join("objects");
+    let to = mirror.path().join("objects");
+    if !from.is_dir() || origin.path().join("commondir").exists() {
+        return Ok(None);
+    }
+    let action = || format!("link the objects of {} into {}", source.display(), to.display());
+    link_tree(&from, &to, true).map_err(GitError::io(action()))?;
+    // Objects the source borrows from elsewhere: borrow them too (absolute paths).
+    if let Ok(text) = fs::read_to_string(from.join("info/alternates")) {
+        let mut lines = Vec::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+            let path = Path::new(line.trim());
+            let path = if path.is_absolute() { path.to_path_buf() } else { from.join(path) };
+            lines.push(path.display().to_string());
+        }
+        if !lines.is_empty() {
+            fs::create_dir_all(to.join("info")).map_err(GitError::io(action()))?;
+            let mut file = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(to.join("info/alternates"))
+                .map_err(GitError::io(action()))?;
+            file.write_all((lines.join("\n") + "\n").as_bytes()).map_err(GitError::io(action()))?;
+        }
+    }
+    drop(origin);
+    // The new files are seen by a fresh look at the object directory.
+    let odb = mirror.odb().map_err(GitError::git(action()))?;
+    odb.refresh().map_err(GitError::git(action()))?;
+    if mirror.find_commit(tip).is_err() {
+        return Ok(None);
+    }
+    Ok(Some(tip))
+}
+
+/// Hard-links (or copies, across file systems) every file under `from` into `to`, keeping
+/// files already there; `top` skips `info/` (alternates are rewritten by the caller).
+fn link_tree(from: &Path, to: &Path, top: bool) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if top && name == "info" {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            link_tree(&src, &dst, false)?;
+        } else if kind.is_file() && !dst.exists() && fs::hard_link(&src, &dst).is_err() {
+            fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates a new repository for `kiln quickstart`: a bare `bare` repository (the "remote" kiln
@@ -1351,6 +1434,33 @@ mod tests {
         assert!(chain.contains("the local repository /nonexistent/repo does not exist"), "{chain}");
         assert!(!chain.contains("unsupported URL protocol"), "{chain}");
         assert_eq!(err.class(), ErrorClass::Transient, "the path may come back");
+    }
+
+    #[test]
+    fn a_first_fetch_from_a_local_path_shares_the_object_files() {
+        use std::os::unix::fs::MetadataExt as _;
+        let work = Work::new();
+        work.write("kiln.yaml", "a", false);
+        let c1 = work.commit("one");
+        let data = tempfile::tempdir().expect("temp dir");
+        let mirror = data.path().join("mirror.git");
+        let url = work.path.to_str().expect("utf-8 path");
+        ensure_mirror(&mirror, url, "main").expect("create mirror");
+        assert_eq!(fetch(&mirror, "main").expect("first fetch"), Some(c1.clone()));
+        // The commit's object file is the source's own (a hard link), not a re-packed copy.
+        let (dir, file) = c1.0.split_at(2);
+        let object = |root: &Path| root.join("objects").join(dir).join(file);
+        let source = fs::metadata(object(&work.path.join(".git"))).expect("source object");
+        let linked = fs::metadata(object(&mirror)).expect("the mirror has the object file");
+        assert_eq!((linked.dev(), linked.ino()), (source.dev(), source.ino()));
+        assert_eq!(branch_tip(&mirror, "main").expect("tip"), Some(c1.clone()));
+        assert_eq!(read_file(&mirror, &c1, "kiln.yaml").expect("read").as_deref(), Some(&b"a"[..]));
+        // Later fetches are ordinary incremental ones.
+        work.write("kiln.yaml", "b", false);
+        let c2 = work.commit("two");
+        assert_eq!(fetch(&mirror, "main").expect("second fetch"), Some(c2.clone()));
+        assert_eq!(read_file(&mirror, &c2, "kiln.yaml").expect("read").as_deref(), Some(&b"b"[..]));
+        assert_eq!(commits_since(&mirror, Some(&c1), &c2, "poll").expect("walk").len(), 1);
     }
 
     #[test]

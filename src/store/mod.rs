@@ -33,6 +33,9 @@
 //! and the next operation reopens the database, which recovers exactly what was flushed, as a
 //! restart would. Callers retry with backoff; [`Store::heal`] probes a failing store.
 
+mod codec;
+mod compact;
+mod index;
 mod outbox;
 mod records;
 
@@ -45,6 +48,7 @@ use sled::Transactional as _;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use tokio::sync::broadcast;
 
+pub use compact::{CURSOR_KEY as COMPACT_CURSOR_KEY, Compacted};
 pub use outbox::{MAX_DEAD, OutboxEntry, OutboxStats};
 pub use records::{
     BakeRecord, CommitKind, CommitRecord, Deployed, Event, EventKind, InstanceAction,
@@ -55,7 +59,7 @@ use crate::model::{Revision, RolloutId, Timestamp};
 use crate::rollout::state::{Rollout, RolloutState};
 
 /// The on-disk schema this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Test-only fault injection: while the file this environment variable names exists, every
 /// store write fails as a full disk would (`No space left on device`). Used by the full-disk
@@ -88,7 +92,7 @@ pub enum StoreError {
         tree: &'static str,
         /// The cause.
         #[source]
-        source: serde_json::Error,
+        source: codec::CodecError,
     },
     /// The database was written by a newer kiln.
     #[error(
@@ -199,6 +203,8 @@ struct Trees {
     instances: sled::Tree,
     bakes: sled::Tree,
     deployed: sled::Tree,
+    /// Indexes and counters over `rollouts` (see `index.rs`).
+    rollout_ix: sled::Tree,
 }
 
 impl Trees {
@@ -219,6 +225,7 @@ impl Trees {
             instances: db.open_tree("instances")?,
             bakes: db.open_tree("bakes")?,
             deployed: db.open_tree("deployed")?,
+            rollout_ix: db.open_tree("rollout_ix")?,
             db,
         })
     }
@@ -262,12 +269,6 @@ impl std::fmt::Debug for Store {
 struct EnvelopeOut<'a, T> {
     v: u32,
     r: &'a T,
-}
-
-#[derive(serde::Deserialize)]
-struct EnvelopeIn<T> {
-    v: u32,
-    r: T,
 }
 
 type TxResult<T> = std::result::Result<T, ConflictableTransactionError<StoreError>>;
@@ -341,14 +342,20 @@ impl Store {
                 fault_file,
             }),
         };
-        match store.get_meta::<u32>("schema_version")? {
-            Some(found) if found > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found }),
-            // Older versions would be migrated here, next to the types.
-            Some(_) => {}
-            None => store.set_meta("schema_version", &SCHEMA_VERSION)?,
+        let found = store.get_meta::<u32>("schema_version")?;
+        if let Some(found) = found.filter(|v| *v > SCHEMA_VERSION) {
+            return Err(StoreError::NewerSchema { found });
         }
         store.init_counters()?;
         store.index_events()?;
+        if let Some(old) = found.filter(|v| *v < SCHEMA_VERSION) {
+            store.migrate(old)?;
+        }
+        store.index_rollouts()?;
+        if found != Some(SCHEMA_VERSION) {
+            // Last: a crash before this runs the (idempotent) migration again.
+            store.set_meta("schema_version", &SCHEMA_VERSION)?;
+        }
         store.inner.durable_seq.store(store.stored_event_seq()?, Ordering::SeqCst);
         Ok(store)
     }
@@ -356,6 +363,73 @@ impl Store {
     /// The last event sequence number handed out (what is on disk at open).
     fn stored_event_seq(&self) -> Result<u64> {
         Ok(self.get_meta::<u64>(Counter::Events.key())?.unwrap_or(0))
+    }
+
+    /// Moves a data dir written by schema `from` to this build's schema. Idempotent, so a crash
+    /// part-way only means it runs again at the next open (`schema_version` is written last).
+    ///
+    /// 1 → 2: every record is re-encoded from its JSON envelope to the compact format
+    /// (`codec.rs`), events without the fleet and commit they repeat from their rollout; the
+    /// rollout indexes are built afterwards by [`Store::index_rollouts`].
+    fn migrate(&self, from: u32) -> Result<()> {
+        tracing::info!(from, to = SCHEMA_VERSION, dir = %self.inner.dir.display(), "Migrating the store.");
+        self.write(|t| {
+            let trees: [(&'static str, &sled::Tree); 6] = [
+                ("commits", &t.commits),
+                ("rollouts", &t.rollouts),
+                ("events", &t.events),
+                ("instances", &t.instances),
+                ("bakes", &t.bakes),
+                ("deployed", &t.deployed),
+            ];
+            for (name, tree) in trees {
+                let mut batch = sled::Batch::default();
+                let mut pending = 0;
+                for kv in tree.iter() {
+                    let (key, value) = kv.map_err(|e| self.db_err(e))?;
+                    if codec::is_current(&value) {
+                        continue;
+                    }
+                    let record: serde_json::Value = Self::decode(name, &value)?;
+                    let encoded = if name == "events" {
+                        let mut record = record;
+                        if let Some(map) = record.as_object_mut() {
+                            map.remove("fleet");
+                            map.remove("revision");
+                        }
+                        Self::encode(name, &record)?
+                    } else {
+                        Self::encode(name, &record)?
+                    };
+                    batch.insert(key, encoded);
+                    pending += 1;
+                    if pending >= 4096 {
+                        tree.apply_batch(std::mem::take(&mut batch)).map_err(|e| self.db_err(e))?;
+                        pending = 0;
+                    }
+                }
+                tree.apply_batch(batch).map_err(|e| self.db_err(e))?;
+            }
+            t.meta.remove(index::INDEXED).map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
+    }
+
+    /// Builds the rollout indexes and counters of a data dir written before they existed, or
+    /// whose build a crash interrupted (the `ix.rollouts` flag is set only once complete).
+    fn index_rollouts(&self) -> Result<()> {
+        if self.get_meta::<bool>(index::INDEXED)?.unwrap_or(false) {
+            return Ok(());
+        }
+        self.write(|t| {
+            index::rebuild(&t.rollout_ix, &t.rollouts, |v| Self::decode("rollouts", v).ok())
+                .map_err(|e| self.db_err(e))?;
+            self.index_latest_deployed(t)?;
+            t.meta
+                .insert(index::INDEXED, Self::encode("meta", &true)?)
+                .map_err(|e| self.db_err(e))?;
+            self.flush_trees(t)
+        })
     }
 
     /// Builds the `event_seq` index of a data dir written before it existed (once).
@@ -427,18 +501,34 @@ impl Store {
         }
     }
 
+    /// Encodes a value of `tree`: records in the compact format (`codec.rs`), `meta` values as
+    /// JSON envelopes (an older kiln reads `schema_version` from them and stops cleanly).
     fn encode<T: Serialize>(tree: &'static str, value: &T) -> Result<Vec<u8>> {
-        serde_json::to_vec(&EnvelopeOut { v: SCHEMA_VERSION, r: value })
-            .map_err(|source| StoreError::Codec { tree, source })
+        let encoded = if tree == "meta" {
+            serde_json::to_vec(&EnvelopeOut { v: SCHEMA_VERSION, r: value })
+        } else {
+            codec::encode(value)
+        };
+        encoded.map_err(|source| StoreError::Codec { tree, source: source.into() })
+    }
+
+    /// An event as stored: without its fleet and commit, which are its rollout's (filled in
+    /// on read, see [`Store::decode_event`]).
+    fn encode_event(event: &Event) -> Result<Vec<u8>> {
+        if event.fleet.is_none() && event.revision.is_none() {
+            return Self::encode("events", event);
+        }
+        let mut bare = event.clone();
+        bare.fleet = None;
+        bare.revision = None;
+        Self::encode("events", &bare)
     }
 
     fn decode<T: DeserializeOwned>(tree: &'static str, bytes: &[u8]) -> Result<T> {
-        let envelope: EnvelopeIn<T> =
-            serde_json::from_slice(bytes).map_err(|source| StoreError::Codec { tree, source })?;
-        if envelope.v > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema { found: envelope.v });
-        }
-        Ok(envelope.r)
+        codec::decode(bytes).map_err(|source| match source {
+            codec::CodecError::Newer(found) => StoreError::NewerSchema { found },
+            source => StoreError::Codec { tree, source },
+        })
     }
 
     // --- failure handling ---
@@ -656,25 +746,43 @@ impl Store {
     pub fn put_rollout(&self, rollout: &Rollout) -> Result<()> {
         let value = Self::encode("rollouts", rollout)?;
         self.write(|t| {
-            let previous =
-                t.rollouts.insert(rollout.id.0.to_be_bytes(), value).map_err(|e| self.db_err(e))?;
-            if previous.is_none() {
+            let created = (&t.rollouts, &t.rollout_ix)
+                .transaction(|(rollouts, ix)| Self::put_rollout_in(rollouts, ix, rollout, &value))
+                .map_err(|e| self.tx_err(e))?;
+            if created {
                 self.prune(t)?;
             }
             self.flush_trees(t)
         })
     }
 
+    /// Writes a rollout record (`value`, its encoding) inside a transaction and moves its index
+    /// entries and state counters with it. Returns whether the rollout is new.
+    fn put_rollout_in(
+        rollouts: &TransactionalTree,
+        ix: &TransactionalTree,
+        record: &Rollout,
+        value: &[u8],
+    ) -> TxResult<bool> {
+        let previous = rollouts.insert(&record.id.0.to_be_bytes(), value)?;
+        let old = match previous {
+            Some(bytes) => Some(Self::decode::<Rollout>("rollouts", &bytes).map_err(abort)?),
+            None => None,
+        };
+        index::update(ix, old.as_ref(), Some(record))?;
+        Ok(old.is_none())
+    }
+
     /// Creates a rollout with a fresh id (the next of the rollout counter) from a template
     /// whose id is ignored.
     pub fn create_rollout(&self, mut rollout: Rollout) -> Result<Rollout> {
         let created = self.write(|t| {
-            let created = (&t.meta, &t.rollouts)
-                .transaction(|(meta, rollouts)| {
+            let created = (&t.meta, &t.rollouts, &t.rollout_ix)
+                .transaction(|(meta, rollouts, ix)| {
                     let mut record = rollout.clone();
                     record.id = RolloutId(next_in(meta, Counter::Rollouts)?);
                     let value = Self::encode("rollouts", &record).map_err(abort)?;
-                    rollouts.insert(&record.id.0.to_be_bytes(), value)?;
+                    Self::put_rollout_in(rollouts, ix, &record, &value)?;
                     Ok(record)
                 })
                 .map_err(|e| self.tx_err(e))?;
@@ -706,20 +814,20 @@ impl Store {
             })
             .collect();
         let (created, published) = self.write(|t| {
-            let written = (&t.meta, &t.rollouts, &t.events, &t.event_seq)
-                .transaction(|(meta, rollouts, tree, event_seq)| {
+            let written = (&t.meta, &t.rollouts, &t.events, &t.event_seq, &t.rollout_ix)
+                .transaction(|(meta, rollouts, tree, event_seq, ix)| {
                     let mut created = Vec::with_capacity(batch.len());
                     let mut published = Vec::new();
                     for (rollout, events) in &batch {
                         let mut record = rollout.clone();
                         record.id = RolloutId(next_in(meta, Counter::Rollouts)?);
                         let value = Self::encode("rollouts", &record).map_err(abort)?;
-                        rollouts.insert(&record.id.0.to_be_bytes(), value)?;
+                        Self::put_rollout_in(rollouts, ix, &record, &value)?;
                         for event in events {
                             let mut event = event.clone();
                             event.rollout = record.id;
                             event.seq = next_in(meta, Counter::Events)?;
-                            let bytes = Self::encode("events", &event).map_err(abort)?;
+                            let bytes = Self::encode_event(&event).map_err(abort)?;
                             tree.insert(event_key(&event), bytes)?;
                             event_seq
                                 .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
@@ -759,26 +867,27 @@ impl Store {
             })
             .collect();
         let written = self.write(|t| {
-            let written = (&t.meta, &t.rollouts, &t.instances, &t.events, &t.event_seq)
-                .transaction(|(meta, rollouts, instances, events_tree, event_seq)| {
-                    rollouts.insert(&rollout.id.0.to_be_bytes(), value.clone())?;
-                    let mut journal = journal.clone();
-                    for entry in &mut journal {
-                        entry.seq = next_in(meta, Counter::Instances)?;
-                        let bytes = Self::encode("instances", entry).map_err(abort)?;
-                        instances.insert(instance_key(entry), bytes)?;
-                    }
-                    let mut events = events.clone();
-                    for event in &mut events {
-                        event.seq = next_in(meta, Counter::Events)?;
-                        let bytes = Self::encode("events", event).map_err(abort)?;
-                        events_tree.insert(event_key(event), bytes)?;
-                        event_seq
-                            .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
-                    }
-                    Ok((journal, events))
-                })
-                .map_err(|e| self.tx_err(e))?;
+            let written =
+                (&t.meta, &t.rollouts, &t.instances, &t.events, &t.event_seq, &t.rollout_ix)
+                    .transaction(|(meta, rollouts, instances, events_tree, event_seq, ix)| {
+                        Self::put_rollout_in(rollouts, ix, rollout, &value)?;
+                        let mut journal = journal.clone();
+                        for entry in &mut journal {
+                            entry.seq = next_in(meta, Counter::Instances)?;
+                            let bytes = Self::encode("instances", entry).map_err(abort)?;
+                            instances.insert(instance_key(entry), bytes)?;
+                        }
+                        let mut events = events.clone();
+                        for event in &mut events {
+                            event.seq = next_in(meta, Counter::Events)?;
+                            let bytes = Self::encode_event(event).map_err(abort)?;
+                            events_tree.insert(event_key(event), bytes)?;
+                            event_seq
+                                .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
+                        }
+                        Ok((journal, events))
+                    })
+                    .map_err(|e| self.tx_err(e))?;
             self.flush_trees(t)?;
             Ok(written)
         })?;
@@ -794,67 +903,179 @@ impl Store {
         }
     }
 
-    /// Rollouts matching `filter`, newest first.
+    /// Rollouts matching `filter`, newest first. Reads through the narrowest index the filter
+    /// allows (fleet and state, fleet, commit, state), so a page costs what it returns.
     pub fn rollouts(&self, filter: &RolloutFilter) -> Result<Vec<Rollout>> {
-        let upper = filter.before.map_or(u64::MAX, |id| id.0);
+        let before = filter.before.map_or(u64::MAX, |id| id.0);
+        let limit = filter.limit.unwrap_or(usize::MAX);
+        let matches = |rollout: &Rollout| {
+            !(filter.fleet.as_ref().is_some_and(|f| rollout.fleet.as_ref() != Some(f))
+                || filter.state.is_some_and(|s| rollout.state != s)
+                || filter
+                    .commit
+                    .as_ref()
+                    .is_some_and(|c| !rollout.revision.0.starts_with(c.as_str())))
+        };
         self.with(|t| {
+            let ids: Box<dyn Iterator<Item = sled::Result<u64>>> =
+                match (&filter.fleet, filter.state, &filter.commit) {
+                    (Some(fleet), Some(state), _) => Box::new(index::ids_rev(
+                        &t.rollout_ix,
+                        index::prefix(b'g', &[fleet, state.as_str()]),
+                        before,
+                    )),
+                    (Some(fleet), None, _) => Box::new(index::ids_rev(
+                        &t.rollout_ix,
+                        index::prefix(b'f', &[fleet]),
+                        before,
+                    )),
+                    (None, _, Some(commit)) => {
+                        // A prefix may match several commits: merge their ids, newest first.
+                        let mut key = vec![b'r'];
+                        key.extend_from_slice(commit.as_bytes());
+                        let mut ids = Vec::new();
+                        for k in t.rollout_ix.scan_prefix(key).keys() {
+                            let id = index::id_of(&k.map_err(|e| self.db_err(e))?);
+                            if id < before {
+                                ids.push(id);
+                            }
+                        }
+                        ids.sort_unstable_by(|a, b| b.cmp(a));
+                        Box::new(ids.into_iter().map(Ok))
+                    }
+                    (None, Some(state), None) => Box::new(index::ids_rev(
+                        &t.rollout_ix,
+                        index::prefix(b's', &[state.as_str()]),
+                        before,
+                    )),
+                    (None, None, None) => {
+                        let mut out = Vec::new();
+                        for kv in t.rollouts.range(..before.to_be_bytes()).rev() {
+                            if out.len() >= limit {
+                                break;
+                            }
+                            let (_, v) = kv.map_err(|e| self.db_err(e))?;
+                            out.push(Self::decode("rollouts", &v)?);
+                        }
+                        return Ok(out);
+                    }
+                };
             let mut out = Vec::new();
-            for kv in t.rollouts.range(..upper.to_be_bytes()).rev() {
-                let (_, v) = kv.map_err(|e| self.db_err(e))?;
-                let rollout: Rollout = Self::decode("rollouts", &v)?;
-                if filter.fleet.as_ref().is_some_and(|f| rollout.fleet.as_ref() != Some(f))
-                    || filter.state.is_some_and(|s| rollout.state != s)
-                    || filter
-                        .commit
-                        .as_ref()
-                        .is_some_and(|c| !rollout.revision.0.starts_with(c.as_str()))
-                {
-                    continue;
-                }
-                out.push(rollout);
-                if filter.limit.is_some_and(|limit| out.len() >= limit) {
+            for id in ids {
+                if out.len() >= limit {
                     break;
+                }
+                let id = id.map_err(|e| self.db_err(e))?;
+                // An index entry without its record would be a bug; skip it rather than fail
+                // every listing.
+                let Some(bytes) = t.rollouts.get(id.to_be_bytes()).map_err(|e| self.db_err(e))?
+                else {
+                    continue;
+                };
+                let rollout: Rollout = Self::decode("rollouts", &bytes)?;
+                if matches(&rollout) {
+                    out.push(rollout);
                 }
             }
             Ok(out)
         })
     }
 
-    /// Rollouts not yet in a terminal state, oldest first (what a restart resumes).
+    /// Rollouts not yet in a terminal state, oldest first (what a restart resumes). Reads the
+    /// state index: the cost follows the unfinished rollouts, not the history.
     pub fn active_rollouts(&self) -> Result<Vec<Rollout>> {
-        let mut out = self
-            .rollouts(&RolloutFilter::default())?
-            .into_iter()
-            .filter(|r| !r.state.is_terminal())
-            .collect::<Vec<_>>();
-        out.reverse();
+        let mut out = Vec::new();
+        for state in crate::rollout::state::ALL_STATES.into_iter().filter(|s| !s.is_terminal()) {
+            out.extend(
+                self.rollouts(&RolloutFilter { state: Some(state), ..RolloutFilter::default() })?,
+            );
+        }
+        out.sort_by_key(|r| r.id);
         Ok(out)
     }
 
+    /// How many rollouts are in each state (every state listed), from the counters kept on
+    /// write: O(states), whatever the history.
+    pub fn rollout_counts(&self) -> Result<Vec<(RolloutState, u64)>> {
+        self.with(|t| index::counts(&t.rollout_ix).map_err(|e| self.db_err(e)))
+    }
+
+    /// The fleets that have rollouts, by name (O(fleets): one seek per fleet).
+    pub fn rollout_fleets(&self) -> Result<Vec<String>> {
+        self.with(|t| {
+            let mut names = Vec::new();
+            let mut from = vec![b'f'];
+            loop {
+                let Some((key, _)) = t
+                    .rollout_ix
+                    .range(from.clone()..)
+                    .next()
+                    .transpose()
+                    .map_err(|e| self.db_err(e))?
+                else {
+                    break;
+                };
+                if key.first() != Some(&b'f') {
+                    break;
+                }
+                let Some(end) = key.iter().skip(1).position(|b| *b == 0) else { break };
+                let name = &key[1..=end];
+                names.push(String::from_utf8_lossy(name).into_owned());
+                // Past every key of this fleet: `f` name `\x01`.
+                from = vec![b'f'];
+                from.extend_from_slice(name);
+                from.push(1);
+            }
+            Ok(names)
+        })
+    }
+
+    /// Removes the oldest finished rollouts (and their events) beyond the retention, one
+    /// transaction each so the index and counters move with them.
     fn prune(&self, t: &Trees) -> Result<()> {
         let retention = self.inner.retention;
-        if retention == 0 || t.rollouts.len() <= retention {
+        if retention == 0 {
             return Ok(());
         }
-        let excess = t.rollouts.len() - retention;
-        let mut removed = 0;
-        for kv in t.rollouts.iter() {
-            if removed >= excess {
+        let total: u64 =
+            index::counts(&t.rollout_ix).map_err(|e| self.db_err(e))?.iter().map(|(_, n)| n).sum();
+        let Some(mut excess) = usize::try_from(total).ok().and_then(|n| n.checked_sub(retention))
+        else {
+            return Ok(());
+        };
+        let mut cursor = 0u64;
+        while excess > 0 {
+            let Some((key, v)) = t
+                .rollouts
+                .range(cursor.to_be_bytes()..)
+                .next()
+                .transpose()
+                .map_err(|e| self.db_err(e))?
+            else {
                 break;
-            }
-            let (key, v) = kv.map_err(|e| self.db_err(e))?;
+            };
+            cursor = seq_suffix(&key).saturating_add(1);
             let rollout: Rollout = Self::decode("rollouts", &v)?;
             // Never prune history that is still in motion.
             if !rollout.state.is_terminal() {
                 continue;
             }
-            t.rollouts.remove(&key).map_err(|e| self.db_err(e))?;
-            for ev in t.events.scan_prefix(&key) {
-                let (ek, _) = ev.map_err(|e| self.db_err(e))?;
-                t.events.remove(&ek).map_err(|e| self.db_err(e))?;
-                t.event_seq.remove(seq_suffix(&ek).to_be_bytes()).map_err(|e| self.db_err(e))?;
+            let mut event_keys = Vec::new();
+            for ev in t.events.scan_prefix(&key).keys() {
+                event_keys.push(ev.map_err(|e| self.db_err(e))?);
             }
-            removed += 1;
+            (&t.rollouts, &t.rollout_ix, &t.events, &t.event_seq)
+                .transaction(|(rollouts, ix, events, event_seq)| {
+                    rollouts.remove(&key)?;
+                    index::update(ix, Some(&rollout), None)?;
+                    for ek in &event_keys {
+                        events.remove(ek)?;
+                        event_seq.remove(&seq_suffix(ek).to_be_bytes())?;
+                    }
+                    Ok::<_, ConflictableTransactionError<StoreError>>(())
+                })
+                .map_err(|e| self.tx_err(e))?;
+            excess -= 1;
         }
         Ok(())
     }
@@ -947,7 +1168,7 @@ impl Store {
                             event.revision.clone_from(revision);
                         }
                         event.seq = next_in(meta, Counter::Events)?;
-                        let bytes = Self::encode("events", event).map_err(abort)?;
+                        let bytes = Self::encode_event(event).map_err(abort)?;
                         tree.insert(event_key(event), bytes)?;
                         event_seq
                             .insert(&event.seq.to_be_bytes(), &event.rollout.0.to_be_bytes())?;
@@ -1160,8 +1381,44 @@ impl Store {
     pub fn clear_deployed(&self, fleet: &str) -> Result<()> {
         self.write(|t| {
             t.deployed.remove(fleet.as_bytes()).map_err(|e| self.db_err(e))?;
+            let latest = t.rollout_ix.get(index::LATEST_DEPLOYED).map_err(|e| self.db_err(e))?;
+            if latest.as_deref() == Some(fleet.as_bytes()) {
+                // The newest deployment went away: find the next newest (O(fleets), rare).
+                self.index_latest_deployed(t)?;
+            }
             self.flush_trees(t)
         })
+    }
+
+    /// Sets the `latest deployed` pointer from a scan of `deployed` (O(fleets)).
+    fn index_latest_deployed(&self, t: &Trees) -> Result<()> {
+        let mut newest: Option<Deployed> = None;
+        for kv in t.deployed.iter() {
+            let (_, v) = kv.map_err(|e| self.db_err(e))?;
+            let d: Deployed = Self::decode("deployed", &v)?;
+            if newest.as_ref().is_none_or(|n| d.at > n.at) {
+                newest = Some(d);
+            }
+        }
+        match newest {
+            Some(d) => t.rollout_ix.insert(index::LATEST_DEPLOYED, d.fleet.as_bytes()),
+            None => t.rollout_ix.remove(index::LATEST_DEPLOYED),
+        }
+        .map(drop)
+        .map_err(|e| self.db_err(e))
+    }
+
+    /// The newest deployment of any fleet (what the signature gate verifies from): one read.
+    pub fn latest_deployed(&self) -> Result<Option<Deployed>> {
+        let bytes = self.with(|t| {
+            let Some(fleet) =
+                t.rollout_ix.get(index::LATEST_DEPLOYED).map_err(|e| self.db_err(e))?
+            else {
+                return Ok(None);
+            };
+            t.deployed.get(fleet).map_err(|e| self.db_err(e))
+        })?;
+        bytes.map(|b| Self::decode("deployed", &b)).transpose()
     }
 
     /// Every fleet with a deployed record, by name.
@@ -1193,7 +1450,33 @@ impl Store {
     pub fn set_deployed(&self, deployed: &Deployed) -> Result<()> {
         let value = Self::encode("deployed", deployed)?;
         self.write(|t| {
-            t.deployed.insert(deployed.fleet.as_bytes(), value).map_err(|e| self.db_err(e))?;
+            let rescan = (&t.deployed, &t.rollout_ix)
+                .transaction(|(tree, ix)| {
+                    let latest = match ix.get(index::LATEST_DEPLOYED)? {
+                        Some(fleet) => match tree.get(&fleet)? {
+                            Some(bytes) => {
+                                Some(Self::decode::<Deployed>("deployed", &bytes).map_err(abort)?)
+                            }
+                            None => None,
+                        },
+                        None => None,
+                    };
+                    tree.insert(deployed.fleet.as_bytes(), value.as_slice())?;
+                    match latest {
+                        Some(l) if deployed.at < l.at => {
+                            // This fleet was the newest and moved back in time: rescan.
+                            Ok(l.fleet == deployed.fleet)
+                        }
+                        _ => {
+                            ix.insert(index::LATEST_DEPLOYED, deployed.fleet.as_bytes())?;
+                            Ok(false)
+                        }
+                    }
+                })
+                .map_err(|e| self.tx_err(e))?;
+            if rescan {
+                self.index_latest_deployed(t)?;
+            }
             self.flush_trees(t)
         })
     }

@@ -184,7 +184,15 @@ fn bakes_and_deployed_round_trip() {
 fn envelope_format_is_stable() {
     // The on-disk shape is a contract with older and newer kilns: pin it.
     let bytes = Store::encode("meta", &serde_json::json!({"a": 1})).unwrap();
-    assert_eq!(String::from_utf8(bytes).unwrap(), r#"{"v":1,"r":{"a":1}}"#);
+    assert_eq!(String::from_utf8(bytes).unwrap(), r#"{"v":2,"r":{"a":1}}"#);
+    // Records: version byte 2, then LZ4 against the frozen dictionary. Bytes written by this
+    // format must read forever (a changed dictionary fails here).
+    let record = serde_json::json!({"fleet": "web", "message": "hello", "level": "info"});
+    let bytes = Store::encode("events", &record).unwrap();
+    let pinned = "0230000000068f083e776562e5070652077068656c6c6f227d";
+    assert_eq!(hex::encode(&bytes), pinned);
+    let stored = hex::decode(pinned).unwrap();
+    assert_eq!(Store::decode::<serde_json::Value>("events", &stored).unwrap(), record);
 }
 
 fn instance_event(fleet: &str, instance: &str) -> InstanceEvent {
@@ -560,4 +568,465 @@ fn a_batch_of_rollouts_is_one_write_with_dense_ids_and_a_contiguous_feed() {
     drop(store);
     let store = Store::open(dir.path(), 0).unwrap();
     assert_eq!(store.rollout(created[2].id).unwrap().fleet.as_deref(), Some("f2"));
+}
+
+/// What the v1 fixture holds, read through the store's API (compared after migration).
+fn dump(store: &Store) -> serde_json::Value {
+    let rollouts = store.rollouts(&RolloutFilter::default()).unwrap();
+    let events: Vec<Vec<Event>> = rollouts.iter().map(|r| store.events(r.id, 0).unwrap()).collect();
+    let fleets = ["web", "api"];
+    serde_json::json!({
+        "commits": store.commits(1000).unwrap(),
+        "rollouts": rollouts,
+        "events": events,
+        "feed": store.events_after(0, MAX_FEED_PAGE).unwrap(),
+        "instances": fleets.iter().map(|f| store.instance_journal(f).unwrap()).collect::<Vec<_>>(),
+        "bakes": store.bakes().unwrap(),
+        "deployed": store.deployed_all().unwrap(),
+        "tip": store.get_meta::<Revision>("source.tip").unwrap(),
+    })
+}
+
+/// The directory of the store written by kiln at schema version 1 (commit a1cad96).
+fn v1_fixture() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/store-v1")
+}
+
+/// Writes `tests/fixtures/store-v1` (a data dir) and its `expected.json` with the code of the
+/// day (run once, at a1cad96, the last schema-1 release: `cargo test --lib
+/// store::tests::write_v1_fixture -- --ignored`); the migration test reads it.
+#[test]
+#[ignore = "writes the committed v1 fixture; run by hand on the schema-1 code only"]
+fn write_v1_fixture() {
+    use crate::model::InstanceId;
+    // Kept to show how the fixture was made; it must not overwrite it with a newer schema.
+    if SCHEMA_VERSION != 1 {
+        eprintln!("the v1 fixture is written by schema-1 code only (a1cad96); nothing done");
+        return;
+    }
+    let root = v1_fixture();
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let store = Store::open(&data, 0).unwrap();
+    let mut revs = Vec::new();
+    for i in 0..6 {
+        let rev = format!("{i:x}{}", "ab".repeat(19) + "c");
+        let kind = if i == 0 { CommitKind::Initial } else { CommitKind::Push };
+        store.record_commit(&commit(&rev, kind)).unwrap();
+        revs.push(rev);
+    }
+    store.record_commit(&commit(&revs[5], CommitKind::BranchDeleted)).unwrap();
+    let states = [
+        RolloutState::Succeeded,
+        RolloutState::Failed,
+        RolloutState::Succeeded,
+        RolloutState::Superseded,
+        RolloutState::Rolling,
+        RolloutState::Pending,
+    ];
+    for (i, rev) in revs.iter().enumerate() {
+        for fleet in ["web", "api"] {
+            let state = states[(i + usize::from(fleet == "api")) % states.len()];
+            let mut r = rollout(fleet, rev, RolloutState::Pending);
+            r.image = Some(ImageRef(format!("img-{fleet}-{i}")));
+            let created = store
+                .create_rollouts(vec![(
+                    r,
+                    vec![Event::new(
+                        RolloutId(0),
+                        Level::Info,
+                        EventKind::Plan,
+                        "plan: bake app",
+                        Some(serde_json::json!({"bake": ["app"]})),
+                    )],
+                )])
+                .unwrap()
+                .remove(0);
+            let mut moved = created.clone();
+            moved.state = state;
+            store
+                .put_rollout_with_change(&moved, RolloutState::Pending, Level::Info, "moved")
+                .unwrap();
+            let journal = vec![InstanceEvent {
+                seq: 0,
+                fleet: fleet.into(),
+                instance: InstanceId(format!("{fleet}-{i}")),
+                image: moved.image.clone(),
+                rollout: Some(moved.id),
+                action: InstanceAction::Launched,
+                at: now(),
+                reason: None,
+            }];
+            let events = vec![Event::new(
+                moved.id,
+                Level::Warn,
+                EventKind::HookStdout,
+                "baking https://user:pw@example.com/x",
+                None,
+            )];
+            store.record_step(&moved, journal, events).unwrap();
+            if state == RolloutState::Succeeded {
+                store
+                    .set_deployed(&Deployed {
+                        fleet: fleet.into(),
+                        revision: Revision(rev.clone()),
+                        image: ImageRef(format!("img-{fleet}-{i}")),
+                        rollout: moved.id,
+                        trees: [("app".to_owned(), "t".repeat(40))].into(),
+                        at: now(),
+                    })
+                    .unwrap();
+                store
+                    .put_bake(&BakeRecord {
+                        key: format!("key-{fleet}-{i}"),
+                        fleet: fleet.into(),
+                        stage: "app".into(),
+                        image: ImageRef(format!("img-{fleet}-{i}")),
+                        revision: Revision(rev.clone()),
+                        rollout: moved.id,
+                        baked_at: now(),
+                        outputs: [("ami".to_owned(), "ami-1".to_owned())].into(),
+                    })
+                    .unwrap();
+            }
+        }
+    }
+    // A commit-level record (no fleet).
+    let mut skipped = rollout("web", &revs[3], RolloutState::Skipped);
+    skipped.fleet = None;
+    skipped.reason = Some("no fleet changed".into());
+    store.create_rollout(skipped).unwrap();
+    store.set_meta("source.tip", &Revision(revs[5].clone())).unwrap();
+    let expected = dump(&store);
+    drop(store);
+    std::fs::write(
+        root.join("expected.json"),
+        serde_json::to_string_pretty(&expected).unwrap() + "\n",
+    )
+    .unwrap();
+}
+
+/// Every rollout, read from the records themselves (the full scan the indexes must agree with).
+fn full_scan(store: &Store) -> Vec<Rollout> {
+    store
+        .with(|t| {
+            t.rollouts
+                .iter()
+                .rev()
+                .map(|kv| Store::decode::<Rollout>("rollouts", &kv.unwrap().1))
+                .collect()
+        })
+        .unwrap()
+}
+
+/// Checks every index answer against a filter over the full scan.
+fn assert_indexes_consistent(store: &Store) {
+    use crate::rollout::state::ALL_STATES;
+    let all = full_scan(store);
+    let ids = |rs: &[Rollout]| rs.iter().map(|r| r.id).collect::<Vec<_>>();
+    let mut fleets: Vec<String> = all.iter().filter_map(|r| r.fleet.clone()).collect();
+    fleets.sort();
+    fleets.dedup();
+    assert_eq!(store.rollout_fleets().unwrap(), fleets, "fleets");
+    let counts = store.rollout_counts().unwrap();
+    for state in ALL_STATES {
+        let want: Vec<Rollout> = all.iter().filter(|r| r.state == state).cloned().collect();
+        let got = store
+            .rollouts(&RolloutFilter { state: Some(state), ..RolloutFilter::default() })
+            .unwrap();
+        assert_eq!(ids(&got), ids(&want), "state {state}");
+        let n = counts.iter().find(|(s, _)| *s == state).unwrap().1;
+        assert_eq!(n, want.len() as u64, "count of {state}");
+        for fleet in &fleets {
+            let want: Vec<Rollout> = all
+                .iter()
+                .filter(|r| r.state == state && r.fleet.as_ref() == Some(fleet))
+                .cloned()
+                .collect();
+            let filter = RolloutFilter {
+                fleet: Some(fleet.clone()),
+                state: Some(state),
+                ..RolloutFilter::default()
+            };
+            assert_eq!(ids(&store.rollouts(&filter).unwrap()), ids(&want), "{fleet} {state}");
+        }
+    }
+    for fleet in &fleets {
+        let want: Vec<Rollout> =
+            all.iter().filter(|r| r.fleet.as_ref() == Some(fleet)).cloned().collect();
+        let filter = RolloutFilter { fleet: Some(fleet.clone()), ..RolloutFilter::default() };
+        assert_eq!(ids(&store.rollouts(&filter).unwrap()), ids(&want), "fleet {fleet}");
+        // Paged: the newest below the second one.
+        if want.len() > 2 {
+            let filter = RolloutFilter {
+                fleet: Some(fleet.clone()),
+                before: Some(want[1].id),
+                limit: Some(1),
+                ..RolloutFilter::default()
+            };
+            assert_eq!(ids(&store.rollouts(&filter).unwrap()), [want[2].id]);
+        }
+    }
+    let mut revisions: Vec<&str> = all.iter().map(|r| r.revision.as_str()).collect();
+    revisions.sort_unstable();
+    revisions.dedup();
+    for revision in revisions {
+        for prefix in [&revision[..1], revision] {
+            let want: Vec<Rollout> =
+                all.iter().filter(|r| r.revision.0.starts_with(prefix)).cloned().collect();
+            let filter =
+                RolloutFilter { commit: Some(prefix.to_owned()), ..RolloutFilter::default() };
+            assert_eq!(ids(&store.rollouts(&filter).unwrap()), ids(&want), "commit {prefix}");
+        }
+    }
+    let mut active: Vec<Rollout> = all.iter().filter(|r| !r.state.is_terminal()).cloned().collect();
+    active.reverse();
+    assert_eq!(ids(&store.active_rollouts().unwrap()), ids(&active), "active");
+    let newest = store.deployed_all().unwrap().into_iter().max_by_key(|d| d.at);
+    assert_eq!(store.latest_deployed().unwrap(), newest, "latest deployed");
+}
+
+#[test]
+fn indexes_agree_with_a_full_scan_through_every_kind_of_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let mut rng = fastrand::Rng::with_seed(16);
+    let fleets = ["web", "api", "db", "web-2"];
+    let states = crate::rollout::state::ALL_STATES;
+    let mut made: Vec<Rollout> = Vec::new();
+    for step in 0..300 {
+        let fleet = fleets[rng.usize(..fleets.len())];
+        let revision = format!("{:x}{:039x}", rng.u8(..16), step);
+        match rng.u8(..6) {
+            0 => made.push(
+                store.create_rollout(rollout(fleet, &revision, RolloutState::Pending)).unwrap(),
+            ),
+            1 => {
+                let batch = (0..rng.usize(1..4))
+                    .map(|i| {
+                        let mut r = rollout(fleets[i], &revision, RolloutState::Pending);
+                        if rng.bool() {
+                            r.fleet = None;
+                            r.state = RolloutState::Skipped;
+                        }
+                        let e = Event::new(RolloutId(0), Level::Info, EventKind::Plan, "p", None);
+                        (r, vec![e])
+                    })
+                    .collect();
+                made.extend(store.create_rollouts(batch).unwrap());
+            }
+            2 if !made.is_empty() => {
+                let mut r = made[rng.usize(..made.len())].clone();
+                let from = store.rollout(r.id).unwrap().state;
+                r.state = states[rng.usize(..states.len())];
+                store.put_rollout_with_change(&r, from, Level::Info, "moved").unwrap();
+            }
+            3 if !made.is_empty() => {
+                let mut r = made[rng.usize(..made.len())].clone();
+                r.state = states[rng.usize(..states.len())];
+                store.put_rollout(&r).unwrap();
+            }
+            4 if !made.is_empty() => {
+                let mut r = made[rng.usize(..made.len())].clone();
+                r.state = states[rng.usize(..states.len())];
+                store.record_step(&r, vec![instance_event(fleet, "i-1")], vec![]).unwrap();
+            }
+            _ => {
+                let at = now() - chrono::Duration::seconds(rng.i64(0..1000));
+                let deployed = Deployed {
+                    fleet: fleet.into(),
+                    revision: Revision(revision.clone()),
+                    image: ImageRef("img".into()),
+                    rollout: RolloutId(1),
+                    trees: Default::default(),
+                    at,
+                };
+                if rng.u8(..4) == 0 {
+                    store.clear_deployed(fleet).unwrap();
+                } else {
+                    store.set_deployed(&deployed).unwrap();
+                }
+            }
+        }
+        if step % 50 == 49 {
+            assert_indexes_consistent(&store);
+        }
+    }
+    drop(store);
+    // Reopened: the indexes are on disk, not rebuilt (the flag is set).
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_indexes_consistent(&store);
+}
+
+#[test]
+fn retention_keeps_indexes_and_counts_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 5).unwrap();
+    let active = store.create_rollout(rollout("web", "a0", RolloutState::Rolling)).unwrap();
+    for i in 0..12 {
+        let fleet = if i % 2 == 0 { "web" } else { "api" };
+        store.create_rollout(rollout(fleet, &format!("b{i}"), RolloutState::Succeeded)).unwrap();
+    }
+    let all = full_scan(&store);
+    assert_eq!(all.len(), 5, "pruned to the retention");
+    assert!(all.iter().any(|r| r.id == active.id), "an unfinished rollout is never pruned");
+    assert_indexes_consistent(&store);
+}
+
+#[test]
+fn an_interrupted_index_build_is_redone_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        for i in 0..20 {
+            let state = if i % 3 == 0 { RolloutState::Failed } else { RolloutState::Succeeded };
+            store.create_rollout(rollout("web", &format!("{i:02}"), state)).unwrap();
+        }
+        // A crash part-way through building the index: half of it written, the flag unset.
+        store
+            .with(|t| {
+                let keys: Vec<_> = t.rollout_ix.iter().keys().map(|k| k.unwrap()).collect();
+                for key in keys.iter().step_by(2) {
+                    t.rollout_ix.remove(key).unwrap();
+                }
+                t.rollout_ix.insert(index::count_key(RolloutState::Failed), &[0; 8]).unwrap();
+                t.meta.remove(index::INDEXED).unwrap();
+                store.flush_trees(t)
+            })
+            .unwrap();
+    }
+    let store = Store::open(dir.path(), 0).unwrap();
+    assert_indexes_consistent(&store);
+    let failed = store.rollout_counts().unwrap();
+    assert!(failed.contains(&(RolloutState::Failed, 7)), "{failed:?}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_store_written_by_schema_1_is_migrated_and_reads_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&v1_fixture().join("data"), dir.path());
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(v1_fixture().join("expected.json")).unwrap())
+            .unwrap();
+    {
+        let store = Store::open(dir.path(), 0).unwrap();
+        assert_eq!(store.get_meta::<u32>("schema_version").unwrap(), Some(SCHEMA_VERSION));
+        assert_eq!(dump(&store), expected);
+        assert_indexes_consistent(&store);
+        // Every record was rewritten in the compact format.
+        store
+            .with(|t| {
+                for tree in
+                    [&t.commits, &t.rollouts, &t.events, &t.instances, &t.bakes, &t.deployed]
+                {
+                    assert!(tree.iter().values().all(|v| codec::is_current(&v.unwrap())));
+                }
+                Ok(())
+            })
+            .unwrap();
+        // New writes continue the old numbering.
+        let next = store.create_rollout(rollout("web", "ff", RolloutState::Pending)).unwrap();
+        assert_eq!(next.id, RolloutId(14));
+    }
+    // A second open finds nothing to migrate and reads the same.
+    let store = Store::open(dir.path(), 0).unwrap();
+    let mut again = dump(&store);
+    again["rollouts"].as_array_mut().unwrap().remove(0);
+    again["events"].as_array_mut().unwrap().remove(0);
+    assert_eq!(again, expected);
+}
+
+#[test]
+fn a_newer_record_format_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let r = store.create_rollout(rollout("web", "aa", RolloutState::Pending)).unwrap();
+    store
+        .with(|t| {
+            t.rollouts.insert(r.id.0.to_be_bytes(), &[7u8, 0, 0][..]).map_err(|e| store.db_err(e))
+        })
+        .unwrap();
+    assert!(matches!(store.rollout(r.id), Err(StoreError::NewerSchema { found: 7 })));
+}
+
+#[test]
+fn old_event_streams_compact_to_summaries_and_keep_the_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    let day = chrono::Duration::days(1);
+    let old = now() - day * 40;
+    let make = |state: RolloutState, created: Timestamp, finished: Option<Timestamp>| {
+        let mut r = rollout("web", "abcd", state);
+        r.created_at = created;
+        r.finished_at = finished;
+        r.image = Some(ImageRef("img-1".into()));
+        let events = vec![
+            Event::new(RolloutId(0), Level::Info, EventKind::Plan, "plan", None),
+            Event::new(RolloutId(0), Level::Info, EventKind::HookStdout, "line 1", None),
+            Event::new(RolloutId(0), Level::Error, EventKind::BakeFailed, "bake failed", None),
+            Event::new(RolloutId(0), Level::Info, EventKind::HookStdout, "line 2", None),
+        ];
+        let created = store.create_rollouts(vec![(r.clone(), events)]).unwrap().remove(0);
+        store
+            .put_rollout_with_change(&created, RolloutState::Pending, Level::Info, "ended")
+            .unwrap();
+        created
+    };
+    let done = make(RolloutState::Succeeded, old, Some(old));
+    let running = make(RolloutState::Rolling, old, None);
+    let later = make(RolloutState::Failed, old + day, Some(old + day));
+    let young = make(RolloutState::Succeeded, now(), Some(now()));
+    let before_feed = store.events_after(0, MAX_FEED_PAGE).unwrap();
+
+    let cutoff = now() - day * 30;
+    let run = store.compact_events(cutoff, 100).unwrap();
+    assert_eq!(run, Compacted { rollouts: 2, events: 6, more: false });
+    for r in [&done, &later] {
+        let events = store.events(r.id, 0).unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["gc", "bake.failed", "state"], "{events:#?}");
+        let summary = &events[0];
+        assert_eq!(summary.data.as_ref().unwrap()["compacted"], 3);
+        assert_eq!(summary.data.as_ref().unwrap()["kinds"]["hook.stdout"], 2);
+        assert_eq!(summary.fleet.as_deref(), Some("web"), "filled in from the rollout");
+        // The summary has the number of the first event it replaced.
+        let first = before_feed.iter().find(|e| e.rollout == r.id).unwrap();
+        assert_eq!(summary.seq, first.seq);
+        // The rollout itself is untouched.
+        assert_eq!(&store.rollout(r.id).unwrap(), r);
+    }
+    assert_eq!(store.events(running.id, 0).unwrap().len(), 5, "not ended: kept whole");
+    assert_eq!(store.events(young.id, 0).unwrap().len(), 5, "young: kept whole");
+    // The feed is still ordered, without the replaced events.
+    let feed = store.events_after(0, MAX_FEED_PAGE).unwrap();
+    assert!(feed.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(feed.len(), before_feed.len() - 6 + 2);
+
+    // Nothing more to do; the old running rollout held the cursor. Once it ends it is compacted.
+    assert_eq!(store.compact_events(cutoff, 100).unwrap().rollouts, 0);
+    let mut ended = running.clone();
+    ended.state = RolloutState::Aborted;
+    ended.finished_at = Some(old);
+    store.put_rollout(&ended).unwrap();
+    assert_eq!(
+        store.compact_events(cutoff, 100).unwrap(),
+        Compacted { rollouts: 1, events: 3, more: false }
+    );
+    assert_eq!(store.get_meta::<u64>(COMPACT_CURSOR_KEY).unwrap(), Some(young.id.0));
+    // A budget stops a run and says so.
+    assert!(store.compact_events(now() + day, 1).unwrap().more);
 }
