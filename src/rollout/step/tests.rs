@@ -1183,3 +1183,45 @@ fn a_prune_drains_then_terminates_every_instance_and_succeeds() {
     let reason = sim.rollout.reason.clone().unwrap_or_default();
     assert!(reason.contains("pruned: 4 instance(s)"), "{reason}");
 }
+
+#[test]
+fn route_splits_during_the_canary_then_promotes_and_clears() {
+    let mut p = policy(4, N(1), N(0));
+    p.canary = Some(Canary { count: 1, weight: Some(10), pause: None, manual: true });
+    let mut sim = Sim::new(p, 4);
+    assert_eq!(route(&sim.rollout, &sim.policy), None, "no route before rolling");
+    let canary = Some(crate::provider::Route { image: B.into(), percent: Some(10) });
+    // Every new-image instance exists under the canary route (the driver sets it first).
+    for _ in 0..20_000 {
+        let wanted = route(&sim.rollout, &sim.policy);
+        let on_b = sim.instances.iter().any(|i| i.image.as_str() == B);
+        if let Some(state) = sim.apply() {
+            assert_eq!(state, S::Paused);
+            break;
+        }
+        if sim.instances.iter().any(|i| i.image.as_str() == B) && !on_b {
+            assert_eq!(wanted, canary, "a canary launched without the route");
+        }
+    }
+    assert_eq!(sim.rollout.state, S::Paused);
+    assert_eq!(route(&sim.rollout, &sim.policy), canary, "the split holds while paused");
+    sim.rollout = resume(&sim.rollout, sim.now);
+    let promoted = route(&sim.rollout, &sim.policy);
+    assert_eq!(promoted, Some(crate::provider::Route { image: B.into(), percent: None }));
+    assert_eq!(sim.run(), S::Succeeded);
+    assert_eq!(route(&sim.rollout, &sim.policy), None, "a finished rollout routes as usual");
+}
+
+#[test]
+fn route_is_cleared_by_a_rollback() {
+    let mut p = policy(3, N(1), N(0));
+    p.canary = Some(Canary { count: 1, weight: Some(25), pause: None, manual: true });
+    let mut sim = Sim::new(p, 3);
+    assert_eq!(sim.run(), S::Paused);
+    assert!(route(&sim.rollout, &sim.policy).is_some());
+    sim.control = Control::Abort;
+    let next = sim.next();
+    let Next::Record { rollout, .. } = next else { panic!("abort records the revert: {next:?}") };
+    assert!(rollout.rolling.as_ref().is_some_and(|r| r.rollback));
+    assert_eq!(route(&rollout, &sim.policy), None, "going back to the stable image");
+}
