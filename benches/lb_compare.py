@@ -139,7 +139,7 @@ def haproxy(dir, port, backends):
     servers = "\n".join(f"  server s{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
     conf = f"""global
   nbthread 2
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 2s

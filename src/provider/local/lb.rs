@@ -398,6 +398,12 @@ async fn serve_on(
     let port = listener.local_addr()?.port();
     let admin_port = admin.local_addr()?.port();
 
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    connector.set_nodelay(true);
+    let client = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector);
     let routing = load_routing(&dir)?;
     let lb = Arc::new(Lb {
         backends: RwLock::new(backends.into_iter().map(Backend::new).map(Arc::new).collect()),
@@ -406,6 +412,7 @@ async fn serve_on(
         gray: Mutex::new(None),
         dir: dir.clone(),
         persist_lock: tokio::sync::Mutex::new(()),
+        client,
         conns: Conns::new(args.max_connections),
         body_timeout: args.body_timeout,
         backend_timeout: args.backend_timeout,
@@ -462,7 +469,6 @@ async fn serve_on(
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(args.header_timeout);
     let http = Arc::new(http);
-    let workers = Arc::new(Workers::start(&lb, &http, &shutdown));
 
     let (move_tx, mut move_rx) = tokio::sync::mpsc::channel::<MoveListener>(1);
     let admin_state = AdminState {
@@ -470,7 +476,7 @@ async fn serve_on(
         state: shared_state,
         token: Arc::new(token),
         move_tx,
-        workers: workers.clone(),
+        http: http.clone(),
         shutdown: shutdown.clone(),
     };
     if let Some(port) = routing.gray_port {
@@ -548,7 +554,7 @@ async fn serve_on(
                 while let Ok(Ok((stream, peer))) =
                     tokio::time::timeout(Duration::ZERO, listener.accept()).await
                 {
-                    workers.dispatch(stream, peer, Entry::Main);
+                    spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Main);
                 }
                 let old = listener.local_addr().map(|a| a.port()).unwrap_or(0);
                 listener = moved.listener;
@@ -568,7 +574,7 @@ async fn serve_on(
                 }
             },
         };
-        workers.dispatch(stream, peer, Entry::Main);
+        spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Main);
     }
     stop_standby(keeper).await
 }
@@ -605,7 +611,8 @@ struct MoveListener {
 /// Accepts on the gray listener until `stop` (a new gray port, none, or shutdown).
 async fn serve_gray(
     lb: Arc<Lb>,
-    workers: Arc<Workers>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    shutdown: CancellationToken,
     listener: TcpListener,
     stop: CancellationToken,
 ) {
@@ -623,7 +630,9 @@ async fn serve_gray(
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, peer)) => workers.dispatch(stream, peer, Entry::Gray),
+            Ok((stream, peer)) => {
+                spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Gray)
+            }
             Err(error) => {
                 tracing::warn!(%error, "Accept failed (gray listener).");
                 lb.conns.shed_oldest_idle();
@@ -642,161 +651,22 @@ enum Entry {
     Gray,
 }
 
-type BackendClient = Client<HttpConnector, ProxyBody>;
-
-/// A client for backends with its own connection pool.
-fn backend_client() -> Arc<BackendClient> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    connector.set_nodelay(true);
-    Arc::new(
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector),
-    )
-}
-
-/// A connection accepted on a listener, on its way to a worker.
-struct Accepted {
-    stream: std::net::TcpStream,
-    peer: SocketAddr,
-    entry: Entry,
-}
-
-/// Worker threads, one per core, each a single-threaded runtime with its own pool of backend
-/// connections: a client connection, the backend connection its requests use and every task
-/// in between run on one thread, with no work stealing, cross-thread wake-up or shared pool
-/// lock per request (as haproxy's and nginx's event loops do). The accept loops hand
-/// connections to them in turn.
-struct Workers {
-    senders: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
-    next: AtomicUsize,
-    lb: Arc<Lb>,
-    http: Arc<hyper::server::conn::http1::Builder>,
-    shutdown: CancellationToken,
-    /// For a connection no worker takes (a worker that failed to start).
-    fallback: Arc<BackendClient>,
-}
-
-impl Workers {
-    fn start(
-        lb: &Arc<Lb>,
-        http: &Arc<hyper::server::conn::http1::Builder>,
-        shutdown: &CancellationToken,
-    ) -> Workers {
-        let count = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 64);
-        let mut senders = Vec::with_capacity(count);
-        for n in 0..count {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
-            let (lb, http, shutdown) = (lb.clone(), http.clone(), shutdown.clone());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
-            let runtime = match runtime {
-                Ok(runtime) => runtime,
-                Err(error) => {
-                    tracing::warn!(%error, "Cannot start a worker runtime.");
-                    continue;
-                }
-            };
-            let spawned =
-                std::thread::Builder::new().name(format!("lb-worker-{n}")).spawn(move || {
-                    runtime.block_on(async move {
-                        let client = backend_client();
-                        while let Some(accepted) = rx.recv().await {
-                            match tokio::net::TcpStream::from_std(accepted.stream) {
-                                Ok(stream) => serve_connection(
-                                    &lb,
-                                    &http,
-                                    &shutdown,
-                                    &client,
-                                    stream,
-                                    accepted.peer,
-                                    accepted.entry,
-                                ),
-                                Err(error) => tracing::warn!(%error, "Cannot adopt a connection."),
-                            }
-                        }
-                        // The listeners stopped: let open connections finish (a graceful
-                        // shutdown asked them to), for a few seconds at most.
-                        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-                        while lb.conns.len() > 0 && tokio::time::Instant::now() < deadline {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                    });
-                });
-            match spawned {
-                Ok(_) => senders.push(tx),
-                Err(error) => tracing::warn!(%error, "Cannot start a worker thread."),
-            }
-        }
-        Workers {
-            senders,
-            next: AtomicUsize::new(0),
-            lb: lb.clone(),
-            http: http.clone(),
-            shutdown: shutdown.clone(),
-            fallback: backend_client(),
-        }
-    }
-
-    /// Hands a connection to the next worker (or serves it here if none takes it).
-    fn dispatch(&self, stream: tokio::net::TcpStream, peer: SocketAddr, entry: Entry) {
-        let _ = stream.set_nodelay(true);
-        if !self.senders.is_empty() {
-            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-            match stream.into_std() {
-                Ok(stream) => match self.senders[i].send(Accepted { stream, peer, entry }) {
-                    Ok(()) => return,
-                    Err(returned) => match tokio::net::TcpStream::from_std(returned.0.stream) {
-                        Ok(stream) => {
-                            return serve_connection(
-                                &self.lb,
-                                &self.http,
-                                &self.shutdown,
-                                &self.fallback,
-                                stream,
-                                peer,
-                                entry,
-                            );
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "Cannot serve a connection.");
-                            return;
-                        }
-                    },
-                },
-                Err(error) => {
-                    tracing::warn!(%error, "Cannot hand a connection to a worker.");
-                    return;
-                }
-            }
-        }
-        serve_connection(&self.lb, &self.http, &self.shutdown, &self.fallback, stream, peer, entry);
-    }
-}
-
-fn serve_connection(
+fn spawn_connection(
     lb: &Arc<Lb>,
     http: &Arc<hyper::server::conn::http1::Builder>,
     shutdown: &CancellationToken,
-    client: &Arc<BackendClient>,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
     entry: Entry,
 ) {
+    let _ = stream.set_nodelay(true);
     let (id, conn) = lb.conns.add();
-    let (lb, http, shutdown, client) = (lb.clone(), http.clone(), shutdown.clone(), client.clone());
+    let (lb, http, shutdown) = (lb.clone(), http.clone(), shutdown.clone());
     tokio::spawn(async move {
         let service_lb = lb.clone();
         let service_conn = conn.clone();
         let service = hyper::service::service_fn(move |req| {
-            proxy(
-                service_lb.clone(),
-                client.clone(),
-                peer,
-                entry,
-                Active::new(service_conn.clone()),
-                req,
-            )
+            proxy(service_lb.clone(), peer, entry, Active::new(service_conn.clone()), req)
         });
         let served = http.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(served);
@@ -931,6 +801,7 @@ struct Lb {
     dir: PathBuf,
     /// Serialises rewrites of `backends.json` so the last change always wins on disk.
     persist_lock: tokio::sync::Mutex<()>,
+    client: Client<HttpConnector, ProxyBody>,
     conns: Conns,
     /// The longest pause between two chunks of a request body.
     body_timeout: Duration,
@@ -1414,7 +1285,6 @@ fn local_reply(status: StatusCode, message: &str) -> Response<ProxyBody> {
 
 async fn proxy(
     lb: Arc<Lb>,
-    client: Arc<BackendClient>,
     peer: SocketAddr,
     entry: Entry,
     active: Active,
@@ -1490,7 +1360,9 @@ async fn proxy(
         } else {
             std::mem::take(&mut parts.headers)
         };
-        let answer = match tokio::time::timeout(lb.backend_timeout, client.request(request)).await {
+        let answer = match tokio::time::timeout(lb.backend_timeout, lb.client.request(request))
+            .await
+        {
             Ok(answer) => answer,
             Err(_) => {
                 tracing::warn!(backend = %backend.id, timeout = ?lb.backend_timeout, "Backend did not answer in time.");
@@ -1546,7 +1418,7 @@ struct AdminState {
     state: Arc<Mutex<LbState>>,
     token: Arc<String>,
     move_tx: tokio::sync::mpsc::Sender<MoveListener>,
-    workers: Arc<Workers>,
+    http: Arc<hyper::server::conn::http1::Builder>,
     shutdown: CancellationToken,
 }
 
@@ -1571,7 +1443,8 @@ impl AdminState {
                     let stop = self.shutdown.child_token();
                     tokio::spawn(serve_gray(
                         self.lb.clone(),
-                        self.workers.clone(),
+                        self.http.clone(),
+                        self.shutdown.clone(),
                         listener,
                         stop.clone(),
                     ));
