@@ -839,3 +839,191 @@ async fn a_port_change_moves_the_listener_and_a_busy_port_keeps_the_old_one() {
     tokio::time::timeout(Duration::from_secs(90), test).await.expect("port change stuck");
     provider.stop_load_balancer().await;
 }
+
+// --- weights, routes and the gray listener (issue 14) ---
+
+/// A backend in this process answering every request with `name`.
+async fn start_named_backend(name: &'static str) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    let address = listener.local_addr().expect("backend address");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |_req: hyper::Request<_>| async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                            Bytes::from(name),
+                        )))
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// An admin call with a JSON body: the status.
+async fn admin_json(
+    admin_port: u16,
+    token: &str,
+    method: reqwest::Method,
+    path: &str,
+    body: serde_json::Value,
+) -> u16 {
+    http_client()
+        .request(method, format!("http://127.0.0.1:{admin_port}{path}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("admin reachable")
+        .status()
+        .as_u16()
+}
+
+/// `n` GETs to `url` over 4 keep-alive clients, with `headers`: how many bodies were each
+/// name (a failed request counts as `failed`).
+async fn tally(
+    url: &str,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = url.to_owned();
+        let headers: Vec<(String, String)> =
+            headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        tasks.push(tokio::spawn(async move {
+            let client = http_client();
+            let mut seen = std::collections::BTreeMap::<String, usize>::new();
+            for _ in 0..n / 4 {
+                let mut request = client.get(&url);
+                for (k, v) in &headers {
+                    request = request.header(k, v);
+                }
+                let name = match request.send().await {
+                    Ok(reply) if reply.status().is_success() => {
+                        reply.text().await.unwrap_or_else(|_| "failed".to_owned())
+                    }
+                    Ok(reply) => format!("status {}", reply.status().as_u16()),
+                    Err(_) => "failed".to_owned(),
+                };
+                *seen.entry(name).or_default() += 1;
+            }
+            seen
+        }));
+    }
+    let mut total = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (name, count) in task.await.expect("client task") {
+            *total.entry(name).or_default() += count;
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_gives_the_new_image_its_share_and_the_gray_port_only_the_new_image() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let state = in_process_lb(lb::LbArgs::new(tmp.path().join("lb")), &stop).await;
+    let token = lb::ensure_admin_token(&tmp.path().join("lb")).expect("token");
+    let main = format!("http://127.0.0.1:{}/", state.port);
+    let put = reqwest::Method::PUT;
+
+    // Three old instances, and the gray port.
+    for (id, name) in [("web-0000000a", "old"), ("web-0000000b", "old"), ("web-0000000c", "old")] {
+        let address = start_named_backend(name).await;
+        let body = serde_json::json!({ "address": address.to_string(), "image": "/images/old" });
+        assert_eq!(
+            admin_json(state.admin_port, &token, put.clone(), &format!("/backends/{id}"), body)
+                .await,
+            200
+        );
+    }
+    let gray_port = free_port();
+    let body = serde_json::json!({ "port": gray_port });
+    assert_eq!(admin_json(state.admin_port, &token, put.clone(), "/gray", body).await, 200);
+    let gray = format!("http://127.0.0.1:{gray_port}/");
+    let before = tally(&gray, 40, &[]).await;
+    assert_eq!(
+        before.get("old"),
+        Some(&40),
+        "between rollouts the gray port serves the fleet: {before:?}"
+    );
+
+    // A rollout routes: before its canary serves, the gray port answers 503, never the old image.
+    let body = serde_json::json!({ "image": "/images/new", "percent": 10 });
+    assert_eq!(admin_json(state.admin_port, &token, put.clone(), "/route", body).await, 200);
+    let waiting = tally(&gray, 40, &[]).await;
+    assert_eq!(waiting.get("status 503"), Some(&40), "{waiting:?}");
+    let no_canary = tally(&main, 100, &[]).await;
+    assert_eq!(no_canary.get("old"), Some(&100), "{no_canary:?}");
+
+    // The canary (one instance against three) takes 10% of 10,000 requests.
+    let address = start_named_backend("new").await;
+    let body = serde_json::json!({ "address": address.to_string(), "image": "/images/new" });
+    assert_eq!(
+        admin_json(state.admin_port, &token, put.clone(), "/backends/web-0000000d", body).await,
+        200
+    );
+    let split = tally(&main, 10_000, &[]).await;
+    let new = split.get("new").copied().unwrap_or(0);
+    eprintln!("10,000 requests: {split:?}");
+    assert_eq!(
+        new + split.get("old").copied().unwrap_or(0),
+        10_000,
+        "no request failed: {split:?}"
+    );
+    assert!((800..=1200).contains(&new), "the canary got {new} of 10,000 requests: {split:?}");
+    let gray_split = tally(&gray, 200, &[]).await;
+    assert_eq!(
+        gray_split.get("new"),
+        Some(&200),
+        "the gray port serves only the new image: {gray_split:?}"
+    );
+    let pinned = tally(&main, 100, &[(lb::PIN_HEADER, "always")]).await;
+    assert_eq!(pinned.get("new"), Some(&100), "{pinned:?}");
+    let unpinned = tally(&main, 100, &[(lb::PIN_HEADER, "never")]).await;
+    assert_eq!(unpinned.get("old"), Some(&100), "{unpinned:?}");
+
+    // Weights: a backend of weight 300 beside one of 100 takes three in four requests.
+    let body = serde_json::json!({ "address": address.to_string(), "image": "/images/new", "weight": 300 });
+    assert_eq!(
+        admin_json(state.admin_port, &token, put.clone(), "/backends/web-0000000d", body).await,
+        200
+    );
+    let client = http_client();
+    let delete = |id: &str| {
+        client
+            .delete(format!("http://127.0.0.1:{}/backends/{id}", state.admin_port))
+            .bearer_auth(&token)
+            .send()
+    };
+    delete("web-0000000a").await.expect("detach");
+    delete("web-0000000b").await.expect("detach");
+    assert_eq!(
+        admin_json(
+            state.admin_port,
+            &token,
+            reqwest::Method::DELETE,
+            "/route",
+            serde_json::json!({})
+        )
+        .await,
+        200
+    );
+    let weighted = tally(&main, 400, &[]).await;
+    assert_eq!(weighted.get("new"), Some(&300), "weights 300:100: {weighted:?}");
+    let body = serde_json::json!({ "address": address.to_string(), "weight": 0 });
+    assert_eq!(
+        admin_json(state.admin_port, &token, put, "/backends/web-0000000d", body).await,
+        400,
+        "weight 0 is a detach"
+    );
+    stop.cancel();
+}

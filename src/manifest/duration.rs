@@ -93,6 +93,25 @@ pub mod serde_opt_duration {
     }
 }
 
+/// `Option<u32>` as an optional `"10%"`.
+pub mod serde_opt_percent {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(p: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+        match p {
+            Some(p) => super::serde_percent::serialize(p, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+        let text = String::deserialize(d)?;
+        text.strip_suffix('%').and_then(|n| n.trim().parse().ok()).map(Some).ok_or_else(|| {
+            serde::de::Error::custom(format!("`{text}` is not a percentage like \"10%\""))
+        })
+    }
+}
+
 pub mod serde_percent {
     use serde::{Deserialize, Deserializer, Serializer};
 

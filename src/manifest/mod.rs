@@ -739,12 +739,24 @@ impl Default for HealthCheck {
     }
 }
 
-/// Canary: the first `count` replacements, then a pause (or a manual promote).
+/// Canary: the first `count` replacements, then a pause (or a manual promote). With `weight`,
+/// the canary instances take that share of the load balancer's requests (instead of their
+/// round-robin share) until the canary is promoted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Canary {
-    /// Instances in the canary batch.
+    /// Instances in the canary batch (default 1).
+    #[serde(default = "defaults::canary_count")]
     pub count: u32,
+    /// The share of requests the canary takes until it is promoted, e.g. `"10%"` (local
+    /// provider; 1% to 99%). Without it the canary gets its round-robin share.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "duration::serde_opt_percent"
+    )]
+    #[schemars(with = "Option<String>")]
+    pub weight: Option<u32>,
     /// How long to watch the canary before going on.
     #[serde(default, with = "duration::serde_opt_duration")]
     #[schemars(with = "Option<String>")]
@@ -796,11 +808,16 @@ impl Window {
 pub struct LoadBalancer {
     /// The port it listens on (127.0.0.1). 0 picks a free port.
     pub port: u16,
+    /// A second listener (127.0.0.1) that routes only to instances on a rollout's new image
+    /// while the rollout rolls (testers try the canary before users do); between rollouts it
+    /// serves like `port`.
+    #[serde(rename = "grayPort", skip_serializing_if = "Option::is_none")]
+    pub gray_port: Option<u16>,
 }
 
 impl Default for LoadBalancer {
     fn default() -> Self {
-        LoadBalancer { port: 8080 }
+        LoadBalancer { port: 8080, gray_port: None }
     }
 }
 
@@ -858,6 +875,9 @@ mod defaults {
     }
     pub fn drift_interval() -> Duration {
         Duration::from_secs(5 * 60)
+    }
+    pub fn canary_count() -> u32 {
+        1
     }
 }
 
@@ -1430,6 +1450,26 @@ fn check_policy(
                     policy.capacity.min()
                 ),
             );
+        }
+        if let Some(weight) = canary.weight {
+            if !(1..=99).contains(&weight) {
+                report.push(
+                    || locate(text, "weight", &format!("{weight}%"), at),
+                    format!("canary.weight {weight}% must be between 1% and 99%"),
+                );
+            }
+        }
+    }
+    if let Some(lb) = policy.provider.load_balancer() {
+        if let Some(gray) = lb.gray_port {
+            if gray == 0 || gray == lb.port {
+                report.push(
+                    || locate(text, "grayPort", &gray.to_string(), at),
+                    format!(
+                        "loadBalancer.grayPort {gray} must be a port of its own (not 0, not `port`)"
+                    ),
+                );
+            }
         }
     }
     if let Some(window) = policy.schedule.as_ref().and_then(|s| s.window.as_ref()) {

@@ -606,3 +606,38 @@ fn verify_needs_a_trust_file_inside_the_repo_and_says_where() {
     assert!(found[0].starts_with("kiln.yaml:2:"), "{found:?}");
     assert!(found[0].contains("unknown variant `always`"), "{found:?}");
 }
+
+#[test]
+fn canary_weight_and_gray_port_are_checked_where_written() {
+    let good = GOOD
+        .replace("canary: { count: 1, pause: 30s }", "canary: { weight: 10%, manual: true }")
+        .replace(
+            "onFailure: rollback",
+            "onFailure: rollback\n      loadBalancer: { port: 8080, grayPort: 8081 }",
+        );
+    let manifest = load(&good, "kiln.yaml", &HOOKS).expect("weight and grayPort parse");
+    let policy = &manifest.fleets[0].rollout;
+    let canary = policy.canary.as_ref().expect("canary");
+    assert_eq!((canary.count, canary.weight), (1, Some(10)), "count defaults to 1");
+    assert_eq!(policy.provider.load_balancer().and_then(|lb| lb.gray_port), Some(8081));
+    let cases = [
+        (
+            good.replace("weight: 10%", "weight: 100%"),
+            "canary.weight 100% must be between 1% and 99%",
+            "18:25",
+        ),
+        (good.replace("weight: 10%", "weight: ten"), "is not a percentage", "18:"),
+        (
+            good.replace("grayPort: 8081", "grayPort: 8080"),
+            "loadBalancer.grayPort 8080 must be a port of its own",
+            "21:",
+        ),
+    ];
+    for (text, message, at) in cases {
+        let found = problems(&text);
+        assert!(
+            found.iter().any(|p| p.starts_with(&format!("kiln.yaml:{at}")) && p.contains(message)),
+            "{message}: {found:?}"
+        );
+    }
+}

@@ -146,12 +146,30 @@ pub trait Provider: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// Routes the fleet's traffic for a rollout in progress (see [`Route`]), or as usual with
+    /// `None`. Idempotent. The default does nothing: only kiln's own load balancer splits
+    /// traffic by image.
+    async fn route(&self, _route: Option<&Route>) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// Retires what the fleet has besides its instances (its load balancer) once a `prune`
     /// rollout terminated them all. Idempotent. The default does nothing: an exec provider's
     /// load balancer belongs to the infra its hooks manage.
     async fn retire(&self) -> Result<(), ProviderError> {
         Ok(())
     }
+}
+
+/// How a rollout routes traffic while it rolls (`rollout::step::route`): instances on `image`
+/// are the new side; the load balancer's gray listener serves only them, and with `percent`
+/// they take that share of the main listener's requests, whatever their count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    /// The rollout's new image.
+    pub image: ImageRef,
+    /// The new side's share of requests (1 to 99); `None`: its round-robin share.
+    pub percent: Option<u32>,
 }
 
 /// A load-balancer backend kiln did not attach.
@@ -211,9 +229,10 @@ impl OpenError {
 /// commit its scripts come from.
 pub fn open_key(fleet: &crate::manifest::Fleet, revision: &crate::model::Revision) -> String {
     match &fleet.rollout.provider {
-        crate::manifest::ProviderSpec::Local { load_balancer } => {
-            format!("local:{}", load_balancer.port)
-        }
+        crate::manifest::ProviderSpec::Local { load_balancer } => match load_balancer.gray_port {
+            Some(gray) => format!("local:{}:{gray}", load_balancer.port),
+            None => format!("local:{}", load_balancer.port),
+        },
         crate::manifest::ProviderSpec::Exec(_) => format!("exec:{revision}"),
     }
 }
@@ -231,16 +250,21 @@ pub async fn open(
         crate::fsutil::safe_join(&cx.fleets_dir, &fleet.name).map_err(|e| setup(e.to_string()))?;
     let policy = &fleet.rollout;
     Ok(match &policy.provider {
-        crate::manifest::ProviderSpec::Local { load_balancer } => Arc::new(
-            local::LocalProvider::open(local::LocalConfig {
+        crate::manifest::ProviderSpec::Local { load_balancer } => {
+            let provider = local::LocalProvider::open(local::LocalConfig {
                 fleet: fleet.name.clone(),
                 dir: fleet_dir,
                 lb_port: load_balancer.port,
                 kiln_exe: cx.kiln_exe.clone(),
             })
             .await?
-            .with_instance_ports(cx.instance_ports),
-        ),
+            .with_instance_ports(cx.instance_ports);
+            // A gray port that cannot be bound leaves the fleet serving on its traffic port.
+            if let Err(error) = provider.set_gray_port(load_balancer.gray_port).await {
+                tracing::error!(fleet = %fleet.name, error = %crate::error::chain(&error), "Cannot serve the gray port.");
+            }
+            Arc::new(provider)
+        }
         crate::manifest::ProviderSpec::Exec(spec) => {
             let repo_dir = crate::fsutil::safe_join(&fleet_dir.join("provider"), revision.as_str())
                 .map_err(|e| setup(e.to_string()))?;

@@ -399,9 +399,30 @@ async fn drive_turns(
         let resumed = step::resume(&first, env.clock.now());
         commit(store, &first, &resumed, "resumed")?;
     }
+    // The route last given to the provider (`None`: not told yet in this job).
+    let mut routed: Option<Option<crate::provider::Route>> = None;
     loop {
         let rollout = load(store, id)?;
         let ctl = *control.borrow_and_update();
+        // Traffic follows the record: set before the next action (a canary is launched only
+        // once the gray listener is kept off the old image), cleared when it ends.
+        let wanted = step::route(&rollout, policy);
+        let touched = wanted.is_some() || routed.is_some() || rollout.rolling.is_some();
+        if routed.as_ref() != Some(&wanted) && touched {
+            match provider.route(wanted.as_ref()).await {
+                Ok(()) => routed = Some(wanted),
+                Err(error) => {
+                    let text = format!("routing traffic: {}", chain(&error));
+                    warn!(error = %text, "Provider failed; retrying.");
+                    let next = on_error(&rollout, error.class(), &text, env.clock.now());
+                    commit(store, &rollout, &next, &text)?;
+                    if let Some(until) = next.not_before {
+                        nap(env.clock.as_ref(), control, until, MAX_NAP).await;
+                    }
+                    continue;
+                }
+            }
+        }
         let needs_fleet = rollout.state == RolloutState::Rolling
             || (rollout.rolling.is_some() && rollout.state == RolloutState::Paused);
         let observation = if needs_fleet {
@@ -429,6 +450,9 @@ async fn drive_turns(
         };
         match step::step(&rollout, policy, &observed, &ctl, now) {
             Next::Done(state) => {
+                if state.is_terminal() {
+                    unroute(provider.as_ref(), &routed).await;
+                }
                 // A store failure between recording success and recording the deployment
                 // leaves a succeeded rollout that is not deployed: finish that here.
                 if state == RolloutState::Succeeded && rollout.origin == Origin::Prune {
@@ -463,6 +487,9 @@ async fn drive_turns(
                 commit(store, &rollout, &next, &message)?;
                 if next.state == RolloutState::Succeeded {
                     deployed(env, fleet, &next, trees)?;
+                }
+                if next.state.is_terminal() {
+                    unroute(provider.as_ref(), &routed).await;
                 }
                 // Ended or paused: return now, not after another look at a (slow) provider.
                 if next.state.is_terminal() || next.state == RolloutState::Paused {
@@ -507,6 +534,16 @@ async fn drive_turns(
                 let cap = if needs_fleet { MAX_NAP } else { Duration::from_secs(3600) };
                 nap(env.clock.as_ref(), control, until, cap).await;
             }
+        }
+    }
+}
+
+/// Routes traffic as usual again once a rollout that set a route ended (best effort: the
+/// next rollout sets its own, and a stale route only narrows the gray listener).
+async fn unroute(provider: &dyn Provider, routed: &Option<Option<crate::provider::Route>>) {
+    if matches!(routed, Some(Some(_))) {
+        if let Err(error) = provider.route(None).await {
+            warn!(error = %chain(&error), "Cannot clear the rollout's route.");
         }
     }
 }

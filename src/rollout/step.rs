@@ -95,6 +95,28 @@ pub enum Next {
     Done(RolloutState),
 }
 
+/// How the load balancer routes the fleet's traffic for `rollout` (the driver tells the
+/// provider whenever this changes): while it rolls toward its new image (paused included),
+/// the gray listener serves only that image, and during the canary phase a `canary.weight`
+/// gives the new image that share of requests. A rollback, an abort, an ending or a finished
+/// rollout routes as usual (`None`).
+pub fn route(rollout: &Rollout, policy: &RolloutPolicy) -> Option<crate::provider::Route> {
+    let rolling = rollout.rolling.as_ref()?;
+    let active = matches!(rollout.state, RolloutState::Rolling | RolloutState::Paused);
+    if !active
+        || rolling.rollback
+        || rolling.aborting
+        || rolling.ending.is_some()
+        || rollout.origin == crate::rollout::state::Origin::Prune
+    {
+        return None;
+    }
+    let image = rolling.target.clone()?;
+    let percent =
+        if rolling.canary_done { None } else { policy.canary.as_ref().and_then(|c| c.weight) };
+    Some(crate::provider::Route { image, percent })
+}
+
 /// Adds a std duration to a timestamp, saturating far in the future.
 pub fn add(ts: Timestamp, duration: Duration) -> Timestamp {
     chrono::TimeDelta::from_std(duration)

@@ -61,6 +61,15 @@ pub const STATE_FILE: &str = "lb.json";
 pub const BACKENDS_FILE: &str = "backends.json";
 /// The file in the state dir holding the admin endpoint's bearer token (mode 0600).
 pub const TOKEN_FILE: &str = "admin-token";
+/// The file in the state dir holding the rollout's route and the gray port.
+pub const ROUTING_FILE: &str = "routing.json";
+/// The request header that pins a client to one side of a rollout: `always` sends the request
+/// to the new image's instances (when one serves), `never` to the others.
+pub const PIN_HEADER: &str = "x-kiln-canary";
+/// The weight of a backend attached without one.
+pub const DEFAULT_WEIGHT: u32 = 100;
+/// The highest weight a backend may carry.
+pub const MAX_WEIGHT: u32 = 10_000;
 
 /// Request bodies up to this size are buffered so the request can be retried on another
 /// backend; larger (or unsized, chunked) bodies are streamed through once.
@@ -155,6 +164,9 @@ pub struct LbState {
     /// The standby holding the same sockets, ready to take over (see `handover`).
     #[serde(default)]
     pub standby: Option<crate::hooks::process::ProcessRef>,
+    /// The gray listener's port on 127.0.0.1, when one serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gray_port: Option<u16>,
 }
 
 /// One backend as the admin endpoint reports it.
@@ -170,6 +182,16 @@ pub struct BackendView {
     /// Requests in flight (responses still streaming included).
     #[serde(default)]
     pub in_flight: usize,
+    /// Its share of requests relative to the others' (0 while draining).
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// The image it runs, when kiln said (routes of a rollout go by image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+fn default_weight() -> u32 {
+    DEFAULT_WEIGHT
 }
 
 /// Body of `PUT /backends/{id}`.
@@ -177,6 +199,42 @@ pub struct BackendView {
 pub struct AttachRequest {
     /// `host:port` of the backend.
     pub address: String,
+    /// Its weight (1 to 10000, default 100): its share of requests relative to the others'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// The image it runs (a rollout's route sends the new image's share by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// How a rollout routes traffic (`PUT /route`): backends on `image` are the new side; the
+/// gray listener serves only them, and with `percent` they take that share of the main
+/// listener's requests (the others the rest), whatever their count.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteRequest {
+    /// The rollout's new image.
+    pub image: String,
+    /// The new side's share of requests, 1 to 99; none: its weighted round-robin share.
+    #[serde(default)]
+    pub percent: Option<u32>,
+}
+
+/// Body of `PUT /gray`: serve the gray listener on this port, or on none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrayRequest {
+    /// The gray port on 127.0.0.1; none closes the gray listener.
+    pub port: Option<u16>,
+}
+
+/// `routing.json`: what survives a restart of the LB besides its backends.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routing {
+    /// The route of the rollout in progress.
+    #[serde(default)]
+    pub route: Option<RouteRequest>,
+    /// The gray listener's port.
+    #[serde(default)]
+    pub gray_port: Option<u16>,
 }
 
 /// Body of `PUT /listener`: serve traffic on this port instead.
@@ -346,9 +404,12 @@ async fn serve_on(
     let client = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector);
+    let routing = load_routing(&dir)?;
     let lb = Arc::new(Lb {
         backends: RwLock::new(backends.into_iter().map(Backend::new).map(Arc::new).collect()),
-        next: AtomicUsize::new(0),
+        table: RwLock::new(Arc::new(Table::default())),
+        route: Mutex::new(routing.route.clone()),
+        gray: Mutex::new(None),
         dir: dir.clone(),
         persist_lock: tokio::sync::Mutex::new(()),
         client,
@@ -356,6 +417,7 @@ async fn serve_on(
         body_timeout: args.body_timeout,
         backend_timeout: args.backend_timeout,
     });
+    lb.rebuild();
 
     let pid = i32::try_from(std::process::id()).context("pid out of range")?;
     let start_ticks =
@@ -365,6 +427,7 @@ async fn serve_on(
         port,
         admin_port,
         standby: None,
+        gray_port: None,
     };
     super::write_json_atomic(&dir.join(STATE_FILE), &state)
         .with_context(|| format!("failed to write {}", dir.join(STATE_FILE).display()))?;
@@ -403,14 +466,32 @@ async fn serve_on(
         None => None,
     };
 
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(args.header_timeout);
+    let http = Arc::new(http);
+
     let (move_tx, mut move_rx) = tokio::sync::mpsc::channel::<MoveListener>(1);
-    let admin_state =
-        AdminState { lb: lb.clone(), state: shared_state, token: Arc::new(token), move_tx };
+    let admin_state = AdminState {
+        lb: lb.clone(),
+        state: shared_state,
+        token: Arc::new(token),
+        move_tx,
+        http: http.clone(),
+        shutdown: shutdown.clone(),
+    };
+    if let Some(port) = routing.gray_port {
+        // A gray port that cannot be bound again (taken meanwhile) is logged; kiln asks again.
+        if let Err((_, error)) = admin_state.set_gray(Some(port)).await {
+            tracing::error!(port, %error, "Cannot serve the gray listener.");
+        }
+    }
     let router = axum::Router::new()
         .route("/healthz", get(admin_health))
         .route("/backends", get(admin_list))
         .route("/backends/{id}", put(admin_attach).delete(admin_detach))
         .route("/listener", put(admin_listener))
+        .route("/route", put(admin_route).delete(admin_unroute))
+        .route("/gray", put(admin_gray))
         .route_layer(axum::middleware::from_fn_with_state(admin_state.clone(), admin_auth))
         .with_state(admin_state);
     let admin_shutdown = shutdown.clone();
@@ -440,9 +521,6 @@ async fn serve_on(
         }
     });
 
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(args.header_timeout);
-    let http = Arc::new(http);
     let mut listener = listener;
     loop {
         // At the cap, make room by closing the oldest idle connection; while every connection
@@ -476,7 +554,7 @@ async fn serve_on(
                 while let Ok(Ok((stream, peer))) =
                     tokio::time::timeout(Duration::ZERO, listener.accept()).await
                 {
-                    spawn_connection(&lb, &http, &shutdown, stream, peer);
+                    spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Main);
                 }
                 let old = listener.local_addr().map(|a| a.port()).unwrap_or(0);
                 listener = moved.listener;
@@ -496,7 +574,7 @@ async fn serve_on(
                 }
             },
         };
-        spawn_connection(&lb, &http, &shutdown, stream, peer);
+        spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Main);
     }
     stop_standby(keeper).await
 }
@@ -530,12 +608,56 @@ struct MoveListener {
     done: tokio::sync::oneshot::Sender<()>,
 }
 
+/// Accepts on the gray listener until `stop` (a new gray port, none, or shutdown).
+async fn serve_gray(
+    lb: Arc<Lb>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    shutdown: CancellationToken,
+    listener: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        if lb.conns.len() >= lb.conns.max {
+            lb.conns.shed_oldest_idle();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            continue;
+        }
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                spawn_connection(&lb, &http, &shutdown, stream, peer, Entry::Gray)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "Accept failed (gray listener).");
+                lb.conns.shed_oldest_idle();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// The traffic port.
+    Main,
+    /// The gray port: only the new image's instances while a rollout routes.
+    Gray,
+}
+
 fn spawn_connection(
     lb: &Arc<Lb>,
     http: &Arc<hyper::server::conn::http1::Builder>,
     shutdown: &CancellationToken,
     stream: tokio::net::TcpStream,
     peer: SocketAddr,
+    entry: Entry,
 ) {
     let _ = stream.set_nodelay(true);
     let (id, conn) = lb.conns.add();
@@ -544,7 +666,7 @@ fn spawn_connection(
         let service_lb = lb.clone();
         let service_conn = conn.clone();
         let service = hyper::service::service_fn(move |req| {
-            proxy(service_lb.clone(), peer, Active::new(service_conn.clone()), req)
+            proxy(service_lb.clone(), peer, entry, Active::new(service_conn.clone()), req)
         });
         let served = http.serve_connection(TokioIo::new(stream), service);
         tokio::pin!(served);
@@ -668,8 +790,14 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
 struct Lb {
+    /// Every attached backend, draining ones included (the admin endpoint's view).
     backends: RwLock<Vec<Arc<Backend>>>,
-    next: AtomicUsize,
+    /// What requests pick from, rebuilt from `backends` and `route` on every change.
+    table: RwLock<Arc<Table>>,
+    /// The rollout's route (`PUT /route`).
+    route: Mutex<Option<RouteRequest>>,
+    /// The gray listener: its port and the token that stops it.
+    gray: Mutex<Option<(u16, CancellationToken)>>,
     dir: PathBuf,
     /// Serialises rewrites of `backends.json` so the last change always wins on disk.
     persist_lock: tokio::sync::Mutex<()>,
@@ -684,41 +812,195 @@ struct Lb {
 struct Backend {
     id: String,
     address: String,
+    /// `http://<address>` parsed once: the scheme and authority of every request to it.
+    authority: Option<hyper::http::uri::Authority>,
+    /// The id as a header value (`x-kiln-backend`), made once.
+    id_header: Option<HeaderValue>,
+    weight: u32,
+    image: Option<String>,
     draining: AtomicBool,
     in_flight: AtomicUsize,
-    ejected_until: Mutex<Option<tokio::time::Instant>>,
+    /// Milliseconds since [`epoch`] until which the backend is skipped; 0: not ejected.
+    ejected_until: AtomicU64,
+}
+
+/// The instant ejection times count from.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Backend {
     fn new(view: BackendView) -> Backend {
         Backend {
+            authority: view.address.parse().ok(),
+            id_header: HeaderValue::from_str(&view.id).ok(),
             id: view.id,
             address: view.address,
+            weight: view.weight.clamp(1, MAX_WEIGHT),
+            image: view.image,
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            ejected_until: Mutex::new(None),
+            ejected_until: AtomicU64::new(0),
         }
     }
 
     fn view(&self) -> BackendView {
+        let draining = self.draining.load(Ordering::SeqCst);
         BackendView {
             id: self.id.clone(),
             address: self.address.clone(),
-            draining: self.draining.load(Ordering::SeqCst),
+            draining,
             in_flight: self.in_flight.load(Ordering::SeqCst),
+            weight: if draining { 0 } else { self.weight },
+            image: self.image.clone(),
         }
     }
 
     fn ejected(&self) -> bool {
-        match self.ejected_until.lock() {
-            Ok(until) => until.is_some_and(|t| tokio::time::Instant::now() < t),
-            Err(_) => false,
-        }
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
     }
 
     fn eject(&self, healthy: bool) {
-        if let Ok(mut until) = self.ejected_until.lock() {
-            *until = (!healthy).then(|| tokio::time::Instant::now() + EJECT_FOR);
+        if healthy {
+            // The common case reads only: no cache line bounces between workers.
+            if self.ejected_until.load(Ordering::Relaxed) != 0 {
+                self.ejected_until.store(0, Ordering::Relaxed);
+            }
+        } else {
+            let ms = u64::try_from(EJECT_FOR.as_millis()).unwrap_or(u64::MAX);
+            self.ejected_until.store(now_ms().saturating_add(ms), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Backends in the order requests take them: each appears `weight` times (weights divided by
+/// their greatest common divisor, at most [`WHEEL_MAX`] slots), spread out as nginx's smooth
+/// weighted round robin does, so equal weights are plain round robin.
+#[derive(Default)]
+struct Wheel {
+    slots: Vec<Arc<Backend>>,
+    next: AtomicUsize,
+}
+
+/// The most slots a wheel has (weights are scaled down beyond it).
+const WHEEL_MAX: u64 = 4096;
+
+impl Wheel {
+    fn new(backends: &[Arc<Backend>]) -> Wheel {
+        fn gcd(a: u64, b: u64) -> u64 {
+            if b == 0 { a } else { gcd(b, a % b) }
+        }
+        let mut weights: Vec<u64> = backends.iter().map(|b| u64::from(b.weight.max(1))).collect();
+        let g = weights.iter().copied().fold(0, gcd).max(1);
+        weights.iter_mut().for_each(|w| *w /= g);
+        let total: u64 = weights.iter().sum();
+        if total > WHEEL_MAX {
+            weights.iter_mut().for_each(|w| *w = (*w * WHEEL_MAX / total).max(1));
+        }
+        let total: i64 = weights.iter().map(|w| i64::try_from(*w).unwrap_or(1)).sum();
+        let mut current = vec![0i64; weights.len()];
+        let mut slots = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+        for _ in 0..total {
+            let mut best = 0;
+            for (i, w) in weights.iter().enumerate() {
+                current[i] += i64::try_from(*w).unwrap_or(1);
+                if current[i] > current[best] {
+                    best = i;
+                }
+            }
+            current[best] -= total;
+            slots.push(backends[best].clone());
+        }
+        Wheel { slots, next: AtomicUsize::new(0) }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The next backend not in `tried`, preferring one that is not ejected; with whether the
+    /// one returned is ejected.
+    fn pick(&self, tried: &[Arc<Backend>]) -> Option<(&Arc<Backend>, bool)> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut fallback = None;
+        for i in 0..n {
+            let candidate = &self.slots[(start + i) % n];
+            if tried.iter().any(|t| Arc::ptr_eq(t, candidate)) {
+                continue;
+            }
+            if !candidate.ejected() {
+                return Some((candidate, false));
+            }
+            fallback.get_or_insert(candidate);
+        }
+        fallback.map(|c| (c, true))
+    }
+}
+
+/// The routing table: every serving backend, and, while a rollout routes, its two sides.
+#[derive(Default)]
+struct Table {
+    all: Wheel,
+    /// Backends on the route's image.
+    new: Wheel,
+    /// The others.
+    old: Wheel,
+    /// Whether a route is set (the gray listener serves only `new`).
+    routed: bool,
+    /// The new side's share of the main listener's requests.
+    percent: Option<u32>,
+    /// Counts main-listener requests for the split.
+    split: AtomicU64,
+}
+
+/// Which side a request asked for with [`PIN_HEADER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pin {
+    None,
+    New,
+    Old,
+}
+
+impl Table {
+    /// The backend for a request (not one of `tried`), or why there is none.
+    fn pick(&self, entry: Entry, pin: Pin, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
+        let wheel = match (entry, pin) {
+            // The gray listener never reaches the old side while a rollout routes.
+            (Entry::Gray, _) if self.routed => &self.new,
+            (_, Pin::New) if !self.new.is_empty() => &self.new,
+            (_, Pin::Old) if !self.old.is_empty() => &self.old,
+            (Entry::Gray, _) => &self.all,
+            (Entry::Main, _) => match self.percent {
+                Some(p) if !self.new.is_empty() && !self.old.is_empty() => {
+                    // Request n goes to the new side when n·p/100 crosses an integer: exactly
+                    // p of every 100, evenly spread.
+                    let n = self.split.fetch_add(1, Ordering::Relaxed);
+                    let p = u64::from(p);
+                    if (n + 1) * p / 100 != n * p / 100 { &self.new } else { &self.old }
+                }
+                _ => &self.all,
+            },
+        };
+        match wheel.pick(tried) {
+            Some((backend, false)) => Some(backend.clone()),
+            // The chosen side has nothing healthy left: the main listener may go anywhere.
+            found if entry == Entry::Main && !std::ptr::eq(wheel, &self.all) => {
+                match self.all.pick(tried) {
+                    Some((backend, false)) => Some(backend.clone()),
+                    _ => found.map(|(b, _)| b.clone()),
+                }
+            }
+            found => found.map(|(b, _)| b.clone()),
         }
     }
 }
@@ -829,28 +1111,52 @@ where
 }
 
 impl Lb {
-    /// The next backend in round-robin order that is attached, not draining and not in `tried`;
-    /// an ejected one only when nothing else is left.
-    fn pick(&self, tried: &[Arc<Backend>]) -> Option<Arc<Backend>> {
-        let backends = self.backends.read().ok()?;
-        let active: Vec<&Arc<Backend>> = backends
-            .iter()
-            .filter(|b| !b.draining.load(Ordering::SeqCst))
-            .filter(|b| !tried.iter().any(|t| Arc::ptr_eq(t, b)))
-            .collect();
-        if active.is_empty() {
-            return None;
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut fallback = None;
-        for i in 0..active.len() {
-            let candidate = active[(start + i) % active.len()];
-            if !candidate.ejected() {
-                return Some(candidate.clone());
+    /// The table requests pick from (one reference count, no lock held while proxying).
+    fn table(&self) -> Option<Arc<Table>> {
+        self.table.read().ok().map(|t| t.clone())
+    }
+
+    /// Rebuilds the table from the attached, non-draining backends and the route.
+    fn rebuild(&self) {
+        let Ok(backends) = self.backends.read() else { return };
+        let serving: Vec<Arc<Backend>> =
+            backends.iter().filter(|b| !b.draining.load(Ordering::SeqCst)).cloned().collect();
+        drop(backends);
+        let route = self.route.lock().ok().and_then(|r| r.clone());
+        let (new, old): (Vec<_>, Vec<_>) = match &route {
+            Some(route) => {
+                serving.iter().cloned().partition(|b| b.image.as_deref() == Some(&route.image))
             }
-            fallback.get_or_insert(candidate);
+            None => (Vec::new(), serving.clone()),
+        };
+        let table = Table {
+            all: Wheel::new(&serving),
+            new: Wheel::new(&new),
+            old: Wheel::new(&old),
+            routed: route.is_some(),
+            percent: route.and_then(|r| r.percent),
+            split: AtomicU64::new(0),
+        };
+        if let Ok(mut slot) = self.table.write() {
+            *slot = Arc::new(table);
         }
-        fallback.cloned()
+    }
+
+    fn routing(&self) -> Routing {
+        Routing {
+            route: self.route.lock().ok().and_then(|r| r.clone()),
+            gray_port: self.gray.lock().ok().and_then(|g| g.as_ref().map(|g| g.0)),
+        }
+    }
+
+    /// Writes the route and the gray port to `routing.json`.
+    async fn persist_routing(&self) -> std::io::Result<()> {
+        let _guard = self.persist_lock.lock().await;
+        let routing = self.routing();
+        let path = self.dir.join(ROUTING_FILE);
+        tokio::task::spawn_blocking(move || super::write_json_atomic(&path, &routing))
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     fn snapshot(&self) -> Vec<BackendView> {
@@ -873,6 +1179,16 @@ impl Lb {
         tokio::task::spawn_blocking(move || super::write_json_atomic(&path, &attached))
             .await
             .map_err(std::io::Error::other)?
+    }
+}
+
+fn load_routing(dir: &Path) -> anyhow::Result<Routing> {
+    let path = dir.join(ROUTING_FILE);
+    match std::fs::read(&path) {
+        Ok(text) => serde_json::from_slice(&text)
+            .with_context(|| format!("{} is not a routing file", path.display())),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Routing::default()),
+        Err(error) => Err(error).with_context(|| format!("failed to read {}", path.display())),
     }
 }
 
@@ -920,6 +1236,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// absent (a TLS terminator in front may have set them).
 fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
     let xff = HeaderName::from_static("x-forwarded-for");
+    if !headers.contains_key(&xff) {
+        // The common case: one value, no list to rebuild.
+        if let Ok(value) = HeaderValue::try_from(peer.ip().to_string()) {
+            headers.insert(xff, value);
+        }
+    } else {
+        append_forwarded(headers, xff, peer);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !headers.contains_key("x-forwarded-host") {
+        if let Some(host) = headers.get(hyper::header::HOST).cloned() {
+            headers.insert("x-forwarded-host", host);
+        }
+    }
+}
+
+/// Appends the peer to the `X-Forwarded-For` values the client sent, as one header.
+fn append_forwarded(headers: &mut HeaderMap, xff: HeaderName, peer: SocketAddr) {
     let mut chain: Vec<String> = headers
         .get_all(&xff)
         .iter()
@@ -933,14 +1269,6 @@ fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr) {
     headers.remove(&xff);
     if let Ok(value) = value {
         headers.insert(xff, value);
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key("x-forwarded-host") {
-        if let Some(host) = headers.get(hyper::header::HOST).cloned() {
-            headers.insert("x-forwarded-host", host);
-        }
     }
 }
 
@@ -958,6 +1286,7 @@ fn local_reply(status: StatusCode, message: &str) -> Response<ProxyBody> {
 async fn proxy(
     lb: Arc<Lb>,
     peer: SocketAddr,
+    entry: Entry,
     active: Active,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
@@ -965,12 +1294,27 @@ async fn proxy(
     let idempotent = matches!(parts.method, Method::GET | Method::HEAD | Method::OPTIONS);
     strip_hop_by_hop(&mut parts.headers);
     set_forwarded(&mut parts.headers, peer);
+    let pin = match parts.headers.get(PIN_HEADER).map(|v| v.as_bytes()) {
+        Some(b"always") => Pin::New,
+        Some(b"never") => Pin::Old,
+        _ => Pin::None,
+    };
     let body = Timed::new(body, lb.body_timeout, "the request body");
-    let path = parts.uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+    let Some(table) = lb.table() else {
+        return Ok(local_reply(StatusCode::INTERNAL_SERVER_ERROR, "routing table unavailable"));
+    };
 
     // A small body is buffered so the request can be sent again; a large one goes once.
     let buffered = body.size_hint().upper().is_some_and(|n| n <= MAX_BUFFERED_BODY);
-    let (mut streaming, bytes) = if buffered {
+    let (mut streaming, bytes) = if body.is_end_stream() {
+        // No body at all (most GETs): nothing to read or buffer.
+        (None, Bytes::new())
+    } else if buffered {
         match body.collect().await {
             Ok(collected) => (None, collected.to_bytes()),
             Err(error) => {
@@ -986,9 +1330,9 @@ async fn proxy(
         (Some(body), Bytes::new())
     };
 
-    let mut tried: Vec<Arc<Backend>> = Vec::new();
+    let mut tried: Vec<Arc<Backend>> = Vec::with_capacity(MAX_ATTEMPTS);
     while tried.len() < MAX_ATTEMPTS {
-        let Some(backend) = lb.pick(&tried) else {
+        let Some(backend) = table.pick(entry, pin, &tried) else {
             break;
         };
         tried.push(backend.clone());
@@ -997,14 +1341,25 @@ async fn proxy(
             Some(body) => body.boxed(),
             None => Full::new(bytes.clone()).map_err(|never| match never {}).boxed(),
         };
-        let uri = match format!("http://{}{}", backend.address, path).parse::<hyper::Uri>() {
+        let Some(authority) = backend.authority.clone() else { continue };
+        let uri = match hyper::Uri::builder()
+            .scheme(hyper::http::uri::Scheme::HTTP)
+            .authority(authority)
+            .path_and_query(path.clone())
+            .build()
+        {
             Ok(uri) => uri,
             Err(_) => continue,
         };
         let mut request = Request::new(body);
         *request.method_mut() = parts.method.clone();
         *request.uri_mut() = uri;
-        *request.headers_mut() = parts.headers.clone();
+        // Only a buffered request can be sent again: the last copy of the headers goes as is.
+        *request.headers_mut() = if buffered && tried.len() < MAX_ATTEMPTS {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
         let answer = match tokio::time::timeout(lb.backend_timeout, lb.client.request(request))
             .await
         {
@@ -1019,7 +1374,7 @@ async fn proxy(
                 backend.eject(true);
                 let (mut head, body) = response.into_parts();
                 strip_hop_by_hop(&mut head.headers);
-                if let Ok(value) = HeaderValue::from_str(&backend.id) {
+                if let Some(value) = backend.id_header.clone() {
                     head.headers.insert("x-kiln-backend", value);
                 }
                 let body = Tracked {
@@ -1045,7 +1400,12 @@ async fn proxy(
             }
         }
     }
-    if tried.is_empty() {
+    if tried.is_empty() && entry == Entry::Gray && table.routed {
+        Ok(local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "gray port: no instance on the rollout's new image serves yet",
+        ))
+    } else if tried.is_empty() {
         Ok(local_reply(StatusCode::SERVICE_UNAVAILABLE, "no backend attached"))
     } else {
         Ok(local_reply(StatusCode::BAD_GATEWAY, "no backend answered"))
@@ -1058,12 +1418,102 @@ struct AdminState {
     state: Arc<Mutex<LbState>>,
     token: Arc<String>,
     move_tx: tokio::sync::mpsc::Sender<MoveListener>,
+    http: Arc<hyper::server::conn::http1::Builder>,
+    shutdown: CancellationToken,
 }
 
 impl AdminState {
     fn current(&self) -> Result<LbState, AdminError> {
         self.state.lock().map(|s| *s).map_err(|_| lock_poisoned())
     }
+
+    /// Serves the gray listener on `port` (bound before the old one closes), or on none.
+    async fn set_gray(&self, port: Option<u16>) -> Result<LbState, AdminError> {
+        let current = self.lb.gray.lock().map_err(|_| lock_poisoned())?.as_ref().map(|g| g.0);
+        if current != port || port.is_none() {
+            let started = match port {
+                Some(port) => {
+                    let listener =
+                        TcpListener::bind(("127.0.0.1", port)).await.map_err(|error| {
+                            (
+                                StatusCode::CONFLICT,
+                                format!("cannot listen on 127.0.0.1:{port} (gray port): {error}"),
+                            )
+                        })?;
+                    let stop = self.shutdown.child_token();
+                    tokio::spawn(serve_gray(
+                        self.lb.clone(),
+                        self.http.clone(),
+                        self.shutdown.clone(),
+                        listener,
+                        stop.clone(),
+                    ));
+                    Some((port, stop))
+                }
+                None => None,
+            };
+            let old =
+                std::mem::replace(&mut *self.lb.gray.lock().map_err(|_| lock_poisoned())?, started);
+            if let Some((_, stop)) = old {
+                stop.cancel();
+            }
+            tracing::info!(?port, "Gray listener set.");
+        }
+        self.lb.persist_routing().await.map_err(routing_failed)?;
+        let mut state = self.state.lock().map_err(|_| lock_poisoned())?;
+        if state.gray_port != port {
+            state.gray_port = port;
+            super::write_json_atomic(&self.lb.dir.join(STATE_FILE), &*state).map_err(|e| {
+                (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to write {STATE_FILE}: {e}"))
+            })?;
+        }
+        Ok(*state)
+    }
+}
+
+async fn admin_gray(
+    State(admin): State<AdminState>,
+    axum::Json(request): axum::Json<GrayRequest>,
+) -> Result<axum::Json<LbState>, AdminError> {
+    let traffic = admin.current()?.port;
+    if request.port.is_some_and(|p| p == 0 || p == traffic) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("the gray port must be a port of its own (traffic is on {traffic})"),
+        ));
+    }
+    admin.set_gray(request.port).await.map(axum::Json)
+}
+
+async fn admin_route(
+    State(admin): State<AdminState>,
+    axum::Json(route): axum::Json<RouteRequest>,
+) -> Result<axum::Json<Routing>, AdminError> {
+    if route.percent.is_some_and(|p| !(1..=99).contains(&p)) || route.image.is_empty() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "a route needs an image and a percent from 1 to 99 (or none)".to_owned(),
+        ));
+    }
+    *admin.lb.route.lock().map_err(|_| lock_poisoned())? = Some(route.clone());
+    admin.lb.rebuild();
+    admin.lb.persist_routing().await.map_err(routing_failed)?;
+    tracing::info!(image = %route.image, percent = ?route.percent, "Route set.");
+    Ok(axum::Json(admin.lb.routing()))
+}
+
+async fn admin_unroute(State(admin): State<AdminState>) -> Result<axum::Json<Routing>, AdminError> {
+    let had = admin.lb.route.lock().map_err(|_| lock_poisoned())?.take();
+    admin.lb.rebuild();
+    admin.lb.persist_routing().await.map_err(routing_failed)?;
+    if had.is_some() {
+        tracing::info!("Route cleared.");
+    }
+    Ok(axum::Json(admin.lb.routing()))
+}
+
+fn routing_failed(error: std::io::Error) -> AdminError {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("failed to write {ROUTING_FILE}: {error}"))
 }
 
 type AdminError = (StatusCode, String);
@@ -1175,6 +1625,13 @@ async fn admin_attach(
             ));
         }
     }
+    let weight = attach.weight.unwrap_or(DEFAULT_WEIGHT);
+    if !(1..=MAX_WEIGHT).contains(&weight) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            format!("weight {weight} is not between 1 and {MAX_WEIGHT} (detach to drain)"),
+        ));
+    }
     let view = {
         let mut backends = admin
             .lb
@@ -1182,7 +1639,11 @@ async fn admin_attach(
             .write()
             .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "lock poisoned".to_owned()))?;
         match backends.iter().position(|b| b.id == id) {
-            Some(i) if backends[i].address == attach.address => {
+            Some(i)
+                if backends[i].address == attach.address
+                    && backends[i].weight == weight
+                    && backends[i].image == attach.image =>
+            {
                 backends[i].draining.store(false, Ordering::SeqCst);
                 backends[i].view()
             }
@@ -1192,6 +1653,8 @@ async fn admin_attach(
                     address: attach.address.clone(),
                     draining: false,
                     in_flight: 0,
+                    weight,
+                    image: attach.image.clone(),
                 }));
                 let view = backend.view();
                 match found {
@@ -1202,8 +1665,9 @@ async fn admin_attach(
             }
         }
     };
+    admin.lb.rebuild();
     admin.lb.persist().await.map_err(persist_failed)?;
-    tracing::info!(backend = %id, address = %view.address, "Backend attached.");
+    tracing::info!(backend = %id, address = %view.address, weight, "Backend attached.");
     Ok(axum::Json(view))
 }
 
@@ -1229,8 +1693,9 @@ async fn admin_detach(
     let Some(backend) = found else {
         return Ok(axum::Json(DetachReply { removed: false, in_flight_left: 0 }));
     };
-    // Out of rotation (and off disk) first, then wait for what is in flight.
+    // Out of rotation (weight 0, and off disk) first, then wait for what is in flight.
     backend.draining.store(true, Ordering::SeqCst);
+    admin.lb.rebuild();
     admin.lb.persist().await.map_err(persist_failed)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(query.drain_ms);
     while backend.in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
@@ -1246,6 +1711,7 @@ async fn admin_detach(
         // A re-attach during the drain wins: only remove this very backend, still draining.
         backends.retain(|b| !(Arc::ptr_eq(b, &backend) && b.draining.load(Ordering::SeqCst)));
     }
+    admin.lb.rebuild();
     tracing::info!(backend = %id, in_flight_left, "Backend detached.");
     Ok(axum::Json(DetachReply { removed: true, in_flight_left }))
 }
@@ -1333,6 +1799,8 @@ mod tests {
             address: "127.0.0.1:8080".to_owned(),
             draining: false,
             in_flight: 0,
+            weight: DEFAULT_WEIGHT,
+            image: Some("/images/a".to_owned()),
         }];
         super::super::write_json_atomic(&tmp.path().join(BACKENDS_FILE), &backends).expect("write");
         assert_eq!(load_backends(tmp.path()).expect("load"), backends);

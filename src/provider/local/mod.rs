@@ -195,6 +195,27 @@ fn log_tail(path: &Path) -> String {
 }
 
 impl LocalProvider {
+    /// Serves the load balancer's gray listener on `port` (none: closes it). A port that cannot
+    /// be bound is an error naming it; the traffic port keeps serving.
+    pub async fn set_gray_port(&self, port: Option<u16>) -> Result<(), ProviderError> {
+        const OP: &str = "set the gray port";
+        let state = self.ensure_lb(false).await?;
+        if state.gray_port == port {
+            return Ok(());
+        }
+        let url = format!("http://127.0.0.1:{}/gray", state.admin_port);
+        let reply = self
+            .admin_request(reqwest::Method::PUT, url)
+            .json(&lb::GrayRequest { port })
+            .timeout(ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient(OP, format!("load balancer unreachable: {e}")))?;
+        check_status(OP, reply).await?;
+        tracing::info!(fleet = %self.config.fleet, ?port, "Gray port set.");
+        Ok(())
+    }
+
     /// Instances launched from now on listen on a port of `range` (`None`: any free port).
     pub fn with_instance_ports(mut self, range: Option<PortRange>) -> Self {
         self.instance_ports = range;
@@ -754,7 +775,11 @@ impl Provider for LocalProvider {
             .filter(|r| r.state != RecordState::Terminated)
             .ok_or_else(|| ProviderError::NotFound(id.clone()))?;
         let url = format!("{}/backends/{id}", self.admin_url().await?);
-        let body = lb::AttachRequest { address: format!("127.0.0.1:{}", record.port) };
+        let body = lb::AttachRequest {
+            address: format!("127.0.0.1:{}", record.port),
+            weight: None,
+            image: Some(record.image.clone()),
+        };
         let reply = self
             .admin_request(reqwest::Method::PUT, url)
             .json(&body)
@@ -792,6 +817,24 @@ impl Provider for LocalProvider {
         record.state = RecordState::Terminated;
         self.write_record(&record, "terminate")?;
         tracing::info!(fleet = %self.config.fleet, instance = %id, "Instance terminated.");
+        Ok(())
+    }
+
+    async fn route(&self, route: Option<&crate::provider::Route>) -> Result<(), ProviderError> {
+        const OP: &str = "route traffic";
+        let url = format!("{}/route", self.admin_url().await?);
+        let request = match route {
+            Some(route) => self
+                .admin_request(reqwest::Method::PUT, url)
+                .json(&lb::RouteRequest { image: route.image.to_string(), percent: route.percent }),
+            None => self.admin_request(reqwest::Method::DELETE, url),
+        };
+        let reply = request
+            .timeout(ADMIN_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| transient(OP, format!("load balancer unreachable: {e}")))?;
+        check_status(OP, reply).await?;
         Ok(())
     }
 

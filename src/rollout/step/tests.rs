@@ -455,7 +455,7 @@ fn health_timeout_rolls_back_pauses_or_fails() {
 fn rollback_replaces_already_attached_new_instances() {
     // The canary passes on B; then B turns bad: the attached B canary is replaced with A.
     let mut p = policy(3, N(1), N(0));
-    p.canary = Some(Canary { count: 1, pause: Some(secs(30)), manual: false });
+    p.canary = Some(Canary { count: 1, weight: None, pause: Some(secs(30)), manual: false });
     let mut sim = Sim::new(p, 3);
     while !sim.rollout.rolling.as_ref().is_some_and(|r| r.canary_done) {
         assert!(sim.apply().is_none());
@@ -479,7 +479,7 @@ fn progress_deadline_fails_a_stuck_rollout() {
 #[test]
 fn canary_timed_pause_waits_then_goes_on() {
     let mut p = policy(4, N(2), N(0));
-    p.canary = Some(Canary { count: 1, pause: Some(secs(30)), manual: false });
+    p.canary = Some(Canary { count: 1, weight: None, pause: Some(secs(30)), manual: false });
     let mut sim = Sim::new(p, 4);
     // Run until the canary gate sets its pause.
     while sim.rollout.not_before.is_none() {
@@ -500,7 +500,7 @@ fn canary_timed_pause_waits_then_goes_on() {
 #[test]
 fn canary_manual_pauses_until_resumed() {
     let mut p = policy(3, N(1), N(0));
-    p.canary = Some(Canary { count: 1, pause: None, manual: true });
+    p.canary = Some(Canary { count: 1, weight: None, pause: None, manual: true });
     let mut sim = Sim::new(p, 3);
     assert_eq!(sim.run(), S::Paused);
     assert_eq!(sim.images().iter().filter(|i| *i == B).count(), 1);
@@ -610,7 +610,7 @@ fn a_newer_commit_supersedes_an_unproven_canary_at_once() {
     let mut p = policy(3, N(1), N(0));
     p.health_check.timeout = secs(3600);
     p.progress_deadline = secs(7200);
-    p.canary = Some(Canary { count: 1, pause: None, manual: false });
+    p.canary = Some(Canary { count: 1, weight: None, pause: None, manual: false });
     let mut sim = Sim::new(p.clone(), 3);
     sim.bad.insert(B.into());
     // Run until the canary failed a few checks.
@@ -832,6 +832,7 @@ fn randomized_policies_keep_the_invariants() {
         if rng.bool() {
             p.canary = Some(Canary {
                 count: rng.u32(1..=capacity),
+                weight: None,
                 pause: rng.bool().then(|| secs(rng.u64(0..=60))),
                 manual: false,
             });
@@ -1105,7 +1106,7 @@ fn randomized_autoscaling_keeps_the_invariants() {
 fn abort_of_a_manual_canary_returns_every_instance_to_the_stable_image() {
     // Issue 17: `abort` used to end the rollout with the canary still taking traffic.
     let mut p = policy(3, N(1), N(0));
-    p.canary = Some(Canary { count: 1, pause: None, manual: true });
+    p.canary = Some(Canary { count: 1, weight: None, pause: None, manual: true });
     let mut sim = Sim::new(p, 3);
     assert_eq!(sim.run(), S::Paused);
     assert!(sim.instances.iter().any(|i| i.image.as_str() == B && i.attached), "canary serves");
@@ -1145,7 +1146,7 @@ fn abort_of_a_first_deployment_leaves_the_fleet_as_is() {
 fn a_rollback_skips_the_canary_gate_the_window_and_the_delay() {
     // Issue 17: `rollback` is a fast path; before, it paused at a manual canary.
     let mut p = policy(3, N(1), N(0));
-    p.canary = Some(Canary { count: 1, pause: None, manual: true });
+    p.canary = Some(Canary { count: 1, weight: None, pause: None, manual: true });
     p.schedule = Some(Schedule {
         delay: Some(secs(3600)),
         window: Some(Window { start: "03:00".into(), end: "04:00".into() }),
@@ -1181,4 +1182,46 @@ fn a_prune_drains_then_terminates_every_instance_and_succeeds() {
     }
     let reason = sim.rollout.reason.clone().unwrap_or_default();
     assert!(reason.contains("pruned: 4 instance(s)"), "{reason}");
+}
+
+#[test]
+fn route_splits_during_the_canary_then_promotes_and_clears() {
+    let mut p = policy(4, N(1), N(0));
+    p.canary = Some(Canary { count: 1, weight: Some(10), pause: None, manual: true });
+    let mut sim = Sim::new(p, 4);
+    assert_eq!(route(&sim.rollout, &sim.policy), None, "no route before rolling");
+    let canary = Some(crate::provider::Route { image: B.into(), percent: Some(10) });
+    // Every new-image instance exists under the canary route (the driver sets it first).
+    for _ in 0..20_000 {
+        let wanted = route(&sim.rollout, &sim.policy);
+        let on_b = sim.instances.iter().any(|i| i.image.as_str() == B);
+        if let Some(state) = sim.apply() {
+            assert_eq!(state, S::Paused);
+            break;
+        }
+        if sim.instances.iter().any(|i| i.image.as_str() == B) && !on_b {
+            assert_eq!(wanted, canary, "a canary launched without the route");
+        }
+    }
+    assert_eq!(sim.rollout.state, S::Paused);
+    assert_eq!(route(&sim.rollout, &sim.policy), canary, "the split holds while paused");
+    sim.rollout = resume(&sim.rollout, sim.now);
+    let promoted = route(&sim.rollout, &sim.policy);
+    assert_eq!(promoted, Some(crate::provider::Route { image: B.into(), percent: None }));
+    assert_eq!(sim.run(), S::Succeeded);
+    assert_eq!(route(&sim.rollout, &sim.policy), None, "a finished rollout routes as usual");
+}
+
+#[test]
+fn route_is_cleared_by_a_rollback() {
+    let mut p = policy(3, N(1), N(0));
+    p.canary = Some(Canary { count: 1, weight: Some(25), pause: None, manual: true });
+    let mut sim = Sim::new(p, 3);
+    assert_eq!(sim.run(), S::Paused);
+    assert!(route(&sim.rollout, &sim.policy).is_some());
+    sim.control = Control::Abort;
+    let next = sim.next();
+    let Next::Record { rollout, .. } = next else { panic!("abort records the revert: {next:?}") };
+    assert!(rollout.rolling.as_ref().is_some_and(|r| r.rollback));
+    assert_eq!(route(&rollout, &sim.policy), None, "going back to the stable image");
 }
