@@ -119,8 +119,12 @@ async fn layered_bake_then_cache_hits_then_only_the_changed_stage() {
             .expect("forced rebake");
     let started = h.events()[before..].iter().filter(|e| e.kind == "bake.start").count();
     assert_eq!(started, 2, "a forced rebake ignores the cache");
-    // bake-dir reuses an identical directory image rather than rewriting one in use.
-    assert_eq!(forced.image, third.image);
+    // A rebake gets a key of its own: bake-dir builds a new directory image (a rebuild picks
+    // up what changed outside the repo) and leaves the one instances run from untouched.
+    assert_ne!(forced.image, third.image);
+    assert_eq!(std::fs::read_to_string(new_app.join("app.conf")).unwrap(), "app v2\n");
+    let rebuilt = std::path::Path::new(forced.image.as_str());
+    assert_eq!(std::fs::read_to_string(rebuilt.join("app.conf")).unwrap(), "app v2\n");
     assert!(!rebake_due(&h.store, &fleet, kiln::model::now() + chrono::Duration::days(6)));
 }
 

@@ -373,7 +373,7 @@ pub(crate) fn render_live(view: &View, operate: bool) -> String {
     for rollout in &view.rollouts {
         let _ = write!(
             html,
-            "<tr><td><a href=\"/api/v1/rollouts/{id}\">#{id}</a></td><td class=\"state {state}\">{state}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr id=\"rollout-{id}\"><td><a href=\"/api/v1/rollouts/{id}\">#{id}</a></td><td class=\"state {state}\">{state}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             opt(rollout.fleet.as_deref()),
             escape(&rollout.origin),
             escape(short(&rollout.commit)),
