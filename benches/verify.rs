@@ -8,7 +8,8 @@
 //! find-principals` + `-Y verify` per commit (run in parallel). A second check of the same
 //! range (the daemon's next push before a deployment) hits the per-process cache.
 //!
-//! `cargo bench --bench verify` (`KILN_VERIFY_COMMITS=N` to change the range). Building the
+//! `cargo bench --bench verify` (`KILN_VERIFY_COMMITS=N` to change the range,
+//! `KILN_VERIFY_FORMAT=gpg` to sign it with an OpenPGP key instead). Building the
 //! range (1,000 `git commit -S`) takes a while and is not timed.
 
 #![allow(clippy::unwrap_used)]
@@ -21,8 +22,15 @@ use kiln::model::{Revision, RolloutId};
 use kiln::store::{Deployed, Store};
 use kiln::verify::{DaemonPolicy, Outcome};
 
+/// The GnuPG home git signs with, in `KILN_VERIFY_FORMAT=gpg` runs.
+static GNUPGHOME: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
 fn git(dir: &Path, home: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
+    let mut command = Command::new("git");
+    if let Some(gnupg) = GNUPGHOME.get() {
+        command.env("GNUPGHOME", gnupg);
+    }
+    let out = command
         .current_dir(dir)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("HOME", home)
@@ -55,25 +63,74 @@ fn main() {
     let work = dir.path().join("work");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::create_dir_all(&work).unwrap();
-    let key = dir.path().join("key");
-    let status = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench@kiln.test", "-f"])
-        .arg(&key)
-        .status()
+    // `KILN_VERIFY_FORMAT=gpg`: the range is signed with an OpenPGP key instead (one
+    // `gpg --verify` per commit; there is no in-process path for OpenPGP).
+    let gpg = std::env::var("KILN_VERIFY_FORMAT").as_deref() == Ok("gpg");
+    let (sign, allowed, keyring): (
+        Vec<String>,
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+    ) = if gpg {
+        let gnupg = dir.path().join("gnupg");
+        std::fs::create_dir_all(&gnupg).unwrap();
+        std::fs::set_permissions(&gnupg, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("gpg")
+                .arg("--homedir")
+                .arg(&gnupg)
+                .args(["--batch", "--no-tty"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "gpg {args:?}");
+            out.stdout
+        };
+        run(&[
+            "--passphrase",
+            "",
+            "--quick-gen-key",
+            "Bench <bench@kiln.test>",
+            "ed25519",
+            "sign",
+            "never",
+        ]);
+        let keyring = dir.path().join("keyring.asc");
+        std::fs::write(&keyring, run(&["--armor", "--export", "bench@kiln.test"])).unwrap();
+        // git finds the key through GNUPGHOME (set for the commits below).
+        let _ = GNUPGHOME.set(gnupg.clone());
+        (
+            vec![
+                "-c".into(),
+                "gpg.format=openpgp".into(),
+                "-c".into(),
+                "user.signingkey=bench@kiln.test".into(),
+            ],
+            None,
+            Some(keyring),
+        )
+    } else {
+        let key = dir.path().join("key");
+        let status = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "bench@kiln.test", "-f"])
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let public = std::fs::read_to_string(format!("{}.pub", key.display())).unwrap();
+        let mut parts = public.split_whitespace();
+        let allowed = dir.path().join("allowed_signers");
+        std::fs::write(
+            &allowed,
+            format!("bench@kiln.test {} {}\n", parts.next().unwrap(), parts.next().unwrap()),
+        )
         .unwrap();
-    assert!(status.success());
-    let public = std::fs::read_to_string(format!("{}.pub", key.display())).unwrap();
-    let mut parts = public.split_whitespace();
-    let allowed = dir.path().join("allowed_signers");
-    std::fs::write(
-        &allowed,
-        format!("bench@kiln.test {} {}\n", parts.next().unwrap(), parts.next().unwrap()),
-    )
-    .unwrap();
+        let signing = format!("user.signingkey={}", key.display());
+        (vec!["-c".into(), "gpg.format=ssh".into(), "-c".into(), signing], Some(allowed), None)
+    };
 
     git(&work, &home, &["init", "--quiet"]);
-    let signing = format!("user.signingkey={}", key.display());
-    let sign = ["-c", "gpg.format=ssh", "-c", signing.as_str()];
+    let sign: Vec<&str> = sign.iter().map(String::as_str).collect();
     let commit = |message: &str| {
         let mut args: Vec<&str> = sign.to_vec();
         args.extend(["commit", "--quiet", "--allow-empty", "-S", "-m", message]);
@@ -104,8 +161,8 @@ fn main() {
         .unwrap();
     let policy = DaemonPolicy {
         mode: kiln::manifest::VerifyMode::Range,
-        ssh_allowed_signers: Some(allowed),
-        gpg_keyring: None,
+        ssh_allowed_signers: allowed,
+        gpg_keyring: keyring,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mirror = work.join(".git");
@@ -117,8 +174,9 @@ fn main() {
         let took = started.elapsed();
         match outcome {
             Outcome::Passed(verified) => println!(
-                "verify: {round}: {} commits (ssh, range) in {:.3} s ({:.2} ms per commit)",
+                "verify: {round}: {} commits ({}, range) in {:.3} s ({:.2} ms per commit)",
                 verified.commits,
+                if gpg { "gpg" } else { "ssh" },
                 took.as_secs_f64(),
                 took.as_secs_f64() * 1e3 / verified.commits.max(1) as f64
             ),
