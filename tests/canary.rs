@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::daemon::{Daemon, for_commit, kiln};
-use support::fleet::have_python3;
+use support::fleet::{APP_RUN, have_python3};
 use support::git::{Entry, require_git};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -48,8 +48,6 @@ class Server(ThreadingHTTPServer):
 threading.Thread(target=watchdog, daemon=True).start()
 Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
 "#;
-
-const RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
 
 fn manifest(port: u16, gray: u16) -> String {
     format!(
@@ -191,7 +189,7 @@ fn a_weighted_canary_takes_its_share_and_the_gray_port_never_serves_the_old_imag
         &[
             Entry::File("kiln.yaml", &manifest(port, gray)),
             Entry::Exec("hooks/bake-dir", &hook),
-            Entry::Exec("image/app/run", RUN),
+            Entry::Exec("image/app/run", APP_RUN),
             Entry::File("image/app/app.py", APP),
             Entry::File("image/app/VERSION", "v1\n"),
         ],

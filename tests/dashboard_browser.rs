@@ -23,39 +23,12 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use serde_json::{Value, json};
 use support::daemon::{Daemon, for_commit, kiln};
-use support::fleet::have_python3;
+use support::fleet::{APP_RUN, IMAGE_APP, have_python3};
 use support::git::{Entry, TestRepo, free_port, require_git};
 
 const WAIT: Duration = Duration::from_secs(90);
 /// The W3C name of an element reference in WebDriver answers.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-const APP: &str = r#"
-import os, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-IMAGE = os.path.basename(os.environ.get("KILN_IMAGE", "?"))
-WORK = os.getcwd()
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args):
-        pass
-    def do_GET(self):
-        body = ("image=%s\n" % IMAGE).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-def watchdog():
-    while os.path.isdir(WORK):
-        time.sleep(1)
-    os._exit(0)
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-threading.Thread(target=watchdog, daemon=True).start()
-Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
-
-const RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
 
 /// Three instances behind kiln's load balancer, a manual canary of one, and replacements slow
 /// enough (5 s healthy before each attach) that a pause lands while the rollout is live.
@@ -312,8 +285,8 @@ fn an_operator_logs_in_and_works_every_verb_on_a_live_rollout_in_chromium() {
         &[
             Entry::File("kiln.yaml", MANIFEST),
             Entry::Exec("hooks/bake", &bake),
-            Entry::Exec("web/run", RUN),
-            Entry::File("web/app.py", APP),
+            Entry::Exec("web/run", APP_RUN),
+            Entry::File("web/app.py", IMAGE_APP),
             Entry::File("web/v", "1"),
         ],
     );
@@ -345,9 +318,11 @@ fn an_operator_logs_in_and_works_every_verb_on_a_live_rollout_in_chromium() {
     let id = paused["id"].as_u64().unwrap();
     browser
         .wait("the promote button", |b| !b.find_all("button.promote[data-fleet='web']").is_empty());
-    assert!(
-        browser.text("article.fleet[data-fleet='web']").contains("canary waiting for promotion")
-    );
+    // The fleet view is swapped in whole every few seconds: read it until a read lands between
+    // swaps (a read during one sees a stale element).
+    browser.wait("the canary gate named on the fleet", |b| {
+        b.text("article.fleet[data-fleet='web']").contains("canary waiting for promotion")
+    });
     browser.wait("the timeline to show the push", |b| {
         b.find_all("#timeline li").len() > events_before
     });

@@ -17,39 +17,10 @@ use std::time::{Duration, Instant};
 
 use kiln::provider::local::lb;
 use support::daemon::{Daemon, for_commit};
-use support::fleet::have_python3;
+use support::fleet::{APP_RUN, IMAGE_APP, have_python3};
 use support::git::{Entry, require_git};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-/// The app: answers every GET with its image's basename; exits when its work dir goes.
-const APP: &str = r#"
-import os, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-IMAGE = os.path.basename(os.environ.get("KILN_IMAGE", "?"))
-WORK = os.getcwd()
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args):
-        pass
-    def do_GET(self):
-        body = ("image=%s\n" % IMAGE).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-def watchdog():
-    while os.path.isdir(WORK):
-        time.sleep(1)
-    os._exit(0)
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 256
-threading.Thread(target=watchdog, daemon=True).start()
-Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
-"#;
-
-const RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
 
 fn manifest(port: u16) -> String {
     format!(
@@ -153,8 +124,8 @@ fn admin_endpoint_and_port_changes_through_the_daemon() {
         &[
             Entry::File("kiln.yaml", &manifest(old_port)),
             Entry::Exec("hooks/bake-dir", &hook),
-            Entry::Exec("image/app/run", RUN),
-            Entry::File("image/app/app.py", APP),
+            Entry::Exec("image/app/run", APP_RUN),
+            Entry::File("image/app/app.py", IMAGE_APP),
         ],
     );
     let data = repo.scratch("data");

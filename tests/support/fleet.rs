@@ -193,3 +193,34 @@ pub fn group_alive(pgid: i32) -> bool {
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().expect("http client")
 }
+
+/// An instance app for a repo's image directory (`app.py` beside [`APP_RUN`]): every GET answers
+/// `image=<basename of $KILN_IMAGE>`; it exits when its work dir is removed.
+pub const IMAGE_APP: &str = r#"
+import os, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+IMAGE = os.path.basename(os.environ.get("KILN_IMAGE", "?"))
+WORK = os.getcwd()
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        body = ("image=%s\n" % IMAGE).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+def watchdog():
+    while os.path.isdir(WORK):
+        time.sleep(1)
+    os._exit(0)
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+threading.Thread(target=watchdog, daemon=True).start()
+Server(("127.0.0.1", int(os.environ["PORT"])), Handler).serve_forever()
+"#;
+
+/// The image's `run` entry point for [`IMAGE_APP`] (or any `app.py` beside it).
+pub const APP_RUN: &str = "#!/bin/sh\nexec python3 \"$(dirname \"$0\")/app.py\"\n";
